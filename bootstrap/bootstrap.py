@@ -1,0 +1,1314 @@
+#!/usr/bin/env python3
+"""Join this machine to a tinc VPN run by a tinc-hub.
+
+Usage (as root):
+    curl -fsS --pinnedpubkey 'sha256//PIN' -k https://HUB:8655/bootstrap.py \\
+        | TINC_BOOTSTRAP_TOKEN='tinc1....' python3 -
+    python3 bootstrap.py [join] --token-file FILE [--name NAME] [--init auto|...] [--dry-run]
+    python3 bootstrap.py status [--json]
+    python3 bootstrap.py leave
+
+Steps: detect the system, install tinc, write tinc.conf, make the RSA key (never
+regenerated), enrol with the hub over pinned HTTPS, write the hub's host file and
+tinc-up/tinc-down, register tinc for boot, start it and wait for the hub to answer ping.
+
+Exit codes:
+    0 ok; 1 unexpected error; 2 usage or local configuration conflict; 3 unsupported
+    system; 4 refused by the hub (or its certificate does not match the pin);
+    5 hub unreachable within --timeout; 6 the VPN did not come up within --timeout;
+    7 a system command failed.
+
+This file is also the one home of the distro and init-system knowledge, the token
+format and the small apply layer (run, write_atomic) that the hub's own set-up uses.
+It needs only Python >= 3.6 and its standard library; `distro` is used when importable.
+"""
+
+import argparse
+import base64
+import errno
+import hashlib
+import http.client
+import ipaddress
+import json
+import os
+import random
+import re
+import shlex
+import shutil
+import signal
+import socket
+import ssl
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+__version__ = "0.1.0"
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNSUPPORTED = 3
+EXIT_REFUSED = 4
+EXIT_UNREACHABLE = 5
+EXIT_VPN_DOWN = 6
+EXIT_COMMAND = 7
+
+DEFAULT_TINC_DIR = "/etc/tinc"
+DEFAULT_API_PORT = 8655
+DEFAULT_LOG = "/var/log/tinc-bootstrap.log"
+STATE_FILE = "bootstrap.json"
+TOKEN_PREFIX = "tinc1."
+NAME_RE = re.compile(r"[A-Za-z0-9_]+")
+NET_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+IFNAMSIZ = 15
+INIT_CHOICES = ("auto", "systemd", "sysv", "rc.local", "none")
+MAX_ANSWER = 1 << 20
+
+
+class BootstrapError(Exception):
+    """An expected failure: one line for the user, a hint, and an exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_ERROR, hint: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.hint = hint
+
+
+class CommandError(BootstrapError):
+    """A command run through run() failed."""
+
+    def __init__(self, cmd: Sequence[str], returncode: Optional[int], stderr: str) -> None:
+        last = (stderr or "").strip().splitlines()
+        detail = last[-1] if last else "no error output"
+        status = "timed out" if returncode is None else "exit code {}".format(returncode)
+        super().__init__("command failed ({}): {}: {}".format(status, shell_join(cmd), detail),
+                         EXIT_COMMAND, "the full output is in the log")
+        self.cmd = list(cmd)
+        self.returncode = returncode
+        self.stderr = stderr
+
+
+# ---------------------------------------------------------------------------
+# Reporting: one progress line per step on stderr, everything in the log file.
+
+class Reporter:
+    """Progress lines on stderr; commands and their output in a log file."""
+
+    def __init__(self, log_path: Optional[str] = None, verbose: bool = False,
+                 quiet: bool = False) -> None:
+        self.verbose = verbose
+        self.quiet = quiet
+        self.log_path = None  # type: Optional[str]
+        self._file = None
+        if log_path:
+            try:
+                os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
+                fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                self._file = os.fdopen(fd, "a")
+                self.log_path = log_path
+            except OSError:
+                self._file = None
+
+    def _write(self, text: str) -> None:
+        if self._file:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+            for line in text.splitlines() or [""]:
+                self._file.write("{} {}\n".format(stamp, line))
+            self._file.flush()
+
+    def step(self, message: str) -> None:
+        """A progress line the user sees."""
+        self._write("== " + message)
+        if not self.quiet:
+            sys.stderr.write("tinc-bootstrap: {}\n".format(message))
+            sys.stderr.flush()
+
+    def debug(self, message: str) -> None:
+        """Detail for the log (and stderr with -v)."""
+        self._write(message)
+        if self.verbose:
+            sys.stderr.write("  {}\n".format(message))
+
+
+REPORT = Reporter()
+
+
+def shell_join(cmd: Sequence[str]) -> str:
+    return " ".join(shlex.quote(str(part)) for part in cmd)
+
+
+# ---------------------------------------------------------------------------
+# The apply layer: every command goes through run(); every file through write_atomic().
+
+def run(cmd: Sequence[str], check: bool = True, input: Optional[str] = None,
+        env: Optional[Dict[str, str]] = None,
+        timeout: Optional[float] = None) -> "subprocess.CompletedProcess":
+    """Run a command without a terminal; raise CommandError when it fails and check is set."""
+    full_env = dict(os.environ)
+    full_env.setdefault("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+    if "/sbin" not in full_env["PATH"]:
+        full_env["PATH"] += ":/usr/local/sbin:/usr/sbin:/sbin"
+    full_env["DEBIAN_FRONTEND"] = "noninteractive"
+    full_env["LC_ALL"] = "C"
+    if env:
+        full_env.update(env)
+    REPORT.debug("$ " + shell_join(cmd))
+    kwargs = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE,
+              "universal_newlines": True, "env": full_env, "timeout": timeout}
+    if input is None:
+        kwargs["stdin"] = subprocess.DEVNULL
+    else:
+        kwargs["input"] = input
+    try:
+        proc = subprocess.run(list(cmd), **kwargs)
+    except FileNotFoundError:
+        raise CommandError(cmd, 127, "{}: command not found".format(cmd[0]))
+    except subprocess.TimeoutExpired as exc:
+        raise CommandError(cmd, None, str(exc))
+    for label, text in (("stdout", proc.stdout), ("stderr", proc.stderr)):
+        if text and text.strip():
+            REPORT.debug("  {}: {}".format(label, text.rstrip()))
+    if check and proc.returncode != 0:
+        raise CommandError(cmd, proc.returncode, proc.stderr or proc.stdout)
+    return proc
+
+
+def write_atomic(path: str, content, mode: int = 0o644) -> bool:
+    """Write a file atomically (temp file, fsync, rename); return False when unchanged.
+
+    An identical file is not touched at all, so its mtime is kept (tinc 1.0 drops a
+    connection on SIGHUP when its host file's mtime changed).
+    """
+    data = content.encode("utf-8") if isinstance(content, str) else bytes(content)
+    path = os.path.realpath(path)
+    try:
+        with open(path, "rb") as existing:
+            same = existing.read() == data
+        if same and (os.stat(path).st_mode & 0o7777) == mode:
+            return False
+        if same:
+            os.chmod(path, mode)
+            return True
+    except FileNotFoundError:
+        pass
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+    return True
+
+
+def read_text(path: str) -> Optional[str]:
+    """The file's text, or None when it does not exist."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return None
+
+
+class FileSpec(NamedTuple):
+    """A file the plan wants on disk."""
+    path: str
+    content: str
+    mode: int = 0o644
+
+
+class Plan(NamedTuple):
+    """Files to write and commands to run, in order: the output of a pure planner."""
+    files: Tuple[FileSpec, ...] = ()
+    commands: Tuple[Tuple[str, ...], ...] = ()
+
+
+def apply_files(files: Sequence[FileSpec]) -> List[str]:
+    """Write the files; return the paths that changed."""
+    changed = []
+    for spec in files:
+        if write_atomic(spec.path, spec.content, spec.mode):
+            REPORT.debug("wrote {}".format(spec.path))
+            changed.append(spec.path)
+    return changed
+
+
+def describe_plan(plan: Plan) -> str:
+    """A human-readable rendering of a plan (for --dry-run)."""
+    out = []
+    for spec in plan.files:
+        out.append("--- file {} (mode {:04o})".format(spec.path, spec.mode))
+        out.append(spec.content.rstrip("\n"))
+    for cmd in plan.commands:
+        out.append("$ " + shell_join(cmd))
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------
+# Tokens and TLS pins (the hub makes tokens with encode_token; the node reads them).
+
+class Token(NamedTuple):
+    """Everything a node needs to enrol: where the hub is, its pin, and the secret."""
+    host: str
+    port: int
+    pin: str
+    net: str
+    hub: str
+    secret: str
+
+
+def _b64url_decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def encode_token(token: Token) -> str:
+    """Serialise a token as `tinc1.` + base64url(JSON)."""
+    body = json.dumps({"a": token.host, "p": token.port, "k": token.pin, "n": token.net,
+                       "h": token.hub, "s": token.secret}, separators=(",", ":"),
+                      sort_keys=True)
+    return TOKEN_PREFIX + base64.urlsafe_b64encode(body.encode()).decode().rstrip("=")
+
+
+def decode_token(text: str) -> Token:
+    """Parse a token; raise BootstrapError (usage) when it is malformed."""
+    text = (text or "").strip()
+    bad = BootstrapError("the token is malformed", EXIT_USAGE,
+                         "copy it again from `tinc-hub token create`")
+    if not text.startswith(TOKEN_PREFIX) or len(text) > 2048:
+        raise bad
+    try:
+        fields = json.loads(_b64url_decode(text[len(TOKEN_PREFIX):]).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise bad
+    if not isinstance(fields, dict):
+        raise bad
+    try:
+        token = Token(host=fields["a"], port=fields["p"], pin=fields["k"], net=fields["n"],
+                      hub=fields["h"], secret=fields["s"])
+    except KeyError:
+        raise bad
+    if not (isinstance(token.host, str) and token.host and isinstance(token.port, int)
+            and 0 < token.port < 65536 and isinstance(token.pin, str)
+            and token.pin.startswith("sha256//") and isinstance(token.net, str)
+            and NET_RE.fullmatch(token.net) and isinstance(token.hub, str)
+            and NAME_RE.fullmatch(token.hub) and isinstance(token.secret, str)
+            and 16 <= len(token.secret) <= 256):
+        raise bad
+    return token
+
+
+def _der_element(data: bytes, pos: int) -> Tuple[int, int, int]:
+    """(tag, content start, content end) of the DER element at pos."""
+    tag = data[pos]
+    length = data[pos + 1]
+    pos += 2
+    if length & 0x80:
+        count = length & 0x7F
+        length = int.from_bytes(data[pos:pos + count], "big")
+        pos += count
+    if pos + length > len(data):
+        raise ValueError("truncated DER")
+    return tag, pos, pos + length
+
+
+def spki_pin_from_cert_der(der: bytes) -> str:
+    """curl-style pin (`sha256//BASE64`) of a DER certificate's SubjectPublicKeyInfo."""
+    _, cert_start, _ = _der_element(der, 0)
+    _, pos, _ = _der_element(der, cert_start)  # tbsCertificate content
+    tag, _, end = _der_element(der, pos)
+    if tag == 0xA0:  # explicit version
+        pos = end
+    for _ in range(5):  # serial, signature algorithm, issuer, validity, subject
+        _, _, pos = _der_element(der, pos)
+    _, _, end = _der_element(der, pos)
+    digest = hashlib.sha256(der[pos:end]).digest()
+    return "sha256//" + base64.b64encode(digest).decode()
+
+
+# ---------------------------------------------------------------------------
+# Names.
+
+def valid_node_name(name: str) -> bool:
+    """tinc's rule for node names: [A-Za-z0-9_]+."""
+    return bool(NAME_RE.fullmatch(name or "")) and len(name) <= 64
+
+
+def node_name_from_hostname(hostname: str) -> str:
+    """The short hostname with `-`, `.` (and anything else tinc refuses) mapped to `_`."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", hostname.strip())[:64]
+
+
+def interface_name(net: str) -> str:
+    """Linux interface names are at most 15 characters."""
+    return net[:IFNAMSIZ]
+
+
+# ---------------------------------------------------------------------------
+# The system: distro, package commands, init system. Pure parsers with an injected root.
+
+class OsInfo(NamedTuple):
+    """What the distro says of itself, normalised the same with or without `distro`."""
+    id: str
+    like: Tuple[str, ...]
+    version: str
+    name: str
+
+
+class SystemFacts(NamedTuple):
+    """Everything the planners need to know about a machine."""
+    os: OsInfo
+    family: str          # "debian", "rhel", "fedora" or "unknown"
+    init: str            # what runs as PID 1: "systemd" or "sysv"
+    unit_template: str   # "tinc@" or "tincd@"
+    umbrella_unit: Optional[str]
+    rc_local: str
+    tinc_installed: bool
+
+
+# Names that distro normalises; applied to our own parsing too so both agree.
+_OS_ID_ALIASES = {"ol": "oracle", "opensuse-leap": "opensuse", "redhat": "rhel",
+                  "enterpriseenterpriseserver": "oracle", "redhatenterpriseworkstation": "rhel",
+                  "redhatenterpriseserver": "rhel", "redhatenterprisecomputenode": "rhel"}
+_RELEASE_NAMES = (("centos", "centos"), ("red hat", "rhel"), ("rocky", "rocky"),
+                  ("alma", "almalinux"), ("fedora", "fedora"), ("oracle", "oracle"),
+                  ("scientific", "scientific"), ("cloudlinux", "cloudlinux"))
+_RHEL_LIKE = {"rhel", "centos", "rocky", "almalinux", "oracle", "scientific", "cloudlinux",
+              "fedora"}
+_DEBIAN_LIKE = {"debian", "ubuntu", "raspbian", "linuxmint", "pop", "elementary"}
+
+
+def parse_os_release(text: str) -> Dict[str, str]:
+    """Parse os-release KEY=value lines (shell quoting allowed)."""
+    values = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, raw = line.partition("=")
+        try:
+            parts = shlex.split(raw)
+        except ValueError:
+            parts = [raw.strip("\"'")]
+        values[key.strip().upper()] = parts[0] if parts else ""
+    return values
+
+
+def parse_redhat_release(text: str) -> Tuple[str, str]:
+    """(name, version) from a line like `CentOS release 6.10 (Final)`."""
+    match = re.match(r"\s*(.*?)\s+release\s+([\d.]+)", text)
+    if not match:
+        return text.strip(), ""
+    return match.group(1), match.group(2)
+
+
+def _canonical_os(os_id: str, like: Sequence[str], version: str, name: str) -> OsInfo:
+    os_id = _OS_ID_ALIASES.get(os_id.lower(), os_id.lower())
+    lowered = name.lower()
+    if os_id in ("rhel", "") or not os_id:
+        for needle, canonical in _RELEASE_NAMES:
+            if lowered.startswith(needle):
+                os_id = canonical
+                break
+    return OsInfo(os_id, tuple(part.lower() for part in like), version, name)
+
+
+def _os_info_builtin(root: str) -> OsInfo:
+    for rel in ("etc/os-release", "usr/lib/os-release"):
+        text = read_text(os.path.join(root, rel))
+        if text is not None:
+            values = parse_os_release(text)
+            return _canonical_os(values.get("ID", ""), values.get("ID_LIKE", "").split(),
+                                 values.get("VERSION_ID", ""), values.get("NAME", ""))
+    for rel in ("etc/centos-release", "etc/redhat-release", "etc/fedora-release"):
+        text = read_text(os.path.join(root, rel))
+        if text is not None:
+            name, version = parse_redhat_release(text)
+            return _canonical_os("", (), version, name)
+    return OsInfo("", (), "", "")
+
+
+def _os_info_distro(root: str) -> Optional[OsInfo]:
+    try:
+        import distro  # type: ignore
+    except ImportError:
+        return None
+    kwargs = {"include_lsb": False, "include_uname": False}
+    if root not in ("", "/"):
+        kwargs["root_dir"] = root
+    try:
+        info = distro.LinuxDistribution(**kwargs)
+    except TypeError:  # an old distro without root_dir
+        return None
+    return _canonical_os(info.id(), info.like().split(), info.version(), info.name())
+
+
+def detect_os(root: str = "/", use_distro: bool = True) -> OsInfo:
+    """The distro, through `distro` when importable, else our own parsers."""
+    info = _os_info_distro(root) if use_distro else None
+    return info if info is not None else _os_info_builtin(root)
+
+
+def os_family(info: OsInfo) -> str:
+    """The package family: debian, rhel, fedora or unknown."""
+    ids = {info.id} | set(info.like)
+    if info.id == "fedora":
+        return "fedora"
+    if ids & _RHEL_LIKE:
+        return "rhel"
+    if ids & _DEBIAN_LIKE:
+        return "debian"
+    return "unknown"
+
+
+def major_version(info: OsInfo) -> int:
+    match = re.match(r"\d+", info.version)
+    return int(match.group(0)) if match else 0
+
+
+_UNIT_DIRS = ("etc/systemd/system", "usr/lib/systemd/system", "lib/systemd/system")
+_TINCD_PATHS = ("usr/sbin/tincd", "sbin/tincd", "usr/local/sbin/tincd", "usr/bin/tincd")
+
+
+def _find_unit(root: str, unit: str) -> bool:
+    return any(os.path.exists(os.path.join(root, d, unit)) for d in _UNIT_DIRS)
+
+
+def detect_system(root: str = "/", use_distro: bool = True) -> SystemFacts:
+    """Read the facts of the machine (or fixture tree) at root."""
+    info = detect_os(root, use_distro)
+    family = os_family(info)
+    init = "systemd" if os.path.isdir(os.path.join(root, "run/systemd/system")) else "sysv"
+    if _find_unit(root, "tinc@.service"):
+        template = "tinc@"
+    elif _find_unit(root, "tincd@.service"):
+        template = "tincd@"
+    else:
+        template = "tinc@"  # what the packages of every supported family ship today
+    umbrella = "tinc.service" if _find_unit(root, "tinc.service") else None
+    if umbrella is None and template == "tinc@" and family == "debian" and \
+            not any(os.path.exists(os.path.join(root, p)) for p in _TINCD_PATHS):
+        umbrella = "tinc.service"  # Debian/Ubuntu packages since 1.0.27 ship it
+    rc_local = "/etc/rc.d/rc.local" if family in ("rhel", "fedora") else "/etc/rc.local"
+    installed = any(os.path.exists(os.path.join(root, p)) for p in _TINCD_PATHS)
+    return SystemFacts(info, family, init, template, umbrella, rc_local, installed)
+
+
+def plan_install(facts: SystemFacts) -> Plan:
+    """The commands that install tinc (none when it is there already)."""
+    if facts.tinc_installed:
+        return Plan()
+    if facts.family == "debian":
+        lock = ("-o", "DPkg::Lock::Timeout=300")
+        return Plan(commands=(("apt-get",) + lock + ("update",),
+                              ("apt-get",) + lock + ("install", "-y", "tinc")))
+    if facts.family == "rhel":
+        tool = "yum" if major_version(facts.os) and major_version(facts.os) < 8 else "dnf"
+        return Plan(commands=((tool, "install", "-y", "epel-release"),
+                              (tool, "install", "-y", "tinc")))
+    if facts.family == "fedora":
+        return Plan(commands=(("dnf", "install", "-y", "tinc"),))
+    raise BootstrapError(
+        "unsupported system {!r}: tinc is not installed and I do not know its package manager"
+        .format(facts.os.name or facts.os.id or "unknown"), EXIT_UNSUPPORTED,
+        "install tinc 1.0 (tincd) yourself, then run this again")
+
+
+def ensure_tinc(facts: SystemFacts, root: str = "/") -> SystemFacts:
+    """Install tinc when missing; return the facts read afterwards (unit files, tincd)."""
+    plan = plan_install(facts)
+    if not plan.commands:
+        return facts
+    for cmd in plan.commands:
+        run(cmd, timeout=900)
+    facts = detect_system(root)
+    if not facts.tinc_installed:
+        raise BootstrapError("tinc was installed but tincd is not found", EXIT_COMMAND)
+    return facts
+
+
+def resolve_init(requested: str, facts: SystemFacts) -> str:
+    """Map --init auto to systemd, sysv (Debian's nets.boot) or rc.local."""
+    if requested not in INIT_CHOICES:
+        raise BootstrapError("unknown init {!r}".format(requested), EXIT_USAGE,
+                             "use one of: " + ", ".join(INIT_CHOICES))
+    if requested != "auto":
+        return requested
+    if facts.init == "systemd":
+        return "systemd"
+    if facts.family == "debian":
+        return "sysv"
+    return "rc.local"
+
+
+def service_unit(facts: SystemFacts, net: str) -> str:
+    return "{}{}.service".format(facts.unit_template, net)
+
+
+# ---------------------------------------------------------------------------
+# Rendering tinc's files (pure).
+
+def render_tinc_conf(name: str, net: str, connect_to: Sequence[str] = (),
+                     extra: Sequence[str] = ()) -> str:
+    lines = ["# Written by tinc-bootstrap; re-running it rewrites this file.",
+             "Name = " + name, "AddressFamily = ipv4", "Interface = " + interface_name(net)]
+    lines += list(extra)
+    lines += ["ConnectTo = " + hub for hub in connect_to]
+    return "\n".join(lines) + "\n"
+
+
+def render_host_file(lines: Sequence[str], public_pem: str) -> str:
+    head = "\n".join(lines)
+    return (head + "\n\n" if head else "") + public_pem.strip() + "\n"
+
+
+def render_tinc_up(address: str, prefix: int) -> str:
+    return ("#!/bin/sh\n# Written by tinc-bootstrap: give the VPN interface its address.\n"
+            "ip addr replace {}/{} dev \"$INTERFACE\"\n"
+            "ip link set \"$INTERFACE\" up\n").format(address, prefix)
+
+
+def render_tinc_down(address: str, prefix: int) -> str:
+    return ("#!/bin/sh\n# Written by tinc-bootstrap.\n"
+            "ip addr del {}/{} dev \"$INTERFACE\" 2>/dev/null\n"
+            "ip link set \"$INTERFACE\" down\n").format(address, prefix)
+
+
+_PEM_RE = re.compile(r"-----BEGIN (RSA )?PUBLIC KEY-----\s.*?-----END (RSA )?PUBLIC KEY-----",
+                     re.S)
+
+
+def public_key_block(text: str) -> Optional[str]:
+    """The (current, not `OLD`) public key PEM block in a host file."""
+    match = _PEM_RE.search(text or "")
+    return match.group(0) if match else None
+
+
+def host_file_subnets(text: str) -> List[str]:
+    return [m.group(1) for m in re.finditer(r"(?mi)^\s*Subnet\s*=\s*(\S+)", text or "")]
+
+
+def rc_local_line(net: str) -> str:
+    return "tincd -n {}".format(net)
+
+
+def render_rc_local(existing: Optional[str], net: str) -> str:
+    """rc.local with our `tincd -n NET` line exactly once, before a final `exit 0`."""
+    line = rc_local_line(net)
+    if existing is None:
+        return "#!/bin/sh\n# Started at boot; tinc line added by tinc-bootstrap.\n" + line + "\n"
+    lines = existing.splitlines()
+    if any(l.strip() == line for l in lines):
+        return existing if existing.endswith("\n") else existing + "\n"
+    index = len(lines)
+    for i in range(len(lines) - 1, -1, -1):
+        stripped = lines[i].strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if stripped == "exit 0":
+            index = i
+        break
+    lines.insert(index, line)
+    return "\n".join(lines) + "\n"
+
+
+def remove_rc_local_line(existing: str, net: str) -> str:
+    line = rc_local_line(net)
+    return "".join(l for l in existing.splitlines(True) if l.strip() != line)
+
+
+def render_nets_boot(existing: Optional[str], net: str, present: bool = True) -> str:
+    lines = (existing or "## This file contains all names of the networks to be started "
+             "on system startup.\n").splitlines()
+    kept = [l for l in lines if l.strip() != net]
+    if present:
+        kept.append(net)
+    return "\n".join(kept) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# tincd: keys, boot registration, running.
+
+def net_dir(tinc_dir: str, net: str) -> str:
+    return os.path.join(tinc_dir, net)
+
+
+def tincd_base(net: str, tinc_dir: str = DEFAULT_TINC_DIR) -> List[str]:
+    cmd = ["tincd", "-n", net]
+    if os.path.normpath(tinc_dir) != DEFAULT_TINC_DIR:
+        cmd += ["-c", net_dir(tinc_dir, net)]
+    return cmd
+
+
+def ensure_key(tinc_dir: str, net: str, name: str, size: int) -> str:
+    """The node's public key PEM; generated with `tincd -K` only when there is no key yet."""
+    base = net_dir(tinc_dir, net)
+    private = os.path.join(base, "rsa_key.priv")
+    host = os.path.join(base, "hosts", name)
+    if not os.path.exists(private):
+        os.makedirs(os.path.join(base, "hosts"), exist_ok=True)
+        run(tincd_base(net, tinc_dir) + ["-K{}".format(size)], timeout=600)
+    if os.path.exists(private):
+        os.chmod(private, 0o600)
+    pem = public_key_block(read_text(host) or "")
+    if not pem:
+        raise BootstrapError(
+            "{} exists but {} holds no public key".format(private, host), EXIT_USAGE,
+            "restore hosts/{0} or remove rsa_key.priv to make a new key pair".format(name))
+    return pem
+
+
+def pid_from_file(net: str) -> Optional[int]:
+    """The running tincd of NET, from its pidfile, if alive."""
+    for path in ("/var/run/tinc.{}.pid".format(net), "/run/tinc.{}.pid".format(net)):
+        text = read_text(path)
+        if text is None:
+            continue
+        try:
+            pid = int(text.split()[0])
+        except (ValueError, IndexError):
+            continue
+        comm = read_text("/proc/{}/comm".format(pid))
+        if comm is not None and comm.strip() == "tincd":
+            return pid
+    return None
+
+
+def _systemctl_state(verb: str, unit: str) -> str:
+    return run(["systemctl", verb, unit], check=False).stdout.strip()
+
+
+def plan_boot(net: str, init: str, facts: SystemFacts, rc_local_text: Optional[str] = None,
+              nets_boot_text: Optional[str] = None, tinc_dir: str = DEFAULT_TINC_DIR) -> Plan:
+    """Files and commands that make tincd start at boot (pure)."""
+    if init == "systemd":
+        units = ([facts.umbrella_unit] if facts.umbrella_unit else []) + \
+            [service_unit(facts, net)]
+        return Plan(commands=tuple(("systemctl", "enable", unit) for unit in units))
+    if init == "rc.local":
+        return Plan(files=(FileSpec(facts.rc_local, render_rc_local(rc_local_text, net),
+                                    0o755),))
+    if init == "sysv":
+        return Plan(files=(FileSpec(os.path.join(tinc_dir, "nets.boot"),
+                                    render_nets_boot(nets_boot_text, net)),))
+    return Plan()
+
+
+def register_boot(net: str, init: str, facts: SystemFacts,
+                  tinc_dir: str = DEFAULT_TINC_DIR) -> List[str]:
+    """Apply plan_boot; only enable units that are not enabled yet. Returns what changed."""
+    plan = plan_boot(net, init, facts, read_text(facts.rc_local),
+                     read_text(os.path.join(tinc_dir, "nets.boot")), tinc_dir)
+    changed = apply_files(plan.files)
+    for cmd in plan.commands:
+        if _systemctl_state("is-enabled", cmd[-1]) != "enabled":
+            run(cmd)
+            changed.append(cmd[-1])
+    return changed
+
+
+def wait_for_exit(pid: int, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        comm = read_text("/proc/{}/comm".format(pid))
+        if comm is None or comm.strip() != "tincd":
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def ensure_running(net: str, init: str, facts: SystemFacts, restart: bool = False,
+                   tinc_dir: str = DEFAULT_TINC_DIR) -> str:
+    """Start tincd for NET if it is not running; restart it when asked. Returns what it did."""
+    if init == "systemd":
+        unit = service_unit(facts, net)
+        if _systemctl_state("is-active", unit) == "active":
+            if not restart:
+                return "running"
+            run(["systemctl", "restart", unit])
+            return "restarted"
+        run(["systemctl", "start", unit])
+        if facts.umbrella_unit and _systemctl_state("is-active", facts.umbrella_unit) != "active":
+            run(["systemctl", "start", facts.umbrella_unit])
+        return "started"
+    pid = pid_from_file(net)
+    if pid is not None and not restart:
+        return "running"
+    if pid is not None:
+        run(tincd_base(net, tinc_dir) + ["-k"], check=False)
+        if not wait_for_exit(pid):
+            raise BootstrapError("tincd (pid {}) did not stop".format(pid), EXIT_COMMAND,
+                                 "stop it by hand and run this again")
+    run(tincd_base(net, tinc_dir))
+    return "restarted" if pid is not None else "started"
+
+
+def stop_and_unregister(net: str, init: str, facts: SystemFacts,
+                        tinc_dir: str = DEFAULT_TINC_DIR) -> None:
+    """Undo register_boot and stop tincd for NET."""
+    if init == "systemd":
+        unit = service_unit(facts, net)
+        run(["systemctl", "disable", "--now", unit], check=False)
+        if facts.umbrella_unit:
+            wants = "/etc/systemd/system/{}.wants".format(facts.umbrella_unit)
+            others = [w for w in (os.listdir(wants) if os.path.isdir(wants) else [])
+                      if w.endswith(".service")]
+            if not others:
+                run(["systemctl", "disable", facts.umbrella_unit], check=False)
+    elif init == "rc.local":
+        text = read_text(facts.rc_local)
+        if text is not None:
+            write_atomic(facts.rc_local, remove_rc_local_line(text, net), 0o755)
+    elif init == "sysv":
+        path = os.path.join(tinc_dir, "nets.boot")
+        text = read_text(path)
+        if text is not None:
+            write_atomic(path, render_nets_boot(text, net, present=False))
+    pid = pid_from_file(net)
+    if pid is not None:
+        run(tincd_base(net, tinc_dir) + ["-k"], check=False)
+        wait_for_exit(pid)
+
+
+# ---------------------------------------------------------------------------
+# Talking to the hub: HTTPS pinned to the certificate key named in the token.
+
+class HubAnswer(NamedTuple):
+    status: int
+    body: dict
+
+
+class Unreachable(Exception):
+    """A failure worth retrying: the hub may still be starting."""
+
+
+def _pinned_request(host: str, port: int, pin: str, method: str, path: str,
+                    body: Optional[bytes], headers: Dict[str, str],
+                    timeout: float = 15.0) -> HubAnswer:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    # The hub's certificate is self-signed: trust comes from the pin checked below,
+    # before a single byte (and so before the token) is sent.
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
+    try:
+        try:
+            conn.connect()
+        except (OSError, ssl.SSLError) as exc:
+            raise Unreachable("cannot connect to {}:{}: {}".format(host, port, exc))
+        der = conn.sock.getpeercert(binary_form=True)
+        try:
+            actual = spki_pin_from_cert_der(der or b"")
+        except (ValueError, IndexError):
+            actual = "unreadable certificate"
+        if actual != pin:
+            raise BootstrapError(
+                "the hub's TLS certificate does not match the pin in the token "
+                "(expected {}, got {})".format(pin, actual), EXIT_REFUSED,
+                "check --hub, or make a new token on the hub")
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            response = conn.getresponse()
+            raw = response.read(MAX_ANSWER + 1)
+        except (OSError, http.client.HTTPException) as exc:
+            raise Unreachable("connection to {}:{} failed: {}".format(host, port, exc))
+        if len(raw) > MAX_ANSWER:
+            raise BootstrapError("the hub's answer is too large", EXIT_REFUSED)
+        try:
+            parsed = json.loads(raw.decode("utf-8")) if raw else {}
+        except (ValueError, UnicodeDecodeError):
+            parsed = {"error": "non-JSON answer (HTTP {})".format(response.status)}
+        if not isinstance(parsed, dict):
+            parsed = {"error": "unexpected answer"}
+        return HubAnswer(response.status, parsed)
+    finally:
+        conn.close()
+
+
+def enroll(token_text: str, token: Token, host: str, port: int, name: str, public_pem: str,
+           timeout: float, sleep: Callable[[float], None] = time.sleep) -> dict:
+    """POST /v1/enroll with retries and backoff until `timeout` seconds have passed."""
+    body = json.dumps({"name": name, "public_key": public_pem}).encode()
+    headers = {"Authorization": "Bearer " + token_text, "Content-Type": "application/json",
+               "User-Agent": "tinc-bootstrap/" + __version__}
+    deadline = time.monotonic() + timeout
+    delay = 1.0
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            answer = _pinned_request(host, port, token.pin, "POST", "/v1/enroll", body, headers)
+            if answer.status == 200:
+                return answer.body
+            message = str(answer.body.get("error") or "HTTP {}".format(answer.status))
+            if answer.status != 429 and answer.status < 500:
+                raise BootstrapError("the hub refused the enrolment: " + message,
+                                     EXIT_REFUSED, _refusal_hint(answer.status))
+            reason = "hub answered {}: {}".format(answer.status, message)
+        except Unreachable as exc:
+            reason = str(exc)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise BootstrapError("hub {}:{} unreachable for {:.0f} s ({} attempts): {}".format(
+                host, port, timeout, attempt, reason), EXIT_UNREACHABLE,
+                "check that `tinc-hub serve` runs and that TCP {} is open".format(port))
+        wait = min(delay, left) * random.uniform(0.8, 1.0)
+        REPORT.step("hub not ready ({}); retrying in {:.1f} s".format(reason, wait))
+        sleep(wait)
+        delay = min(delay * 2, 15.0)
+
+
+def _refusal_hint(status: int) -> str:
+    if status == 401:
+        return "the token is unknown, used up or expired: make a new one with `tinc-hub token create`"
+    if status == 403:
+        return "the token is bound to another name, or this node was revoked"
+    if status == 409:
+        return "this name is enrolled with another key: use --name, or a token made with --replace"
+    return "see the hub's message above"
+
+
+def validate_answer(answer: dict, name: str) -> Tuple[str, int, str, str]:
+    """(address, prefix, hub name, hub host file) from an enrolment answer, checked."""
+    bad = BootstrapError("the hub's answer is malformed", EXIT_REFUSED,
+                         "hub and bootstrap versions may differ")
+    try:
+        address = str(ipaddress.IPv4Address(answer["address"]))
+        prefix = answer["prefix"]
+        hub = answer["hub"]["name"]
+        host_file = answer["hub"]["host_file"]
+    except (KeyError, TypeError, ValueError):
+        raise bad
+    if answer.get("name") != name or not isinstance(prefix, int) or not 1 <= prefix <= 30 \
+            or not isinstance(hub, str) or not valid_node_name(hub) \
+            or not isinstance(host_file, str) or not public_key_block(host_file):
+        raise bad
+    return address, prefix, hub, host_file
+
+
+# ---------------------------------------------------------------------------
+# Ping over the VPN (ICMP echo from Python; the `ping` binary only as a fallback).
+
+def _icmp_checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+    total = (total >> 16) + (total & 0xFFFF)
+    total += total >> 16
+    return ~total & 0xFFFF
+
+
+def ping(address: str, timeout: float = 1.0) -> bool:
+    """True when address answers one ICMP echo within timeout."""
+    try:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    except PermissionError:
+        return run(["ping", "-c", "1", "-W", str(max(1, int(timeout))), address],
+                   check=False).returncode == 0
+    ident = random.randint(0, 0xFFFF)
+    header = struct.pack("!BBHHH", 8, 0, 0, ident, 1)
+    payload = b"tinc-bootstrap"
+    packet = struct.pack("!BBHHH", 8, 0, _icmp_checksum(header + payload), ident, 1) + payload
+    deadline = time.monotonic() + timeout
+    try:
+        sock.sendto(packet, (address, 0))
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            sock.settimeout(left)
+            try:
+                data, peer = sock.recvfrom(2048)
+            except socket.timeout:
+                return False
+            offset = (data[0] & 0x0F) * 4
+            if peer[0] == address and len(data) >= offset + 8:
+                kind, _, _, got_ident, _ = struct.unpack("!BBHHH", data[offset:offset + 8])
+                if kind == 0 and got_ident == ident:
+                    return True
+    except OSError:
+        return False
+    finally:
+        sock.close()
+
+
+def wait_for_ping(address: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ping(address, min(1.0, max(0.1, deadline - time.monotonic()))):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def hub_vpn_address(host_file: str, address: str, prefix: int) -> str:
+    """The hub's VPN address: its /32 Subnet, else the first host of the VPN prefix."""
+    for subnet in host_file_subnets(host_file):
+        if subnet.endswith("/32"):
+            return subnet[:-3]
+    network = ipaddress.IPv4Network("{}/{}".format(address, prefix), strict=False)
+    return str(network.network_address + 1)
+
+
+# ---------------------------------------------------------------------------
+# The node's commands: join, status, leave.
+
+class JoinOptions(NamedTuple):
+    token_text: str
+    hub: Optional[str]
+    name: Optional[str]
+    net: Optional[str]
+    init: str
+    key_size: int
+    timeout: float
+    dry_run: bool
+    tinc_dir: str
+    root: str
+
+
+def split_hub(value: str, default_port: int) -> Tuple[str, int]:
+    """HOST[:PORT] (IPv6 in brackets) into host and port."""
+    match = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?|([^:]+)(?::(\d+))?", value.strip())
+    if not match:
+        raise BootstrapError("bad --hub {!r}".format(value), EXIT_USAGE, "use HOST or HOST:PORT")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4) or default_port)
+    if not 0 < port < 65536:
+        raise BootstrapError("bad port in --hub {!r}".format(value), EXIT_USAGE)
+    return host, port
+
+
+def load_state(tinc_dir: str, net: str) -> Optional[dict]:
+    text = read_text(os.path.join(net_dir(tinc_dir, net), STATE_FILE))
+    if text is None:
+        return None
+    try:
+        state = json.loads(text)
+    except ValueError:
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def check_existing_net(tinc_dir: str, net: str, name: str, hub: str) -> None:
+    """Refuse to overwrite a net this tool did not write, or one joined as someone else."""
+    conf = os.path.join(net_dir(tinc_dir, net), "tinc.conf")
+    state = load_state(tinc_dir, net)
+    if state is None:
+        if os.path.exists(conf):
+            raise BootstrapError(
+                "{} exists and was not written by tinc-bootstrap".format(conf), EXIT_USAGE,
+                "move it away, or use --net with another name")
+        return
+    if state.get("name") != name or state.get("hub_name") != hub:
+        raise BootstrapError(
+            "net {!r} is already joined as {!r} to hub {!r}".format(
+                net, state.get("name"), state.get("hub_name")), EXIT_USAGE,
+            "run `bootstrap.py leave --net {}` first, or use --net".format(net))
+
+
+def plan_node_files(tinc_dir: str, net: str, name: str, public_pem: str, address: str,
+                    prefix: int, hub: str, hub_host_file: str, state: dict) -> Plan:
+    """The node's files after enrolment (pure)."""
+    base = net_dir(tinc_dir, net)
+    return Plan(files=(
+        FileSpec(os.path.join(base, "hosts", name),
+                 render_host_file(["Subnet = {}/32".format(address)], public_pem)),
+        FileSpec(os.path.join(base, "hosts", hub), hub_host_file.rstrip("\n") + "\n"),
+        FileSpec(os.path.join(base, "tinc-up"), render_tinc_up(address, prefix), 0o755),
+        FileSpec(os.path.join(base, "tinc-down"), render_tinc_down(address, prefix), 0o755),
+        FileSpec(os.path.join(base, STATE_FILE),
+                 json.dumps(state, indent=2, sort_keys=True) + "\n"),
+    ))
+
+
+def join(opts: JoinOptions) -> int:
+    """The whole join: plan and apply each step; print the node's VPN address."""
+    token = decode_token(opts.token_text)
+    host, port = split_hub(opts.hub, token.port) if opts.hub else (token.host, token.port)
+    net = opts.net or token.net
+    if not NET_RE.fullmatch(net):
+        raise BootstrapError("bad net name {!r}".format(net), EXIT_USAGE,
+                             "use letters, digits, _ . and -")
+    if opts.key_size < 2048:
+        raise BootstrapError("--key-size must be at least 2048", EXIT_USAGE)
+    if os.geteuid() != 0 and not opts.dry_run:
+        raise BootstrapError("this must run as root", EXIT_USAGE, "use sudo, or --dry-run")
+    dry = opts.dry_run
+    facts = detect_system(opts.root)
+    REPORT.step("system: {} {} ({} family), init {}".format(
+        facts.os.id or "unknown", facts.os.version, facts.family, facts.init))
+    if facts.tinc_installed:
+        REPORT.step("tinc is installed")
+    else:
+        REPORT.step("installing tinc")
+        if dry:
+            print(describe_plan(plan_install(facts)))
+        else:
+            facts = ensure_tinc(facts, opts.root)
+    init = resolve_init(opts.init, facts)
+    name = opts.name or node_name_from_hostname(socket.gethostname())
+    if not valid_node_name(name) or name == token.hub:
+        raise BootstrapError("invalid node name {!r}".format(name), EXIT_USAGE,
+                             "tinc names use only A-Z a-z 0-9 _ ; pass --name")
+    REPORT.step("node {!r} joins net {!r} via hub {!r} at {}:{}".format(
+        name, net, token.hub, host, port))
+    check_existing_net(opts.tinc_dir, net, name, token.hub)
+    base = net_dir(opts.tinc_dir, net)
+    conf = FileSpec(os.path.join(base, "tinc.conf"), render_tinc_conf(name, net, [token.hub]))
+    key_cmd = tuple(tincd_base(net, opts.tinc_dir) + ["-K{}".format(opts.key_size)])
+    if dry:
+        print(describe_plan(Plan(files=(conf,))))
+        if not os.path.exists(os.path.join(base, "rsa_key.priv")):
+            print(describe_plan(Plan(commands=(key_cmd,))))
+        print("POST https://{}:{}/v1/enroll name={} (public key of hosts/{})".format(
+            host, port, name, name))
+        state = {"net": net, "name": name, "hub_name": token.hub}
+        print(describe_plan(plan_node_files(opts.tinc_dir, net, name, "<public key>",
+                                            "<address>", "<prefix>", token.hub,
+                                            "<hub host file>", state)))
+        print(describe_plan(plan_boot(net, init, facts, read_text(facts.rc_local),
+                                      read_text(os.path.join(opts.tinc_dir, "nets.boot")),
+                                      opts.tinc_dir)))
+        print("$ " + ("systemctl start " + service_unit(facts, net) if init == "systemd"
+                      else shell_join(tincd_base(net, opts.tinc_dir))))
+        REPORT.step("dry run: nothing was changed")
+        return EXIT_OK
+    changed = apply_files([conf])
+    REPORT.step("key: " + ("existing key kept" if os.path.exists(
+        os.path.join(base, "rsa_key.priv")) else "generating RSA {}".format(opts.key_size)))
+    public_pem = ensure_key(opts.tinc_dir, net, name, opts.key_size)
+    REPORT.step("enrolling with the hub")
+    answer = enroll(opts.token_text, token, host, port, name, public_pem, opts.timeout)
+    address, prefix, hub, hub_host_file = validate_answer(answer, name)
+    if hub != token.hub:
+        raise BootstrapError("the hub calls itself {!r}, the token {!r}".format(hub, token.hub),
+                             EXIT_REFUSED)
+    hub_vpn = hub_vpn_address(hub_host_file, address, prefix)
+    state = {"net": net, "name": name, "address": address, "prefix": prefix,
+             "hub_name": hub, "hub_host": host, "api_port": port, "hub_vpn_address": hub_vpn,
+             "init": init, "unit": service_unit(facts, net) if init == "systemd" else None}
+    REPORT.step("enrolled: address {}/{}".format(address, prefix))
+    changed += apply_files(plan_node_files(opts.tinc_dir, net, name, public_pem, address,
+                                           prefix, hub, hub_host_file, state).files)
+    REPORT.step("boot: " + {"systemd": "systemd unit " + service_unit(facts, net),
+                            "rc.local": "line in " + facts.rc_local,
+                            "sysv": "nets.boot", "none": "not registered"}[init])
+    register_boot(net, init, facts, opts.tinc_dir)
+    config_changed = any(not p.endswith(STATE_FILE) for p in changed)
+    action = ensure_running(net, "systemd" if init == "systemd" else "direct", facts,
+                            restart=config_changed, tinc_dir=opts.tinc_dir)
+    REPORT.step("tincd {}; waiting for the hub at {} over the VPN".format(action, hub_vpn))
+    if not wait_for_ping(hub_vpn, opts.timeout):
+        raise BootstrapError("the hub's VPN address {} did not answer within {:.0f} s".format(
+            hub_vpn, opts.timeout), EXIT_VPN_DOWN,
+            "see tincd's log (journalctl -u {} or syslog)".format(service_unit(facts, net)))
+    REPORT.step("joined: {} is {} on net {}".format(name, address, net))
+    print(address)
+    return EXIT_OK
+
+
+def find_nets(tinc_dir: str) -> List[str]:
+    """Nets under tinc_dir joined by this tool."""
+    try:
+        entries = sorted(os.listdir(tinc_dir))
+    except OSError:
+        return []
+    return [e for e in entries if os.path.isfile(os.path.join(tinc_dir, e, STATE_FILE))]
+
+
+def pick_net(tinc_dir: str, net: Optional[str]) -> str:
+    if net:
+        if load_state(tinc_dir, net) is None:
+            raise BootstrapError("net {!r} was not joined by tinc-bootstrap".format(net),
+                                 EXIT_USAGE)
+        return net
+    nets = find_nets(tinc_dir)
+    if len(nets) != 1:
+        raise BootstrapError("{} nets joined here".format(len(nets) or "no"), EXIT_USAGE,
+                             "pass --net" if nets else "run the bootstrap first")
+    return nets[0]
+
+
+def status(tinc_dir: str, net: Optional[str], as_json: bool) -> int:
+    """Print net, name, address, service state and whether the hub answers over the VPN."""
+    net = pick_net(tinc_dir, net)
+    state = load_state(tinc_dir, net) or {}
+    facts = detect_system("/")
+    if state.get("init") == "systemd":
+        service = _systemctl_state("is-active", state.get("unit") or service_unit(facts, net))
+    else:
+        service = "running" if pid_from_file(net) else "stopped"
+    reachable = bool(state.get("hub_vpn_address")) and ping(state["hub_vpn_address"], 2.0)
+    report = {"net": net, "name": state.get("name"), "address": state.get("address"),
+              "prefix": state.get("prefix"), "hub": state.get("hub_name"),
+              "init": state.get("init"), "service": service, "hub_reachable": reachable}
+    if as_json:
+        print(json.dumps(report, sort_keys=True))
+    else:
+        for key in ("net", "name", "address", "hub", "init", "service", "hub_reachable"):
+            print("{:<14} {}".format(key + ":", report[key]))
+    return EXIT_OK if reachable else EXIT_VPN_DOWN
+
+
+def leave(tinc_dir: str, net: Optional[str]) -> int:
+    """Stop and unregister tincd for the net and remove its configuration."""
+    net = pick_net(tinc_dir, net)
+    state = load_state(tinc_dir, net) or {}
+    facts = detect_system("/")
+    init = state.get("init") or "none"
+    REPORT.step("stopping tincd of {!r} and removing its boot registration ({})".format(
+        net, init))
+    stop_and_unregister(net, init, facts, tinc_dir)
+    shutil.rmtree(net_dir(tinc_dir, net))
+    REPORT.step("removed {}; on the hub run `tinc-hub revoke {}`".format(
+        net_dir(tinc_dir, net), state.get("name")))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------
+# Command line: every flag has a TINC_BOOTSTRAP_* environment twin.
+
+def _env(name: str, default=None):
+    return os.environ.get("TINC_BOOTSTRAP_" + name, default)
+
+
+def _env_flag(name: str) -> bool:
+    return (_env(name, "") or "").lower() in ("1", "yes", "true", "on")
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def build_parser(command: str) -> argparse.ArgumentParser:
+    parser = _Parser(prog="bootstrap.py" + ("" if command == "join" else " " + command),
+                     description=__doc__.split("\n\n")[0],
+                     epilog="Exit codes: 0 ok, 1 error, 2 usage, 3 unsupported system, "
+                            "4 refused by the hub, 5 hub unreachable, 6 VPN not up, "
+                            "7 command failed. Log: " + DEFAULT_LOG)
+    parser.add_argument("--net", default=_env("NET"), help="tinc net name (env TINC_BOOTSTRAP_NET; "
+                        "default: the hub's)")
+    parser.add_argument("--tinc-dir", default=_env("TINC_DIR", DEFAULT_TINC_DIR),
+                        help=argparse.SUPPRESS)
+    parser.add_argument("-v", "--verbose", action="store_true", default=_env_flag("VERBOSE"),
+                        help="show commands and tracebacks (env TINC_BOOTSTRAP_VERBOSE)")
+    parser.add_argument("--log", default=_env("LOG", DEFAULT_LOG),
+                        help="full log file (env TINC_BOOTSTRAP_LOG; '' for none)")
+    if command == "join":
+        parser.add_argument("--hub", default=_env("HUB"),
+                            help="HOST[:PORT] of the hub's API, overriding the token's "
+                                 "(env TINC_BOOTSTRAP_HUB)")
+        parser.add_argument("--token", default=None,
+                            help="enrolment token (prefer env TINC_BOOTSTRAP_TOKEN or "
+                                 "--token-file: arguments show in ps)")
+        parser.add_argument("--token-file", default=_env("TOKEN_FILE"),
+                            help="file holding the token (env TINC_BOOTSTRAP_TOKEN_FILE)")
+        parser.add_argument("--name", default=_env("NAME"),
+                            help="node name (env TINC_BOOTSTRAP_NAME; default: the hostname "
+                                 "with - and . as _)")
+        parser.add_argument("--init", default=_env("INIT", "auto"), choices=INIT_CHOICES,
+                            help="boot registration (env TINC_BOOTSTRAP_INIT)")
+        parser.add_argument("--key-size", type=int, default=int(_env("KEY_SIZE", "4096")),
+                            help="RSA key size (env TINC_BOOTSTRAP_KEY_SIZE)")
+        parser.add_argument("--timeout", type=float, default=float(_env("TIMEOUT", "300")),
+                            help="seconds to keep retrying the hub, and to wait for the VPN "
+                                 "(env TINC_BOOTSTRAP_TIMEOUT)")
+        parser.add_argument("--dry-run", action="store_true", default=_env_flag("DRY_RUN"),
+                            help="print every file and command; change nothing "
+                                 "(env TINC_BOOTSTRAP_DRY_RUN)")
+        parser.add_argument("--root", default=_env("ROOT", "/"), help=argparse.SUPPRESS)
+    if command == "status":
+        parser.add_argument("--json", action="store_true", default=_env_flag("JSON"),
+                            help="machine-readable output (env TINC_BOOTSTRAP_JSON)")
+    return parser
+
+
+def read_token(args: argparse.Namespace) -> str:
+    if args.token:
+        return args.token
+    if args.token_file:
+        try:
+            with open(args.token_file) as handle:
+                return handle.read().strip()
+        except OSError as exc:
+            raise BootstrapError("cannot read --token-file: {}".format(exc), EXIT_USAGE)
+    token = _env("TOKEN")
+    if token:
+        return token.strip()
+    raise BootstrapError("no token given", EXIT_USAGE,
+                         "pass --token-file FILE or set TINC_BOOTSTRAP_TOKEN")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in ("join", "status", "leave") else "join"
+    verbose = "-v" in argv or "--verbose" in argv or _env_flag("VERBOSE")
+    global REPORT
+    try:
+        try:
+            args = build_parser(command).parse_args(argv)
+        except UsageError as exc:
+            raise BootstrapError(str(exc), EXIT_USAGE, "see --help")
+        except ValueError as exc:
+            raise BootstrapError("bad value in a TINC_BOOTSTRAP_* variable: {}".format(exc),
+                                 EXIT_USAGE)
+        dry = command == "join" and args.dry_run
+        REPORT = Reporter(None if dry or os.geteuid() != 0 else args.log, args.verbose)
+        if command == "status":
+            return status(args.tinc_dir, args.net, args.json)
+        if command == "leave":
+            return leave(args.tinc_dir, args.net)
+        opts = JoinOptions(read_token(args), args.hub, args.name, args.net, args.init,
+                           args.key_size, args.timeout, args.dry_run, args.tinc_dir, args.root)
+        return join(opts)
+    except BootstrapError as exc:
+        if verbose:
+            import traceback
+            traceback.print_exc()
+        line = "tinc-bootstrap: error: {}".format(exc)
+        if exc.hint:
+            line += " (hint: {})".format(exc.hint)
+        if REPORT.log_path:
+            REPORT.debug(line)
+            line += " [log: {}]".format(REPORT.log_path)
+        sys.stderr.write(line + "\n")
+        return exc.code
+    except KeyboardInterrupt:
+        sys.stderr.write("tinc-bootstrap: interrupted\n")
+        return 130
+    except Exception as exc:  # the last resort: one line, traceback in the log or with -v
+        import traceback
+        REPORT.debug(traceback.format_exc())
+        if verbose:
+            traceback.print_exc()
+        sys.stderr.write("tinc-bootstrap: unexpected error: {}: {} (hint: run with -v)\n"
+                         .format(type(exc).__name__, exc))
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""The SQLite registry of tokens and nodes.
+
+All writes go through :meth:`Registry.exclusive` (an flock on a lock file next to the
+database, shared by ``tinc-hub serve`` threads and CLI commands) and a ``BEGIN IMMEDIATE``
+transaction, so spending a token use and allocating an address is one atomic step, and the
+host file written after the commit cannot be overtaken by another writer.
+"""
+
+import fcntl
+import os
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List, Optional, Set
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tokens (
+    secret_sha256 TEXT PRIMARY KEY,
+    uses_total    INTEGER NOT NULL,
+    uses_left     INTEGER NOT NULL CHECK (uses_left >= 0),
+    expires_at    INTEGER NOT NULL,
+    bound_name    TEXT,
+    allow_replace INTEGER NOT NULL DEFAULT 0,
+    created_at    INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS nodes (
+    name          TEXT PRIMARY KEY,
+    address       TEXT NOT NULL UNIQUE,
+    address_int   INTEGER NOT NULL UNIQUE,
+    public_key    TEXT NOT NULL UNIQUE,
+    token_sha256  TEXT NOT NULL,
+    enrolled_at   INTEGER NOT NULL,
+    updated_at    INTEGER NOT NULL,
+    revoked_at    INTEGER
+);
+"""
+
+BUSY_TIMEOUT_MS = 30_000
+
+
+@dataclass(frozen=True)
+class TokenRow:
+    secret_sha256: str
+    uses_total: int
+    uses_left: int
+    expires_at: int
+    bound_name: Optional[str]
+    allow_replace: bool
+    created_at: int
+
+
+@dataclass(frozen=True)
+class NodeRow:
+    name: str
+    address: str
+    address_int: int
+    public_key: str
+    token_sha256: str
+    enrolled_at: int
+    updated_at: int
+    revoked_at: Optional[int]
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+
+def iso_utc(timestamp: Optional[int]) -> Optional[str]:
+    """Unix seconds as ISO 8601 UTC (``2024-01-31T12:00:00Z``); None stays None."""
+    if timestamp is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+class Registry:
+    """Access to ``registry.sqlite3``; cheap to construct, one connection per operation."""
+
+    def __init__(self, db_path: "os.PathLike[str] | str", lock_path: "os.PathLike[str] | str") -> None:
+        self.db_path = Path(db_path)
+        self.lock_path = Path(lock_path)
+        self._thread_lock = threading.Lock()
+
+    # -- connections -------------------------------------------------------------------
+    def connect(self) -> sqlite3.Connection:
+        """A connection in autocommit mode (transactions are explicit)."""
+        conn = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                               check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA synchronous = FULL")
+        return conn
+
+    def create(self) -> bool:
+        """Create the database and schema if missing; True when the file was created."""
+        created = not self.db_path.exists()
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        if created or not self.lock_path.exists():
+            fd = os.open(self.lock_path, os.O_CREAT | os.O_RDWR, 0o600)
+            os.close(fd)
+        conn = self.connect()
+        try:
+            if created:
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.executescript(SCHEMA)
+            else:
+                # Checking is read-only, so re-running init changes nothing on disk.
+                have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                if not {"tokens", "nodes"} <= have:
+                    conn.executescript(SCHEMA)
+        finally:
+            conn.close()
+        if created:
+            os.chmod(self.db_path, 0o600)
+        return created
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the registry write lock (threads of this process and other processes)."""
+        with self._thread_lock:
+            fd = os.open(self.lock_path, os.O_CREAT | os.O_RDWR, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` … ``COMMIT`` (``ROLLBACK`` on any exception)."""
+        conn = self.connect()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+
+    @contextmanager
+    def reading(self) -> Iterator[sqlite3.Connection]:
+        conn = self.connect()
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    # -- tokens ------------------------------------------------------------------------
+    @staticmethod
+    def insert_token(conn: sqlite3.Connection, row: TokenRow) -> None:
+        conn.execute(
+            "INSERT INTO tokens (secret_sha256, uses_total, uses_left, expires_at, bound_name,"
+            " allow_replace, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (row.secret_sha256, row.uses_total, row.uses_left, row.expires_at, row.bound_name,
+             int(row.allow_replace), row.created_at),
+        )
+
+    @staticmethod
+    def get_token(conn: sqlite3.Connection, secret_sha256: str) -> Optional[TokenRow]:
+        r = conn.execute(
+            "SELECT secret_sha256, uses_total, uses_left, expires_at, bound_name, allow_replace,"
+            " created_at FROM tokens WHERE secret_sha256 = ?", (secret_sha256,)).fetchone()
+        if r is None:
+            return None
+        return TokenRow(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6])
+
+    @staticmethod
+    def spend_token_use(conn: sqlite3.Connection, secret_sha256: str) -> bool:
+        """Decrement uses_left if positive; False when nothing was left."""
+        cur = conn.execute(
+            "UPDATE tokens SET uses_left = uses_left - 1 WHERE secret_sha256 = ? AND uses_left > 0",
+            (secret_sha256,))
+        return cur.rowcount == 1
+
+    # -- nodes -------------------------------------------------------------------------
+    _NODE_COLUMNS = ("name, address, address_int, public_key, token_sha256, enrolled_at,"
+                     " updated_at, revoked_at")
+
+    @classmethod
+    def get_node(cls, conn: sqlite3.Connection, name: str) -> Optional[NodeRow]:
+        r = conn.execute(f"SELECT {cls._NODE_COLUMNS} FROM nodes WHERE name = ?", (name,)).fetchone()
+        return NodeRow(*r) if r else None
+
+    @classmethod
+    def get_node_by_key(cls, conn: sqlite3.Connection, public_key: str) -> Optional[NodeRow]:
+        r = conn.execute(f"SELECT {cls._NODE_COLUMNS} FROM nodes WHERE public_key = ?",
+                         (public_key,)).fetchone()
+        return NodeRow(*r) if r else None
+
+    @classmethod
+    def list_nodes(cls, conn: sqlite3.Connection) -> List[NodeRow]:
+        rows = conn.execute(f"SELECT {cls._NODE_COLUMNS} FROM nodes ORDER BY address_int").fetchall()
+        return [NodeRow(*r) for r in rows]
+
+    @staticmethod
+    def used_address_ints(conn: sqlite3.Connection) -> Set[int]:
+        """Addresses held by any node row, revoked ones included (they are never reused)."""
+        return {r[0] for r in conn.execute("SELECT address_int FROM nodes")}
+
+    @staticmethod
+    def count_nodes(conn: sqlite3.Connection) -> int:
+        return conn.execute("SELECT COUNT(*) FROM nodes").fetchone()[0]
+
+    @staticmethod
+    def insert_node(conn: sqlite3.Connection, row: NodeRow) -> None:
+        conn.execute(
+            "INSERT INTO nodes (name, address, address_int, public_key, token_sha256, enrolled_at,"
+            " updated_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (row.name, row.address, row.address_int, row.public_key, row.token_sha256,
+             row.enrolled_at, row.updated_at, row.revoked_at))
+
+    @staticmethod
+    def replace_node_key(conn: sqlite3.Connection, name: str, public_key: str, token_sha256: str,
+                         now: int) -> None:
+        conn.execute("UPDATE nodes SET public_key = ?, token_sha256 = ?, updated_at = ? WHERE name = ?",
+                     (public_key, token_sha256, now, name))
+
+    @staticmethod
+    def mark_revoked(conn: sqlite3.Connection, name: str, now: int) -> None:
+        conn.execute("UPDATE nodes SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL", (now, name))
+
+    @staticmethod
+    def delete_node(conn: sqlite3.Connection, name: str) -> None:
+        conn.execute("DELETE FROM nodes WHERE name = ?", (name,))
+
+    # -- test / debugging aid --------------------------------------------------------------
+    def dump(self) -> List[tuple]:
+        """Every row of every table, in a stable order (used to prove a request changed nothing)."""
+        with self.reading() as conn:
+            out: List[tuple] = []
+            for table, order in (("tokens", "secret_sha256"), ("nodes", "name")):
+                out.extend((table,) + tuple(r) for r in conn.execute(f"SELECT * FROM {table} ORDER BY {order}"))
+            return out
