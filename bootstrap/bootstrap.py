@@ -66,6 +66,7 @@ NET_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 IFNAMSIZ = 15
 INIT_CHOICES = ("auto", "systemd", "sysv", "rc.local", "none")
 MAX_ANSWER = 1 << 20
+TINC_CONF_MARKER = "# Written by tinc-bootstrap; re-running it rewrites this file."
 
 
 class BootstrapError(Exception):
@@ -569,7 +570,7 @@ def service_unit(facts: SystemFacts, net: str) -> str:
 
 def render_tinc_conf(name: str, net: str, connect_to: Sequence[str] = (),
                      extra: Sequence[str] = ()) -> str:
-    lines = ["# Written by tinc-bootstrap; re-running it rewrites this file.",
+    lines = [TINC_CONF_MARKER,
              "Name = " + name, "AddressFamily = ipv4", "Interface = " + interface_name(net)]
     lines += list(extra)
     lines += ["ConnectTo = " + hub for hub in connect_to]
@@ -1013,9 +1014,13 @@ def check_existing_net(tinc_dir: str, net: str, name: str, hub: str) -> None:
     conf = os.path.join(net_dir(tinc_dir, net), "tinc.conf")
     state = load_state(tinc_dir, net)
     if state is None:
-        if os.path.exists(conf):
+        text = read_text(conf)
+        resumable = text is not None and text.startswith(TINC_CONF_MARKER) and \
+            re.search(r"(?m)^Name = {}$".format(re.escape(name)), text)
+        if text is not None and not resumable:
             raise BootstrapError(
-                "{} exists and was not written by tinc-bootstrap".format(conf), EXIT_USAGE,
+                "{} exists and was not written by tinc-bootstrap for node {!r}".format(
+                    conf, name), EXIT_USAGE,
                 "move it away, or use --net with another name")
         return
     if state.get("name") != name or state.get("hub_name") != hub:
