@@ -93,27 +93,33 @@ class Registry:
         return conn
 
     def create(self) -> bool:
-        """Create the database and schema if missing; True when the file was created."""
-        created = not self.db_path.exists()
+        """Create the database and schema if the file is missing; True when created.
+
+        An existing database is not even opened (opening a WAL database creates and removes
+        side files, touching the directory), so re-running ``init`` changes nothing on disk.
+        """
+        if not self.lock_path.exists():
+            os.close(os.open(self.lock_path, os.O_CREAT | os.O_RDWR, 0o600))
+        if self.db_path.exists():
+            return False
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
-        if created or not self.lock_path.exists():
-            fd = os.open(self.lock_path, os.O_CREAT | os.O_RDWR, 0o600)
-            os.close(fd)
         conn = self.connect()
         try:
-            if created:
-                conn.execute("PRAGMA journal_mode = WAL")
-                conn.executescript(SCHEMA)
-            else:
-                # Checking is read-only, so re-running init changes nothing on disk.
-                have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-                if not {"tokens", "nodes"} <= have:
-                    conn.executescript(SCHEMA)
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.executescript(SCHEMA)
         finally:
             conn.close()
-        if created:
-            os.chmod(self.db_path, 0o600)
-        return created
+        os.chmod(self.db_path, 0o600)
+        return True
+
+    def ensure_schema(self) -> None:
+        """Create missing tables (``serve`` start; idempotent)."""
+        self.create()
+        conn = self.connect()
+        try:
+            conn.executescript(SCHEMA)
+        finally:
+            conn.close()
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:

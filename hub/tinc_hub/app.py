@@ -1,0 +1,249 @@
+"""The HTTPS server: a thin Starlette app over the pure enrolment handler, run by uvicorn."""
+
+import asyncio
+import logging
+import resource
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Dict, Optional
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .enroll import MAX_BODY_BYTES, Enroller, reconcile_host_files
+from .errors import HubError
+from .http_timeouts import HANDSHAKE_TIMEOUT, HeaderTimeoutH11Protocol
+from .openapi import openapi_schema
+from .registry import Registry
+from .reload import ReloadBatcher, send_sighup
+from .state import HubConfig, StateDir
+from .tls import pin_of_cert_file
+
+log = logging.getLogger("tinc_hub.serve")
+access_log = logging.getLogger("tinc_hub.access")
+
+BODY_TIMEOUT = 10.0
+BACKLOG = 4096
+BOOTSTRAP_PATH = Path(__file__).with_name("bootstrap.py")
+
+
+class BodyError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def error_response(status: int, message: str, close: bool = False) -> JSONResponse:
+    headers = {"Connection": "close"} if close else None
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+async def read_capped_body(request: Request, limit: int = MAX_BODY_BYTES,
+                           timeout: Optional[float] = None) -> bytes:
+    """The request body, at most ``limit`` bytes (413) and received within ``timeout`` s (408,
+    default BODY_TIMEOUT)."""
+    timeout = BODY_TIMEOUT if timeout is None else timeout
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise BodyError(400, "invalid Content-Length")
+        if int(declared) > limit:
+            raise BodyError(413, f"request body larger than {limit} bytes")
+
+    async def collect() -> bytes:
+        chunks, total = [], 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise BodyError(413, f"request body larger than {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(collect(), timeout)
+    except asyncio.TimeoutError:
+        raise BodyError(408, f"request body not received within {timeout:.0f} s") from None
+
+
+def create_app(config: HubConfig, registry: Registry, batcher: ReloadBatcher,
+               bootstrap_source: Optional[bytes] = None) -> Callable[..., Awaitable[None]]:
+    """The ASGI app (Starlette routes wrapped in a one-line-per-request access logger)."""
+    enroller = Enroller(config, registry)
+    if bootstrap_source is None:
+        try:
+            bootstrap_source = BOOTSTRAP_PATH.read_bytes()
+        except OSError:
+            log.warning("%s is missing: GET /bootstrap.py will answer 503", BOOTSTRAP_PATH)
+    schema = openapi_schema()
+
+    async def get_bootstrap(request: Request) -> Response:
+        if bootstrap_source is None:
+            return error_response(503, "bootstrap.py is not packaged with this hub")
+        return Response(bootstrap_source, media_type="text/x-python; charset=utf-8")
+
+    async def post_enroll(request: Request) -> Response:
+        try:
+            body = await read_capped_body(request)
+        except BodyError as exc:
+            return error_response(exc.status, exc.message, close=True)
+        except ClientDisconnect:
+            return error_response(400, "client disconnected", close=True)
+        outcome = await run_in_threadpool(enroller.process, request.headers.get("authorization"), body)
+        if outcome.reload_needed:
+            await batcher.reload()  # answer only after the SIGHUP that covers this node
+        elif outcome.status == 200:
+            await batcher.settled()  # a replay racing its first request's SIGHUP
+        return JSONResponse(outcome.body, status_code=outcome.status)
+
+    async def get_healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "net": config.net, "hub": config.name})
+
+    async def get_openapi(request: Request) -> Response:
+        return JSONResponse(schema)
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        log.error("internal error on %s %s: %s: %s", request.method, request.url.path,
+                  type(exc).__name__, exc)
+        return error_response(500, "internal error on the hub (see its log)")
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    starlette = Starlette(
+        routes=[
+            Route("/bootstrap.py", get_bootstrap, methods=["GET"]),
+            Route("/v1/enroll", post_enroll, methods=["POST"]),
+            Route("/healthz", get_healthz, methods=["GET"]),
+            Route("/openapi.json", get_openapi, methods=["GET"]),
+        ],
+        exception_handlers={HTTPException: http_error, 500: server_error, Exception: server_error},
+    )
+    return AccessLog(starlette)
+
+
+class AccessLog:
+    """ASGI middleware: one stderr line per request (client, method, path, status, ms).
+    Headers (and so the token) and query strings are never logged."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Dict[str, Any], receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        status = [0]
+
+        async def send_wrapper(message: Dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            client = scope.get("client") or ("-", 0)
+            access_log.info("%s %s %s %d %.0fms", client[0], scope["method"],
+                            scope["path"][:200].encode("unicode_escape").decode("ascii"),
+                            status[0], (time.monotonic() - started) * 1000)
+
+
+def raise_open_file_limit() -> None:
+    """Many concurrent connections need many descriptors: raise the soft limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 65536, hard))
+        except (ValueError, OSError):
+            pass
+
+
+def bind_listener(listen: str, port: int, backlog: int) -> socket.socket:
+    """The listening socket, bound before uvicorn starts so a busy port is a clean error."""
+    try:
+        infos = socket.getaddrinfo(listen, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise HubError(f"cannot resolve --listen {listen!r}: {exc.strerror}") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise HubError(f"cannot listen on {listen}:{port}: {exc.strerror}",
+                       "is another 'tinc-hub serve' running? pick another --port") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+async def _serve(server: uvicorn.Server, sock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    original_create_server = loop.create_server
+
+    async def create_server(*args: Any, **kwargs: Any) -> Any:
+        # uvicorn does not pass a TLS handshake timeout; asyncio's default is 60 s.
+        if kwargs.get("ssl") is not None:
+            kwargs.setdefault("ssl_handshake_timeout", HANDSHAKE_TIMEOUT)
+        return await original_create_server(*args, **kwargs)
+
+    loop.create_server = create_server  # type: ignore[method-assign]  # this loop only
+    await server.serve(sockets=[sock])
+
+
+def serve(state_dir: StateDir, listen: str = "0.0.0.0", port: Optional[int] = None) -> int:
+    """Run the HTTPS API until SIGINT/SIGTERM."""
+    config = state_dir.load_config()
+    pin = pin_of_cert_file(state_dir.cert_file)  # a missing/broken cert is a clean error
+    if not state_dir.key_file.exists():
+        raise HubError(f"TLS key {state_dir.key_file} is missing", "re-run 'tinc-hub init'")
+    port = port or config.api_port
+    sock = bind_listener(listen, port, BACKLOG)
+    registry = Registry(state_dir.registry_file, state_dir.lock_file)
+    registry.ensure_schema()
+    repaired = reconcile_host_files(config, registry)
+    if repaired["written"] or repaired["removed"]:
+        log.warning("repaired hosts/ from the registry: rewrote %s, removed %s",
+                    repaired["written"] or "none", repaired["removed"] or "none")
+        send_sighup(config.net, config.tinc_dir)
+    raise_open_file_limit()
+    batcher = ReloadBatcher(lambda: send_sighup(config.net, config.tinc_dir))
+    app = create_app(config, registry, batcher)
+    uv_config = uvicorn.Config(
+        app,
+        host=listen,
+        port=port,
+        ssl_certfile=str(state_dir.cert_file),
+        ssl_keyfile=str(state_dir.key_file),
+        http=HeaderTimeoutH11Protocol,
+        lifespan="off",
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        backlog=BACKLOG,
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=5,
+    )
+    server = uvicorn.Server(uv_config)
+    log.info("serving net %s on https://%s:%d (pin %s)", config.net, listen, port, pin)
+    try:
+        asyncio.run(_serve(server, sock))
+    finally:
+        sock.close()
+    return 0 if server.started else 1
+
+
+def configure_logging(verbose: bool) -> None:
+    logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")

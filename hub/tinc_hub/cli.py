@@ -1,0 +1,318 @@
+"""The ``tinc-hub`` command line. Every option has a TINC_HUB_* environment twin."""
+
+import argparse
+import json
+import os
+import sqlite3
+import sys
+import time
+import traceback
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence
+
+from . import __version__
+from .errors import HubError
+from .state import DEFAULT_STATE_DIR, DEFAULT_TINC_DIR, StateDir
+
+PROG = "tinc-hub"
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+_TRUE = {"1", "true", "yes", "on"}
+
+
+class UsageError(Exception):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (``tinc-hub: error: … (hint: …)``), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (hint: see '{self.prog} --help')")
+
+
+def env_name(option: str) -> str:
+    return "TINC_HUB_" + option.lstrip("-").upper().replace("-", "_")
+
+
+def add_option(parser: argparse.ArgumentParser, flag: str, *, env: Optional[str] = None,
+               default: Any = None, required: bool = False, type: Callable = str,
+               help: str = "", **kwargs: Any) -> None:
+    """An option whose default comes from its environment twin (named in --help)."""
+    env = env or env_name(flag)
+    raw = os.environ.get(env)
+    if raw is not None and raw != "":
+        try:
+            default = type(raw)
+        except (TypeError, ValueError):
+            raise UsageError(f"invalid value {raw!r} in ${env} (hint: see '{parser.prog} --help')")
+        required = False
+    suffix = f" [env {env}" + (f"; default {default}" if default is not None else "") + "]"
+    parser.add_argument(flag, type=type, default=default, required=required,
+                        help=(help + suffix) if help != argparse.SUPPRESS else help, **kwargs)
+
+
+def add_flag(parser: argparse.ArgumentParser, flag: str, *, env: Optional[str] = None,
+             help: str = "") -> None:
+    env = env or env_name(flag)
+    default = os.environ.get(env, "").strip().lower() in _TRUE
+    parser.add_argument(flag, action="store_true", default=default,
+                        help=(help + f" [env {env}]") if help != argparse.SUPPRESS else help)
+
+
+def add_common(parser: argparse.ArgumentParser, top: bool) -> None:
+    """--state-dir and -v, accepted before and after the command."""
+    if top:
+        add_option(parser, "--state-dir", default=DEFAULT_STATE_DIR, help="hub state directory")
+        add_flag(parser, "--verbose", help="debug output and tracebacks")
+        parser.add_argument("-v", dest="verbose", action="store_true", help="same as --verbose")
+    else:
+        parser.add_argument("--state-dir", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                            help=argparse.SUPPRESS)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog=PROG, description="Hub of a self-enrolling tinc 1.0 VPN.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    add_common(parser, top=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    commands.required = True
+
+    p = commands.add_parser("init", help="set up tinc, the boot service and the hub state",
+                            description="Install tinc if missing, write the hub's tinc net, generate "
+                                        "its key (never regenerated), register it for boot, start "
+                                        "tincd, and create the state dir (hub.json, registry, TLS cert). "
+                                        "Re-running with the same arguments changes nothing.")
+    add_common(p, top=False)
+    add_option(p, "--net", required=True, help="tinc net name (directory under the tinc dir)")
+    add_option(p, "--name", required=True, help="the hub's tinc node name ([A-Za-z0-9_])")
+    add_option(p, "--address", required=True, help="public host name or IPv4 address nodes connect to")
+    add_option(p, "--vpn-subnet", required=True, help="VPN IPv4 prefix; the hub takes its first address")
+    add_option(p, "--port", type=int, default=655, help="tinc port")
+    add_option(p, "--api-port", type=int, default=8655, help="HTTPS enrolment API port")
+    add_option(p, "--key-size", type=int, default=4096, help="RSA key size for a new key")
+    add_option(p, "--init", default="auto", choices=("auto", "systemd", "sysv", "rc.local", "none"),
+               help="boot registration")
+    add_option(p, "--tinc-dir", default=DEFAULT_TINC_DIR, help="tinc configuration directory")
+    add_flag(p, "--no-start", help=argparse.SUPPRESS)  # tests: no boot registration, no tincd start
+
+    p = commands.add_parser("token", help="manage enrolment tokens")
+    add_common(p, top=False)
+    token_cmds = p.add_subparsers(dest="token_command", metavar="ACTION", parser_class=Parser)
+    token_cmds.required = True
+    p = token_cmds.add_parser("create", help="make a token and print the node's one-liner",
+                              description="Make an enrolment token (shown once; only its hash is "
+                                          "stored) and print the command to run on a node.")
+    add_common(p, top=False)
+    add_option(p, "--uses", env="TINC_HUB_TOKEN_USES", type=positive_int, default=1,
+               help="number of enrolments allowed")
+    add_option(p, "--ttl", env="TINC_HUB_TOKEN_TTL", default="1h",
+               help="lifetime: 30m, 1h, 2d, 1w or seconds")
+    add_option(p, "--name", env="TINC_HUB_TOKEN_NAME", help="only this node name may use the token")
+    add_flag(p, "--replace", env="TINC_HUB_TOKEN_REPLACE",
+             help="may re-enrol an existing name with a new key (keeps its address)")
+    add_flag(p, "--json", help="print {token, expires_at, command} as JSON")
+
+    p = commands.add_parser("serve", help="run the HTTPS enrolment API",
+                            description="Serve GET /bootstrap.py, POST /v1/enroll, GET /healthz and "
+                                        "GET /openapi.json over HTTPS (self-signed, pinned).")
+    add_common(p, top=False)
+    add_option(p, "--listen", default="0.0.0.0", help="address to listen on")
+    add_option(p, "--port", env="TINC_HUB_API_PORT", type=int,
+               help="port to listen on (default: api_port of hub.json)")
+
+    p = commands.add_parser("nodes", help="list enrolled nodes")
+    add_common(p, top=False)
+    add_flag(p, "--json", help="print JSON")
+
+    p = commands.add_parser("revoke", help="revoke a node: remove its host file, SIGHUP tincd",
+                            description="Remove hosts/NAME, mark the node revoked and SIGHUP the hub's "
+                                        "tincd (it drops the node at once). Its address is never reused "
+                                        "unless --release is given (which also frees the name and key).")
+    add_common(p, top=False)
+    p.add_argument("node", metavar="NAME", help="node name")
+    add_flag(p, "--release", help="free the node's address, name and key for reuse")
+    return parser
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+def cmd_init(args: argparse.Namespace, state: StateDir) -> int:
+    from .hub_init import InitRequest, run_init
+
+    result = run_init(state, InitRequest(
+        net=args.net, name=args.name, address=args.address, vpn_subnet=args.vpn_subnet,
+        port=args.port, api_port=args.api_port, key_size=args.key_size, init=args.init,
+        tinc_dir=args.tinc_dir, start=not args.no_start))
+    cfg = result.config
+    print(f"hub {cfg.name!r} of net {cfg.net!r}: VPN {cfg.vpn_subnet}, hub address {cfg.hub_address}")
+    print(f"tinc: {cfg.address}:{cfg.port} (boot: {cfg.init}; tincd {result.tincd})")
+    print(f"API:  https://{cfg.address}:{cfg.api_port}  pin {result.pin}")
+    print("changed: " + (", ".join(result.changed) if result.changed else "nothing"))
+    for note in result.notes:
+        print(f"note: {note}")
+    prefix = "tinc-hub" if str(state.root) == DEFAULT_STATE_DIR else f"tinc-hub --state-dir {state.root}"
+    print(f"next: run '{prefix} serve' (keep it running), then '{prefix} token create'")
+    return EXIT_OK
+
+
+def _registry(state: StateDir):
+    from .registry import Registry
+
+    state.load_config()  # fail early with a hint when init was never run
+    return Registry(state.registry_file, state.lock_file)
+
+
+def cmd_token_create(args: argparse.Namespace, state: StateDir) -> int:
+    from .tls import pin_of_cert_file
+    from .tokens import create_token, parse_ttl
+
+    config = state.load_config()
+    issued = create_token(config, _registry(state), pin_of_cert_file(state.cert_file),
+                          uses=args.uses, ttl=parse_ttl(args.ttl), name=args.name,
+                          allow_replace=args.replace)
+    if args.json:
+        print(json.dumps({"token": issued.token, "expires_at": issued.expires_at_iso,
+                          "command": issued.command}))
+        return EXIT_OK
+    limits = [f"{issued.uses} use" + ("s" if issued.uses != 1 else ""),
+              f"expires {issued.expires_at_iso}"]
+    if issued.bound_name:
+        limits.append(f"only for node {issued.bound_name!r}")
+    if issued.allow_replace:
+        limits.append("may replace an enrolled node's key")
+    print(f"token ({', '.join(limits)}; shown only once):")
+    print(issued.token)
+    print()
+    print("run on the node as root:")
+    print(issued.command)
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace, state: StateDir) -> int:
+    from .app import serve
+
+    return serve(state, listen=args.listen, port=args.port)
+
+
+def cmd_nodes(args: argparse.Namespace, state: StateDir) -> int:
+    from .registry import iso_utc
+
+    registry = _registry(state)
+    with registry.reading() as conn:
+        nodes = registry.list_nodes(conn)
+    rows: List[Dict[str, Any]] = [
+        {"name": n.name, "address": n.address, "enrolled_at": iso_utc(n.enrolled_at),
+         "revoked": n.revoked, "revoked_at": iso_utc(n.revoked_at)} for n in nodes]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    if not rows:
+        print("no nodes enrolled")
+        return EXIT_OK
+    table = [("NAME", "ADDRESS", "ENROLLED", "REVOKED")] + [
+        (r["name"], r["address"], r["enrolled_at"], r["revoked_at"] or "-") for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return EXIT_OK
+
+
+def cmd_revoke(args: argparse.Namespace, state: StateDir) -> int:
+    from .hostfiles import remove_if_present
+    from .reload import send_sighup
+
+    config = state.load_config()
+    registry = _registry(state)
+    with registry.exclusive():
+        with registry.transaction() as conn:
+            node = registry.get_node(conn, args.node)
+            if node is None:
+                raise HubError(f"no enrolled node named {args.node!r}",
+                               "see 'tinc-hub nodes'; a host file tinc-hub did not write must be removed by hand")
+            registry.mark_revoked(conn, node.name, int(time.time()))
+            if args.release:
+                registry.delete_node(conn, node.name)
+        removed = remove_if_present(config.hosts_dir / node.name)
+    signalled = send_sighup(config.net, config.tinc_dir)
+    what = "revoked" if not node.revoked else "already revoked"
+    print(f"{node.name} ({node.address}) {what}" + ("; address, name and key released" if args.release else "")
+          + ("; host file removed" if removed else ""))
+    if not signalled:
+        print(f"{PROG}: warning: could not SIGHUP tincd of net {config.net!r}: "
+              "the node stays connected until tincd reloads (hint: is tincd running?)", file=sys.stderr)
+    return EXIT_OK
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    state = StateDir(args.state_dir)
+    if args.command == "init":
+        return cmd_init(args, state)
+    if args.command == "token":
+        return cmd_token_create(args, state)
+    if args.command == "serve":
+        return cmd_serve(args, state)
+    if args.command == "nodes":
+        return cmd_nodes(args, state)
+    if args.command == "revoke":
+        return cmd_revoke(args, state)
+    raise UsageError(f"unknown command {args.command!r}")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``tinc-hub``; returns the exit code."""
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        print(f"{PROG}: error: {_one_line(str(exc))}", file=sys.stderr)
+        return EXIT_USAGE
+    verbose = bool(getattr(args, "verbose", False))
+    from .app import configure_logging
+
+    configure_logging(verbose)
+    try:
+        from . import bootstrap
+
+        bootstrap.REPORT.verbose = verbose
+    except Exception:  # pragma: no cover - bootstrap.py missing from a broken install
+        pass
+    try:
+        return dispatch(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # every failure ends as one line; traceback only with -v
+        if verbose:
+            traceback.print_exc()
+        print(f"{PROG}: error: {describe_error(exc)}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_ERROR
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line: the message and a hint."""
+    hint = getattr(exc, "hint", None)
+    if isinstance(exc, HubError):
+        return _one_line(str(exc))
+    if isinstance(exc, PermissionError):
+        message, hint = f"permission denied: {exc.filename or exc}", hint or "run as root (sudo)"
+    elif isinstance(exc, sqlite3.Error):
+        message, hint = f"registry error: {exc}", hint or "is the state dir writable and not corrupted?"
+    elif isinstance(exc, OSError):
+        message = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+    else:
+        message = str(exc) or type(exc).__name__
+    hint = hint or "re-run with -v for details"
+    return _one_line(f"{message} (hint: {hint})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

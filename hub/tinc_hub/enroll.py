@@ -1,0 +1,282 @@
+"""The enrolment request handler: pure (no sockets), called with the Authorization header
+value and the raw request body; returns an HTTP status and a JSON-able dict.
+
+Status codes:
+  200 enrolled (or the same enrolment replayed)
+  400 malformed body, bad name, bad public key
+  401 missing/malformed/unknown/expired/spent token
+  403 token bound to another name; node revoked
+  409 name enrolled with another key (without a --replace token); key used by another node;
+      a foreign hosts/NAME file exists; VPN subnet full
+  413 body larger than MAX_BODY_BYTES
+Anything else (500) is a hub fault, never a reaction to client input.
+"""
+
+import ipaddress
+import json
+import re
+import sqlite3
+import time
+from typing import Any, Callable, Dict, NamedTuple, Optional, Set, Tuple
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from . import bootstrap
+from .hostfiles import remove_if_present, render_node_host_file, write_if_changed
+from .registry import NodeRow, Registry, TokenRow
+from .state import HubConfig
+from .tokens import NODE_NAME_RE, hash_secret
+
+MAX_BODY_BYTES = 16 * 1024
+MAX_TOKEN_CHARS = 4096
+MIN_RSA_BITS = 2048
+MAX_RSA_BITS = 16384
+
+_PEM_RE = re.compile(
+    r"-----BEGIN (RSA PUBLIC KEY|PUBLIC KEY)-----\r?\n"
+    r"[A-Za-z0-9+/=\r\n]+"
+    r"-----END \1-----"
+)
+
+
+class EnrollError(Exception):
+    """A 4xx answer: status and a one-line message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = " ".join(message.split())  # always exactly one line
+
+
+class EnrollOutcome(NamedTuple):
+    status: int
+    body: Dict[str, Any]
+    reload_needed: bool  # a host file changed: the hub's tincd must get a SIGHUP before answering
+
+
+def _show(value: str, limit: int = 40) -> str:
+    """A client-supplied string made safe for a one-line message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
+def parse_bearer(authorization: Optional[str]) -> str:
+    """The token string from ``Authorization: Bearer <token>``."""
+    if not authorization or not authorization.strip():
+        raise EnrollError(401, "missing Authorization: Bearer <token> header")
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise EnrollError(401, "Authorization header must be 'Bearer <token>'")
+    if len(token) > MAX_TOKEN_CHARS:
+        raise EnrollError(401, "malformed token (too long)")
+    return token
+
+
+def validate_name(name: Any, hub_name: str) -> str:
+    if not isinstance(name, str):
+        raise EnrollError(400, "field 'name' must be a string")
+    if not NODE_NAME_RE.fullmatch(name):
+        raise EnrollError(400, f"invalid node name {_show(name)}: use 1-64 characters A-Z a-z 0-9 _")
+    if name.lower() == hub_name.lower():
+        raise EnrollError(400, f"node name {name!r} is the hub's own name")
+    return name
+
+
+def normalise_public_key(pem: Any) -> str:
+    """Validate a node's RSA public key; return it as PKCS#1 PEM (what tinc 1.0 reads).
+
+    Exactly one PEM block (``RSA PUBLIC KEY`` or ``PUBLIC KEY``) with only whitespace around
+    it; RSA, at least 2048 bits.
+    """
+    if not isinstance(pem, str):
+        raise EnrollError(400, "field 'public_key' must be a string (PEM)")
+    text = pem.strip()
+    if text.count("-----BEGIN") != 1 or text.count("-----END") != 1:
+        raise EnrollError(400, "public_key must contain exactly one PEM block")
+    if not _PEM_RE.fullmatch(text):
+        raise EnrollError(400, "public_key must be a single RSA PUBLIC KEY or PUBLIC KEY PEM block"
+                               " with nothing else around it")
+    try:
+        key = serialization.load_pem_public_key(text.encode("ascii"))
+    except (ValueError, TypeError, UnsupportedAlgorithm, UnicodeEncodeError):
+        raise EnrollError(400, "public_key is not a readable PEM public key") from None
+    if not isinstance(key, rsa.RSAPublicKey):
+        raise EnrollError(400, "public_key must be an RSA key (tinc 1.0 uses RSA)")
+    if key.key_size < MIN_RSA_BITS:
+        raise EnrollError(400, f"RSA key too small ({key.key_size} bits): at least {MIN_RSA_BITS} needed")
+    if key.key_size > MAX_RSA_BITS:
+        raise EnrollError(400, f"RSA key too large ({key.key_size} bits): at most {MAX_RSA_BITS}")
+    return key.public_bytes(serialization.Encoding.PEM,
+                            serialization.PublicFormat.PKCS1).decode("ascii")
+
+
+def parse_body(body: bytes) -> Dict[str, Any]:
+    if len(body) > MAX_BODY_BYTES:
+        raise EnrollError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise EnrollError(400, "request body must be a JSON object") from None
+    if not isinstance(data, dict):
+        raise EnrollError(400, "request body must be a JSON object")
+    for field in ("name", "public_key"):
+        if field not in data:
+            raise EnrollError(400, f"missing field '{field}'")
+    return data
+
+
+def allocate_address(network: ipaddress.IPv4Network, reserved: Set[int]) -> Optional[ipaddress.IPv4Address]:
+    """Lowest host address of ``network`` not in ``reserved`` (network and broadcast excluded)."""
+    first = int(network.network_address) + 1
+    last = int(network.broadcast_address) - 1
+    for candidate in range(first, last + 1):
+        if candidate not in reserved:
+            return ipaddress.IPv4Address(candidate)
+    return None
+
+
+class Enroller:
+    """Enrolment logic over a hub config, its registry and its hosts/ directory."""
+
+    def __init__(self, config: HubConfig, registry: Registry,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.registry = registry
+        self.clock = clock
+        self.network = config.network
+        self.hub_address_int = int(ipaddress.IPv4Address(config.hub_address))
+
+    # The interface the spec asks for: (status, json dict).
+    def handle(self, authorization: Optional[str], body: bytes) -> Tuple[int, Dict[str, Any]]:
+        outcome = self.process(authorization, body)
+        return outcome.status, outcome.body
+
+    def process(self, authorization: Optional[str], body: bytes) -> EnrollOutcome:
+        try:
+            return self._process(authorization, body)
+        except EnrollError as exc:
+            return EnrollOutcome(exc.status, {"error": exc.message}, False)
+
+    # -- internals ---------------------------------------------------------------------
+    def _decode(self, token_text: str) -> str:
+        """Decode the token; return sha256 hex of its secret."""
+        try:
+            token = bootstrap.decode_token(token_text)
+            secret = token.secret
+            net = token.net
+        except Exception:  # any decoding failure of client input is a 401, never a 500
+            raise EnrollError(401, "malformed token") from None
+        if not isinstance(secret, str) or not secret:
+            raise EnrollError(401, "malformed token")
+        if net != self.config.net:
+            raise EnrollError(401, f"token is for net {_show(str(net))}, this hub serves {self.config.net!r}")
+        return hash_secret(secret)
+
+    def _check_token(self, token: TokenRow, name: str, now: int) -> None:
+        if now >= token.expires_at:
+            raise EnrollError(401, "token expired")
+        if token.uses_left <= 0:
+            raise EnrollError(401, "token already used")
+        if token.bound_name is not None and token.bound_name != name:
+            raise EnrollError(403, f"token is bound to node {token.bound_name!r}, not {name!r}")
+
+    def _answer(self, node: NodeRow) -> Dict[str, Any]:
+        return {
+            "net": self.config.net,
+            "name": node.name,
+            "address": node.address,
+            "prefix": self.config.prefix,
+            "hub": {"name": self.config.name,
+                    "host_file": self.config.hub_host_file.read_text(encoding="utf-8")},
+        }
+
+    def _process(self, authorization: Optional[str], body: bytes) -> EnrollOutcome:
+        token_hash = self._decode(parse_bearer(authorization))
+        with self.registry.reading() as conn:
+            if self.registry.get_token(conn, token_hash) is None:
+                raise EnrollError(401, "unknown token")
+        data = parse_body(body)
+        name = validate_name(data["name"], self.config.name)
+        public_key = normalise_public_key(data["public_key"])
+
+        with self.registry.exclusive():
+            try:
+                with self.registry.transaction() as conn:
+                    node = self._enrol_in_transaction(conn, token_hash, name, public_key)
+            except sqlite3.IntegrityError as exc:  # unreachable under the lock; stay a clean 409
+                raise EnrollError(409, f"conflict with an existing enrolment ({exc})") from None
+            # Written while still holding the lock, so a later writer of the same name can't be
+            # overtaken; a crash right here is repaired by reconcile_host_files on serve start.
+            changed = write_if_changed(self.config.hosts_dir / node.name,
+                                       render_node_host_file(node.address, node.public_key))
+        return EnrollOutcome(200, self._answer(node), changed)
+
+    def _enrol_in_transaction(self, conn: sqlite3.Connection, token_hash: str, name: str,
+                              public_key: str) -> NodeRow:
+        now = int(self.clock())
+        token = self.registry.get_token(conn, token_hash)
+        if token is None:
+            raise EnrollError(401, "unknown token")
+        node = self.registry.get_node(conn, name)
+        if node is not None and node.revoked:
+            raise EnrollError(403, f"node {name!r} has been revoked")
+
+        if node is not None and node.public_key == public_key:
+            if node.token_sha256 != token_hash:
+                # Re-running with another token: it must be valid, but it grants nothing new.
+                self._check_token(token, name, now)
+            return node  # replay: same answer, no use spent
+
+        self._check_token(token, name, now)
+        owner = self.registry.get_node_by_key(conn, public_key)
+        if owner is not None and owner.name != name:
+            state = " (revoked)" if owner.revoked else ""
+            raise EnrollError(409, f"this public key is already enrolled as node {owner.name!r}{state}"
+                                   " (cloned machine? generate a new key)")
+
+        if node is not None:
+            if not token.allow_replace:
+                raise EnrollError(409, f"node {name!r} is already enrolled with a different key"
+                                       " (ask the hub admin for a token made with --replace)")
+            if not self.registry.spend_token_use(conn, token_hash):
+                raise EnrollError(401, "token already used")
+            self.registry.replace_node_key(conn, name, public_key, token_hash, now)
+            return self.registry.get_node(conn, name)  # type: ignore[return-value]
+
+        if (self.config.hosts_dir / name).exists():
+            raise EnrollError(409, f"a host file for {name!r} exists on the hub that tinc-hub did not"
+                                   " write; choose another name")
+        reserved = self.registry.used_address_ints(conn)
+        reserved.add(self.hub_address_int)
+        address = allocate_address(self.network, reserved)
+        if address is None:
+            raise EnrollError(409, f"VPN subnet {self.config.vpn_subnet} is full")
+        if not self.registry.spend_token_use(conn, token_hash):
+            raise EnrollError(401, "token already used")
+        node = NodeRow(name=name, address=str(address), address_int=int(address),
+                       public_key=public_key, token_sha256=token_hash, enrolled_at=now,
+                       updated_at=now, revoked_at=None)
+        self.registry.insert_node(conn, node)
+        return node
+
+
+def reconcile_host_files(config: HubConfig, registry: Registry) -> Dict[str, list]:
+    """Make hosts/ match the registry: rewrite missing or different host files of active nodes,
+    remove those of revoked nodes. Host files of names the registry does not know are left alone.
+    Returns {"written": [...], "removed": [...]}.
+    """
+    written, removed = [], []
+    with registry.exclusive():
+        with registry.reading() as conn:
+            nodes = registry.list_nodes(conn)
+        for node in nodes:
+            path = config.hosts_dir / node.name
+            if node.revoked:
+                if remove_if_present(path):
+                    removed.append(node.name)
+            elif write_if_changed(path, render_node_host_file(node.address, node.public_key)):
+                written.append(node.name)
+    return {"written": written, "removed": removed}

@@ -1,0 +1,68 @@
+"""Connection-level timeouts uvicorn does not have: complete request headers within
+HEADER_TIMEOUT seconds of the connection (or of the previous response), and the TLS
+handshake within HANDSHAKE_TIMEOUT seconds.
+"""
+
+import asyncio
+from typing import Any, Optional
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+HEADER_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 10.0
+
+
+class HeaderTimeoutH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol, plus: a connection that has not delivered a complete request
+    head within ``header_timeout`` seconds is closed (slowloris, idle half-open sockets).
+
+    The timer runs whenever the server waits for a request head: from connection_made, and
+    again after each response on a kept-alive connection. It is cancelled as soon as h11
+    has parsed a request head.
+    """
+
+    header_timeout: float = HEADER_TIMEOUT
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_timer: Optional[asyncio.TimerHandle] = None
+
+    def _arm_header_timer(self) -> None:
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_later(self.header_timeout, self._header_timeout_expired)
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _waiting_for_head(self) -> bool:
+        return self.conn.their_state is h11.IDLE
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if not self._waiting_for_head():
+            self._cancel_header_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._waiting_for_head() and not self.transport.is_closing():
+            self._arm_header_timer()
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
+
+    def _header_timeout_expired(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing():
+            return
+        if self._waiting_for_head() and (self.cycle is None or self.cycle.response_complete):
+            self.logger.debug("closing connection from %s: no complete request head within %.0f s",
+                             self.client[0] if self.client else "?", self.header_timeout)
+            self.transport.close()

@@ -1,0 +1,219 @@
+"""``tinc-hub init``: set up the hub's tinc net, boot service and the hub state directory.
+
+Distro, init-system and tincd knowledge comes from the shared ``tinc_hub.bootstrap`` module
+(the node's bootstrap.py); this module only decides what the hub's files say. Re-running
+with the same arguments changes nothing (same bytes, same mtimes).
+"""
+
+import ipaddress
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from . import bootstrap
+from .errors import HubError
+from .registry import Registry
+from .state import HubConfig, StateDir
+from .tls import ensure_cert, pin_of_cert_file
+
+log = logging.getLogger("tinc_hub.init")
+
+HUB_CONF_MARKER = "# Written by tinc-hub init; re-running it rewrites this file."
+
+
+@dataclass(frozen=True)
+class InitRequest:
+    net: str
+    name: str
+    address: str
+    vpn_subnet: str
+    port: int = 655
+    api_port: int = 8655
+    key_size: int = 4096
+    init: str = "auto"
+    tinc_dir: str = "/etc/tinc"
+    start: bool = True  # False: hidden --no-start (tests): no boot registration, no tincd start
+
+
+@dataclass(frozen=True)
+class InitResult:
+    config: HubConfig
+    pin: str
+    changed: List[str]
+    tincd: str  # what happened to tincd: started / running / restarted / not started
+    notes: List[str]  # things the admin should know (kept key size, changed API port...)
+
+
+def validate_request(req: InitRequest) -> ipaddress.IPv4Network:
+    """Check the arguments; return the VPN network."""
+    if not bootstrap.NET_RE.fullmatch(req.net):
+        raise HubError(f"invalid net name {req.net!r}", "use letters, digits, _ . and - (max 64)")
+    if not bootstrap.valid_node_name(req.name):
+        raise HubError(f"invalid hub name {req.name!r}", "tinc names use only A-Z a-z 0-9 _ (max 64)")
+    address = req.address.strip()
+    if not address or any(c.isspace() for c in address) or "/" in address:
+        raise HubError(f"invalid --address {req.address!r}", "give the public host name or IPv4 address")
+    try:
+        if isinstance(ipaddress.ip_address(address), ipaddress.IPv6Address):
+            raise HubError("--address must be an IPv4 address or a host name (the net uses AddressFamily = ipv4)")
+    except ValueError:
+        pass
+    try:
+        network = ipaddress.IPv4Network(req.vpn_subnet, strict=False)
+    except ValueError:
+        raise HubError(f"invalid --vpn-subnet {req.vpn_subnet!r}", "use an IPv4 CIDR such as 10.0.0.0/24") from None
+    if not 1 <= network.prefixlen <= 30:
+        raise HubError(f"--vpn-subnet {network} is unusable", "use a prefix length between /1 and /30")
+    for label, port in (("--port", req.port), ("--api-port", req.api_port)):
+        if not 0 < port < 65536:
+            raise HubError(f"invalid {label} {port}")
+    if req.key_size < 2048:
+        raise HubError(f"--key-size {req.key_size} is too small", "use 2048 or more (4096 is the default)")
+    if req.init not in bootstrap.INIT_CHOICES:
+        raise HubError(f"invalid --init {req.init!r}", "use one of " + ", ".join(bootstrap.INIT_CHOICES))
+    return network
+
+
+def render_hub_tinc_conf(name: str, net: str, port: int) -> str:
+    return "\n".join([
+        HUB_CONF_MARKER,
+        f"Name = {name}",
+        "AddressFamily = ipv4",
+        f"Interface = {bootstrap.interface_name(net)}",
+        f"Port = {port}",
+        "TunnelServer = yes",
+    ]) + "\n"
+
+
+def render_hub_host_file(config: HubConfig, public_pem: str) -> str:
+    return bootstrap.render_host_file([
+        f"Address = {config.address}",
+        f"Port = {config.port}",
+        f"Subnet = {config.hub_address}/32",
+        f"Subnet = {config.network}",
+    ], public_pem)
+
+
+def check_existing(state: StateDir, new: HubConfig, registry: Registry) -> Optional[HubConfig]:
+    """Compare with an earlier init; refuse unsafe changes. Returns the old config, if any."""
+    conf_path = Path(new.tinc_dir) / new.net / "tinc.conf"
+    if not state.exists():
+        text = bootstrap.read_text(str(conf_path))
+        if text is not None and text != render_hub_tinc_conf(new.name, new.net, new.port):
+            if text.startswith(HUB_CONF_MARKER):
+                raise HubError(f"{conf_path} was written by an earlier 'tinc-hub init' with other"
+                               f" arguments, but {state.config_file} does not exist",
+                               "use the original --state-dir, or move the net directory away")
+            raise HubError(f"{conf_path} exists and was not written by tinc-hub",
+                           "move it away, or use another --net")
+        return None
+    old = state.load_config()
+    if old == new:
+        return old
+    for field in ("net", "name", "tinc_dir"):
+        if getattr(old, field) != getattr(new, field):
+            raise HubError(
+                f"{state.config_file} belongs to net {old.net!r} hub {old.name!r} in {old.tinc_dir};"
+                f" refusing to change {field} to {getattr(new, field)!r}",
+                "use another --state-dir for another net, or re-run with the original arguments")
+    nodes = 0
+    if registry.db_path.exists():
+        with registry.reading() as conn:
+            nodes = registry.count_nodes(conn)
+    for field in ("vpn_subnet", "address", "port"):
+        if getattr(old, field) != getattr(new, field) and nodes:
+            raise HubError(
+                f"refusing to change {field} from {getattr(old, field)!r} to {getattr(new, field)!r}:"
+                f" {nodes} node(s) are enrolled with the old value",
+                "re-run with the original arguments (see hub.json)")
+    if old.init != new.init and old.init != "none":
+        raise HubError(f"refusing to change the boot registration from {old.init!r} to {new.init!r}",
+                       f"re-run with --init {old.init}, or remove the old registration and hub.json's init")
+    return old
+
+
+def run_init(state: StateDir, req: InitRequest) -> InitResult:
+    """The whole ``tinc-hub init``."""
+    network = validate_request(req)
+    address = req.address.strip()
+    facts = bootstrap.detect_system()
+    registry = Registry(state.registry_file, state.lock_file)
+    changed: List[str] = []
+
+    old_init = state.load_config().init if state.exists() else None
+    if req.start:
+        init = bootstrap.resolve_init(req.init, facts)  # depends on PID 1 and family, not on tinc
+    else:
+        init = old_init or "none"  # hidden --no-start (tests) never changes the boot choice
+    config = HubConfig(net=req.net, name=req.name, address=address, port=req.port,
+                       api_port=req.api_port, vpn_subnet=str(network),
+                       hub_address=str(network.network_address + 1),
+                       tinc_dir=os.path.normpath(req.tinc_dir), init=init)
+    old = check_existing(state, config, registry)
+    notes: List[str] = []
+    if old is not None and old.api_port != config.api_port:
+        notes.append(f"API port changed from {old.api_port}: tokens made before still name the old port")
+    if old is not None and old.address != config.address:
+        notes.append(f"address changed from {old.address!r}: tokens made before still name the old one")
+
+    if not facts.tinc_installed:
+        log.info("installing tinc")
+        facts = bootstrap.ensure_tinc(facts)
+
+    net_dir = config.net_dir
+    config.hosts_dir.mkdir(parents=True, exist_ok=True)
+    if bootstrap.write_atomic(str(net_dir / "tinc.conf"), render_hub_tinc_conf(config.name, config.net, config.port)):
+        changed.append(str(net_dir / "tinc.conf"))
+    had_key = (net_dir / "rsa_key.priv").exists()
+    public_pem = bootstrap.ensure_key(config.tinc_dir, config.net, config.name, req.key_size)
+    if not had_key:
+        changed.append(str(net_dir / "rsa_key.priv"))
+    else:
+        bits = rsa_key_bits(public_pem)
+        if bits is not None and bits != req.key_size:
+            notes.append(f"kept the existing {bits}-bit RSA key (keys are never regenerated;"
+                         f" --key-size {req.key_size} ignored)")
+    files = [
+        (config.hub_host_file, render_hub_host_file(config, public_pem), 0o644),
+        (net_dir / "tinc-up", bootstrap.render_tinc_up(config.hub_address, config.prefix), 0o755),
+        (net_dir / "tinc-down", bootstrap.render_tinc_down(config.hub_address, config.prefix), 0o755),
+    ]
+    for path, content, mode in files:
+        if bootstrap.write_atomic(str(path), content, mode):
+            changed.append(str(path))
+
+    state.root.mkdir(parents=True, exist_ok=True)
+    if (state.root.stat().st_mode & 0o777) != 0o700:
+        os.chmod(state.root, 0o700)
+    if registry.create():
+        changed.append(str(state.registry_file))
+    if ensure_cert(state.cert_file, state.key_file, config.name, config.address):
+        changed.append(str(state.cert_file))
+    if bootstrap.write_atomic(str(state.config_file), config.to_json(), 0o600):
+        changed.append(str(state.config_file))
+
+    tincd = "not started (--no-start)"
+    if req.start:
+        # Restart a running tincd only when its own files changed (not for boot registration).
+        tinc_changed = any(p.startswith(str(net_dir) + os.sep) for p in changed)
+        if config.init != "none":
+            changed += bootstrap.register_boot(config.net, config.init, facts, config.tinc_dir)
+        tincd = bootstrap.ensure_running(config.net, config.init if config.init == "systemd" else "direct",
+                                         facts, restart=tinc_changed,
+                                         tinc_dir=config.tinc_dir)
+    return InitResult(config=config, pin=pin_of_cert_file(state.cert_file), changed=changed,
+                      tincd=tincd, notes=notes)
+
+
+def rsa_key_bits(public_pem: str) -> Optional[int]:
+    """Size of the RSA public key in a PEM block, None if unreadable."""
+    try:
+        key = serialization.load_pem_public_key(public_pem.strip().encode("ascii"))
+    except (ValueError, TypeError, UnicodeEncodeError):
+        return None
+    return key.key_size if isinstance(key, rsa.RSAPublicKey) else None

@@ -1,0 +1,125 @@
+"""The hand-written OpenAPI 3 description of the hub's HTTP API."""
+
+from typing import Any, Dict
+
+from . import __version__
+from .enroll import MAX_BODY_BYTES
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+
+
+def _error_response(description: str) -> Dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ERROR}}}
+
+
+def openapi_schema() -> Dict[str, Any]:
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "tinc-hub enrolment API",
+            "version": __version__,
+            "description": "Nodes fetch bootstrap.py and enrol into a tinc 1.0 VPN with a token "
+                           "made by 'tinc-hub token create'. The server certificate is self-signed; "
+                           "clients pin its SubjectPublicKeyInfo (the 'k' field of the token).",
+        },
+        "paths": {
+            "/bootstrap.py": {
+                "get": {
+                    "summary": "The node-side enrolment script (Python 3, standard library only)",
+                    "responses": {"200": {"description": "The script",
+                                          "content": {"text/x-python": {"schema": {"type": "string"}}}}},
+                }
+            },
+            "/v1/enroll": {
+                "post": {
+                    "summary": "Enrol a node: register its RSA public key, allocate its VPN address",
+                    "description": "Idempotent for the same name and key: replaying the request "
+                                   "returns the same answer and spends no token use. The answer "
+                                   "is sent after the hub's tincd was told (SIGHUP) about the node.",
+                    "security": [{"token": []}],
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {
+                            "schema": {"$ref": "#/components/schemas/EnrollRequest"}}},
+                    },
+                    "responses": {
+                        "200": {"description": "Enrolled",
+                                "content": {"application/json": {
+                                    "schema": {"$ref": "#/components/schemas/EnrollResponse"}}}},
+                        "400": _error_response("Malformed body, invalid name or public key"),
+                        "401": _error_response("Missing, malformed, unknown, expired or spent token"),
+                        "403": _error_response("Token bound to another name, or node revoked"),
+                        "408": _error_response("Request body not received in time"),
+                        "409": _error_response("Name enrolled with another key (token without "
+                                               "--replace), key enrolled under another name, a "
+                                               "foreign host file exists, or the VPN subnet is full"),
+                        "413": _error_response(f"Body larger than {MAX_BODY_BYTES} bytes"),
+                    },
+                }
+            },
+            "/healthz": {
+                "get": {
+                    "summary": "Liveness",
+                    "responses": {"200": {"description": "The hub is serving",
+                                          "content": {"application/json": {
+                                              "schema": {"$ref": "#/components/schemas/Health"}}}}},
+                }
+            },
+            "/openapi.json": {
+                "get": {"summary": "This document",
+                        "responses": {"200": {"description": "OpenAPI 3 document",
+                                              "content": {"application/json": {}}}}}
+            },
+        },
+        "components": {
+            "securitySchemes": {
+                "token": {"type": "http", "scheme": "bearer",
+                          "description": "The whole token as printed: 'tinc1.' + base64url JSON"},
+            },
+            "schemas": {
+                "EnrollRequest": {
+                    "type": "object",
+                    "required": ["name", "public_key"],
+                    "properties": {
+                        "name": {"type": "string", "pattern": "^[A-Za-z0-9_]{1,64}$",
+                                 "description": "tinc node name; not the hub's name"},
+                        "public_key": {"type": "string",
+                                       "description": "Exactly one PEM block, RSA >= 2048 bits, "
+                                                      "'RSA PUBLIC KEY' (PKCS#1) or 'PUBLIC KEY' (SPKI)"},
+                    },
+                },
+                "EnrollResponse": {
+                    "type": "object",
+                    "required": ["net", "name", "address", "prefix", "hub"],
+                    "properties": {
+                        "net": {"type": "string"},
+                        "name": {"type": "string"},
+                        "address": {"type": "string", "format": "ipv4",
+                                    "description": "The node's VPN address (no prefix)"},
+                        "prefix": {"type": "integer", "minimum": 0, "maximum": 32,
+                                   "description": "VPN prefix length"},
+                        "hub": {
+                            "type": "object",
+                            "required": ["name", "host_file"],
+                            "properties": {
+                                "name": {"type": "string"},
+                                "host_file": {"type": "string",
+                                              "description": "Full text of the hub's hosts/HUB"},
+                            },
+                        },
+                    },
+                },
+                "Error": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {"error": {"type": "string", "description": "One readable line"}},
+                },
+                "Health": {
+                    "type": "object",
+                    "required": ["status"],
+                    "properties": {"status": {"type": "string", "enum": ["ok"]},
+                                   "net": {"type": "string"}, "hub": {"type": "string"}},
+                },
+            },
+        },
+    }

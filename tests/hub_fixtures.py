@@ -1,0 +1,97 @@
+"""Shared helpers for the hub tests (no tests here): a hub initialised in temp dirs
+(``--no-start``: no tincd, no boot registration), RSA keys, tokens, and snapshots."""
+
+import functools
+import os
+import time
+from pathlib import Path
+from typing import Dict, List, NamedTuple, Optional, Tuple
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from tinc_hub.enroll import Enroller
+from tinc_hub.hub_init import InitRequest, run_init
+from tinc_hub.registry import Registry
+from tinc_hub.state import HubConfig, StateDir
+from tinc_hub.tls import pin_of_cert_file
+from tinc_hub.tokens import IssuedToken, create_token
+
+HUB_NAME = "hub1"
+
+
+@functools.lru_cache(maxsize=None)
+def rsa_public_pem(index: int, bits: int = 2048, fmt: str = "pkcs1") -> str:
+    """A distinct RSA public key per index (cached: key generation is the slow part)."""
+    key = _rsa_private(index, bits)
+    public_format = (serialization.PublicFormat.PKCS1 if fmt == "pkcs1"
+                     else serialization.PublicFormat.SubjectPublicKeyInfo)
+    return key.public_key().public_bytes(serialization.Encoding.PEM, public_format).decode()
+
+
+@functools.lru_cache(maxsize=None)
+def _rsa_private(index: int, bits: int) -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=bits)
+
+
+def ec_public_pem() -> str:
+    key = ec.generate_private_key(ec.SECP256R1())
+    return key.public_key().public_bytes(serialization.Encoding.PEM,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+class HubEnv(NamedTuple):
+    root: Path
+    state: StateDir
+    config: HubConfig
+    registry: Registry
+    enroller: Enroller
+
+    def token(self, uses: int = 1, ttl: int = 3600, name: Optional[str] = None,
+              replace: bool = False, now: Optional[float] = None) -> IssuedToken:
+        return create_token(self.config, self.registry, pin_of_cert_file(self.state.cert_file),
+                            uses=uses, ttl=ttl, name=name, allow_replace=replace, now=now)
+
+    def enroll(self, token: str, name: str, key: str) -> Tuple[int, dict]:
+        import json
+
+        return self.enroller.handle("Bearer " + token,
+                                    json.dumps({"name": name, "public_key": key}).encode())
+
+    def hosts_snapshot(self) -> Dict[str, Tuple[bytes, int]]:
+        """Every file under the hub's tinc net dir: bytes and mtime."""
+        out = {}
+        for path in sorted(self.config.net_dir.rglob("*")):
+            if path.is_file():
+                out[str(path)] = (path.read_bytes(), path.stat().st_mtime_ns)
+        return out
+
+    def snapshot(self) -> Tuple[List[tuple], Dict[str, Tuple[bytes, int]]]:
+        return self.registry.dump(), self.hosts_snapshot()
+
+
+def init_hub(root: Path, vpn_subnet: str = "10.77.0.0/24", net: Optional[str] = None,
+             address: str = "127.0.0.1", api_port: int = 8655) -> HubEnv:
+    """``tinc-hub init --no-start`` into ``root``/state and ``root``/tinc."""
+    state = StateDir(root / "state")
+    req = InitRequest(net=net or f"hubt{os.getpid() % 100000}", name=HUB_NAME, address=address,
+                      vpn_subnet=vpn_subnet, api_port=api_port, key_size=2048,
+                      init="none", tinc_dir=str(root / "tinc"), start=False)
+    result = run_init(state, req)
+    registry = Registry(state.registry_file, state.lock_file)
+    return HubEnv(root, state, result.config, registry, Enroller(result.config, registry))
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> HubEnv:
+    return init_hub(tmp_path)
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
