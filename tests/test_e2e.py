@@ -6,6 +6,7 @@ revocation) come last.
 """
 
 import datetime
+import json
 import ipaddress
 import re
 import time
@@ -215,6 +216,35 @@ def test_one_liner_from_token_json(enrolled):
     assert enrolled.topo.hub.wait_ping(addr, 10)
     listed = {n.get("name"): n for n in enrolled.hub.nodes()}
     assert C in listed, "node enrolled by the one-liner is not listed as %s: %s" % (C, listed)
+
+
+def _status(node):
+    cp = node.run(["python3", str(netlab.BOOTSTRAP_PY), "status", "--json"], check=False, timeout=30)
+    return cp.returncode, (json.loads(cp.stdout) if cp.stdout.strip() else None), cp.stderr
+
+
+def test_status_reports_net_address_service_and_hub(enrolled):
+    rc, report, err = _status(enrolled.nodes[A])
+    assert rc == 0, err
+    assert report == {"net": NET, "name": A, "address": enrolled.addr[A], "prefix": 24,
+                      "hub": HUB, "init": "none", "service": "running",
+                      "hub_reachable": True}
+
+
+def test_leave_stops_unregisters_and_removes(enrolled):
+    """charlie joined with the one-liner's defaults (--init auto: sysv here, nets.boot)."""
+    node = enrolled.nodes[C]
+    pid = node.read_pidfile(PIDFILE)
+    assert pid and netlab.pid_alive(pid)
+    assert NET in node.read_file("/etc/tinc/nets.boot").split()
+    cp = node.run(["python3", str(netlab.BOOTSTRAP_PY), "leave"], check=False, timeout=60)
+    assert cp.returncode == 0, cp.stderr
+    assert not netlab.pid_alive(pid), "tincd still runs after leave"
+    assert node.run(["test", "-e", NETDIR], check=False).returncode == 1
+    assert NET not in node.read_file("/etc/tinc/nets.boot").split()
+    rc, report, err = _status(node)
+    assert rc == 2 and "no nets joined here" in err
+    assert not node.ping(enrolled.hub_vpn)
 
 
 # --------------------------------------------------------------------------- hostile node
