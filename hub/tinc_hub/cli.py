@@ -118,6 +118,14 @@ def build_parser() -> Parser:
     add_flag(p, "--replace", env="TINC_HUB_TOKEN_REPLACE",
              help="may re-enrol an existing name with a new key (keeps its address)")
     add_flag(p, "--json", help="print {token, expires_at, command} as JSON")
+    add_flag(p, "--cloud-init", env="TINC_HUB_TOKEN_CLOUD_INIT",
+             help="print a #cloud-config user data that joins the machine at first boot")
+    add_option(p, "--os", env="TINC_HUB_TOKEN_OS", default="ubuntu",
+               choices=["ubuntu", "debian", "centos"],
+               help="image family of the --cloud-init user data")
+    add_flag(p, "--embed", env="TINC_HUB_TOKEN_EMBED",
+             help="embed bootstrap.py in the --cloud-init user data (gzip+base64) instead of "
+                  "fetching it from the hub with the pinned curl")
 
     p = commands.add_parser("serve", help="run the HTTPS enrolment API",
                             description="Serve GET /bootstrap.py, POST /v1/enroll, GET /healthz and "
@@ -177,6 +185,14 @@ def cmd_token_create(args: argparse.Namespace, state: StateDir) -> int:
     issued = create_token(config, _registry(state), pin_of_cert_file(state.cert_file),
                           uses=args.uses, ttl=parse_ttl(args.ttl), name=args.name,
                           allow_replace=args.replace)
+    if args.cloud_init:
+        from .cloud_init import render_user_data, size_note
+
+        user_data = render_user_data(config, pin_of_cert_file(state.cert_file), issued.token,
+                                     issued.expires_at_iso, os_name=args.os, embed=args.embed)
+        sys.stdout.write(user_data)
+        print(f"{PROG}: {size_note(user_data)[1]}", file=sys.stderr)
+        return EXIT_OK
     if args.json:
         print(json.dumps({"token": issued.token, "expires_at": issued.expires_at_iso,
                           "command": issued.command}))

@@ -1,0 +1,73 @@
+"""Cloud-init user data that joins a machine at first boot (`token create --cloud-init`).
+
+The template is `cloud-init/user-data.yaml.in` (packaged as `user-data.yaml.in`). The token
+goes into a 0600 file under /run (never into runcmd text); bootstrap.py is fetched from the
+hub with the pinned curl, or embedded gzip+base64 with `embed=True` (about 21 KB: over
+EC2's 16 KiB limit, fine where user data may be larger).
+"""
+
+import base64
+import gzip
+import json
+import string
+from importlib import resources
+from typing import Dict, List, Tuple
+
+from .state import HubConfig
+from .tokens import url_host
+
+EC2_USER_DATA_LIMIT = 16 * 1024
+BOOTSTRAP_PATH = "/usr/local/sbin/tinc-bootstrap"
+FIRST_BOOT_TIMEOUT = 900  # seconds bootstrap.py keeps retrying the hub and waiting for the VPN
+
+# What each image family may lack before the bootstrap can run. Ubuntu and Debian cloud
+# images run cloud-init on python3 and ship curl: installing nothing there also keeps the
+# first boot free of `apt-get update`. CentOS 7's cloud-init runs on python 2.
+PACKAGES: Dict[str, List[str]] = {
+    "ubuntu": [],
+    "debian": [],
+    "centos": ["python3", "curl"],
+}
+
+
+def _template() -> string.Template:
+    text = resources.files(__package__).joinpath("user-data.yaml.in").read_text("utf-8")
+    return string.Template(text)
+
+
+def bootstrap_source() -> bytes:
+    return resources.files(__package__).joinpath("bootstrap.py").read_bytes()
+
+
+def render_user_data(config: HubConfig, pin: str, token: str, expires_at: str,
+                     os_name: str = "ubuntu", embed: bool = False) -> str:
+    """The complete #cloud-config text for one token."""
+    if os_name not in PACKAGES:
+        raise ValueError(f"unknown os {os_name!r}: use one of {', '.join(PACKAGES)}")
+    url = f"https://{url_host(config.address)}:{config.api_port}/bootstrap.py"
+    if embed:
+        payload = base64.b64encode(gzip.compress(bootstrap_source(), 9, mtime=0)).decode()
+        bootstrap_file = (f"  - path: {BOOTSTRAP_PATH}\n    owner: root:root\n"
+                          f"    permissions: '0755'\n    encoding: gz+b64\n"
+                          f"    content: {payload}\n")
+        fetch = ""
+    else:
+        bootstrap_file = ""
+        fetch = "  - " + json.dumps([
+            "curl", "-fsS", "--retry", "60", "--retry-delay", "5", "--retry-connrefused",
+            "--connect-timeout", "10", "--pinnedpubkey", pin, "-k", "-o", BOOTSTRAP_PATH,
+            url]) + "\n"
+    return _template().substitute(
+        net=config.net, hub=config.name, api_url=url, os=os_name, expires_at=expires_at,
+        packages=(f"packages: {json.dumps(PACKAGES[os_name])}\n" if PACKAGES[os_name] else ""),
+        token=json.dumps(token),
+        bootstrap_file=bootstrap_file, fetch=fetch, timeout=FIRST_BOOT_TIMEOUT)
+
+
+def size_note(user_data: str) -> Tuple[int, str]:
+    """(size in bytes, one line for the admin about provider limits)."""
+    size = len(user_data.encode("utf-8"))
+    if size <= EC2_USER_DATA_LIMIT:
+        return size, f"user data: {size} bytes (EC2 allows {EC2_USER_DATA_LIMIT})"
+    return size, (f"user data: {size} bytes: over EC2's {EC2_USER_DATA_LIMIT}-byte limit "
+                  "(drop --embed to fetch bootstrap.py from the hub instead)")
