@@ -166,7 +166,11 @@ def cmd_init(args: argparse.Namespace, state: StateDir) -> int:
     for note in result.notes:
         print(f"note: {note}")
     prefix = "tinc-hub" if str(state.root) == DEFAULT_STATE_DIR else f"tinc-hub --state-dir {state.root}"
-    print(f"next: run '{prefix} serve' (keep it running), then '{prefix} token create'")
+    if result.api_service:
+        print(f"API service: {result.api_service} (enabled, running; log: journalctl -u {result.api_service})")
+        print(f"next: run '{prefix} token create'")
+    else:
+        print(f"next: run '{prefix} serve' (keep it running), then '{prefix} token create'")
     return EXIT_OK
 
 

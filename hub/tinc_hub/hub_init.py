@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from . import bootstrap
 from .errors import HubError
+from .service import UNIT_NAME, install_service
 from .registry import Registry
 from .state import HubConfig, StateDir
 from .tls import ensure_cert, pin_of_cert_file
@@ -47,6 +48,7 @@ class InitResult:
     changed: List[str]
     tincd: str  # what happened to tincd: started / running / restarted / not started
     notes: List[str]  # things the admin should know (kept key size, changed API port...)
+    api_service: Optional[str] = None  # the systemd unit that runs `tinc-hub serve`, if any
 
 
 def validate_request(req: InitRequest) -> ipaddress.IPv4Network:
@@ -206,8 +208,12 @@ def run_init(state: StateDir, req: InitRequest) -> InitResult:
         tincd = bootstrap.ensure_running(config.net, config.init if config.init == "systemd" else "direct",
                                          facts, restart=tinc_changed,
                                          tinc_dir=config.tinc_dir)
+    api_service = None
+    if req.start and config.init == "systemd":  # the API too comes back after a reboot
+        changed += install_service(config, str(state.root), bootstrap.service_unit(facts, config.net))
+        api_service = UNIT_NAME
     return InitResult(config=config, pin=pin_of_cert_file(state.cert_file), changed=changed,
-                      tincd=tincd, notes=notes)
+                      tincd=tincd, notes=notes, api_service=api_service)
 
 
 def rsa_key_bits(public_pem: str) -> Optional[int]:
