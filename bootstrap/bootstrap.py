@@ -796,6 +796,13 @@ def stop_and_unregister(net: str, init: str, facts: SystemFacts,
 class HubAnswer(NamedTuple):
     status: int
     body: dict
+    retry_after: float = 0.0  # seconds from a Retry-After header (429/503), else 0
+
+
+def parse_retry_after(value: Optional[str]) -> float:
+    """Seconds from a Retry-After header in delta-seconds form (at most an hour); else 0."""
+    text = (value or "").strip()
+    return float(min(int(text), 3600)) if text.isdigit() else 0.0
 
 
 class Unreachable(Exception):
@@ -840,7 +847,7 @@ def _pinned_request(host: str, port: int, pin: str, method: str, path: str,
             parsed = {"error": "non-JSON answer (HTTP {})".format(response.status)}
         if not isinstance(parsed, dict):
             parsed = {"error": "unexpected answer"}
-        return HubAnswer(response.status, parsed)
+        return HubAnswer(response.status, parsed, parse_retry_after(response.getheader("Retry-After")))
     finally:
         conn.close()
 
@@ -856,6 +863,7 @@ def enroll(token_text: str, token: Token, host: str, port: int, name: str, publi
     attempt = 0
     while True:
         attempt += 1
+        retry_after = 0.0
         try:
             answer = _pinned_request(host, port, token.pin, "POST", "/v1/enroll", body, headers)
             if answer.status == 200:
@@ -865,6 +873,7 @@ def enroll(token_text: str, token: Token, host: str, port: int, name: str, publi
                 raise BootstrapError("the hub refused the enrolment: " + message,
                                      EXIT_REFUSED, _refusal_hint(answer.status))
             reason = "hub answered {}: {}".format(answer.status, message)
+            retry_after = answer.retry_after
         except Unreachable as exc:
             reason = str(exc)
         left = deadline - time.monotonic()
@@ -872,7 +881,10 @@ def enroll(token_text: str, token: Token, host: str, port: int, name: str, publi
             raise BootstrapError("hub {}:{} unreachable for {:.0f} s ({} attempts): {}".format(
                 host, port, timeout, attempt, reason), EXIT_UNREACHABLE,
                 "check that `tinc-hub serve` runs and that TCP {} is open".format(port))
-        wait = min(delay, left) * random.uniform(0.8, 1.0)
+        wait = delay * random.uniform(0.8, 1.0)
+        if retry_after:  # the hub said when (rate limit): not earlier, spread over 20 %
+            wait = max(wait, retry_after * random.uniform(1.0, 1.2))
+        wait = min(wait, left)
         REPORT.step("hub not ready ({}); retrying in {:.1f} s".format(reason, wait))
         sleep(wait)
         delay = min(delay * 2, 15.0)

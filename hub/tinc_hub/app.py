@@ -21,6 +21,7 @@ from .enroll import MAX_BODY_BYTES, Enroller, reconcile_host_files
 from .errors import HubError
 from .http_timeouts import HANDSHAKE_TIMEOUT, HeaderTimeoutH11Protocol
 from .openapi import openapi_schema
+from .ratelimit import DEFAULT_RATE_LIMIT, RateLimit, RateLimiter, parse_rate_limit, retry_after_header
 from .registry import Registry
 from .reload import ReloadBatcher, send_sighup
 from .state import HubConfig, StateDir
@@ -74,8 +75,10 @@ async def read_capped_body(request: Request, limit: int = MAX_BODY_BYTES,
 
 
 def create_app(config: HubConfig, registry: Registry, batcher: ReloadBatcher,
-               bootstrap_source: Optional[bytes] = None) -> Callable[..., Awaitable[None]]:
-    """The ASGI app (Starlette routes wrapped in a one-line-per-request access logger)."""
+               bootstrap_source: Optional[bytes] = None,
+               rate_limiter: Optional[RateLimiter] = None) -> Callable[..., Awaitable[None]]:
+    """The ASGI app (Starlette routes wrapped in a one-line-per-request access logger).
+    ``rate_limiter`` limits POST /v1/enroll per client address (None: no limit)."""
     enroller = Enroller(config, registry)
     if bootstrap_source is None:
         try:
@@ -90,6 +93,15 @@ def create_app(config: HubConfig, registry: Registry, batcher: ReloadBatcher,
         return Response(bootstrap_source, media_type="text/x-python; charset=utf-8")
 
     async def post_enroll(request: Request) -> Response:
+        if rate_limiter is not None:
+            source = request.client.host if request.client else "-"
+            wait = rate_limiter.acquire(source)
+            if wait > 0:
+                retry_after = retry_after_header(wait)
+                return JSONResponse({"error": f"too many enrolment attempts from {source};"
+                                              f" retry in {retry_after} s"},
+                                    status_code=429,
+                                    headers={"Retry-After": retry_after, "Connection": "close"})
         try:
             body = await read_capped_body(request)
         except BodyError as exc:
@@ -188,8 +200,23 @@ def bind_listener(listen: str, port: int, backlog: int) -> socket.socket:
     return sock
 
 
+TLS_READ_BUFFER = 32 * 1024
+
+
+def limit_tls_read_buffers(size: int = TLS_READ_BUFFER) -> None:
+    """asyncio gives every TLS connection, at accept and before the handshake, a zero-filled
+    256 KiB read buffer (``SSLProtocol.max_size``): 1000 connections (or 1000 idle sockets
+    opened by anyone) cost 256 MB. A TLS record is at most ~16 KiB and reads loop, so a
+    smaller buffer changes only memory. This process serves only the hub."""
+    import asyncio.sslproto
+
+    if getattr(asyncio.sslproto.SSLProtocol, "max_size", 0) > size:
+        asyncio.sslproto.SSLProtocol.max_size = size
+
+
 async def _serve(server: uvicorn.Server, sock: socket.socket) -> None:
     loop = asyncio.get_running_loop()
+    limit_tls_read_buffers()
     original_create_server = loop.create_server
 
     async def create_server(*args: Any, **kwargs: Any) -> Any:
@@ -202,15 +229,17 @@ async def _serve(server: uvicorn.Server, sock: socket.socket) -> None:
     await server.serve(sockets=[sock])
 
 
-def serve(state_dir: StateDir, listen: str = "0.0.0.0", port: Optional[int] = None) -> int:
-    """Run the HTTPS API until SIGINT/SIGTERM."""
+def serve(state_dir: StateDir, listen: str = "0.0.0.0", port: Optional[int] = None,
+          rate_limit: Optional[RateLimit] = parse_rate_limit(DEFAULT_RATE_LIMIT)) -> int:
+    """Run the HTTPS API until SIGINT/SIGTERM (enrolment attempts per client address
+    limited by ``rate_limit``; None: unlimited)."""
     config = state_dir.load_config()
     pin = pin_of_cert_file(state_dir.cert_file)  # a missing/broken cert is a clean error
     if not state_dir.key_file.exists():
         raise HubError(f"TLS key {state_dir.key_file} is missing", "re-run 'tinc-hub init'")
     port = port or config.api_port
     sock = bind_listener(listen, port, BACKLOG)
-    registry = Registry(state_dir.registry_file, state_dir.lock_file)
+    registry = Registry(state_dir.registry_file, state_dir.lock_file, keep_connections=True)
     registry.ensure_schema()
     repaired = reconcile_host_files(config, registry)
     if repaired["written"] or repaired["removed"]:
@@ -219,7 +248,8 @@ def serve(state_dir: StateDir, listen: str = "0.0.0.0", port: Optional[int] = No
         send_sighup(config.net, config.tinc_dir)
     raise_open_file_limit()
     batcher = ReloadBatcher(lambda: send_sighup(config.net, config.tinc_dir))
-    app = create_app(config, registry, batcher)
+    app = create_app(config, registry, batcher,
+                     rate_limiter=RateLimiter(rate_limit) if rate_limit is not None else None)
     uv_config = uvicorn.Config(
         app,
         host=listen,
@@ -236,7 +266,8 @@ def serve(state_dir: StateDir, listen: str = "0.0.0.0", port: Optional[int] = No
         timeout_graceful_shutdown=5,
     )
     server = uvicorn.Server(uv_config)
-    log.info("serving net %s on https://%s:%d (pin %s)", config.net, listen, port, pin)
+    log.info("serving net %s on https://%s:%d (pin %s; enrolment rate limit per address: %s)",
+             config.net, listen, port, pin, rate_limit or "off")
     try:
         asyncio.run(_serve(server, sock))
     finally:

@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence
 
 from . import __version__
 from .errors import HubError
+from .ratelimit import DEFAULT_RATE_LIMIT, RateLimit
 from .state import DEFAULT_STATE_DIR, DEFAULT_TINC_DIR, StateDir
 
 PROG = "tinc-hub"
@@ -68,6 +69,13 @@ def add_common(parser: argparse.ArgumentParser, top: bool) -> None:
         parser.add_argument("--state-dir", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                             help=argparse.SUPPRESS)
+
+
+def rate_limit(text: str) -> "Optional[RateLimit]":
+    """--rate-limit: N/PERIOD, or off (ValueError otherwise)."""
+    from .ratelimit import parse_rate_limit
+
+    return parse_rate_limit(text)
 
 
 def positive_int(text: str) -> int:
@@ -134,6 +142,9 @@ def build_parser() -> Parser:
     add_option(p, "--listen", default="0.0.0.0", help="address to listen on")
     add_option(p, "--port", env="TINC_HUB_API_PORT", type=int,
                help="port to listen on (default: api_port of hub.json)")
+    add_option(p, "--rate-limit", type=rate_limit, default=DEFAULT_RATE_LIMIT,
+               help="enrolment attempts per client address: N/PERIOD (N at once, N more per "
+                    "PERIOD; e.g. 600/min, 20/10s), or off; over it the hub answers 429")
 
     p = commands.add_parser("nodes", help="list enrolled nodes")
     add_common(p, top=False)
@@ -218,27 +229,34 @@ def cmd_token_create(args: argparse.Namespace, state: StateDir) -> int:
 def cmd_serve(args: argparse.Namespace, state: StateDir) -> int:
     from .app import serve
 
-    return serve(state, listen=args.listen, port=args.port)
+    return serve(state, listen=args.listen, port=args.port, rate_limit=args.rate_limit)
 
 
 def cmd_nodes(args: argparse.Namespace, state: StateDir) -> int:
+    from .liveness import node_status, read_liveness, tincd_running
     from .registry import iso_utc
 
+    config = state.load_config()
     registry = _registry(state)
     with registry.reading() as conn:
         nodes = registry.list_nodes(conn)
-    rows: List[Dict[str, Any]] = [
-        {"name": n.name, "address": n.address, "enrolled_at": iso_utc(n.enrolled_at),
-         "revoked": n.revoked, "revoked_at": iso_utc(n.revoked_at)} for n in nodes]
+    seen, hub_running, now = read_liveness(state.root), tincd_running(config.net), int(time.time())
+    rows: List[Dict[str, Any]] = []
+    for n in nodes:
+        live = node_status(seen.get(n.name), hub_running and not n.revoked, now)
+        rows.append({"name": n.name, "address": n.address, "enrolled_at": iso_utc(n.enrolled_at),
+                     "revoked": n.revoked, "revoked_at": iso_utc(n.revoked_at),
+                     "online": live["online"], "last_seen": iso_utc(live["last_seen"])})
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
     if not rows:
         print("no nodes enrolled")
         return EXIT_OK
-    table = [("NAME", "ADDRESS", "ENROLLED", "REVOKED")] + [
-        (r["name"], r["address"], r["enrolled_at"], r["revoked_at"] or "-") for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    table = [("NAME", "ADDRESS", "ENROLLED", "REVOKED", "ONLINE", "LAST SEEN")] + [
+        (r["name"], r["address"], r["enrolled_at"], r["revoked_at"] or "-",
+         "yes" if r["online"] else "no", r["last_seen"] or "never") for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     return EXIT_OK

@@ -24,7 +24,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from . import bootstrap
-from .hostfiles import remove_if_present, render_node_host_file, write_if_changed
+from .hostfiles import (remove_if_present, remove_stale_temp_files, render_node_host_file,
+                        write_if_changed)
 from .registry import NodeRow, Registry, TokenRow
 from .state import HubConfig
 from .tokens import NODE_NAME_RE, hash_secret
@@ -265,11 +266,12 @@ class Enroller:
 
 def reconcile_host_files(config: HubConfig, registry: Registry) -> Dict[str, list]:
     """Make hosts/ match the registry: rewrite missing or different host files of active nodes,
-    remove those of revoked nodes. Host files of names the registry does not know are left alone.
-    Returns {"written": [...], "removed": [...]}.
+    remove those of revoked nodes and temporary files a crash left behind. Host files of names
+    the registry does not know are left alone. Returns {"written": [...], "removed": [...]}.
     """
     written, removed = [], []
     with registry.exclusive():
+        removed.extend(remove_stale_temp_files(config.hosts_dir))
         with registry.reading() as conn:
             nodes = registry.list_nodes(conn)
         for node in nodes:

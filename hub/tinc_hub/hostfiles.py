@@ -9,7 +9,7 @@ leave a torn file.
 import os
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 
 def render_node_host_file(address: str, public_pem: str) -> str:
@@ -66,6 +66,26 @@ def write_if_changed(path: Path, content: str, mode: int = 0o644) -> bool:
         raise
     fsync_dir(path.parent)
     return True
+
+
+def remove_stale_temp_files(directory: Path) -> List[str]:
+    """Delete the temporary files a crash in :func:`write_if_changed` can leave
+    (``.NAME.XXXX.tmp``); tinc never reads them, but they are half-written. Returns their names."""
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        if name.startswith(".") and name.endswith(".tmp"):
+            try:
+                (directory / name).unlink()
+                removed.append(name)
+            except FileNotFoundError:
+                pass
+    if removed:
+        fsync_dir(directory)
+    return removed
 
 
 def remove_if_present(path: Path) -> bool:

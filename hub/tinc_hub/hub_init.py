@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from . import bootstrap
 from .errors import HubError
 from .service import UNIT_NAME, install_service
+from .liveness import render_host_script
 from .registry import Registry
 from .state import HubConfig, StateDir
 from .tls import ensure_cert, pin_of_cert_file
@@ -185,6 +186,12 @@ def run_init(state: StateDir, req: InitRequest) -> InitResult:
         (net_dir / "tinc-up", bootstrap.render_tinc_up(config.hub_address, config.prefix), 0o755),
         (net_dir / "tinc-down", bootstrap.render_tinc_down(config.hub_address, config.prefix), 0o755),
     ]
+    # Read by tincd at each event: writing them never needs a tincd restart.
+    event_scripts = [(net_dir / f"host-{event}", render_host_script(state.root, event), 0o755)
+                     for event in ("up", "down")]
+    for path, content, mode in event_scripts:
+        if bootstrap.write_atomic(str(path), content, mode):
+            changed.append(str(path))
     for path, content, mode in files:
         if bootstrap.write_atomic(str(path), content, mode):
             changed.append(str(path))
@@ -202,7 +209,8 @@ def run_init(state: StateDir, req: InitRequest) -> InitResult:
     tincd = "not started (--no-start)"
     if req.start:
         # Restart a running tincd only when its own files changed (not for boot registration).
-        tinc_changed = any(p.startswith(str(net_dir) + os.sep) for p in changed)
+        no_restart = {str(path) for path, _, _ in event_scripts}
+        tinc_changed = any(p.startswith(str(net_dir) + os.sep) and p not in no_restart for p in changed)
         if config.init != "none":
             changed += bootstrap.register_boot(config.net, config.init, facts, config.tinc_dir)
         tincd = bootstrap.ensure_running(config.net, config.init if config.init == "systemd" else "direct",

@@ -54,6 +54,11 @@ def openapi_schema() -> Dict[str, Any]:
                                                "--replace), key enrolled under another name, a "
                                                "foreign host file exists, or the VPN subnet is full"),
                         "413": _error_response(f"Body larger than {MAX_BODY_BYTES} bytes"),
+                        "429": dict(_error_response("Too many enrolment attempts from this client"
+                                                    " address (tinc-hub serve --rate-limit)"),
+                                    headers={"Retry-After": {
+                                        "description": "Seconds to wait before retrying",
+                                        "schema": {"type": "integer"}}}),
                     },
                 }
             },

@@ -78,10 +78,15 @@ def iso_utc(timestamp: Optional[int]) -> Optional[str]:
 class Registry:
     """Access to ``registry.sqlite3``; cheap to construct, one connection per operation."""
 
-    def __init__(self, db_path: "os.PathLike[str] | str", lock_path: "os.PathLike[str] | str") -> None:
+    def __init__(self, db_path: "os.PathLike[str] | str", lock_path: "os.PathLike[str] | str",
+                 keep_connections: bool = False) -> None:
         self.db_path = Path(db_path)
         self.lock_path = Path(lock_path)
         self._thread_lock = threading.Lock()
+        # serve: one connection per thread, opened once (opening costs more than a whole
+        # enrolment, and closing the last one checkpoints the WAL). CLI: one per operation.
+        self.keep_connections = keep_connections
+        self._local = threading.local()
 
     # -- connections -------------------------------------------------------------------
     def connect(self) -> sqlite3.Connection:
@@ -133,27 +138,37 @@ class Registry:
                 os.close(fd)
 
     @contextmanager
+    def _connection(self) -> Iterator[sqlite3.Connection]:
+        if not self.keep_connections:
+            conn = self.connect()
+            try:
+                yield conn
+            finally:
+                conn.close()
+            return
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self.connect()
+        yield conn
+
+    @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """``BEGIN IMMEDIATE`` … ``COMMIT`` (``ROLLBACK`` on any exception)."""
-        conn = self.connect()
-        try:
+        with self._connection() as conn:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
+                conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:  # a kept connection must never stay mid-transaction
+                    conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
-        finally:
-            conn.close()
 
     @contextmanager
     def reading(self) -> Iterator[sqlite3.Connection]:
-        conn = self.connect()
-        try:
+        """A connection for reads (autocommit: each statement sees the latest commit)."""
+        with self._connection() as conn:
             yield conn
-        finally:
-            conn.close()
 
     # -- tokens ------------------------------------------------------------------------
     @staticmethod

@@ -1,0 +1,86 @@
+"""Node liveness from tincd's own events.
+
+``tinc-hub init`` writes the hub's ``host-up`` and ``host-down`` scripts; tincd runs them
+(synchronously, with ``NODE`` and ``REMOTEADDRESS`` in the environment) whenever a node
+becomes reachable or unreachable. Each run atomically replaces one small file,
+``STATE/liveness/NODE`` = ``up|down UNIX-SECONDS REMOTE-ADDRESS``: no SQLite, no lock, nothing
+tincd could block on. ``tinc-hub nodes`` reads these files.
+"""
+
+import os
+import shlex
+from pathlib import Path
+from typing import Dict, NamedTuple, Optional
+
+from . import bootstrap
+
+LIVENESS_DIR_NAME = "liveness"
+SCRIPT_MARKER = "# Written by tinc-hub init: node liveness for 'tinc-hub nodes'."
+
+
+class Seen(NamedTuple):
+    up: bool  # the last event was host-up
+    at: int  # unix seconds of that event
+    remote: str  # REMOTEADDRESS tincd reported ("" if none)
+
+
+def liveness_dir(state_root: Path) -> Path:
+    return Path(state_root) / LIVENESS_DIR_NAME
+
+
+def render_host_script(state_root: Path, event: str) -> str:
+    """The hub's ``host-up`` (event "up") or ``host-down`` ("down") script."""
+    if event not in ("up", "down"):
+        raise ValueError(event)
+    directory = shlex.quote(str(liveness_dir(state_root)))
+    return "\n".join([
+        "#!/bin/sh",
+        SCRIPT_MARKER,
+        "case \"$NODE\" in ''|*[!A-Za-z0-9_]*) exit 0 ;; esac",
+        f"dir={directory}",
+        "mkdir -p \"$dir\" || exit 0",
+        f"printf '{event} %s %s\\n' \"$(date +%s)\" \"${{REMOTEADDRESS:-}}\" > \"$dir/.$NODE.$$\" &&"
+        " mv -f \"$dir/.$NODE.$$\" \"$dir/$NODE\"",
+        "exit 0",
+    ]) + "\n"
+
+
+def parse_record(text: str) -> Optional[Seen]:
+    parts = text.split()
+    if len(parts) < 2 or parts[0] not in ("up", "down") or not parts[1].isdigit():
+        return None
+    return Seen(parts[0] == "up", int(parts[1]), parts[2] if len(parts) > 2 else "")
+
+
+def read_liveness(state_root: Path) -> Dict[str, Seen]:
+    """Node name -> its last recorded event (unreadable or torn records are skipped)."""
+    directory = liveness_dir(state_root)
+    seen: Dict[str, Seen] = {}
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return seen
+    for name in names:
+        if name.startswith(".") or not bootstrap.valid_node_name(name):
+            continue
+        text = bootstrap.read_text(str(directory / name))
+        record = parse_record(text) if text is not None else None
+        if record is not None:
+            seen[name] = record
+    return seen
+
+
+def tincd_running(net: str) -> bool:
+    """True when the pidfile of the hub's tincd names a live tincd."""
+    return bootstrap.pid_from_file(net) is not None
+
+
+def node_status(record: Optional[Seen], hub_running: bool, now: int) -> Dict[str, object]:
+    """``online`` and ``last_seen`` (unix seconds or None) of one node.
+
+    Online: its last event was host-up and the hub's tincd still runs. Last seen: now when
+    online, else the time of its last event (a node never seen has None)."""
+    if record is None:
+        return {"online": False, "last_seen": None}
+    online = record.up and hub_running
+    return {"online": online, "last_seen": now if online else record.at}
