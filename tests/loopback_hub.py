@@ -1,0 +1,225 @@
+"""The real ``tinc-hub serve`` on 127.0.0.1 as a child process, and a concurrent HTTPS
+enrolment client (asyncio, standard library) to load it. Used by the load/fault tests and by
+bench/. No tests here.
+
+Everything stays on loopback; every wait is bounded; only the processes started here are
+signalled, by pid.
+"""
+
+import asyncio
+import concurrent.futures
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def _public_pems(count: int, bits: int) -> List[str]:
+    out = []
+    for _ in range(count):
+        key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+        out.append(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                 serialization.PublicFormat.PKCS1).decode())
+    return out
+
+
+_KEYS: List[str] = []
+
+
+def public_keys(count: int, bits: int = 2048) -> List[str]:
+    """``count`` distinct RSA public keys (PKCS#1 PEM), made on all cores and kept for the
+    rest of the process (key generation is done before any clock starts)."""
+    if bits != 2048:
+        return _public_pems(count, bits)
+    missing = count - len(_KEYS)
+    if missing > 0:
+        workers = max(1, os.cpu_count() or 1)
+        chunks = [missing // workers + (1 if i < missing % workers else 0) for i in range(workers)]
+        with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+            for pems in pool.map(_public_pems, [c for c in chunks if c], [bits] * workers):
+                _KEYS.extend(pems)
+    return _KEYS[:count]
+
+
+def raise_fd_limit(wanted: int) -> None:
+    """Raise this process's soft RLIMIT_NOFILE to at least ``wanted`` (within the hard limit)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+# ------------------------------------------------------------------------------------- server
+
+class HubProcess:
+    """``tinc-hub --state-dir STATE serve --listen 127.0.0.1 [extra]`` in the background."""
+
+    def __init__(self, state_dir: Path, port: int, cert: Path, log: Path,
+                 extra: Sequence[str] = (), env: Optional[Dict[str, str]] = None) -> None:
+        self.state_dir = state_dir
+        self.port = port
+        self.cert = cert
+        self.log = log
+        self.extra = list(extra)
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self, timeout: float = 30.0) -> "HubProcess":
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tinc_hub.cli", "--state-dir", str(self.state_dir), "serve",
+                 "--listen", HOST, "--port", str(self.port)] + self.extra,
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"tinc-hub serve exited {self.proc.returncode}:\n{self.log_text()}")
+            if self.healthy():
+                return self
+            time.sleep(0.05)
+        raise RuntimeError(f"tinc-hub serve not healthy within {timeout} s:\n{self.log_text()}")
+
+    def healthy(self) -> bool:
+        try:
+            with socket.create_connection((HOST, self.port), timeout=2) as raw:
+                with self.ssl_context().wrap_socket(raw, server_hostname=HOST) as sock:
+                    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: hub\r\nConnection: close\r\n\r\n")
+                    return sock.recv(100).startswith(b"HTTP/1.1 200")
+        except OSError:
+            return False
+
+    def ssl_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.cert))
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def _status(self) -> Dict[str, str]:
+        out = {}
+        with open(f"/proc/{self.pid}/status") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                out[key] = value.strip()
+        return out
+
+    def rss_mb(self) -> float:
+        return int(self._status()["VmRSS"].split()[0]) / 1024
+
+    def threads(self) -> int:
+        return int(self._status()["Threads"])
+
+    def open_fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-5000:]
+        except FileNotFoundError:
+            return ""
+
+
+# ------------------------------------------------------------------------------------- client
+
+class Enrolment(NamedTuple):
+    token: str
+    name: str
+    public_key: str
+
+
+class Reply(NamedTuple):
+    status: int  # 0: no HTTP answer (connection refused/reset, timeout)
+    body: dict
+    headers: Dict[str, str]
+    seconds: float  # from connect to the end of the answer
+    error: str = ""
+
+
+async def post_enroll(port: int, context: ssl.SSLContext, item: Enrolment,
+                      timeout: float = 60.0) -> Reply:
+    """One POST /v1/enroll on its own TLS connection (as bootstrap.py does)."""
+    body = json.dumps({"name": item.name, "public_key": item.public_key}).encode()
+    head = (f"POST /v1/enroll HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
+            f"Authorization: Bearer {item.token}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    started = time.monotonic()
+    writer = None
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(HOST, port, ssl=context, server_hostname=HOST), timeout)
+        writer.write(head + body)
+        raw = await asyncio.wait_for(reader.read(), timeout)
+    except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+        return Reply(0, {}, {}, time.monotonic() - started, f"{type(exc).__name__}: {exc}")
+    finally:
+        if writer is not None:
+            writer.close()
+    seconds = time.monotonic() - started
+    head_bytes, _, payload = raw.partition(b"\r\n\r\n")
+    lines = head_bytes.decode("latin-1").split("\r\n")
+    try:
+        status = int(lines[0].split()[1])
+    except (IndexError, ValueError):
+        return Reply(0, {}, {}, seconds, f"no HTTP answer: {raw[:80]!r}")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (l.partition(":") for l in lines[1:])}
+    try:
+        parsed = json.loads(payload.decode("utf-8")) if payload else {}
+    except ValueError:
+        parsed = {"raw": payload[:200].decode("latin-1")}
+    return Reply(status, parsed, headers, seconds)
+
+
+async def _enrol_all(port: int, context: ssl.SSLContext, items: Sequence[Enrolment],
+                     timeout: float) -> List[Reply]:
+    return list(await asyncio.gather(*(post_enroll(port, context, i, timeout) for i in items)))
+
+
+def enrol_concurrently(hub: HubProcess, items: Sequence[Enrolment], timeout: float = 60.0) -> List[Reply]:
+    """Send every enrolment at once (one connection each); the replies in the same order."""
+    raise_fd_limit(len(items) + 256)
+    return asyncio.run(_enrol_all(hub.port, hub.ssl_context(), items, timeout))
+
+
+def percentile(values: Iterable[float], fraction: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, int(round(fraction * (len(ordered) - 1)))))
+    return ordered[index]
