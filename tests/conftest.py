@@ -26,6 +26,9 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "netlab: needs root and /dev/net/tun (network namespaces, real tincd); "
         "skipped otherwise")
+    config.addinivalue_line(
+        "markers", "boot: booted systemd/SysV containers (systemd-nspawn, tests/nspawn.py); "
+        "the slow group: select with -m boot, leave out with -m 'not boot'")
     # SIGTERM (e.g. a CI timeout) -> KeyboardInterrupt, so that fixture finalizers run and
     # the namespaces are removed; atexit in netlab is the last line of defence.
     if threading.current_thread() is threading.main_thread():
