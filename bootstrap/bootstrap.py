@@ -299,7 +299,7 @@ def decode_token(text: str) -> Token:
         raise bad
     try:
         fields = json.loads(_b64url_decode(text[len(TOKEN_PREFIX):]).decode("utf-8"))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: "[[[[..."
         raise bad
     if not isinstance(fields, dict):
         raise bad
@@ -309,7 +309,7 @@ def decode_token(text: str) -> Token:
     except KeyError:
         raise bad
     if not (isinstance(token.host, str) and token.host and isinstance(token.port, int)
-            and 0 < token.port < 65536 and isinstance(token.pin, str)
+            and not isinstance(token.port, bool) and 0 < token.port < 65536 and isinstance(token.pin, str)
             and token.pin.startswith("sha256//") and isinstance(token.net, str)
             and NET_RE.fullmatch(token.net) and isinstance(token.hub, str)
             and NAME_RE.fullmatch(token.hub) and isinstance(token.secret, str)
