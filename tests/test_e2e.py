@@ -288,6 +288,12 @@ def test_hostile_subnet_claim_captures_nothing(enrolled):
     rx0 = a.rx_packets(tun)
     hub.ping(str(VPN.network_address + 250), 2, 1)
     assert a.rx_packets(tun) == rx0
+    # seen from the other node: bravo's packets to unassigned VPN addresses, and to outside
+    # the VPN, never reach alpha (its 0.0.0.0/0 is believed by nobody but itself)
+    rx0 = a.rx_packets(tun)
+    b.ping(str(VPN.network_address + 250), 2, 1)
+    b.ping("192.0.2.77", 1, 1)
+    assert a.rx_packets(tun) == rx0, "alpha's tun received bravo's packets"
 
 
 # --------------------------------------------------------------------------- revocation
