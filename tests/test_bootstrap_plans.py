@@ -34,9 +34,18 @@ ROWS = {
                "systemd", "tinc@NET.service", None, "/etc/rc.d/rc.local"),
     "fedora-40": ("fedora", "40", "fedora", [("dnf", "install", "-y", "tinc")],
                   "systemd", "tinc@NET.service", None, "/etc/rc.d/rc.local"),
+    # tinc installed from EPEL / Fedora: both units shipped; presets leave tinc.service
+    # disabled, so it is enabled with the instance
+    "rocky-9-tinc-installed": ("rocky", "9.3", "rhel", [], "systemd", "tinc@NET.service",
+                               "tinc.service", "/etc/rc.d/rc.local"),
+    "fedora-40-tinc-installed": ("fedora", "40", "fedora", [], "systemd", "tinc@NET.service",
+                                 "tinc.service", "/etc/rc.d/rc.local"),
     "fedora-tincd-unit": ("fedora", "28", "fedora", [],
                           "systemd", "tincd@NET.service", None, "/etc/rc.d/rc.local"),
     "ubuntu-18.04": ("ubuntu", "18.04", "debian",
+                     [APT + ("update",), APT + ("install", "-y", "tinc")],
+                     "systemd", "tinc@NET.service", "tinc.service", "/etc/rc.local"),
+    "ubuntu-20.04": ("ubuntu", "20.04", "debian",
                      [APT + ("update",), APT + ("install", "-y", "tinc")],
                      "systemd", "tinc@NET.service", "tinc.service", "/etc/rc.local"),
     "ubuntu-22.04": ("ubuntu", "22.04", "debian", [],
@@ -95,6 +104,14 @@ def test_systemd_boot_plan_enables_umbrella_and_instance():
     assert plan.commands == (("systemctl", "enable", "tinc.service"),
                              ("systemctl", "enable", "tinc@middle-earth.service"))
     assert plan.files == ()
+
+
+@pytest.mark.parametrize("system", ["rocky-9-tinc-installed", "fedora-40-tinc-installed"])
+def test_rpm_presets_are_overridden_by_enabling_the_umbrella_unit(system):
+    facts = bootstrap.detect_system(os.path.join(FIXTURE_SYSTEMS, system))
+    plan = bootstrap.plan_boot("middle-earth", "systemd", facts)
+    assert plan.commands == (("systemctl", "enable", "tinc.service"),
+                             ("systemctl", "enable", "tinc@middle-earth.service"))
 
 
 def test_old_rpm_unit_name_is_detected():
