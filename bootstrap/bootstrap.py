@@ -964,13 +964,53 @@ def ping(address: str, timeout: float = 1.0) -> bool:
         sock.close()
 
 
-def wait_for_ping(address: str, timeout: float) -> bool:
+def wait_for_ping(address: str, timeout: float, interval: float = 0.1) -> bool:
+    """True as soon as address answers an ICMP echo; one echo every `interval` s (a request
+    sent before the tunnel is up is lost, so waiting a full second for it would cost a
+    second), any reply counts."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if ping(address, min(1.0, max(0.1, deadline - time.monotonic()))):
-            return True
-        time.sleep(0.1)
-    return False
+    try:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    except PermissionError:  # not root (tests): one `ping` at a time
+        while time.monotonic() < deadline:
+            if ping(address, min(1.0, max(0.1, deadline - time.monotonic()))):
+                return True
+            time.sleep(interval)
+        return False
+    ident = random.randint(0, 0xFFFF)
+    payload = b"tinc-bootstrap"
+    seq = 0
+    try:
+        while time.monotonic() < deadline:
+            seq = (seq + 1) & 0xFFFF
+            header = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
+            packet = struct.pack("!BBHHH", 8, 0, _icmp_checksum(header + payload), ident,
+                                 seq) + payload
+            try:
+                sock.sendto(packet, (address, 0))
+            except OSError:  # no route yet (tinc-up has not run)
+                pass
+            next_send = min(deadline, time.monotonic() + interval)
+            while True:
+                left = next_send - time.monotonic()
+                if left <= 0:
+                    break
+                sock.settimeout(left)
+                try:
+                    data, peer = sock.recvfrom(2048)
+                except socket.timeout:
+                    break
+                except OSError:
+                    time.sleep(left)
+                    break
+                offset = (data[0] & 0x0F) * 4
+                if peer[0] == address and len(data) >= offset + 8:
+                    kind, _, _, got_ident, _ = struct.unpack("!BBHHH", data[offset:offset + 8])
+                    if kind == 0 and got_ident == ident:
+                        return True
+        return False
+    finally:
+        sock.close()
 
 
 def hub_vpn_address(host_file: str, address: str, prefix: int) -> str:

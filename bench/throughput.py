@@ -1,0 +1,135 @@
+#!/usr/bin/env python3
+"""Hub throughput: N concurrent enrolments (default 1000) against the real ``tinc-hub serve``
+on 127.0.0.1, keys made before the clock starts. Prints enrolments/s, p50/p99 latency and
+the hub's RSS idle and at its peak under load. Baseline measured in the same run: the same
+number of plain ``GET /healthz`` requests (TLS connection + HTTP, no enrolment work).
+
+    .venv/bin/python bench/throughput.py [--count 1000] [--runs 3]
+"""
+
+import argparse
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from hub_fixtures import init_hub  # noqa: E402
+from loopback_hub import (Enrolment, HubProcess, enrol_concurrently, free_port,  # noqa: E402
+                          percentile, public_keys)
+
+
+class PeakRss(threading.Thread):
+    """Samples the hub's RSS every 20 ms until stopped; keeps the maximum."""
+
+    def __init__(self, hub: HubProcess) -> None:
+        super().__init__(daemon=True)
+        self.hub, self.peak, self.done = hub, 0.0, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            try:
+                self.peak = max(self.peak, self.hub.rss_mb())
+            except (OSError, KeyError):
+                pass
+            self.done.wait(0.02)
+
+
+def one_run(count: int, keys, workdir: Path) -> dict:
+    port = free_port()
+    env = init_hub(workdir, vpn_subnet="10.96.0.0/16", api_port=port)
+    hub = HubProcess(env.state.root, port, env.state.cert_file, workdir / "serve.log",
+                     extra=["--rate-limit", "off"]).start()
+    try:
+        time.sleep(1.0)
+        idle = hub.rss_mb()
+        token = env.token(uses=count).token
+        items = [Enrolment(token, f"bench{i}", keys[i]) for i in range(count)]
+        sampler = PeakRss(hub)
+        sampler.start()
+        started = time.monotonic()
+        replies = enrol_concurrently(hub, items, timeout=120)
+        wall = time.monotonic() - started
+        sampler.done.set()
+        sampler.join()
+        bad = [r for r in replies if r.status != 200]
+        if bad:
+            raise SystemExit(f"{len(bad)} enrolments failed, e.g. {bad[0]}")
+        lat = [r.seconds for r in replies]
+        return {"wall": wall, "rate": count / wall, "p50": percentile(lat, 0.5),
+                "p99": percentile(lat, 0.99), "idle_mb": idle, "peak_mb": sampler.peak,
+                "threads": hub.threads()}
+    finally:
+        hub.stop()
+
+
+def healthz_baseline(count: int, workdir: Path) -> float:
+    """Seconds for ``count`` concurrent TLS GET /healthz against a fresh hub."""
+    import asyncio
+
+    from loopback_hub import HOST, raise_fd_limit
+
+    port = free_port()
+    env = init_hub(workdir, api_port=port)
+    hub = HubProcess(env.state.root, port, env.state.cert_file, workdir / "serve.log",
+                     extra=["--rate-limit", "off"]).start()
+    context = hub.ssl_context()
+
+    async def get() -> bool:
+        reader, writer = await asyncio.open_connection(HOST, port, ssl=context, server_hostname=HOST)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: hub\r\nConnection: close\r\n\r\n")
+        data = await reader.read()
+        writer.close()
+        return data.startswith(b"HTTP/1.1 200")
+
+    async def all_of_them() -> list:
+        return list(await asyncio.gather(*(get() for _ in range(count))))
+
+    try:
+        raise_fd_limit(count + 256)
+        started = time.monotonic()
+        ok = asyncio.run(all_of_them())
+        wall = time.monotonic() - started
+        assert all(ok)
+        return wall
+    finally:
+        hub.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=1000)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    t = time.monotonic()
+    keys = public_keys(args.count)
+    print(f"keys: {args.count} RSA-2048 public keys made in {time.monotonic() - t:.1f} s (not timed)")
+    results, baselines = [], []
+    for run in range(args.runs):
+        with tempfile.TemporaryDirectory(prefix="bench-tp-") as tmp:
+            baselines.append(healthz_baseline(args.count, Path(tmp) / "base"))
+            r = one_run(args.count, keys, Path(tmp) / "hub")
+        results.append(r)
+        print(f"run {run + 1}: {args.count} enrolments in {r['wall']:.2f} s = {r['rate']:.0f}/s;"
+              f" p50 {r['p50']:.2f} s, p99 {r['p99']:.2f} s; hub RSS idle {r['idle_mb']:.1f} MB,"
+              f" peak {r['peak_mb']:.1f} MB, threads {r['threads']};"
+              f" baseline {args.count} x GET /healthz {baselines[-1]:.2f} s")
+    med = {k: statistics.median(r[k] for r in results) for k in results[0]}
+    base = statistics.median(baselines)
+    print(f"median of {args.runs}: {args.count} enrolments in {med['wall']:.2f} s"
+          f" ({med['rate']:.0f}/s), p50 {med['p50']:.2f} s, p99 {med['p99']:.2f} s;"
+          f" RSS idle {med['idle_mb']:.1f} MB, loaded peak {med['peak_mb']:.1f} MB")
+    print(f"baseline (same run): {args.count} concurrent GET /healthz in {base:.2f} s;"
+          f" ratio enrolment/baseline = {med['wall'] / base:.2f}x")
+    print(f"targets: <= 5 s -> {'met' if med['wall'] <= 5 else 'MISSED'};"
+          f" p99 <= 2 s -> {'met' if med['p99'] <= 2 else 'MISSED'};"
+          f" RSS idle <= 80 MB -> {'met' if med['idle_mb'] <= 80 else 'MISSED'};"
+          f" loaded <= 200 MB -> {'met' if med['peak_mb'] <= 200 else 'MISSED'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
