@@ -121,8 +121,17 @@ def test_nodes_shows_online_and_last_seen(env):
 
 # ------------------------------------------------------------------ hub tincd restarted
 
-def test_hub_tincd_restart_nodes_reconnect(env):
+def test_new_host_file_dated_like_tincd_start(env):
+    """A new node's host file must not look newer than the hub tincd's last reload (tinc 1.0
+    would drop the node's first connection on the next SIGHUP)."""
     env.join(E)
+    hub = env.topo.hub
+    mtimes = hub.run(["stat", "-c", "%Y", "/var/run/tinc.%s.pid" % NET,
+                      "/etc/tinc/%s/hosts/%s" % (NET, E)]).stdout.split()
+    assert mtimes[0] == mtimes[1], mtimes
+
+
+def test_hub_tincd_restart_nodes_reconnect(env):
     for name in (D, E):
         assert env.nodes[name].wait_ping(env.hub_vpn, 15), name + env.diag()
     hub = env.topo.hub

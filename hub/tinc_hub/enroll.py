@@ -14,9 +14,11 @@ Anything else (500) is a hub fault, never a reaction to client input.
 
 import ipaddress
 import json
+import os
 import re
 import sqlite3
 import time
+from pathlib import Path
 from typing import Any, Callable, Dict, NamedTuple, Optional, Set, Tuple
 
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -211,8 +213,11 @@ class Enroller:
                 raise EnrollError(409, f"conflict with an existing enrolment ({exc})") from None
             # Written while still holding the lock, so a later writer of the same name can't be
             # overtaken; a crash right here is repaired by reconcile_host_files on serve start.
-            changed = write_if_changed(self.config.hosts_dir / node.name,
-                                       render_node_host_file(node.address, node.public_key))
+            path = self.config.hosts_dir / node.name
+            is_new = not path.exists()
+            changed = write_if_changed(path, render_node_host_file(node.address, node.public_key))
+            if changed and is_new:
+                date_like_tincd_start(path, self.config.net)
         return EnrollOutcome(200, self._answer(node), changed)
 
     def _enrol_in_transaction(self, conn: sqlite3.Connection, token_hash: str, name: str,
@@ -262,6 +267,23 @@ class Enroller:
                        updated_at=now, revoked_at=None)
         self.registry.insert_node(conn, node)
         return node
+
+
+def date_like_tincd_start(path: Path, net: str) -> None:
+    """Give a NEW host file the mtime of the hub tincd's pidfile (its start).
+
+    On SIGHUP tinc 1.0 drops every connection whose host file is newer than its previous
+    reload (mtime in seconds). A new node connects right after its answer, possibly before
+    tincd has handled the SIGHUP that announced it, and was then dropped once and came back
+    only after tinc's 5 s retry. A new name has no older connection that should be dropped;
+    a replaced key (existing file) keeps a fresh mtime, so its old connection is dropped."""
+    pidfile = Path(f"/var/run/tinc.{net}.pid")
+    try:
+        started = pidfile.stat().st_mtime
+    except OSError:
+        return  # no tincd: nothing can be connected
+    if bootstrap.pid_from_file(net) is not None:
+        os.utime(path, (started, started))
 
 
 def reconcile_host_files(config: HubConfig, registry: Registry) -> Dict[str, list]:
