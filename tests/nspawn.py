@@ -294,10 +294,12 @@ class Container:
         self.init_pid(timeout)
         if self.spec.init == "systemd":
             def settled() -> str:
-                # empty until systemd listens on its socket; --wait blocks while starting
+                # "" or "offline" until systemd answers on its socket; then --wait blocks
+                # while it is "initializing" or "starting"
                 left = max(1.0, deadline - time.monotonic())
-                return self.run(["systemctl", "is-system-running", "--wait"], check=False,
-                                timeout=left).stdout.strip()
+                state = self.run(["systemctl", "is-system-running", "--wait"], check=False,
+                                 timeout=left).stdout.strip()
+                return "" if state == "offline" else state
             state = netlab.wait_until(settled, max(1.0, deadline - time.monotonic()), 0.1)
             if state not in ("running", "degraded"):
                 raise RuntimeError("container %s: system state %r\n%s"

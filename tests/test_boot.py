@@ -178,7 +178,7 @@ def test_hub_init_again_changes_nothing(machines):
     for root in before:
         changed = {k for k in set(before[root]) | set(after[root])
                    if before[root].get(k) != after[root].get(k)
-                   and not k.startswith("registry.sqlite3")}
+                   and not k.startswith("registry.sqlite3")}  # owned by the running API
         assert not changed, "%s: %s" % (root, sorted(changed))
     assert (_unit_main_pid(hub, "tinc-hub.service"), _unit_main_pid(hub, UNIT)) == \
         (service_pid, tincd_pid)
