@@ -553,6 +553,13 @@ class Topology:
         host.start()
         return host
 
+    def detach(self):
+        """Leave the namespaces and their processes running past this process (./lab up):
+        close() and the exit-time cleanup no longer touch them."""
+        self.closed = True
+        with _LIVE_LOCK:
+            _LIVE.discard(self)
+
     def close(self):
         """Kill every process in every namespace made here and delete the namespaces."""
         if self.closed:
@@ -656,15 +663,7 @@ def build_nat_topology(n_nodes=2, node_names=None, hub_name="hub", prefix=None,
         ipn(R, "addr", "add", "%s/24" % ROUTER_LAN, "dev", "br-lan")
         ipn(R, "link", "set", "br-lan", "up")
         for i, node in enumerate(topo.nodes):
-            port = "lan%d" % (i + 1)
-            addr = str(LAN_NET.network_address + 2 + i)
-            ipn(R, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", node.netns)
-            ipn(R, "link", "set", port, "master", "br-lan")
-            ipn(R, "link", "set", port, "up")
-            ipn(node.netns, "addr", "add", "%s/24" % addr, "dev", "eth0")
-            ipn(node.netns, "link", "set", "eth0", "up")
-            ipn(node.netns, "route", "add", "default", "via", ROUTER_LAN)
-            node.addresses["lan"] = addr
+            connect_lan_node(R, node, i)
         # forwarding only inside the router namespace
         # (/proc/sys/net shows the namespace of the process reading it; no procps needed)
         for h in [hub] + list(topo.nodes):
@@ -676,6 +675,25 @@ def build_nat_topology(n_nodes=2, node_names=None, hub_name="hub", prefix=None,
         topo.close()
         raise
     return topo
+
+
+def connect_lan_node(router_netns, node, index):
+    """Wire host `node` to the router's LAN bridge as node number `index` (0-based): veth
+    lan<index+1>, address 198.51.100.<index+2>, default route via the router."""
+    def ipn(ns, *args):
+        run_root(["ip", "-n", ns] + list(args))
+
+    port = "lan%d" % (index + 1)
+    addr = str(LAN_NET.network_address + 2 + index)
+    ipn(router_netns, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns",
+        node.netns)
+    ipn(router_netns, "link", "set", port, "master", "br-lan")
+    ipn(router_netns, "link", "set", port, "up")
+    ipn(node.netns, "addr", "add", "%s/24" % addr, "dev", "eth0")
+    ipn(node.netns, "link", "set", "eth0", "up")
+    ipn(node.netns, "route", "add", "default", "via", ROUTER_LAN)
+    node.addresses["lan"] = addr
+    return addr
 
 
 NAT_RULESET = """

@@ -358,6 +358,11 @@ class Container:
         self.poweroff()
         return self.boot(timeout)
 
+    def detach(self) -> None:
+        """Leave the container running past this process (./lab up): no destroy at exit."""
+        with _LIVE_LOCK:
+            _LIVE.discard(self)
+
     def destroy(self) -> None:
         """Shut down (or kill) and delete the tree."""
         try:
