@@ -930,38 +930,29 @@ def _icmp_checksum(data: bytes) -> int:
     return ~total & 0xFFFF
 
 
+def _ping_command(address: str, timeout: float) -> bool:
+    """One echo through the `ping` binary (when raw sockets are not allowed)."""
+    return run(["ping", "-c", "1", "-W", str(max(1, int(timeout))), address],
+               check=False).returncode == 0
+
+
+def _echo_request(ident: int, seq: int) -> bytes:
+    payload = b"tinc-bootstrap"
+    header = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
+    return struct.pack("!BBHHH", 8, 0, _icmp_checksum(header + payload), ident, seq) + payload
+
+
+def _is_echo_reply(data: bytes, peer: str, address: str, ident: int) -> bool:
+    offset = (data[0] & 0x0F) * 4 if data else 0
+    if peer != address or len(data) < offset + 8:
+        return False
+    kind, _, _, got_ident, _ = struct.unpack("!BBHHH", data[offset:offset + 8])
+    return kind == 0 and got_ident == ident
+
+
 def ping(address: str, timeout: float = 1.0) -> bool:
     """True when address answers one ICMP echo within timeout."""
-    try:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-    except PermissionError:
-        return run(["ping", "-c", "1", "-W", str(max(1, int(timeout))), address],
-                   check=False).returncode == 0
-    ident = random.randint(0, 0xFFFF)
-    header = struct.pack("!BBHHH", 8, 0, 0, ident, 1)
-    payload = b"tinc-bootstrap"
-    packet = struct.pack("!BBHHH", 8, 0, _icmp_checksum(header + payload), ident, 1) + payload
-    deadline = time.monotonic() + timeout
-    try:
-        sock.sendto(packet, (address, 0))
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            sock.settimeout(left)
-            try:
-                data, peer = sock.recvfrom(2048)
-            except socket.timeout:
-                return False
-            offset = (data[0] & 0x0F) * 4
-            if peer[0] == address and len(data) >= offset + 8:
-                kind, _, _, got_ident, _ = struct.unpack("!BBHHH", data[offset:offset + 8])
-                if kind == 0 and got_ident == ident:
-                    return True
-    except OSError:
-        return False
-    finally:
-        sock.close()
+    return wait_for_ping(address, timeout, interval=timeout)
 
 
 def wait_for_ping(address: str, timeout: float, interval: float = 0.1) -> bool:
@@ -971,23 +962,20 @@ def wait_for_ping(address: str, timeout: float, interval: float = 0.1) -> bool:
     deadline = time.monotonic() + timeout
     try:
         sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-    except PermissionError:  # not root (tests): one `ping` at a time
-        while time.monotonic() < deadline:
-            if ping(address, min(1.0, max(0.1, deadline - time.monotonic()))):
+    except PermissionError:  # not root: one `ping` at a time
+        while True:
+            if _ping_command(address, min(1.0, max(0.1, deadline - time.monotonic()))):
                 return True
+            if time.monotonic() + interval >= deadline:
+                return False
             time.sleep(interval)
-        return False
     ident = random.randint(0, 0xFFFF)
-    payload = b"tinc-bootstrap"
     seq = 0
     try:
         while time.monotonic() < deadline:
             seq = (seq + 1) & 0xFFFF
-            header = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
-            packet = struct.pack("!BBHHH", 8, 0, _icmp_checksum(header + payload), ident,
-                                 seq) + payload
             try:
-                sock.sendto(packet, (address, 0))
+                sock.sendto(_echo_request(ident, seq), (address, 0))
             except OSError:  # no route yet (tinc-up has not run)
                 pass
             next_send = min(deadline, time.monotonic() + interval)
@@ -1003,11 +991,8 @@ def wait_for_ping(address: str, timeout: float, interval: float = 0.1) -> bool:
                 except OSError:
                     time.sleep(left)
                     break
-                offset = (data[0] & 0x0F) * 4
-                if peer[0] == address and len(data) >= offset + 8:
-                    kind, _, _, got_ident, _ = struct.unpack("!BBHHH", data[offset:offset + 8])
-                    if kind == 0 and got_ident == ident:
-                        return True
+                if _is_echo_reply(data, peer[0], address, ident):
+                    return True
         return False
     finally:
         sock.close()
