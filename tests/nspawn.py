@@ -96,6 +96,7 @@ def ensure_hub_wheelhouse(log_dir: Path) -> Path:
     requirements = hub_requirements()
     key = hashlib.sha256(json.dumps([FORMAT, CONTAINER_PYTHON, requirements]).encode())
     target = CACHE_DIR / ("wheels-" + key.hexdigest()[:16])
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)  # the first thing built on a fresh machine
     with open(str(target) + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if target.is_dir():
