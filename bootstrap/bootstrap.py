@@ -955,11 +955,25 @@ def ping(address: str, timeout: float = 1.0) -> bool:
     return wait_for_ping(address, timeout, interval=timeout)
 
 
-def wait_for_ping(address: str, timeout: float, interval: float = 0.1) -> bool:
+def nudge_tincd(net: str) -> None:
+    """SIGALRM: tincd retries its not yet established outgoing connections now instead of
+    after its backoff (5 s, 10 s, ...). The hub's tincd accepts only 10 new connections per
+    second and stalls the rest, so nodes joining together otherwise wait for that backoff."""
+    pid = pid_from_file(net)
+    if pid is not None:
+        try:
+            os.kill(pid, signal.SIGALRM)
+        except OSError:
+            pass
+
+
+def wait_for_ping(address: str, timeout: float, interval: float = 0.1,
+                  nudge: Optional[Callable[[], None]] = None, nudge_every: float = 2.0) -> bool:
     """True as soon as address answers an ICMP echo; one echo every `interval` s (a request
     sent before the tunnel is up is lost, so waiting a full second for it would cost a
-    second), any reply counts."""
+    second), any reply counts. Without an answer, `nudge()` every `nudge_every` s."""
     deadline = time.monotonic() + timeout
+    next_nudge = time.monotonic() + nudge_every
     try:
         sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
     except PermissionError:  # not root: one `ping` at a time
@@ -973,6 +987,9 @@ def wait_for_ping(address: str, timeout: float, interval: float = 0.1) -> bool:
     seq = 0
     try:
         while time.monotonic() < deadline:
+            if nudge is not None and time.monotonic() >= next_nudge:
+                nudge()
+                next_nudge = time.monotonic() + nudge_every
             seq = (seq + 1) & 0xFFFF
             try:
                 sock.sendto(_echo_request(ident, seq), (address, 0))
@@ -1159,7 +1176,7 @@ def join(opts: JoinOptions) -> int:
     action = ensure_running(net, "systemd" if init == "systemd" else "direct", facts,
                             restart=config_changed, tinc_dir=opts.tinc_dir)
     REPORT.step("tincd {}; waiting for the hub at {} over the VPN".format(action, hub_vpn))
-    if not wait_for_ping(hub_vpn, opts.timeout):
+    if not wait_for_ping(hub_vpn, opts.timeout, nudge=lambda: nudge_tincd(net)):
         raise BootstrapError("the hub's VPN address {} did not answer within {:.0f} s".format(
             hub_vpn, opts.timeout), EXIT_VPN_DOWN,
             "see tincd's log (journalctl -u {} or syslog)".format(service_unit(facts, net)))
