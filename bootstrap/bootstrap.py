@@ -102,6 +102,7 @@ class Reporter:
                  quiet: bool = False) -> None:
         self.verbose = verbose
         self.quiet = quiet
+        self.started = time.monotonic()
         self.log_path = None  # type: Optional[str]
         self._file = None
         if log_path:
@@ -115,7 +116,8 @@ class Reporter:
 
     def _write(self, text: str) -> None:
         if self._file:
-            stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+            stamp = "{} +{:.3f}s".format(time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                         time.monotonic() - self.started)
             for line in text.splitlines() or [""]:
                 self._file.write("{} {}\n".format(stamp, line))
             self._file.flush()
@@ -968,10 +970,13 @@ def nudge_tincd(net: str) -> None:
 
 
 def wait_for_ping(address: str, timeout: float, interval: float = 0.1,
-                  nudge: Optional[Callable[[], None]] = None, nudge_every: float = 2.0) -> bool:
+                  nudge: Optional[Callable[[], None]] = None, nudge_every: float = 2.0,
+                  max_interval: Optional[float] = None) -> bool:
     """True as soon as address answers an ICMP echo; one echo every `interval` s (a request
     sent before the tunnel is up is lost, so waiting a full second for it would cost a
-    second), any reply counts. Without an answer, `nudge()` every `nudge_every` s."""
+    second), growing by half each time up to `max_interval`; any reply counts. Without an
+    answer, `nudge()` every `nudge_every` s."""
+    max_interval = max(interval, max_interval or interval)
     deadline = time.monotonic() + timeout
     next_nudge = time.monotonic() + nudge_every
     try:
@@ -996,6 +1001,7 @@ def wait_for_ping(address: str, timeout: float, interval: float = 0.1,
             except OSError:  # no route yet (tinc-up has not run)
                 pass
             next_send = min(deadline, time.monotonic() + interval)
+            interval = min(max_interval, interval * 1.5)
             while True:
                 left = next_send - time.monotonic()
                 if left <= 0:
@@ -1176,7 +1182,8 @@ def join(opts: JoinOptions) -> int:
     action = ensure_running(net, "systemd" if init == "systemd" else "direct", facts,
                             restart=config_changed, tinc_dir=opts.tinc_dir)
     REPORT.step("tincd {}; waiting for the hub at {} over the VPN".format(action, hub_vpn))
-    if not wait_for_ping(hub_vpn, opts.timeout, nudge=lambda: nudge_tincd(net)):
+    if not wait_for_ping(hub_vpn, opts.timeout, interval=0.01, max_interval=0.5,
+                         nudge=lambda: nudge_tincd(net)):
         raise BootstrapError("the hub's VPN address {} did not answer within {:.0f} s".format(
             hub_vpn, opts.timeout), EXIT_VPN_DOWN,
             "see tincd's log (journalctl -u {} or syslog)".format(service_unit(facts, net)))
