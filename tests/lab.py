@@ -141,6 +141,15 @@ def lock_lab(name: str):
     return handle
 
 
+def remove_lock(name: str) -> None:
+    """Delete the lab's lock file (held by the caller) and /run/tinc-lab when it is empty."""
+    (STATE_DIR / ("%s.lock" % name)).unlink(missing_ok=True)
+    try:
+        STATE_DIR.rmdir()
+    except OSError:
+        pass  # other labs are up
+
+
 # ===================================================== hosts and containers of earlier runs
 
 def netns_inode(netns: str) -> Optional[int]:
@@ -649,15 +658,11 @@ def cmd_down(args: argparse.Namespace) -> int:
     state = LabState.load(name) or LabState.new(name, "unknown")
     if not state.path.exists() and not lab_namespaces(state.prefix):
         say("no lab %r is up; nothing to remove" % name)
-        (STATE_DIR / ("%s.lock" % name)).unlink(missing_ok=True)
+        remove_lock(name)
         return 0
     removed = teardown(state)
     say("lab %r removed: %s" % (name, ", ".join(removed) or "state file only"))
-    (STATE_DIR / ("%s.lock" % name)).unlink(missing_ok=True)  # ours: we hold it
-    try:
-        STATE_DIR.rmdir()
-    except OSError:
-        pass  # other labs
+    remove_lock(name)
     left = lab_namespaces(state.prefix)
     if left:
         print("lab: namespaces still present: %s" % " ".join(left), file=sys.stderr)

@@ -86,6 +86,7 @@ def assert_all_gone(lab: LabCommand) -> None:
         if entry.get("container"):
             assert not Path(entry["container"]["layers"]).exists()
     assert not Path(lab.made["workdir"]).exists()
+    assert not (lab_module.STATE_DIR / ("%s.lock" % lab.name)).exists()
 
 
 def lab_lifecycle(lab: LabCommand, mode: str) -> None:
