@@ -199,7 +199,8 @@ def write_atomic(path: str, content, mode: int = 0o644) -> bool:
         pass
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                               dir=directory)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -213,6 +214,12 @@ def write_atomic(path: str, content, mode: int = 0o644) -> bool:
         except OSError:
             pass
         raise
+    fsync_directory(directory)
+    return True
+
+
+def fsync_directory(directory: str) -> None:
+    """Make a rename or unlink in directory durable (best effort)."""
     try:
         dir_fd = os.open(directory, os.O_RDONLY)
         try:
@@ -221,7 +228,6 @@ def write_atomic(path: str, content, mode: int = 0o644) -> bool:
             os.close(dir_fd)
     except OSError:
         pass
-    return True
 
 
 def read_text(path: str) -> Optional[str]:

@@ -7,9 +7,10 @@ leave a torn file.
 """
 
 import os
-import tempfile
 from pathlib import Path
 from typing import List, Optional
+
+from . import bootstrap
 
 
 def render_node_host_file(address: str, public_pem: str) -> str:
@@ -27,45 +28,10 @@ def read_text_or_none(path: Path) -> Optional[str]:
         return None
 
 
-def fsync_dir(directory: Path) -> None:
-    """Make a rename or unlink in ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_if_changed(path: Path, content: str, mode: int = 0o644) -> bool:
-    """Atomically replace ``path`` with ``content`` unless it already holds exactly that.
-
-    Returns True when the file was written, False when it was already identical (untouched,
-    mtime kept).
-    """
-    data = content.encode("utf-8")
-    try:
-        with open(path, "rb") as existing:
-            if existing.read() == data and (os.fstat(existing.fileno()).st_mode & 0o7777) == mode:
-                return False
-    except (FileNotFoundError, IsADirectoryError):
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as tmp:
-            tmp.write(data)
-            tmp.flush()
-            os.fchmod(tmp.fileno(), mode)
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_dir(path.parent)
-    return True
+    """Atomically replace ``path`` with ``content`` unless it already holds exactly that
+    (then it is untouched, mtime kept). The shared ``bootstrap.write_atomic``."""
+    return bootstrap.write_atomic(str(path), content, mode)
 
 
 def remove_stale_temp_files(directory: Path) -> List[str]:
@@ -84,7 +50,7 @@ def remove_stale_temp_files(directory: Path) -> List[str]:
             except FileNotFoundError:
                 pass
     if removed:
-        fsync_dir(directory)
+        bootstrap.fsync_directory(str(directory))
     return removed
 
 
@@ -94,5 +60,5 @@ def remove_if_present(path: Path) -> bool:
         path.unlink()
     except FileNotFoundError:
         return False
-    fsync_dir(path.parent)
+    bootstrap.fsync_directory(str(path.parent))
     return True
