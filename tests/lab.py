@@ -33,9 +33,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import netlab
 import nspawn
@@ -213,11 +214,12 @@ def attach_host(name: str, entry: Dict, workdir: Path) -> netlab.Host:
     return host
 
 
-def attach_container(name: str, entry: Dict, host: netlab.Host,
+def attach_container(name: str, entry: Dict, host: Optional[netlab.Host],
                      workdir: Path) -> nspawn.Container:
     """An nspawn.Container for a machine an earlier `lab up` booted."""
     spec = nspawn.RootfsSpec("adopted", entry["init"], ())
-    container = nspawn.Container(entry["machine"], spec, host, workdir, hostname=name)
+    container = nspawn.Container(entry["machine"], spec, host, workdir,  # type: ignore[arg-type]
+                                 hostname=name)
     container.lower = Path(entry["lower"])
     container.layers = Path(entry["layers"])
     container.boots = 1
@@ -460,9 +462,9 @@ class Lab:
 
 # ============================================================================ tearing down
 
-def stop_container(entry: Dict, host: Optional[netlab.Host], workdir: Path) -> None:
+def stop_container(name: str, entry: Dict, workdir: Path) -> None:
     """Power off (else kill) a container an earlier run booted, and delete its tree."""
-    container = attach_container(entry.get("hostname", "?"), entry, host, workdir)  # type: ignore[arg-type]
+    container = attach_container(name, entry, None, workdir)  # no commands run in it
     if container.nspawn is not None:
         try:
             container.destroy()
@@ -503,7 +505,7 @@ def teardown(state: LabState) -> List[str]:
     for name, entry in state.hosts.items():
         if entry.get("container"):
             say("powering off container %s" % entry["container"]["machine"])
-            stop_container(dict(entry["container"], hostname=name), None, workdir or Path("/tmp"))
+            stop_container(name, entry["container"], workdir or Path(tempfile.gettempdir()))
             removed.append("container " + entry["container"]["machine"])
     netns_list = [entry["netns"] for entry in state.hosts.values()]
     netns_list += [n for n in lab_namespaces(state.prefix) if n not in netns_list]

@@ -13,7 +13,6 @@ Group: marker `boot` (like tests/test_boot.py).
 
 import re
 import time
-from pathlib import Path
 from typing import Dict, NamedTuple
 
 import pytest
