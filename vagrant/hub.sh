@@ -1,5 +1,6 @@
 #!/bin/sh
-# Provision the hub: install tinc-hub from this repo, `tinc-hub init`, serve the API.
+# Provision the hub: install tinc-hub from this repo and run `tinc-hub init`, which under
+# systemd also enables and starts tinc-hub.service (the enrolment API).
 # Usage: hub.sh NET NAME PUBLIC_IP VPN_SUBNET REPO_DIR
 set -eu
 net=$1 name=$2 address=$3 subnet=$4 repo=$5
@@ -10,4 +11,3 @@ fi
 /opt/tinc-hub/bin/pip install -q "$repo/hub"
 ln -sf /opt/tinc-hub/bin/tinc-hub /usr/local/bin/tinc-hub
 tinc-hub init --net "$net" --name "$name" --address "$address" --vpn-subnet "$subnet"
-tinc-hub service install
