@@ -622,22 +622,28 @@ def show_table(lab: Lab, wait: bool) -> int:
     return 0 if ok else 1
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def attach_running_lab() -> Optional["Lab"]:
+    """The lab that is up (from its state file), or None after saying that none is."""
     state = LabState.load(lab_name())
     if state is None:
         print("lab: no lab %r is up (./lab up)" % lab_name(), file=sys.stderr)
+        return None
+    return Lab.attach(state)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    lab = attach_running_lab()
+    if lab is None:
         return 3
-    ok, table = Lab.attach(state).table()
+    ok, table = lab.table()
     print(table, flush=True)
     return 0 if ok else 1
 
 
 def cmd_shell(args: argparse.Namespace) -> int:
-    state = LabState.load(lab_name())
-    if state is None:
-        print("lab: no lab %r is up (./lab up)" % lab_name(), file=sys.stderr)
+    lab = attach_running_lab()
+    if lab is None:
         return 3
-    lab = Lab.attach(state)
     command = list(args.command)
     if command[:1] == ["--"]:
         command = command[1:]
