@@ -577,8 +577,8 @@ def service_unit(facts: SystemFacts, net: str) -> str:
 # Rendering tinc's files (pure).
 
 def render_tinc_conf(name: str, net: str, connect_to: Sequence[str] = (),
-                     extra: Sequence[str] = ()) -> str:
-    lines = [TINC_CONF_MARKER,
+                     extra: Sequence[str] = (), marker: str = TINC_CONF_MARKER) -> str:
+    lines = [marker,
              "Name = " + name, "AddressFamily = ipv4", "Interface = " + interface_name(net)]
     lines += list(extra)
     lines += ["ConnectTo = " + hub for hub in connect_to]

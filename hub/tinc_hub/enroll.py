@@ -30,7 +30,7 @@ from .hostfiles import (remove_if_present, remove_stale_temp_files, render_node_
                         write_if_changed)
 from .registry import NodeRow, Registry, TokenRow
 from .state import HubConfig
-from .tokens import NODE_NAME_RE, hash_secret
+from .tokens import hash_secret
 
 MAX_BODY_BYTES = 16 * 1024
 MAX_TOKEN_CHARS = 4096
@@ -81,7 +81,7 @@ def parse_bearer(authorization: Optional[str]) -> str:
 def validate_name(name: Any, hub_name: str) -> str:
     if not isinstance(name, str):
         raise EnrollError(400, "field 'name' must be a string")
-    if not NODE_NAME_RE.fullmatch(name):
+    if not bootstrap.valid_node_name(name):
         raise EnrollError(400, f"invalid node name {_show(name)}: use 1-64 characters A-Z a-z 0-9 _")
     if name.lower() == hub_name.lower():
         raise EnrollError(400, f"node name {name!r} is the hub's own name")

@@ -8,24 +8,14 @@ leave a torn file.
 
 import os
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 from . import bootstrap
 
 
 def render_node_host_file(address: str, public_pem: str) -> str:
     """The hub's copy of a node host file: its /32 Subnet and its RSA public key, nothing else."""
-    return f"Subnet = {address}/32\n\n{public_pem.strip()}\n"
-
-
-def read_text_or_none(path: Path) -> Optional[str]:
-    """The file's text, or None when it does not exist or is unreadable as UTF-8."""
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    except (UnicodeDecodeError, IsADirectoryError):
-        return None
+    return bootstrap.render_host_file([f"Subnet = {address}/32"], public_pem)
 
 
 def write_if_changed(path: Path, content: str, mode: int = 0o644) -> bool:

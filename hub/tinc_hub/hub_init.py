@@ -83,14 +83,8 @@ def validate_request(req: InitRequest) -> ipaddress.IPv4Network:
 
 
 def render_hub_tinc_conf(name: str, net: str, port: int) -> str:
-    return "\n".join([
-        HUB_CONF_MARKER,
-        f"Name = {name}",
-        "AddressFamily = ipv4",
-        f"Interface = {bootstrap.interface_name(net)}",
-        f"Port = {port}",
-        "TunnelServer = yes",
-    ]) + "\n"
+    return bootstrap.render_tinc_conf(name, net, extra=[f"Port = {port}", "TunnelServer = yes"],
+                                      marker=HUB_CONF_MARKER)
 
 
 def render_hub_host_file(config: HubConfig, public_pem: str) -> str:

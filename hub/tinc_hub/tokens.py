@@ -14,7 +14,6 @@ from .errors import HubError
 from .registry import Registry, TokenRow, iso_utc
 from .state import HubConfig
 
-NODE_NAME_RE = re.compile(r"[A-Za-z0-9_]{1,64}")
 _TTL_RE = re.compile(r"(\d+)\s*([smhdw]?)")
 _TTL_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -76,7 +75,7 @@ def create_token(config: HubConfig, registry: Registry, pin: str, uses: int = 1,
         raise HubError(f"--uses must be at least 1, not {uses}")
     if ttl < 1:
         raise HubError(f"--ttl must be positive, not {ttl}")
-    if name is not None and not NODE_NAME_RE.fullmatch(name):
+    if name is not None and not bootstrap.valid_node_name(name):
         raise HubError(f"invalid node name {name!r}",
                        "tinc names may contain only A-Z, a-z, 0-9 and _ (at most 64)")
     if name is not None and name == config.name:
