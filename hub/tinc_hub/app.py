@@ -108,7 +108,8 @@ def create_app(config: HubConfig, registry: Registry, batcher: ReloadBatcher,
             return error_response(exc.status, exc.message, close=True)
         except ClientDisconnect:
             return error_response(400, "client disconnected", close=True)
-        outcome = await run_in_threadpool(enroller.process, request.headers.get("authorization"), body)
+        outcome = await run_in_threadpool(enroller.process, request.headers.get("authorization"), body,
+                                          request.client.host if request.client else "-")
         if outcome.reload_needed:
             await batcher.reload()  # answer only after the SIGHUP that covers this node
         elif outcome.status == 200:
