@@ -78,6 +78,32 @@ def rate_limit(text: str) -> "Optional[RateLimit]":
     return parse_rate_limit(text)
 
 
+def token_id_prefix(text: str) -> str:
+    """A token id (or a prefix of at least 6 hex digits); a usage error otherwise."""
+    from .tokens import parse_token_id
+
+    try:
+        return parse_token_id(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def check_combinations(args: argparse.Namespace) -> None:
+    """Option combinations argparse cannot express (UsageError: exit 2, nothing done)."""
+    if args.command == "token" and args.token_command == "create" and args.replace and not args.name:
+        raise UsageError("--replace needs --name: a replace token re-keys only the one node it names"
+                         f" (hint: see '{PROG} token create --help')")
+
+
+def command_prefix(state: StateDir) -> str:
+    """``tinc-hub`` plus ``--state-dir DIR`` when not the default, quoted for a shell."""
+    import shlex
+
+    if str(state.root) == DEFAULT_STATE_DIR:
+        return PROG
+    return f"{PROG} --state-dir {shlex.quote(str(state.root))}"
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -124,7 +150,7 @@ def build_parser() -> Parser:
                help="lifetime: 30m, 1h, 2d, 1w or seconds")
     add_option(p, "--name", env="TINC_HUB_TOKEN_NAME", help="only this node name may use the token")
     add_flag(p, "--replace", env="TINC_HUB_TOKEN_REPLACE",
-             help="may re-enrol an existing name with a new key (keeps its address)")
+             help="may re-enrol the --name node with a new key (keeps its address; needs --name)")
     add_flag(p, "--json", help="print {token, expires_at, command} as JSON")
     add_flag(p, "--cloud-init", env="TINC_HUB_TOKEN_CLOUD_INIT",
              help="print a #cloud-config user data that joins the machine at first boot")
@@ -134,6 +160,20 @@ def build_parser() -> Parser:
     add_flag(p, "--embed", env="TINC_HUB_TOKEN_EMBED",
              help="embed bootstrap.py in the --cloud-init user data (gzip+base64) instead of "
                   "fetching it from the hub with the pinned curl")
+
+    p = token_cmds.add_parser("list", help="list tokens (id, expiry, uses, status; never the secret)",
+                              description="List every token: id (a prefix of the stored hash), "
+                                          "created, expires, uses left/total, bound name, replace, "
+                                          "revoked, status (active, expired, spent or revoked).")
+    add_common(p, top=False)
+    add_flag(p, "--json", help="print JSON")
+    p = token_cmds.add_parser("revoke", help="revoke a token: it enrols nothing more",
+                              description="Revoke a token by its id (or an unambiguous prefix of at "
+                                          "least 6 hex digits, see 'token list'): every later request "
+                                          "with it is refused (401), replays of its enrolments too. "
+                                          "Nodes it enrolled stay enrolled ('revoke NAME' removes one).")
+    add_common(p, top=False)
+    p.add_argument("token_id", metavar="ID", type=token_id_prefix, help="token id (see 'token list')")
 
     p = commands.add_parser("serve", help="run the HTTPS enrolment API",
                             description="Serve GET /bootstrap.py, POST /v1/enroll, GET /healthz and "
@@ -157,6 +197,8 @@ def build_parser() -> Parser:
     add_common(p, top=False)
     p.add_argument("node", metavar="NAME", help="node name")
     add_flag(p, "--release", help="free the node's address, name and key for reuse")
+    add_flag(p, "--revoke-token", help="also revoke the token that enrolled (or last re-keyed) the "
+                                       "node, so the machine cannot enrol again under another name")
     return parser
 
 
@@ -189,7 +231,9 @@ def _registry(state: StateDir):
     from .registry import Registry
 
     state.load_config()  # fail early with a hint when init was never run
-    return Registry(state.registry_file, state.lock_file)
+    registry = Registry(state.registry_file, state.lock_file)
+    registry.upgrade_schema()  # a registry made by an older tinc-hub gains its new columns
+    return registry
 
 
 def cmd_token_create(args: argparse.Namespace, state: StateDir) -> int:
@@ -223,6 +267,39 @@ def cmd_token_create(args: argparse.Namespace, state: StateDir) -> int:
     print()
     print("run on the node as root:")
     print(issued.command)
+    return EXIT_OK
+
+
+def cmd_token_list(args: argparse.Namespace, state: StateDir) -> int:
+    from .tokens import list_tokens
+
+    rows = list_tokens(_registry(state))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    if not rows:
+        print("no tokens")
+        return EXIT_OK
+    table = [("ID", "CREATED", "EXPIRES", "USES", "NAME", "REPLACE", "REVOKED", "STATUS")] + [
+        (r["id"], r["created_at"], r["expires_at"], f"{r['uses_left']}/{r['uses_total']}",
+         r["name"] or "-", "yes" if r["replace"] else "no", r["revoked_at"] or "-", r["status"])
+        for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return EXIT_OK
+
+
+def cmd_token_revoke(args: argparse.Namespace, state: StateDir) -> int:
+    from .registry import iso_utc
+    from .tokens import revoke_token
+
+    token, changed = revoke_token(_registry(state), args.token_id)
+    if changed:
+        print(f"token {token.id} revoked ({token.uses_left} of {token.uses_total} uses were left);"
+              " nodes it enrolled stay enrolled")
+    else:
+        print(f"token {token.id} already revoked at {iso_utc(token.revoked_at)}")
     return EXIT_OK
 
 
@@ -264,24 +341,34 @@ def cmd_nodes(args: argparse.Namespace, state: StateDir) -> int:
 
 def cmd_revoke(args: argparse.Namespace, state: StateDir) -> int:
     from .hostfiles import remove_if_present
+    from .registry import iso_utc
     from .reload import send_sighup
 
     config = state.load_config()
     registry = _registry(state)
+    now = int(time.time())
     with registry.exclusive():
         with registry.transaction() as conn:
             node = registry.get_node(conn, args.node)
             if node is None:
                 raise HubError(f"no enrolled node named {args.node!r}",
                                "see 'tinc-hub nodes'; a host file tinc-hub did not write must be removed by hand")
-            registry.mark_revoked(conn, node.name, int(time.time()))
+            registry.mark_revoked(conn, node.name, now)
             if args.release:
                 registry.delete_node(conn, node.name)
+            token = registry.get_token(conn, node.token_sha256)
+            token_revoked = bool(args.revoke_token and token is not None
+                                 and registry.revoke_token(conn, token.secret_sha256, now))
         removed = remove_if_present(config.hosts_dir / node.name)
     signalled = send_sighup(config.net, config.tinc_dir)
     what = "revoked" if not node.revoked else "already revoked"
     print(f"{node.name} ({node.address}) {what}" + ("; address, name and key released" if args.release else "")
-          + ("; host file removed" if removed else ""))
+          + ("; host file removed" if removed else "")
+          + (f"; token {token.id} revoked" if token_revoked and token is not None else ""))
+    if not args.revoke_token and token is not None and token.can_enrol(now):
+        print(f"{PROG}: warning: token {token.id}, which enrolled {node.name}, can still enrol "
+              f"{token.uses_left} more node(s) until {iso_utc(token.expires_at)} "
+              f"(hint: end it with '{command_prefix(state)} token revoke {token.id}')", file=sys.stderr)
     if not signalled:
         print(f"{PROG}: warning: could not SIGHUP tincd of net {config.net!r}: "
               "the node stays connected until tincd reloads (hint: is tincd running?)", file=sys.stderr)
@@ -293,6 +380,10 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "init":
         return cmd_init(args, state)
     if args.command == "token":
+        if args.token_command == "list":
+            return cmd_token_list(args, state)
+        if args.token_command == "revoke":
+            return cmd_token_revoke(args, state)
         return cmd_token_create(args, state)
     if args.command == "serve":
         return cmd_serve(args, state)
@@ -311,6 +402,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``tinc-hub``; returns the exit code."""
     try:
         args = build_parser().parse_args(argv)
+        check_combinations(args)
     except UsageError as exc:
         print(f"{PROG}: error: {_one_line(str(exc))}", file=sys.stderr)
         return EXIT_USAGE

@@ -4,20 +4,26 @@ value and the raw request body; returns an HTTP status and a JSON-able dict.
 Status codes:
   200 enrolled (or the same enrolment replayed)
   400 malformed body, bad name, bad public key
-  401 missing/malformed/unknown/expired/spent token
+  401 missing/malformed/unknown/expired/spent/revoked token
   403 token bound to another name; node revoked
   409 name enrolled with another key (without a --replace token); key used by another node;
       a foreign hosts/NAME file exists; VPN subnet full
   413 body larger than MAX_BODY_BYTES
 Anything else (500) is a hub fault, never a reaction to client input.
+
+Every refusal, and every replay whose host file is in place, is decided from one read of the
+registry before the write lock is taken; only a new enrolment or a re-key waits for the lock
+(and is checked again under it). Each answer leaves one audit line (``tinc_hub.audit``).
 """
 
 import ipaddress
 import json
+import logging
 import os
 import re
 import sqlite3
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, NamedTuple, Optional, Set, Tuple
 
@@ -28,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from . import bootstrap
 from .hostfiles import (remove_if_present, remove_stale_temp_files, render_node_host_file,
                         write_if_changed)
-from .registry import NodeRow, Registry, TokenRow
+from .registry import NodeRow, Registry, TokenRow, token_id
 from .state import HubConfig
 from .tokens import hash_secret
 
@@ -36,6 +42,8 @@ MAX_BODY_BYTES = 16 * 1024
 MAX_TOKEN_CHARS = 4096
 MIN_RSA_BITS = 2048
 MAX_RSA_BITS = 16384
+
+audit_log = logging.getLogger("tinc_hub.audit")
 
 _PEM_RE = re.compile(
     r"-----BEGIN (RSA PUBLIC KEY|PUBLIC KEY)-----\r?\n"
@@ -57,6 +65,57 @@ class EnrollOutcome(NamedTuple):
     status: int
     body: Dict[str, Any]
     reload_needed: bool  # a host file changed: the hub's tincd must get a SIGHUP before answering
+
+
+@dataclass
+class Attempt:
+    """What one request's audit line reports, filled in as the request is understood."""
+    client: str
+    name: Any = None  # the client's value as sent (escaped when logged)
+    token: Optional[str] = None  # token id (a prefix of the stored hash), once decoded
+    address: Optional[str] = None
+
+
+_PLAIN_LOG_VALUE = re.compile(r"[A-Za-z0-9._:/@+-]{1,100}")
+MAX_LOG_VALUE_CHARS = 100
+
+
+def log_value(value: Any) -> str:
+    """A value for a ``key=value`` log field, always on one line: ``-`` for none; plain text
+    as is; anything else JSON-quoted with every control and non-ASCII character escaped (a
+    client-supplied name cannot start a forged line or carry a terminal escape)."""
+    if value is None:
+        return "-"
+    if not isinstance(value, str):
+        return f"<{type(value).__name__}>"  # never the content of a non-string field
+    if value != "-" and _PLAIN_LOG_VALUE.fullmatch(value):
+        return value
+    if len(value) > MAX_LOG_VALUE_CHARS:
+        value = value[:MAX_LOG_VALUE_CHARS] + "..."
+    return json.dumps(value, ensure_ascii=True)
+
+
+def audit_line(result: str, status: int, attempt: Attempt, reason: Optional[str] = None) -> str:
+    """``enrolment result=new|rekeyed|replay|refused|failed status=N name=… address=…
+    client=… token=ID[ reason="…"]``."""
+    fields = [("result", result), ("status", str(status)), ("name", attempt.name),
+              ("address", attempt.address), ("client", attempt.client), ("token", attempt.token)]
+    if reason is not None:
+        fields.append(("reason", reason))
+    return "enrolment " + " ".join(f"{key}={log_value(value)}" for key, value in fields)
+
+
+def host_file_in_place(path: Path, content: str, mode: int = 0o644) -> bool:
+    """True when ``path`` (not a symlink) already holds exactly ``content`` with ``mode``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    expected = content.encode("utf-8")
+    with os.fdopen(fd, "rb") as handle:
+        if (os.fstat(handle.fileno()).st_mode & 0o7777) != mode:
+            return False
+        return handle.read(len(expected) + 1) == expected
 
 
 def _show(value: str, limit: int = 40) -> str:
@@ -153,15 +212,24 @@ class Enroller:
         self.hub_address_int = int(ipaddress.IPv4Address(config.hub_address))
 
     # The interface the spec asks for: (status, json dict).
-    def handle(self, authorization: Optional[str], body: bytes) -> Tuple[int, Dict[str, Any]]:
-        outcome = self.process(authorization, body)
+    def handle(self, authorization: Optional[str], body: bytes,
+               client: str = "-") -> Tuple[int, Dict[str, Any]]:
+        outcome = self.process(authorization, body, client)
         return outcome.status, outcome.body
 
-    def process(self, authorization: Optional[str], body: bytes) -> EnrollOutcome:
+    def process(self, authorization: Optional[str], body: bytes, client: str = "-") -> EnrollOutcome:
+        """Answer one enrolment request from ``client`` (its address, for the audit line)."""
+        attempt = Attempt(client=client)
         try:
-            return self._process(authorization, body)
+            outcome, result = self._process(authorization, body, attempt)
         except EnrollError as exc:
+            audit_log.warning("%s", audit_line("refused", exc.status, attempt, exc.message))
             return EnrollOutcome(exc.status, {"error": exc.message}, False)
+        except Exception as exc:
+            audit_log.error("%s", audit_line("failed", 500, attempt, type(exc).__name__))
+            raise
+        audit_log.info("%s", audit_line(result, outcome.status, attempt))
+        return outcome
 
     # -- internals ---------------------------------------------------------------------
     def _decode(self, token_text: str) -> str:
@@ -178,13 +246,48 @@ class Enroller:
             raise EnrollError(401, f"token is for net {_show(str(net))}, this hub serves {self.config.net!r}")
         return hash_secret(secret)
 
+    @staticmethod
+    def _check_known(token: Optional[TokenRow]) -> TokenRow:
+        """Unknown and revoked tokens are refused before anything else (replays included)."""
+        if token is None:
+            raise EnrollError(401, "unknown token")
+        if token.revoked:
+            raise EnrollError(401, "token revoked")
+        return token
+
     def _check_token(self, token: TokenRow, name: str, now: int) -> None:
+        """The token may enrol or re-key ``name`` now."""
         if now >= token.expires_at:
             raise EnrollError(401, "token expired")
         if token.uses_left <= 0:
             raise EnrollError(401, "token already used")
         if token.bound_name is not None and token.bound_name != name:
             raise EnrollError(403, f"token is bound to node {token.bound_name!r}, not {name!r}")
+
+    def _decide(self, conn: sqlite3.Connection, token_hash: str, name: str,
+                public_key: str) -> Optional[NodeRow]:
+        """Every refusal this request deserves, from what ``conn`` reads; the node when it is
+        a replay (answer it, change nothing), None when a write is needed."""
+        now = int(self.clock())
+        token = self._check_known(self.registry.get_token(conn, token_hash))
+        node = self.registry.get_node(conn, name)
+        if node is not None and node.revoked:
+            raise EnrollError(403, f"node {name!r} has been revoked")
+        if node is not None and node.public_key == public_key:
+            if node.token_sha256 != token_hash:
+                # Re-running with another token: it must be valid, but it grants nothing new.
+                self._check_token(token, name, now)
+            return node  # replay: same answer, no use spent
+        self._check_token(token, name, now)
+        owner = self.registry.get_node_by_key(conn, public_key)
+        if owner is not None and owner.name != name:
+            state = " (revoked)" if owner.revoked else ""
+            raise EnrollError(409, f"this public key is already enrolled as node {owner.name!r}{state}"
+                                   " (cloned machine? generate a new key)")
+        if node is not None and not token.allow_replace:
+            raise EnrollError(409, f"node {name!r} is already enrolled with a different key"
+                                   " (ask the hub admin for a token made with --replace)")
+        return None
 
     def _answer(self, node: NodeRow) -> Dict[str, Any]:
         return {
@@ -196,21 +299,34 @@ class Enroller:
                     "host_file": self.config.hub_host_file.read_text(encoding="utf-8")},
         }
 
-    def _process(self, authorization: Optional[str], body: bytes) -> EnrollOutcome:
+    def _process(self, authorization: Optional[str], body: bytes,
+                 attempt: Attempt) -> Tuple[EnrollOutcome, str]:
+        """The outcome and the audit result word (new, rekeyed, replay)."""
         token_hash = self._decode(parse_bearer(authorization))
+        attempt.token = token_id(token_hash)
         with self.registry.reading() as conn:
-            if self.registry.get_token(conn, token_hash) is None:
-                raise EnrollError(401, "unknown token")
+            self._check_known(self.registry.get_token(conn, token_hash))
         data = parse_body(body)
+        attempt.name = data["name"]
         name = validate_name(data["name"], self.config.name)
         public_key = normalise_public_key(data["public_key"])
+
+        # Pre-check without the write lock: refusals and replays never wait for writers.
+        with self.registry.snapshot() as conn:
+            replay = self._decide(conn, token_hash, name, public_key)
+        if replay is not None:
+            attempt.address = replay.address
+            if host_file_in_place(self.config.hosts_dir / replay.name,
+                                  render_node_host_file(replay.address, replay.public_key)):
+                return EnrollOutcome(200, self._answer(replay), False), "replay"
 
         with self.registry.exclusive():
             try:
                 with self.registry.transaction() as conn:
-                    node = self._enrol_in_transaction(conn, token_hash, name, public_key)
+                    node, result = self._enrol_in_transaction(conn, token_hash, name, public_key)
             except sqlite3.IntegrityError as exc:  # unreachable under the lock; stay a clean 409
                 raise EnrollError(409, f"conflict with an existing enrolment ({exc})") from None
+            attempt.address = node.address
             # Written while still holding the lock, so a later writer of the same name can't be
             # overtaken; a crash right here is repaired by reconcile_host_files on serve start.
             path = self.config.hosts_dir / node.name
@@ -218,39 +334,22 @@ class Enroller:
             changed = write_if_changed(path, render_node_host_file(node.address, node.public_key))
             if changed and is_new:
                 date_like_tincd_start(path, self.config.net)
-        return EnrollOutcome(200, self._answer(node), changed)
+        return EnrollOutcome(200, self._answer(node), changed), result
 
     def _enrol_in_transaction(self, conn: sqlite3.Connection, token_hash: str, name: str,
-                              public_key: str) -> NodeRow:
+                              public_key: str) -> Tuple[NodeRow, str]:
+        """Under the write lock: the checks again (the registry may have changed since the
+        pre-check), then the write. Returns the node and new, rekeyed or replay."""
+        replay = self._decide(conn, token_hash, name, public_key)
+        if replay is not None:
+            return replay, "replay"
         now = int(self.clock())
-        token = self.registry.get_token(conn, token_hash)
-        if token is None:
-            raise EnrollError(401, "unknown token")
         node = self.registry.get_node(conn, name)
-        if node is not None and node.revoked:
-            raise EnrollError(403, f"node {name!r} has been revoked")
-
-        if node is not None and node.public_key == public_key:
-            if node.token_sha256 != token_hash:
-                # Re-running with another token: it must be valid, but it grants nothing new.
-                self._check_token(token, name, now)
-            return node  # replay: same answer, no use spent
-
-        self._check_token(token, name, now)
-        owner = self.registry.get_node_by_key(conn, public_key)
-        if owner is not None and owner.name != name:
-            state = " (revoked)" if owner.revoked else ""
-            raise EnrollError(409, f"this public key is already enrolled as node {owner.name!r}{state}"
-                                   " (cloned machine? generate a new key)")
-
         if node is not None:
-            if not token.allow_replace:
-                raise EnrollError(409, f"node {name!r} is already enrolled with a different key"
-                                       " (ask the hub admin for a token made with --replace)")
             if not self.registry.spend_token_use(conn, token_hash):
                 raise EnrollError(401, "token already used")
             self.registry.replace_node_key(conn, name, public_key, token_hash, now)
-            return self.registry.get_node(conn, name)  # type: ignore[return-value]
+            return self.registry.get_node(conn, name), "rekeyed"  # type: ignore[return-value]
 
         if (self.config.hosts_dir / name).exists():
             raise EnrollError(409, f"a host file for {name!r} exists on the hub that tinc-hub did not"
@@ -266,7 +365,7 @@ class Enroller:
                        public_key=public_key, token_sha256=token_hash, enrolled_at=now,
                        updated_at=now, revoked_at=None)
         self.registry.insert_node(conn, node)
-        return node
+        return node, "new"
 
 
 def date_like_tincd_start(path: Path, net: str) -> None:

@@ -3,7 +3,11 @@
 All writes go through :meth:`Registry.exclusive` (an flock on a lock file next to the
 database, shared by ``tinc-hub serve`` threads and CLI commands) and a ``BEGIN IMMEDIATE``
 transaction, so spending a token use and allocating an address is one atomic step, and the
-host file written after the commit cannot be overtaken by another writer.
+host file written after the commit cannot be overtaken by another writer. Reads (and the
+enrolment pre-check) never take the lock: SQLite's WAL lets them run beside a writer.
+
+A token is known by its id: the first TOKEN_ID_CHARS hex digits of the stored sha256 (unique;
+``create_token`` draws another secret on a clash). The secret itself is never stored.
 """
 
 import fcntl
@@ -14,7 +18,10 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Set
+from typing import Dict, Iterator, List, Optional, Set
+
+TOKEN_ID_CHARS = 10
+MIN_TOKEN_ID_PREFIX = 6
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tokens (
@@ -24,7 +31,8 @@ CREATE TABLE IF NOT EXISTS tokens (
     expires_at    INTEGER NOT NULL,
     bound_name    TEXT,
     allow_replace INTEGER NOT NULL DEFAULT 0,
-    created_at    INTEGER NOT NULL
+    created_at    INTEGER NOT NULL,
+    revoked_at    INTEGER
 );
 CREATE TABLE IF NOT EXISTS nodes (
     name          TEXT PRIMARY KEY,
@@ -38,7 +46,16 @@ CREATE TABLE IF NOT EXISTS nodes (
 );
 """
 
+# Columns added after the first release: (table, column, type). upgrade_schema() adds them to
+# an older registry.sqlite3; new columns go at the end, so SELECT * is the same on both.
+ADDED_COLUMNS = (("tokens", "revoked_at", "INTEGER"),)
+
 BUSY_TIMEOUT_MS = 30_000
+
+
+def token_id(secret_sha256: str) -> str:
+    """The short public id of a token (a prefix of the stored hash; never the secret)."""
+    return secret_sha256[:TOKEN_ID_CHARS]
 
 
 @dataclass(frozen=True)
@@ -50,6 +67,28 @@ class TokenRow:
     bound_name: Optional[str]
     allow_replace: bool
     created_at: int
+    revoked_at: Optional[int] = None
+
+    @property
+    def id(self) -> str:
+        return token_id(self.secret_sha256)
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+    def status(self, now: int) -> str:
+        """active, expired, spent or revoked (the first that applies: revoked, spent, expired)."""
+        if self.revoked:
+            return "revoked"
+        if self.uses_left <= 0:
+            return "spent"
+        if now >= self.expires_at:
+            return "expired"
+        return "active"
+
+    def can_enrol(self, now: int) -> bool:
+        return self.status(now) == "active"
 
 
 @dataclass(frozen=True)
@@ -118,13 +157,39 @@ class Registry:
         return True
 
     def ensure_schema(self) -> None:
-        """Create missing tables (``serve`` start; idempotent)."""
+        """Create missing tables and columns (``serve`` start; idempotent)."""
         self.create()
         conn = self.connect()
         try:
             conn.executescript(SCHEMA)
         finally:
             conn.close()
+        self.upgrade_schema()
+
+    def _missing_columns(self, conn: sqlite3.Connection) -> List[tuple]:
+        missing = []
+        for table, column, kind in ADDED_COLUMNS:
+            have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+            if have and column not in have:
+                missing.append((table, column, kind))
+        return missing
+
+    def upgrade_schema(self) -> List[str]:
+        """Add the columns a registry made by an older tinc-hub lacks; returns what was added.
+
+        A current database is only read (nothing written, no lock taken); a missing one is
+        left alone (the command that needs it reports that)."""
+        if not self.db_path.exists():
+            return []
+        with self.reading() as conn:
+            if not self._missing_columns(conn):
+                return []
+        added = []
+        with self.exclusive(), self.transaction() as conn:
+            for table, column, kind in self._missing_columns(conn):  # again, under the lock
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+                added.append(f"{table}.{column}")
+        return added
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -170,31 +235,77 @@ class Registry:
         with self._connection() as conn:
             yield conn
 
+    @contextmanager
+    def snapshot(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction: every statement sees the same commit. Takes no lock that a
+        writer waits for (WAL), and is not the registry write lock."""
+        with self._connection() as conn:
+            conn.execute("BEGIN")
+            try:
+                yield conn
+            finally:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+
     # -- tokens ------------------------------------------------------------------------
     @staticmethod
     def insert_token(conn: sqlite3.Connection, row: TokenRow) -> None:
         conn.execute(
             "INSERT INTO tokens (secret_sha256, uses_total, uses_left, expires_at, bound_name,"
-            " allow_replace, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            " allow_replace, created_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (row.secret_sha256, row.uses_total, row.uses_left, row.expires_at, row.bound_name,
-             int(row.allow_replace), row.created_at),
+             int(row.allow_replace), row.created_at, row.revoked_at),
         )
 
+    _TOKEN_COLUMNS = ("secret_sha256, uses_total, uses_left, expires_at, bound_name, allow_replace,"
+                      " created_at, revoked_at")
+
     @staticmethod
-    def get_token(conn: sqlite3.Connection, secret_sha256: str) -> Optional[TokenRow]:
-        r = conn.execute(
-            "SELECT secret_sha256, uses_total, uses_left, expires_at, bound_name, allow_replace,"
-            " created_at FROM tokens WHERE secret_sha256 = ?", (secret_sha256,)).fetchone()
-        if r is None:
-            return None
-        return TokenRow(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6])
+    def _token_row(r: tuple) -> TokenRow:
+        return TokenRow(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6], r[7])
+
+    @classmethod
+    def get_token(cls, conn: sqlite3.Connection, secret_sha256: str) -> Optional[TokenRow]:
+        r = conn.execute(f"SELECT {cls._TOKEN_COLUMNS} FROM tokens WHERE secret_sha256 = ?",
+                         (secret_sha256,)).fetchone()
+        return cls._token_row(r) if r else None
+
+    @classmethod
+    def list_tokens(cls, conn: sqlite3.Connection) -> List[TokenRow]:
+        rows = conn.execute(f"SELECT {cls._TOKEN_COLUMNS} FROM tokens"
+                            " ORDER BY created_at, secret_sha256").fetchall()
+        return [cls._token_row(r) for r in rows]
+
+    @classmethod
+    def tokens_with_prefix(cls, conn: sqlite3.Connection, prefix: str) -> List[TokenRow]:
+        """Tokens whose stored hash starts with ``prefix`` (lowercase hex, checked here)."""
+        if not prefix or any(c not in "0123456789abcdef" for c in prefix):
+            raise ValueError(f"token id prefix must be lowercase hex, not {prefix!r}")
+        rows = conn.execute(f"SELECT {cls._TOKEN_COLUMNS} FROM tokens WHERE substr(secret_sha256, 1, ?) = ?"
+                            " ORDER BY created_at, secret_sha256", (len(prefix), prefix)).fetchall()
+        return [cls._token_row(r) for r in rows]
+
+    @staticmethod
+    def revoke_token(conn: sqlite3.Connection, secret_sha256: str, now: int) -> bool:
+        """Set revoked_at (once); False when the token was already revoked or is unknown."""
+        cur = conn.execute("UPDATE tokens SET revoked_at = ? WHERE secret_sha256 = ? AND revoked_at IS NULL",
+                           (now, secret_sha256))
+        return cur.rowcount == 1
+
+    @staticmethod
+    def node_names_by_token(conn: sqlite3.Connection) -> Dict[str, List[str]]:
+        """token hash -> names of the nodes it last enrolled or re-keyed."""
+        out: Dict[str, List[str]] = {}
+        for sha, name in conn.execute("SELECT token_sha256, name FROM nodes ORDER BY address_int"):
+            out.setdefault(sha, []).append(name)
+        return out
 
     @staticmethod
     def spend_token_use(conn: sqlite3.Connection, secret_sha256: str) -> bool:
-        """Decrement uses_left if positive; False when nothing was left."""
+        """Decrement uses_left if positive and not revoked; False when nothing was left."""
         cur = conn.execute(
-            "UPDATE tokens SET uses_left = uses_left - 1 WHERE secret_sha256 = ? AND uses_left > 0",
-            (secret_sha256,))
+            "UPDATE tokens SET uses_left = uses_left - 1 WHERE secret_sha256 = ? AND uses_left > 0"
+            " AND revoked_at IS NULL", (secret_sha256,))
         return cur.rowcount == 1
 
     # -- nodes -------------------------------------------------------------------------
