@@ -365,7 +365,9 @@ def cmd_revoke(args: argparse.Namespace, state: StateDir) -> int:
     print(f"{node.name} ({node.address}) {what}" + ("; address, name and key released" if args.release else "")
           + ("; host file removed" if removed else "")
           + (f"; token {token.id} revoked" if token_revoked and token is not None else ""))
-    if not args.revoke_token and token is not None and token.can_enrol(now):
+    # A token bound to this (now revoked) name enrols nothing more, unless --release freed it.
+    bound_here = token is not None and token.bound_name == node.name and not args.release
+    if not args.revoke_token and token is not None and token.can_enrol(now) and not bound_here:
         print(f"{PROG}: warning: token {token.id}, which enrolled {node.name}, can still enrol "
               f"{token.uses_left} more node(s) until {iso_utc(token.expires_at)} "
               f"(hint: end it with '{command_prefix(state)} token revoke {token.id}')", file=sys.stderr)
