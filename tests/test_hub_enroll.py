@@ -206,7 +206,7 @@ def test_different_key_409_then_replace_keeps_address(hub: HubEnv) -> None:
     plain = hub.token().token
     status, answer = hub.enroll(plain, "node_k", rsa_public_pem(6))
     assert status == 409 and "--replace" in answer["error"]
-    status, answer = hub.enroll(hub.token(replace=True).token, "node_k", rsa_public_pem(6))
+    status, answer = hub.enroll(hub.token(name="node_k", replace=True).token, "node_k", rsa_public_pem(6))
     assert status == 200 and answer["address"] == "10.77.0.2"
     assert (hub.config.hosts_dir / "node_k").read_text().strip().endswith(rsa_public_pem(6).strip())
     # The refused token kept its use.

@@ -286,7 +286,7 @@ class Enroller:
                                    " (cloned machine? generate a new key)")
         if node is not None and not token.allow_replace:
             raise EnrollError(409, f"node {name!r} is already enrolled with a different key"
-                                   " (ask the hub admin for a token made with --replace)")
+                                   f" (ask the hub admin for a token made with --name {name} --replace)")
         return None
 
     def _answer(self, node: NodeRow) -> Dict[str, Any]:
