@@ -38,6 +38,7 @@ import shutil
 import signal
 import socket
 import ssl
+import stat
 import struct
 import subprocess
 import sys
@@ -108,9 +109,11 @@ class Reporter:
         if log_path:
             try:
                 os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
-                fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-                self._file = os.fdopen(fd, "a")
+                self._file = os.fdopen(open_log_file(log_path), "a")
                 self.log_path = log_path
+            except UnsafeLogFile as exc:
+                sys.stderr.write("tinc-bootstrap: warning: not logging to {}: {}\n".format(
+                    log_path, exc))
             except OSError:
                 self._file = None
 
@@ -118,7 +121,7 @@ class Reporter:
         if self._file:
             stamp = "{} +{:.3f}s".format(time.strftime("%Y-%m-%dT%H:%M:%S"),
                                          time.monotonic() - self.started)
-            for line in text.splitlines() or [""]:
+            for line in redact(text).splitlines() or [""]:
                 self._file.write("{} {}\n".format(stamp, line))
             self._file.flush()
 
@@ -126,14 +129,56 @@ class Reporter:
         """A progress line the user sees."""
         self._write("== " + message)
         if not self.quiet:
-            sys.stderr.write("tinc-bootstrap: {}\n".format(message))
+            sys.stderr.write("tinc-bootstrap: {}\n".format(redact(message)))
             sys.stderr.flush()
 
     def debug(self, message: str) -> None:
         """Detail for the log (and stderr with -v)."""
         self._write(message)
         if self.verbose:
-            sys.stderr.write("  {}\n".format(message))
+            sys.stderr.write("  {}\n".format(redact(message)))
+
+
+class UnsafeLogFile(OSError):
+    """The log path is a symlink, a FIFO, a device or a hard link: never written through."""
+
+
+def open_log_file(path: str) -> int:
+    """An append-only fd on path (created 0600), refusing anything but a plain file of its own.
+
+    O_NOFOLLOW: a symlink planted at the log path is not followed to its target; O_NONBLOCK:
+    a FIFO without a reader cannot hang us (and one with a reader is refused below);
+    O_NOCTTY: a terminal device never becomes our controlling terminal.
+    """
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeLogFile("it is a symbolic link")
+        if exc.errno == errno.ENXIO:
+            raise UnsafeLogFile("it is a FIFO or socket")
+        raise
+    info = os.fstat(fd)
+    problem = ("it is not a regular file" if not stat.S_ISREG(info.st_mode)
+               else "it has other hard links" if info.st_nlink != 1 else None)
+    if problem:
+        os.close(fd)
+        raise UnsafeLogFile(problem)
+    os.set_blocking(fd, True)
+    return fd
+
+
+# Anything shaped like a token, and the token read at start-up, never reaches a log or stderr.
+_TOKEN_TEXT_RE = re.compile(r"tinc1\.[A-Za-z0-9_=-]{8,}")
+_SECRETS = []  # type: List[str]
+
+
+def redact(text: str) -> str:
+    """text with the token (and its secret), and anything that looks like a token, masked."""
+    for secret in _SECRETS:
+        text = text.replace(secret, "<token>")
+    return _TOKEN_TEXT_RE.sub("tinc1.<token>", text)
 
 
 REPORT = Reporter()
@@ -316,7 +361,7 @@ def decode_token(text: str) -> Token:
                       hub=fields["h"], secret=fields["s"])
     except KeyError:
         raise bad
-    if not (isinstance(token.host, str) and token.host and isinstance(token.port, int)
+    if not (host_problem(token.host) is None and isinstance(token.port, int)
             and not isinstance(token.port, bool) and 0 < token.port < 65536 and isinstance(token.pin, str)
             and token.pin.startswith("sha256//") and isinstance(token.net, str)
             and NET_RE.fullmatch(token.net) and isinstance(token.hub, str)
@@ -356,6 +401,46 @@ def spki_pin_from_cert_der(der: bytes) -> str:
 
 # ---------------------------------------------------------------------------
 # Names.
+
+HOST_LABEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def host_problem(host: str) -> Optional[str]:
+    """Why host is neither an IP literal nor an RFC 1123 host name; None when it is one.
+
+    Host names: dot-separated labels of 1-63 letters, digits and '-' (not first or last),
+    at most 253 characters, no final dot, and a last label that is not all digits (so
+    nothing that inet_aton reads as a number, like 127.1 or 0x7f.1, passes as a name).
+    IPv4 literals must be in canonical dotted-quad form; IPv6 ones without a zone.
+    """
+    if not isinstance(host, str) or not host:
+        return "it is empty"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    if address is not None:
+        if "%" in host:
+            return "an IPv6 zone (%...) is not allowed"
+        if address.version == 4 and str(address) != host:
+            return "write the IPv4 address as four decimal numbers without leading zeros"
+        return None
+    if host.endswith("."):
+        return "drop the final dot"
+    if len(host) > 253:
+        return "a host name has at most 253 characters"
+    labels = host.split(".")
+    if not all(HOST_LABEL_RE.fullmatch(label) for label in labels):
+        return ("a host name is made of dot-separated labels of 1-63 letters, digits and '-'"
+                " (not at the start or end of a label)")
+    if labels[-1].isdigit():
+        return "this is neither an IPv4 address nor a host name (its last label is a number)"
+    try:
+        socket.inet_aton(host)
+    except (OSError, ValueError):
+        return None
+    return "this reads as a number (inet_aton); write the IPv4 address as a.b.c.d"
+
 
 def valid_node_name(name: str) -> bool:
     """tinc's rule for node names: [A-Za-z0-9_]+."""
@@ -1058,6 +1143,10 @@ def split_hub(value: str, default_port: int) -> Tuple[str, int]:
     if not match:
         raise BootstrapError("bad --hub {!r}".format(value), EXIT_USAGE, "use HOST or HOST:PORT")
     host = match.group(1) or match.group(3)
+    problem = host_problem(host)
+    if problem:
+        raise BootstrapError("bad host in --hub {!r}: {}".format(value, problem), EXIT_USAGE,
+                             "use HOST or HOST:PORT")
     port = int(match.group(2) or match.group(4) or default_port)
     if not 0 < port < 65536:
         raise BootstrapError("bad port in --hub {!r}".format(value), EXIT_USAGE)
@@ -1115,10 +1204,7 @@ def join(opts: JoinOptions) -> int:
     """The whole join: plan and apply each step; print the node's VPN address."""
     token = decode_token(opts.token_text)
     host, port = split_hub(opts.hub, token.port) if opts.hub else (token.host, token.port)
-    net = opts.net or token.net
-    if not NET_RE.fullmatch(net):
-        raise BootstrapError("bad net name {!r}".format(net), EXIT_USAGE,
-                             "use letters, digits, _ . and -")
+    net = check_net_name(opts.net or token.net)
     if opts.key_size < 2048:
         raise BootstrapError("--key-size must be at least 2048", EXIT_USAGE)
     if os.geteuid() != 0 and not opts.dry_run:
@@ -1204,12 +1290,23 @@ def find_nets(tinc_dir: str) -> List[str]:
         entries = sorted(os.listdir(tinc_dir))
     except OSError:
         return []
-    return [e for e in entries if os.path.isfile(os.path.join(tinc_dir, e, STATE_FILE))]
+    return [e for e in entries if NET_RE.fullmatch(e)
+            and os.path.isfile(os.path.join(tinc_dir, e, STATE_FILE))]
+
+
+def check_net_name(net: str) -> str:
+    """net, if it is a valid net name (one directory name, never a path); else a usage error."""
+    if not NET_RE.fullmatch(net):
+        raise BootstrapError("bad net name {!r}".format(net), EXIT_USAGE,
+                             "use letters, digits, _ . and - (at most 64, not starting "
+                             "with . or -)")
+    return net
 
 
 def pick_net(tinc_dir: str, net: Optional[str]) -> str:
+    """The net to act on: --net (checked, and joined by this tool), or the only one joined."""
     if net:
-        if load_state(tinc_dir, net) is None:
+        if load_state(tinc_dir, check_net_name(net)) is None:
             raise BootstrapError("net {!r} was not joined by tinc-bootstrap".format(net),
                                  EXIT_USAGE)
         return net
@@ -1319,23 +1416,44 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     return parser
 
 
-def read_token(args: argparse.Namespace) -> str:
+MAX_TOKEN_FILE = 4096
+
+
+def read_token(args: argparse.Namespace, env_token: Optional[str]) -> str:
+    """The token from --token, else --token-file, else TINC_BOOTSTRAP_TOKEN; spaces stripped.
+
+    The token is remembered for redact(), so no message or log line can show it.
+    """
     if args.token:
-        return args.token
-    if args.token_file:
+        token = args.token
+    elif args.token_file:
         try:
             with open(args.token_file) as handle:
-                return handle.read().strip()
-        except OSError as exc:
+                token = handle.read(MAX_TOKEN_FILE + 1)
+        except (OSError, UnicodeDecodeError) as exc:
             raise BootstrapError("cannot read --token-file: {}".format(exc), EXIT_USAGE)
-    token = _env("TOKEN")
-    if token:
-        return token.strip()
-    raise BootstrapError("no token given", EXIT_USAGE,
-                         "pass --token-file FILE or set TINC_BOOTSTRAP_TOKEN")
+        if len(token) > MAX_TOKEN_FILE:
+            raise BootstrapError("--token-file {} is too large for a token".format(
+                args.token_file), EXIT_USAGE, "the file must hold only the token")
+    elif env_token:
+        token = env_token
+    else:
+        raise BootstrapError("no token given", EXIT_USAGE,
+                             "pass --token-file FILE or set TINC_BOOTSTRAP_TOKEN")
+    token = token.strip()
+    if len(token) >= 8:
+        _SECRETS.append(token)
+        try:
+            _SECRETS.append(decode_token(token).secret)
+        except BootstrapError:
+            pass
+    return token
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    # First of all: the token leaves our environment, so that no child process (apt, yum,
+    # tincd and the tinc-up it runs) inherits it.
+    env_token = os.environ.pop("TINC_BOOTSTRAP_TOKEN", None)
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in ("join", "status", "leave") else "join"
     verbose = "-v" in argv or "--verbose" in argv or _env_flag("VERBOSE")
@@ -1354,20 +1472,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return status(args.tinc_dir, args.net, args.json)
         if command == "leave":
             return leave(args.tinc_dir, args.net)
-        opts = JoinOptions(read_token(args), args.hub, args.name, args.net, args.init,
+        opts = JoinOptions(read_token(args, env_token), args.hub, args.name, args.net, args.init,
                            args.key_size, args.timeout, args.dry_run, args.tinc_dir, args.root)
         return join(opts)
     except BootstrapError as exc:
         if verbose:
             import traceback
-            traceback.print_exc()
+            sys.stderr.write(redact(traceback.format_exc()))
         line = "tinc-bootstrap: error: {}".format(exc)
         if exc.hint:
             line += " (hint: {})".format(exc.hint)
         if REPORT.log_path:
             REPORT.debug(line)
             line += " [log: {}]".format(REPORT.log_path)
-        sys.stderr.write(line + "\n")
+        sys.stderr.write(redact(line) + "\n")
         return exc.code
     except KeyboardInterrupt:
         sys.stderr.write("tinc-bootstrap: interrupted\n")
@@ -1376,9 +1494,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         import traceback
         REPORT.debug(traceback.format_exc())
         if verbose:
-            traceback.print_exc()
-        sys.stderr.write("tinc-bootstrap: unexpected error: {}: {} (hint: run with -v)\n"
-                         .format(type(exc).__name__, exc))
+            sys.stderr.write(redact(traceback.format_exc()))
+        sys.stderr.write(redact("tinc-bootstrap: unexpected error: {}: {} (hint: run with -v)\n"
+                                .format(type(exc).__name__, exc)))
         return EXIT_ERROR
 
 
