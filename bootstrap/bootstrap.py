@@ -371,31 +371,107 @@ def decode_token(text: str) -> Token:
     return token
 
 
-def _der_element(data: bytes, pos: int) -> Tuple[int, int, int]:
-    """(tag, content start, content end) of the DER element at pos."""
-    tag = data[pos]
-    length = data[pos + 1]
-    pos += 2
-    if length & 0x80:
-        count = length & 0x7F
-        length = int.from_bytes(data[pos:pos + count], "big")
-        pos += count
-    if pos + length > len(data):
-        raise ValueError("truncated DER")
-    return tag, pos, pos + length
+# Strict DER, just enough to find a certificate's SubjectPublicKeyInfo. The pin is only
+# sound if these bytes are the key OpenSSL used for the handshake, so nothing here is
+# lenient: one encoding per value, every tag as expected, every byte accounted for.
+DER_INTEGER, DER_BIT_STRING, DER_OID, DER_SEQUENCE = 0x02, 0x03, 0x06, 0x30
+DER_VERSION, DER_ISSUER_UID, DER_SUBJECT_UID, DER_EXTENSIONS = 0xA0, 0x81, 0x82, 0xA3
+
+
+class DerReader:
+    """Reads the DER elements of data[pos:end] one after another; any deviation is a ValueError."""
+
+    def __init__(self, data: bytes, pos: int, end: int) -> None:
+        self.data, self.pos, self.end = data, pos, end
+
+    def next_tag(self) -> Optional[int]:
+        return self.data[self.pos] if self.pos < self.end else None
+
+    def take(self, tag: Optional[int]) -> Tuple[int, int, int]:
+        """(element start, content start, content end) of the next element.
+
+        `tag` is the exact tag byte expected (None: any single-byte tag). The length must be
+        definite, minimally encoded (long form only from 128, no leading zero, at most 4
+        bytes) and must fit in what is left of the parent.
+        """
+        data, start, end = self.data, self.pos, self.end
+        if end - start < 2:
+            raise ValueError("DER element truncated at byte {}".format(start))
+        found, first = data[start], data[start + 1]
+        if found & 0x1F == 0x1F:
+            raise ValueError("multi-byte DER tag at byte {}".format(start))
+        if tag is not None and found != tag:
+            raise ValueError("DER tag 0x{:02x} at byte {}, expected 0x{:02x}".format(
+                found, start, tag))
+        content = start + 2
+        length = first
+        if first & 0x80:
+            count = first & 0x7F
+            if not 1 <= count <= 4 or count > end - content:
+                raise ValueError("bad DER length form at byte {}".format(start))
+            length = int.from_bytes(data[content:content + count], "big")
+            if data[content] == 0 or length < 0x80:
+                raise ValueError("non-minimal DER length at byte {}".format(start))
+            content += count
+        if length > end - content:
+            raise ValueError("DER length at byte {} exceeds its parent".format(start))
+        self.pos = content + length
+        return start, content, self.pos
+
+    def enter(self, tag: int) -> "DerReader":
+        """A reader over the content of the next element, which must have `tag`."""
+        _, content, end = self.take(tag)
+        return DerReader(self.data, content, end)
+
+    def finish(self) -> None:
+        if self.pos != self.end:
+            raise ValueError("unexpected DER data at byte {}".format(self.pos))
+
+
+def spki_der_from_cert_der(der: bytes) -> bytes:
+    """The SubjectPublicKeyInfo DER of an X.509 certificate; ValueError unless strictly DER."""
+    outer = DerReader(der, 0, len(der))
+    cert = outer.enter(DER_SEQUENCE)
+    outer.finish()  # exactly one certificate, nothing after it
+    tbs = cert.enter(DER_SEQUENCE)
+    cert.take(DER_SEQUENCE)  # signatureAlgorithm
+    cert.take(DER_BIT_STRING)  # signatureValue
+    cert.finish()
+    if tbs.next_tag() == DER_VERSION:
+        version = tbs.enter(DER_VERSION)
+        version.take(DER_INTEGER)
+        version.finish()
+    tbs.take(DER_INTEGER)  # serialNumber
+    for _ in ("signature", "issuer", "validity", "subject"):
+        tbs.take(DER_SEQUENCE)
+    spki_start, spki_content, spki_end = tbs.take(DER_SEQUENCE)
+    spki = DerReader(der, spki_content, spki_end)
+    algorithm = spki.enter(DER_SEQUENCE)
+    algorithm.take(DER_OID)
+    if algorithm.next_tag() is not None:
+        algorithm.take(None)  # the parameters (one element, if any)
+    algorithm.finish()
+    _, key_content, key_end = spki.take(DER_BIT_STRING)
+    if key_content == key_end or der[key_content] != 0:  # a key is whole bytes
+        raise ValueError("bad public key BIT STRING")
+    spki.finish()
+    for tag in (DER_ISSUER_UID, DER_SUBJECT_UID):
+        if tbs.next_tag() == tag:
+            tbs.take(tag)
+    if tbs.next_tag() == DER_EXTENSIONS:
+        extensions = tbs.enter(DER_EXTENSIONS)
+        extensions.take(DER_SEQUENCE)
+        extensions.finish()
+    tbs.finish()
+    return der[spki_start:spki_end]
 
 
 def spki_pin_from_cert_der(der: bytes) -> str:
-    """curl-style pin (`sha256//BASE64`) of a DER certificate's SubjectPublicKeyInfo."""
-    _, cert_start, _ = _der_element(der, 0)
-    _, pos, _ = _der_element(der, cert_start)  # tbsCertificate content
-    tag, _, end = _der_element(der, pos)
-    if tag == 0xA0:  # explicit version
-        pos = end
-    for _ in range(5):  # serial, signature algorithm, issuer, validity, subject
-        _, _, pos = _der_element(der, pos)
-    _, _, end = _der_element(der, pos)
-    digest = hashlib.sha256(der[pos:end]).digest()
+    """curl-style pin (`sha256//BASE64`) of a DER certificate's SubjectPublicKeyInfo.
+
+    ValueError if the certificate is not strict DER X.509 (see DerReader).
+    """
+    digest = hashlib.sha256(spki_der_from_cert_der(der)).digest()
     return "sha256//" + base64.b64encode(digest).decode()
 
 
@@ -910,6 +986,10 @@ def _pinned_request(host: str, port: int, pin: str, method: str, path: str,
     # before a single byte (and so before the token) is sent.
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
+    if hasattr(ssl, "TLSVersion"):  # Python >= 3.7
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+    else:
+        context.options |= ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
     conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
     try:
         try:
@@ -919,8 +999,8 @@ def _pinned_request(host: str, port: int, pin: str, method: str, path: str,
         der = conn.sock.getpeercert(binary_form=True)
         try:
             actual = spki_pin_from_cert_der(der or b"")
-        except (ValueError, IndexError):
-            actual = "unreadable certificate"
+        except ValueError as exc:  # not strict DER: never guess which key TLS used
+            actual = "a certificate that is not strict DER ({})".format(exc)
         if actual != pin:
             raise BootstrapError(
                 "the hub's TLS certificate does not match the pin in the token "
