@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from . import bootstrap
 from .errors import HubError
-from .service import UNIT_NAME, install_service
+from .service import UNIT_NAME, install_service, installed_executable, render_unit
 from .liveness import render_host_script
 from .registry import Registry
 from .state import HubConfig, StateDir
@@ -151,6 +151,9 @@ def run_init(state: StateDir, req: InitRequest) -> InitResult:
                        api_port=req.api_port, vpn_subnet=str(network),
                        hub_address=str(network.network_address + 1),
                        tinc_dir=os.path.normpath(req.tinc_dir), init=init)
+    if req.start and config.init == "systemd":  # refuse what the unit cannot carry, before writing
+        render_unit(config, installed_executable(), str(state.root),
+                    bootstrap.service_unit(facts, config.net))
     old = check_existing(state, config, registry)
     notes: List[str] = []
     if old is not None and old.api_port != config.api_port:

@@ -4,14 +4,21 @@
 ``journalctl -u tinc-hub``). Re-running init with the same arguments and the same installed
 ``tinc-hub`` changes nothing; a changed unit file is reloaded and the running service
 restarted so that it runs what the unit now says.
+
+The service is sandboxed: it runs as root (it writes root's tinc host files and signals root's
+tincd) but with no capabilities, a read-only file system except the state directory and the
+net's ``hosts/``, no view of /home, /root, devices, kernel tunables or other processes' /tmp,
+and a system-call allow-list. Every value printed into the unit is quoted for systemd's own
+syntax (not a shell's): ``%`` specifiers, ``$`` variables in ExecStart=, quotes and backslashes.
 """
 
 import os
-import shlex
+import re
 import shutil
 import sys
+import unicodedata
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from . import bootstrap
 from .errors import HubError
@@ -19,6 +26,44 @@ from .state import DEFAULT_STATE_DIR, HubConfig
 
 UNIT_NAME = "tinc-hub.service"
 UNIT_DIR = "/etc/systemd/system"
+# ProtectHome=yes hides these; code or state living there needs ProtectHome=read-only.
+HOME_DIRS = ("/home", "/root", "/run/user")
+PACKAGE_DIR = str(Path(__file__).resolve().parent)  # the running tinc_hub's code
+PRIVILEGED_PORT_LIMIT = 1024  # binding a port below this needs CAP_NET_BIND_SERVICE
+# A unit name systemd takes literally in After= (no %, no quoting, no escapes needed).
+_UNIT_NAME_RE = re.compile(r"[A-Za-z0-9_.:@-]{1,246}\.service")
+# A word that needs no quotes in a unit file (after % and $ are doubled).
+_PLAIN_WORD_RE = re.compile(r"[A-Za-z0-9_@+=:,./%$-]+")
+_UNQUOTABLE = {"Cc", "Cs", "Zl", "Zp"}  # controls, lone surrogates, line/paragraph separators
+
+# Hardening that python, cryptography and uvicorn tolerate (proven by tests/test_boot.py).
+SANDBOX = (
+    "NoNewPrivileges=yes",
+    "ProtectSystem=strict",
+    "ReadOnlyPaths=/run",  # strict leaves /run writable; serve only reads the pidfile
+    "PrivateTmp=yes",
+    "PrivateDevices=yes",
+    "PrivateIPC=yes",
+    "ProtectKernelTunables=yes",
+    "ProtectKernelModules=yes",
+    "ProtectKernelLogs=yes",
+    "ProtectControlGroups=yes",
+    "ProtectClock=yes",
+    "ProtectHostname=yes",
+    "ProcSubset=pid",
+    "ProtectProc=invisible",
+    "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX",
+    "RestrictNamespaces=yes",
+    "LockPersonality=yes",
+    "RestrictRealtime=yes",
+    "RestrictSUIDSGID=yes",
+    "MemoryDenyWriteExecute=yes",
+    "SystemCallArchitectures=native",
+    "SystemCallFilter=@system-service",
+    "SystemCallFilter=~@privileged @resources",
+    "SystemCallErrorNumber=EPERM",
+    "UMask=0077",
+)
 
 
 def installed_executable() -> str:
@@ -37,25 +82,97 @@ def installed_executable() -> str:
                    "install the hub with pip so that 'tinc-hub' is on PATH")
 
 
+def checked_path(path: str, what: str) -> str:
+    """``path`` normalised, if it is absolute and every character can be written into a unit
+    file; else a one-line HubError."""
+    bad = next((ch for ch in path if unicodedata.category(ch) in _UNQUOTABLE), None)
+    if bad is not None:
+        raise HubError(f"{what} {path!r} contains {bad!r}, which a systemd unit cannot carry",
+                       "use a path without control characters or newlines")
+    if not os.path.isabs(path):
+        raise HubError(f"{what} {path!r} is not an absolute path", "pass an absolute path")
+    return os.path.normpath(path)
+
+
+def _quoted(word: str) -> str:
+    """``word`` as one unit-file word: as is when plain, else in double quotes with ``\\`` and
+    ``"`` backslash-escaped (systemd's own quoting, not a shell's)."""
+    if _PLAIN_WORD_RE.fullmatch(word):
+        return word
+    return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def exec_path_word(path: str) -> str:
+    """ExecStart='s executable: ``%`` doubled (specifiers); systemd expands no ``$`` there and
+    refuses quotes and backslashes in it, so such a path is refused here."""
+    if any(ch in path for ch in "\"'\\"):
+        raise HubError(f"tinc-hub executable {path!r} contains a quote or backslash, which"
+                       " systemd refuses in ExecStart=", "install the hub under a plainer path")
+    return _quoted(path.replace("%", "%%"))
+
+
+def exec_argument_word(argument: str) -> str:
+    """An ExecStart= argument: ``%`` doubled (specifiers), ``$`` doubled (variables), quoted."""
+    return _quoted(argument.replace("%", "%%").replace("$", "$$"))
+
+
+def path_list_word(path: str) -> str:
+    """A word of a path list such as ReadWritePaths=: ``%`` doubled (specifiers), quoted."""
+    return _quoted(path.replace("%", "%%"))
+
+
+def _under(path: str, roots: Sequence[str]) -> bool:
+    return any(path == root or path.startswith(root + "/") for root in roots)
+
+
+def protect_home(paths: Sequence[str]) -> str:
+    """``yes`` (home directories invisible) unless the service needs something there:
+    then ``read-only``."""
+    resolved = [p for path in paths for p in (path, os.path.realpath(path))]
+    return "read-only" if any(_under(p, HOME_DIRS) for p in resolved) else "yes"
+
+
 def render_unit(config: HubConfig, executable: str, state_dir: str, tinc_unit: str) -> str:
-    """The unit file text: serve after the hub's tincd unit, restart on failure."""
+    """The unit file text: serve after the hub's tincd unit, restart on failure, sandboxed.
+
+    Raises HubError (nothing rendered) for a value systemd could not read back exactly."""
+    if not bootstrap.NET_RE.fullmatch(config.net):
+        raise HubError(f"net name {config.net!r} cannot go into {UNIT_NAME}",
+                       "use letters, digits, _ . and -")
+    if not _UNIT_NAME_RE.fullmatch(tinc_unit):
+        raise HubError(f"tinc unit name {tinc_unit!r} cannot go into {UNIT_NAME}")
+    executable = checked_path(executable, "tinc-hub executable")
+    state_dir = checked_path(os.path.abspath(state_dir), "state directory")  # init's cwd
+    hosts_dir = checked_path(str(config.hosts_dir), "tinc hosts directory")
     command = [executable]
-    if os.path.normpath(state_dir) != DEFAULT_STATE_DIR:
-        command += ["--state-dir", os.path.normpath(state_dir)]
+    if state_dir != DEFAULT_STATE_DIR:
+        command += ["--state-dir", state_dir]
     command.append("serve")
+    # Root signalling root's tincd needs no CAP_KILL; a port below 1024 needs one capability.
+    capabilities = "CAP_NET_BIND_SERVICE" if config.api_port < PRIVILEGED_PORT_LIMIT else ""
+    home = protect_home([executable, state_dir, hosts_dir, PACKAGE_DIR])
     return "\n".join([
         "# Written by tinc-hub init; re-running it rewrites this file.",
         "[Unit]",
-        f"Description=tinc-hub enrolment API of tinc net {config.net}",
+        f"Description=tinc-hub enrolment API of tinc net {config.net}",  # NET_RE: no % or quotes
         f"After=network-online.target {tinc_unit}",
         "Wants=network-online.target",
         "",
         "[Service]",
         "Type=simple",
-        f"ExecStart={' '.join(shlex.quote(part) for part in command)}",
+        "ExecStart=" + " ".join([exec_path_word(command[0])]
+                                + [exec_argument_word(arg) for arg in command[1:]]),
         "Environment=PYTHONUNBUFFERED=1",
         "Restart=on-failure",
         "RestartSec=2",
+        "# Sandbox: the API writes only its state directory (registry, WAL, lock) and the",
+        "# net's hosts/ (node host files); it signals root's tincd, which needs no capability.",
+        f"CapabilityBoundingSet={capabilities}",
+        # A user namespace would void CAP_NET_BIND_SERVICE (it counts in the host's namespace).
+        *([] if capabilities else ["PrivateUsers=yes"]),
+        "ReadWritePaths=" + " ".join(path_list_word(p) for p in (state_dir, hosts_dir)),
+        f"ProtectHome={home}",
+        *SANDBOX,
         "",
         "[Install]",
         "WantedBy=multi-user.target",
