@@ -986,8 +986,8 @@ def _pinned_request(host: str, port: int, pin: str, method: str, path: str,
     # before a single byte (and so before the token) is sent.
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
-    if hasattr(ssl, "TLSVersion"):  # Python >= 3.7
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if hasattr(ssl, "TLSVersion"):  # Python >= 3.7 (vermin: guarded, hence novermin)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2  # novermin
     else:
         context.options |= ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
     conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)

@@ -23,7 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from support import BOOTSTRAP_PY, bootstrap
@@ -571,3 +571,318 @@ def test_positive_control_the_real_hub_key_receives_the_token(
     assert server.handshake_done
     assert b"POST /v1/enroll " in server.received
     assert b"Authorization: Bearer " + token.encode() in server.received
+
+
+# ---------------------------------------------------------------------------
+# The strict reader's rules, one violation at a time, on an otherwise good certificate.
+
+def _cert_parts(keys: Keys) -> Dict[str, bytes]:
+    return {"version": VERSION_3, "serial": SERIAL, "signature": ECDSA_SHA256,
+            "issuer": name("hub1"), "validity": validity(), "subject": name("hub1"),
+            "spki": spki_of(keys.attacker), "tail": extensions()}
+
+
+def _assemble(parts: Dict[str, bytes], key: ec.EllipticCurvePrivateKey) -> bytes:
+    return signed_cert(seq(*parts.values()), key)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("version", tlv(0xA0, tlv(0x02, b"\x02") + tlv(0x02, b"\x02"))),  # two INTEGERs
+    ("version", tlv(0xA0, tlv(0x04, b"\x02"))),  # not an INTEGER
+    ("serial", tlv(0x03, b"\x00\x01")),  # wrong tag
+    ("validity", tlv(0x31, content_of(validity()))),  # SET, not SEQUENCE
+    ("spki", seq(seq(oid("1.2.840.10045.2.1"), oid("1.2.840.10045.3.1.7"), NULL),
+                 tlv(0x03, b"\x00\x04"))),  # two algorithm parameters
+    ("spki", seq(seq(oid("1.2.840.10045.2.1")), tlv(0x03, b"\x07\x04"))),  # unused bits
+    ("spki", seq(seq(oid("1.2.840.10045.2.1")), tlv(0x03, b""))),  # empty BIT STRING
+    ("spki", seq(seq(NULL), tlv(0x03, b"\x00\x04"))),  # no algorithm OID
+    ("tail", extensions() + tlv(0x81, b"\x00")),  # [1] after [3]
+    ("tail", tlv(0x81, b"\x00") + tlv(0x81, b"\x00")),  # [1] twice
+    ("tail", tlv(0xA3, seq() + seq())),  # [3] holding two SEQUENCEs
+    ("tail", tlv(0xA4, seq())),  # unknown [4]
+])
+def test_strict_reader_refuses_each_deviation(field: str, value: bytes, keys: Keys) -> None:
+    parts = _cert_parts(keys)
+    good = _assemble(parts, keys.attacker)
+    assert bootstrap.spki_pin_from_cert_der(good) == pin_of_spki(spki_of(keys.attacker))
+    parts[field] = value
+    with pytest.raises(ValueError):
+        bootstrap.spki_pin_from_cert_der(_assemble(parts, keys.attacker))
+
+
+@pytest.mark.parametrize("der", [b"", b"\x30", b"\x30\x00", b"\x30\x80\x00\x00",
+                                 b"\x30\x84\xff\xff\xff\xff", b"\x1f\x10\x00"])
+def test_strict_reader_refuses_scraps(der: bytes) -> None:
+    with pytest.raises(ValueError):
+        bootstrap.spki_pin_from_cert_der(der)
+
+
+# ---------------------------------------------------------------------------
+# Property: on generated and mutated certificates, the pin is the key that a real parser
+# finds, or there is no pin at all.
+
+class OpenSSLOracle:
+    """The SPKI that OpenSSL (the very libcrypto that Python's ssl, and so bootstrap.py's
+    TLS, uses) finds in a certificate, or None if it does not parse it as one certificate."""
+
+    def __init__(self) -> None:
+        import ctypes
+        import ctypes.util
+        self.ctypes = ctypes
+        lib = ctypes.CDLL(ctypes.util.find_library("crypto"))
+        lib.OpenSSL_version.restype = ctypes.c_char_p
+        lib.OpenSSL_version.argtypes = [ctypes.c_int]
+        assert lib.OpenSSL_version(0).decode() == ssl.OPENSSL_VERSION, "not the ssl module's"
+        lib.d2i_X509.restype = ctypes.c_void_p
+        lib.d2i_X509.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_long]
+        lib.X509_get_X509_PUBKEY.restype = ctypes.c_void_p
+        lib.X509_get_X509_PUBKEY.argtypes = [ctypes.c_void_p]
+        lib.i2d_X509_PUBKEY.restype = ctypes.c_int
+        lib.i2d_X509_PUBKEY.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)]
+        lib.X509_free.argtypes = [ctypes.c_void_p]
+        lib.ERR_clear_error.argtypes = []
+        self.lib = lib
+
+    def spki(self, der: bytes) -> Optional[bytes]:
+        ctypes, lib = self.ctypes, self.lib
+        buffer = ctypes.create_string_buffer(der, len(der))
+        cursor = ctypes.c_void_p(ctypes.addressof(buffer))
+        cert = lib.d2i_X509(None, ctypes.byref(cursor), len(der))
+        lib.ERR_clear_error()
+        if not cert:
+            return None
+        try:
+            if cursor.value - ctypes.addressof(buffer) != len(der):
+                return None  # a TLS client refuses a certificate with bytes after it
+            public = lib.X509_get_X509_PUBKEY(cert)
+            size = lib.i2d_X509_PUBKEY(public, None)
+            if size <= 0:
+                return None
+            out = ctypes.create_string_buffer(size)
+            out_cursor = ctypes.c_void_p(ctypes.addressof(out))
+            assert lib.i2d_X509_PUBKEY(public, ctypes.byref(out_cursor)) == size
+            return out.raw
+        finally:
+            lib.X509_free(cert)
+
+
+OPENSSL = OpenSSLOracle()
+
+
+class Oracle(NamedTuple):
+    cert_loads: bool  # cryptography parses the certificate
+    pin: Optional[str]  # cryptography's pin (cert and key parse), else None
+    openssl_pin: Optional[str]
+
+
+def oracle(der: bytes) -> Oracle:
+    openssl_spki = OPENSSL.spki(der)
+    openssl_pin = pin_of_spki(openssl_spki) if openssl_spki is not None else None
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except Exception:  # any refusal counts: ValueError, UnsupportedAlgorithm, ...
+        return Oracle(False, None, openssl_pin)
+    try:
+        return Oracle(True, pin_of_spki(spki_of(cert)), openssl_pin)
+    except Exception:
+        return Oracle(True, None, openssl_pin)
+
+
+KEY_KINDS = ("p256", "p384", "rsa2048", "ed25519")
+_KEY_POOL: Dict[str, object] = {}
+
+
+def pool_key(kind: str):
+    if kind not in _KEY_POOL:
+        _KEY_POOL[kind] = {
+            "p256": lambda: ec.generate_private_key(ec.SECP256R1()),
+            "p384": lambda: ec.generate_private_key(ec.SECP384R1()),
+            "rsa2048": lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048),
+            "ed25519": ed25519.Ed25519PrivateKey.generate,
+        }[kind]()
+    return _KEY_POOL[kind]
+
+
+LABEL = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789", min_size=1, max_size=12)
+
+
+@st.composite
+def generated_certs(draw) -> bytes:
+    kind = draw(st.sampled_from(KEY_KINDS))
+    key = pool_key(kind)
+    attributes = [x509.NameAttribute(NameOID.COMMON_NAME, draw(LABEL))]
+    if draw(st.booleans()):
+        attributes.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, draw(LABEL)))
+    now = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+    builder = (x509.CertificateBuilder().subject_name(x509.Name(attributes))
+               .issuer_name(x509.Name(attributes[:1])).public_key(key.public_key())
+               .serial_number(draw(st.integers(1, 2 ** 159 - 1)))
+               .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=draw(
+                   st.integers(1, 40000)))))
+    dns_names = draw(st.lists(LABEL, max_size=3))
+    if dns_names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(
+            [x509.DNSName(n + ".example") for n in dns_names]), critical=False)
+    if draw(st.booleans()):
+        builder = builder.add_extension(x509.BasicConstraints(ca=False, path_length=None),
+                                        critical=True)
+    if draw(st.booleans()):
+        builder = builder.add_extension(x509.UnrecognizedExtension(
+            x509.ObjectIdentifier("1.3.6.1.4.1.99999." + str(draw(st.integers(1, 9)))),
+            draw(st.binary(max_size=40))), critical=False)
+    cert = builder.sign(key, None if kind == "ed25519" else hashes.SHA256())
+    der = cert.public_bytes(serialization.Encoding.DER)
+    if draw(st.booleans()):  # a v1 certificate: no [0] version (the signature goes stale)
+        der = without_version(der)
+    return der
+
+
+class Node(NamedTuple):
+    tag: int
+    content: bytes  # primitive content; b"" for constructed
+    children: Tuple["Node", ...]  # constructed children
+
+
+def parse_tree(data: bytes) -> List[Node]:
+    """The TLV tree of DER this module made (trusted input; constructed tags descended)."""
+    nodes, pos = [], 0
+    while pos < len(data):
+        tag, first = data[pos], data[pos + 1]
+        pos += 2
+        length = first
+        if first & 0x80:
+            length = int.from_bytes(data[pos:pos + (first & 0x7F)], "big")
+            pos += first & 0x7F
+        content = data[pos:pos + length]
+        pos += length
+        if tag & 0x20:
+            nodes.append(Node(tag, b"", tuple(parse_tree(content))))
+        else:
+            nodes.append(Node(tag, content, ()))
+    return nodes
+
+
+def encode_tree(nodes, target: int = -1, style: str = "", counter: Optional[List[int]] = None):
+    """DER of the tree, except node number `target` (pre-order) re-encoded in `style`."""
+    counter = counter if counter is not None else [0]
+    out = b""
+    for node in nodes:
+        index = counter[0]
+        counter[0] += 1
+        content = encode_tree(node.children, target, style, counter) if node.tag & 0x20 \
+            else node.content
+        if index != target:
+            out += tlv(node.tag, content)
+        elif style == "leading_zero":
+            out += long_form(node.tag, content, len(der_length(len(content))) + 1)
+        elif style == "five_bytes":
+            out += long_form(node.tag, content, 5)
+        elif style == "indefinite" and node.tag & 0x20:
+            out += indefinite(node.tag, content)
+        elif style == "high_tag" and node.tag & 0x1F < 0x1F:
+            out += bytes([node.tag | 0x1F, node.tag & 0x1F]) + der_length(len(content)) + content
+        else:
+            out += tlv(node.tag, content)
+    return out
+
+
+def count_nodes(nodes) -> int:
+    return sum(1 + count_nodes(node.children) for node in nodes)
+
+
+def without_version(der: bytes) -> bytes:
+    (cert,) = parse_tree(der)
+    tbs = cert.children[0]
+    tbs = tbs._replace(children=tuple(c for c in tbs.children if c.tag != 0xA0))
+    return encode_tree([cert._replace(children=(tbs,) + cert.children[1:])])
+
+
+def length_byte_offsets(data: bytes, pos: int = 0, end: Optional[int] = None) -> List[int]:
+    """Where the first length byte of each element sits in DER this module made (pre-order)."""
+    end = len(data) if end is None else end
+    offsets = []
+    while pos < end:
+        tag, first = data[pos], data[pos + 1]
+        offsets.append(pos + 1)
+        header = 2 + (first & 0x7F if first & 0x80 else 0)
+        length = int.from_bytes(data[pos + 2:pos + header], "big") if first & 0x80 else first
+        if tag & 0x20:
+            offsets += length_byte_offsets(data, pos + header, pos + header + length)
+        pos += header + length
+    return offsets
+
+
+POSITION = st.integers(0, 1 << 16)
+MUTATION = st.one_of(
+    st.tuples(st.just("flip"), POSITION, st.integers(1, 255)),
+    st.tuples(st.just("insert"), POSITION, st.binary(min_size=1, max_size=4)),
+    st.tuples(st.just("delete"), POSITION, st.integers(1, 4)),
+    st.tuples(st.just("truncate"), POSITION, st.just(0)),
+    st.tuples(st.just("length_byte"), POSITION, st.integers(0, 255)),
+    st.tuples(st.just("reencode"), POSITION,
+              st.sampled_from(["leading_zero", "five_bytes", "indefinite", "high_tag"])),
+)
+
+
+def mutate(der: bytes, mutation: Tuple[str, int, object]) -> bytes:
+    kind, position, arg = mutation
+    if kind in ("reencode", "length_byte"):
+        try:  # these two need the structure: after an earlier mutation there may be none
+            if kind == "reencode":
+                tree = parse_tree(der)
+                return encode_tree(tree, position % count_nodes(tree), arg)
+            offsets = length_byte_offsets(der)
+        except (IndexError, ZeroDivisionError):
+            return der
+        position = offsets[position % len(offsets)]
+        return der[:position] + bytes([arg]) + der[position + 1:]
+    position %= len(der) + (kind == "insert")
+    if kind == "flip":
+        return der[:position] + bytes([der[position] ^ arg]) + der[position + 1:]
+    if kind == "insert":
+        return der[:position] + arg + der[position:]
+    if kind == "delete":
+        return der[:position] + der[position + arg:]
+    return der[:position]  # truncate
+
+
+def project_pin(der: bytes) -> Optional[str]:
+    try:
+        return bootstrap.spki_pin_from_cert_der(der)
+    except ValueError:
+        return None
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(der=generated_certs())
+def test_generated_certificates_pin_as_cryptography_and_openssl_do(der: bytes) -> None:
+    truth = oracle(der)
+    assert bootstrap.spki_pin_from_cert_der(der) == truth.pin == truth.openssl_pin
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(original=generated_certs(), mutations=st.lists(MUTATION, min_size=1, max_size=3))
+def test_mutated_certificates_pin_the_parsers_key_or_refuse(original: bytes, mutations) -> None:
+    """Whenever we return a pin, it is the key cryptography and OpenSSL find in those bytes;
+    wherever either finds another key, we refuse."""
+    der = original
+    for mutation in mutations:
+        if der:
+            der = mutate(der, mutation)
+    truth, ours = oracle(der), project_pin(der)
+    if der == original:
+        assert ours == truth.pin == truth.openssl_pin
+        return
+    if ours is None:
+        event("mutated: refused")
+        return  # refusing is always safe
+    event("mutated: pin; cryptography {}, OpenSSL {}".format(
+        "agrees" if truth.pin else "reads the cert only" if truth.cert_loads else "refuses",
+        "agrees" if truth.openssl_pin else "refuses"))
+    # We returned a pin: it must be the key each real parser finds in these bytes.
+    assert truth.openssl_pin in (None, ours), "OpenSSL would use another key"
+    if truth.pin is not None:
+        assert ours == truth.pin, "cryptography finds another key"
+    elif truth.cert_loads:  # cryptography reads the certificate but not its key:
+        with pytest.raises(Exception):  # the pinned bytes are no usable key for anyone
+            serialization.load_der_public_key(bootstrap.spki_der_from_cert_der(der))
