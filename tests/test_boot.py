@@ -467,3 +467,69 @@ def test_systemd_runs_the_rendered_unit_with_the_exact_argv_and_paths(machines, 
         hub.run(["systemctl", "reset-failed", unit_name], check=False)
         hub.run(["rm", "-f", "/etc/systemd/system/" + unit_name])
         hub.run(["systemctl", "daemon-reload"])
+
+
+def _init_hub(hub: nspawn.Container, *extra: str, check: bool = True):
+    return hub.run(["tinc-hub", "init", "--net", NET, "--name", HUB_NAME, "--address",
+                    netlab.HUB_PUBLIC, "--vpn-subnet", VPN_SUBNET] + list(extra),
+                   timeout=180, check=check)
+
+
+def test_init_refuses_a_state_dir_the_unit_cannot_carry_and_writes_nothing(machines):
+    hub = machines.hub
+    roots = ("/etc/tinc", "/etc/systemd/system", "/var/lib/tinc-hub")
+    before = _snapshot(hub, *roots), hub.run(["ls", "-A", "/var/lib"]).stdout
+    proc = _init_hub(hub, "--state-dir", "/var/lib/hub\nExecStartPre=/bin/sh", check=False)
+    assert proc.returncode != 0 and "control characters" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert (_snapshot(hub, *roots), hub.run(["ls", "-A", "/var/lib"]).stdout) == before
+
+
+def test_api_on_a_privileged_port_keeps_only_the_bind_capability(machines):
+    hub = machines.hub
+    try:
+        _init_hub(hub, "--api-port", "443")
+        pid = _unit_main_pid(hub, "tinc-hub.service")
+        netlab.wait_until(lambda: hub.run(["curl", "-fsk", "https://127.0.0.1:443/healthz"],
+                                          check=False).returncode == 0, 30, 0.2,
+                          what="tinc-hub.service answering on port 443")
+        status = hub.run(["cat", "/proc/%d/status" % pid]).stdout
+        cap_net_bind_service = 1 << 10
+        assert re.search(r"CapBnd:\s*0*%x\n" % cap_net_bind_service, status), status
+    finally:
+        _init_hub(hub)
+    assert hub.unit_state("is-active", "tinc-hub.service") == "active"
+
+
+def test_sandboxed_api_served_from_hostile_paths_under_root_enrols_a_node(machines):
+    """The real API, its code reached through /root (ProtectHome=read-only) and its state in a
+    directory whose name systemd would misread unquoted, installed by install_service: it
+    enrols a node, whose SIGHUP reaches the hub's tincd (the node and hub ping each other)."""
+    hub, node = machines.hub, machines.systemd_node
+    executable = "/root/bin %n $HOME/tinc-hub"
+    state_dir = "/root/hub state %h ${HOME} \"q\" 'x' \\ é"
+    hub.run(["systemctl", "stop", "tinc-hub.service"])
+    try:
+        hub.run(["mkdir", "-p", os.path.dirname(executable)])
+        hub.run(["cp", "/opt/tinc-hub/bin/tinc-hub", executable])
+        hub.run(["cp", "-a", "/var/lib/tinc-hub", state_dir])
+        hub.run(["/opt/tinc-hub/bin/python3", "-c",
+                 "import sys\nfrom tinc_hub.service import install_service\n"
+                 "from tinc_hub.state import StateDir\n"
+                 "state = StateDir(sys.argv[2])\n"
+                 "install_service(state.load_config(), sys.argv[2], sys.argv[3], sys.argv[1])",
+                 executable, state_dir, UNIT])
+        unit = hub.run(["cat", "/etc/systemd/system/tinc-hub.service"]).stdout
+        assert "ProtectHome=read-only" in unit, unit
+        # the node left earlier (its key is gone): free its name for the new key
+        hub.run(["tinc-hub", "--state-dir", state_dir, "revoke", "--release", SYSTEMD_NODE])
+        token = hub.run(["tinc-hub", "--state-dir", state_dir, "token", "create"]).stdout
+        command = token.splitlines()[token.splitlines().index("run on the node as root:") + 1]
+        address = _join(node, command)
+        assert node.ping(HUB_VPN) and hub.ping(address)
+        registry = hub.run(["tinc-hub", "--state-dir", state_dir, "nodes"]).stdout
+        assert SYSTEMD_NODE in registry, registry
+    finally:
+        _init_hub(hub)  # back to the default unit (rewritten and restarted)
+    assert hub.unit_state("is-active", "tinc-hub.service") == "active"
+    assert "ProtectHome=yes" in hub.run(["cat", "/etc/systemd/system/tinc-hub.service"]).stdout

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tinc_hub import service
 from tinc_hub.errors import HubError
 from tinc_hub.service import install_service, installed_executable, render_unit
 from tinc_hub.state import HubConfig
@@ -26,6 +27,13 @@ SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 # comments, word separators) and non-ASCII ones; none is a control character.
 HOSTILE = " %$\"'\\;#{}*?&|<>`!~=()[]üé日\u00a0" + string.ascii_letters[:6] + string.digits[:3]
 NOT_IN_EXECUTABLES = "\"'\\"  # systemd refuses these in ExecStart='s executable
+
+
+@pytest.fixture(autouse=True)
+def installed_like_the_readme(monkeypatch):
+    """The tinc_hub package where the README's venv puts it (this checkout may lie in /home)."""
+    monkeypatch.setattr(service, "PACKAGE_DIR",
+                        "/opt/tinc-hub/lib/python3.11/site-packages/tinc_hub")
 
 
 def _directives(text: str) -> dict:
@@ -87,6 +95,15 @@ def test_a_privileged_api_port_keeps_only_the_bind_capability():
 def test_home_is_read_only_not_hidden_when_the_service_needs_something_there(
         executable, state_dir, tinc_dir):
     unit = _directives(render_unit(_config(tinc_dir=tinc_dir), executable, state_dir,
+                                   "tinc@middle-earth.service"))
+    assert unit["ProtectHome"] == "read-only"
+
+
+def test_home_is_read_only_when_the_package_lives_there(monkeypatch):
+    """e.g. `pip install --user`: /usr/local/bin/tinc-hub, the code in /root/.local."""
+    monkeypatch.setattr(service, "PACKAGE_DIR",
+                        "/root/.local/lib/python3.11/site-packages/tinc_hub")
+    unit = _directives(render_unit(CONFIG, "/usr/local/bin/tinc-hub", "/var/lib/tinc-hub",
                                    "tinc@middle-earth.service"))
     assert unit["ProtectHome"] == "read-only"
 
