@@ -147,7 +147,7 @@ def test_env_twins(tmp_path: Path, capsys, monkeypatch) -> None:
     capsys.readouterr()
     assert main(["token", "create"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert set(out) == {"token", "expires_at", "command"}
+    assert set(out) == {"token", "expires_at", "command", "sudo_command"}
     assert ":9443/bootstrap.py" in out["command"]
 
 

@@ -71,10 +71,10 @@ def test_command_uses_env_form_and_pin(hub: HubEnv) -> None:
     issued = hub.token()
     pin = pin_of_cert_file(hub.state.cert_file)
     assert issued.command == (
-        f"curl -fsS --pinnedpubkey '{pin}' -k https://127.0.0.1:8655/bootstrap.py"
+        f"curl -fsS --pinnedpubkey '{pin}' -k 'https://127.0.0.1:8655/bootstrap.py'"
         f" | TINC_BOOTSTRAP_TOKEN='{issued.token}' python3 -")
     v6 = hub.config.__class__(**{**hub.config.__dict__, "address": "2001:db8::1"})
-    assert "https://[2001:db8::1]:8655/" in join_command(v6, pin, "t")
+    assert "'https://[2001:db8::1]:8655/bootstrap.py'" in join_command(v6, pin, issued.token)
 
 
 def test_token_refuses_bad_bound_name(hub: HubEnv) -> None:

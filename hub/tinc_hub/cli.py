@@ -151,7 +151,7 @@ def build_parser() -> Parser:
     add_option(p, "--name", env="TINC_HUB_TOKEN_NAME", help="only this node name may use the token")
     add_flag(p, "--replace", env="TINC_HUB_TOKEN_REPLACE",
              help="may re-enrol the --name node with a new key (keeps its address; needs --name)")
-    add_flag(p, "--json", help="print {token, expires_at, command} as JSON")
+    add_flag(p, "--json", help="print {token, expires_at, command, sudo_command} as JSON")
     add_flag(p, "--cloud-init", env="TINC_HUB_TOKEN_CLOUD_INIT",
              help="print a #cloud-config user data that joins the machine at first boot")
     add_option(p, "--os", env="TINC_HUB_TOKEN_OS", default="ubuntu",
@@ -238,23 +238,26 @@ def _registry(state: StateDir):
 
 def cmd_token_create(args: argparse.Namespace, state: StateDir) -> int:
     from .tls import pin_of_cert_file
-    from .tokens import create_token, parse_ttl
+    from .tokens import check_printable, create_token, parse_ttl, sudo_join_command
 
     config = state.load_config()
-    issued = create_token(config, _registry(state), pin_of_cert_file(state.cert_file),
+    pin = pin_of_cert_file(state.cert_file)
+    check_printable(config, pin)  # before the token is stored: a refusal writes nothing
+    issued = create_token(config, _registry(state), pin,
                           uses=args.uses, ttl=parse_ttl(args.ttl), name=args.name,
                           allow_replace=args.replace)
     if args.cloud_init:
         from .cloud_init import render_user_data, size_note
 
-        user_data = render_user_data(config, pin_of_cert_file(state.cert_file), issued.token,
+        user_data = render_user_data(config, pin, issued.token,
                                      issued.expires_at_iso, os_name=args.os, embed=args.embed)
         sys.stdout.write(user_data)
         print(f"{PROG}: {size_note(user_data)[1]}", file=sys.stderr)
         return EXIT_OK
     if args.json:
         print(json.dumps({"token": issued.token, "expires_at": issued.expires_at_iso,
-                          "command": issued.command}))
+                          "command": issued.command,
+                          "sudo_command": sudo_join_command(config, pin, issued.token)}))
         return EXIT_OK
     limits = [f"{issued.uses} use" + ("s" if issued.uses != 1 else ""),
               f"expires {issued.expires_at_iso}"]
@@ -267,6 +270,10 @@ def cmd_token_create(args: argparse.Namespace, state: StateDir) -> int:
     print()
     print("run on the node as root:")
     print(issued.command)
+    print()
+    print("or as a user with sudo rights (the token goes through a private temporary file,"
+          " never through sudo's command line, environment or log):")
+    print(sudo_join_command(config, pin, issued.token))
     return EXIT_OK
 
 

@@ -9,16 +9,19 @@ EC2's 16 KiB limit, fine where user data may be larger).
 import base64
 import gzip
 import json
+import re
 import string
 from importlib import resources
 from typing import Dict, List, Tuple
 
+from .errors import HubError
 from .state import HubConfig
-from .tokens import url_host
+from .tokens import TOKEN_TEXT_RE, check_printable, url_host
 
 EC2_USER_DATA_LIMIT = 16 * 1024
 BOOTSTRAP_PATH = "/usr/local/sbin/tinc-bootstrap"
 FIRST_BOOT_TIMEOUT = 900  # seconds bootstrap.py keeps retrying the hub and waiting for the VPN
+EXPIRES_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 
 # What each image family may lack before the bootstrap can run. Ubuntu and Debian cloud
 # images run cloud-init on python3 and ship curl: installing nothing there also keeps the
@@ -41,9 +44,17 @@ def bootstrap_source() -> bytes:
 
 def render_user_data(config: HubConfig, pin: str, token: str, expires_at: str,
                      os_name: str = "ubuntu", embed: bool = False) -> str:
-    """The complete #cloud-config text for one token."""
+    """The complete #cloud-config text for one token.
+
+    Every value is checked first: the comments get only names, URLs and dates of known
+    character sets (no line breaks), and every value is a JSON string (a YAML-safe scalar).
+    """
     if os_name not in PACKAGES:
-        raise ValueError(f"unknown os {os_name!r}: use one of {', '.join(PACKAGES)}")
+        raise HubError(f"unknown os {os_name!r}", f"use one of {', '.join(PACKAGES)}")
+    check_printable(config, pin)
+    if not TOKEN_TEXT_RE.fullmatch(token) or not EXPIRES_RE.fullmatch(expires_at):
+        raise HubError("the token or its expiry cannot be written into user data",
+                       "this is a bug: report it")
     url = f"https://{url_host(config.address)}:{config.api_port}/bootstrap.py"
     if embed:
         payload = base64.b64encode(gzip.compress(bootstrap_source(), 9, mtime=0)).decode()

@@ -59,13 +59,16 @@ def validate_request(req: InitRequest) -> ipaddress.IPv4Network:
     if not bootstrap.valid_node_name(req.name):
         raise HubError(f"invalid hub name {req.name!r}", "tinc names use only A-Z a-z 0-9 _ (max 64)")
     address = req.address.strip()
-    if not address or any(c.isspace() for c in address) or "/" in address:
-        raise HubError(f"invalid --address {req.address!r}", "give the public host name or IPv4 address")
     try:
-        if isinstance(ipaddress.ip_address(address), ipaddress.IPv6Address):
-            raise HubError("--address must be an IPv4 address or a host name (the net uses AddressFamily = ipv4)")
+        is_ipv6 = isinstance(ipaddress.ip_address(address), ipaddress.IPv6Address)
     except ValueError:
-        pass
+        is_ipv6 = False
+    if is_ipv6:
+        raise HubError("--address must be an IPv4 address or a host name (the net uses AddressFamily = ipv4)")
+    problem = bootstrap.host_problem(address)  # what reaches tinc files, URLs, shell lines, YAML
+    if problem:
+        raise HubError(f"invalid --address {req.address!r}: {problem}",
+                       "give the public host name (RFC 1123) or IPv4 address nodes connect to")
     try:
         network = ipaddress.IPv4Network(req.vpn_subnet, strict=False)
     except ValueError:

@@ -48,11 +48,65 @@ def url_host(host: str) -> str:
     return host
 
 
+PIN_RE = re.compile(r"sha256//[A-Za-z0-9+/]{43}=")
+TOKEN_TEXT_RE = re.compile(r"tinc1\.[A-Za-z0-9_-]{1,2042}")
+TOKEN_FILE_VAR = "tinc_token_file"  # the sudo form's shell variable: a name no one else uses
+
+
+def check_printable(config: HubConfig, pin: str) -> None:
+    """Refuse (HubError) hub settings that cannot go safely into a shell line, a URL or YAML.
+
+    `tinc-hub init` only stores valid values; this catches a hub.json edited by hand. Called
+    before a token is stored, so a refusal writes nothing.
+    """
+    problem = bootstrap.host_problem(config.address)
+    if problem:
+        raise HubError(f"hub.json's address {config.address!r} cannot be printed into a command: "
+                       f"{problem}", "re-run 'tinc-hub init' with a valid --address")
+    if not isinstance(config.api_port, int) or isinstance(config.api_port, bool) \
+            or not 0 < config.api_port < 65536:
+        raise HubError(f"hub.json's api_port {config.api_port!r} is not a port",
+                       "re-run 'tinc-hub init' with a valid --api-port")
+    if not bootstrap.NET_RE.fullmatch(config.net) or not bootstrap.valid_node_name(config.name):
+        raise HubError(f"hub.json's net {config.net!r} or name {config.name!r} is invalid",
+                       "re-run 'tinc-hub init'")
+    if not PIN_RE.fullmatch(pin):
+        raise HubError(f"the TLS pin {pin!r} is not a sha256// pin", "check the state dir's cert.pem")
+
+
+def sh_quote(value: str) -> str:
+    """value as one POSIX shell word, always in single quotes (copy-paste reads the same)."""
+    return "'" + value.replace("'", "'\"'\"'") + "'"
+
+
+def _command_words(config: HubConfig, pin: str, token: str) -> Tuple[str, str, str]:
+    """(curl pipeline start, quoted token, the token's variable) after checking every value."""
+    check_printable(config, pin)
+    if not TOKEN_TEXT_RE.fullmatch(token):
+        raise HubError("the token cannot be printed into a command", "this is a bug: report it")
+    url = f"https://{url_host(config.address)}:{config.api_port}/bootstrap.py"
+    return f"curl -fsS --pinnedpubkey {sh_quote(pin)} -k {sh_quote(url)}", sh_quote(token), \
+        "TINC_BOOTSTRAP_TOKEN"
+
+
 def join_command(config: HubConfig, pin: str, token: str) -> str:
     """The one-liner a node runs as root (token in the environment, not in argv)."""
-    url = f"https://{url_host(config.address)}:{config.api_port}/bootstrap.py"
-    return (f"curl -fsS --pinnedpubkey '{pin}' -k {url}"
-            f" | TINC_BOOTSTRAP_TOKEN='{token}' python3 -")
+    curl, quoted_token, variable = _command_words(config, pin, token)
+    return f"{curl} | {variable}={quoted_token} python3 -"
+
+
+def sudo_join_command(config: HubConfig, pin: str, token: str) -> str:
+    """The one-liner for a user with sudo rights.
+
+    The token goes through a 0600 file made by mktemp (`printf` is a shell builtin: no argv),
+    and sudo only sees `python3 - --token-file PATH`: nothing secret in any argv, in sudo's
+    environment (its JSON log format records the whole environment, and --preserve-env=VAR
+    records VAR=value even in the default format), or in sudo's log.
+    """
+    curl, quoted_token, _ = _command_words(config, pin, token)
+    var = TOKEN_FILE_VAR
+    return (f"{var}=$(mktemp) && printf '%s\\n' {quoted_token} >>\"${var}\" && "
+            f"{curl} | sudo python3 - --token-file \"${var}\"; rm -f \"${var}\"")
 
 
 @dataclass(frozen=True)
