@@ -76,9 +76,11 @@ def api_requests(hub: netlab.HubDriver) -> Dict[str, int]:
 
 
 def wait_cloud_init(node: nspawn.Container, timeout: float) -> str:
-    """`cloud-init status --wait`: its one-line answer once cloud-init finished."""
+    """`cloud-init status --wait`: its one-line answer once cloud-init finished (the last
+    line: while it waits, it prints a line of progress dots first)."""
     proc = node.run(["cloud-init", "status", "--wait"], check=False, timeout=timeout)
-    return (proc.stdout + proc.stderr).strip()
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    return lines[-1] if lines else ""
 
 
 @pytest.fixture(scope="module")
