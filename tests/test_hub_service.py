@@ -3,7 +3,6 @@ systemd's own syntax (checked by this machine's `systemd-analyze verify`), the r
 sandbox directives. Installing, enabling, the exact argv systemd runs, the sandbox at work and
 a reboot are proven for real in booted containers (test_boot.py)."""
 
-import os
 import shutil
 import string
 import subprocess
