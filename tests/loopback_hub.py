@@ -173,17 +173,21 @@ class Reply(NamedTuple):
 
 
 async def post_enroll(port: int, context: ssl.SSLContext, item: Enrolment,
-                      timeout: float = 60.0) -> Reply:
-    """One POST /v1/enroll on its own TLS connection (as bootstrap.py does)."""
+                      timeout: float = 60.0, headers: Optional[Dict[str, str]] = None,
+                      source: Optional[str] = None) -> Reply:
+    """One POST /v1/enroll on its own TLS connection (as bootstrap.py does), with extra
+    request ``headers``, from the loopback address ``source`` (e.g. 127.0.0.3) if given."""
     body = json.dumps({"name": item.name, "public_key": item.public_key}).encode()
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
     head = (f"POST /v1/enroll HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
             f"Authorization: Bearer {item.token}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+            f"{extra}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
     started = time.monotonic()
     writer = None
     try:
         reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(HOST, port, ssl=context, server_hostname=HOST), timeout)
+            asyncio.open_connection(HOST, port, ssl=context, server_hostname=HOST,
+                                    local_addr=(source, 0) if source else None), timeout)
         writer.write(head + body)
         raw = await asyncio.wait_for(reader.read(), timeout)
     except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:

@@ -17,6 +17,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from .client_address import NO_PROXY, TrustedProxies, client_address
+from .connection_caps import (DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+                              CappedListener, ConnectionCaps)
 from .enroll import MAX_BODY_BYTES, Enroller, reconcile_host_files
 from .errors import HubError
 from .http_timeouts import HANDSHAKE_TIMEOUT, HeaderTimeoutH11Protocol
@@ -76,9 +79,11 @@ async def read_capped_body(request: Request, limit: int = MAX_BODY_BYTES,
 
 def create_app(config: HubConfig, registry: Registry, batcher: ReloadBatcher,
                bootstrap_source: Optional[bytes] = None,
-               rate_limiter: Optional[RateLimiter] = None) -> Callable[..., Awaitable[None]]:
+               rate_limiter: Optional[RateLimiter] = None,
+               trusted_proxies: TrustedProxies = NO_PROXY) -> Callable[..., Awaitable[None]]:
     """The ASGI app (Starlette routes wrapped in a one-line-per-request access logger).
-    ``rate_limiter`` limits POST /v1/enroll per client address (None: no limit)."""
+    ``rate_limiter`` limits POST /v1/enroll per client address (None: no limit); the client
+    address is the TCP peer, or what a ``trusted_proxies`` peer says in X-Forwarded-For."""
     enroller = Enroller(config, registry)
     if bootstrap_source is None:
         try:
@@ -93,12 +98,12 @@ def create_app(config: HubConfig, registry: Registry, batcher: ReloadBatcher,
         return Response(bootstrap_source, media_type="text/x-python; charset=utf-8")
 
     async def post_enroll(request: Request) -> Response:
+        client = client_address(request.scope, trusted_proxies)
         if rate_limiter is not None:
-            source = request.client.host if request.client else "-"
-            wait = rate_limiter.acquire(source)
+            wait = rate_limiter.acquire(client)
             if wait > 0:
                 retry_after = retry_after_header(wait)
-                return JSONResponse({"error": f"too many enrolment attempts from {source};"
+                return JSONResponse({"error": f"too many enrolment attempts from {client};"
                                               f" retry in {retry_after} s"},
                                     status_code=429,
                                     headers={"Retry-After": retry_after, "Connection": "close"})
@@ -109,7 +114,7 @@ def create_app(config: HubConfig, registry: Registry, batcher: ReloadBatcher,
         except ClientDisconnect:
             return error_response(400, "client disconnected", close=True)
         outcome = await run_in_threadpool(enroller.process, request.headers.get("authorization"), body,
-                                          request.client.host if request.client else "-")
+                                          client)
         if outcome.reload_needed:
             await batcher.reload()  # answer only after the SIGHUP that covers this node
         elif outcome.status == 200:
@@ -140,15 +145,18 @@ def create_app(config: HubConfig, registry: Registry, batcher: ReloadBatcher,
         ],
         exception_handlers={HTTPException: http_error, 500: server_error, Exception: server_error},
     )
-    return AccessLog(starlette)
+    return AccessLog(starlette, trusted_proxies)
 
 
 class AccessLog:
-    """ASGI middleware: one stderr line per request (client, method, path, status, ms).
-    Headers (and so the token) and query strings are never logged."""
+    """ASGI middleware: one stderr line per request (client, method, path, status, ms; the
+    client as ``ADDRESS via PROXY`` when a trusted proxy forwarded it). Headers (and so the
+    token) and query strings are never logged."""
 
-    def __init__(self, app: Callable[..., Awaitable[None]]) -> None:
+    def __init__(self, app: Callable[..., Awaitable[None]],
+                 trusted_proxies: TrustedProxies = NO_PROXY) -> None:
         self.app = app
+        self.trusted_proxies = trusted_proxies
 
     async def __call__(self, scope: Dict[str, Any], receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -165,30 +173,51 @@ class AccessLog:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            client = scope.get("client") or ("-", 0)
-            access_log.info("%s %s %s %d %.0fms", client[0], scope["method"],
+            client = client_address(scope, self.trusted_proxies)
+            peer = client_address(scope)  # the TCP peer
+            if self.trusted_proxies and client != peer:
+                client = f"{client} via {peer}"
+            access_log.info("%s %s %s %d %.0fms", client, scope["method"],
                             scope["path"][:200].encode("unicode_escape").decode("ascii"),
                             status[0], (time.monotonic() - started) * 1000)
 
 
-def raise_open_file_limit() -> None:
-    """Many concurrent connections need many descriptors: raise the soft limit to the hard one."""
+def raise_open_file_limit() -> int:
+    """Many concurrent connections need many descriptors: raise the soft limit to the hard one.
+    Returns the soft limit in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or soft < hard:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 65536, hard))
         except (ValueError, OSError):
             pass
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def bind_listener(listen: str, port: int, backlog: int) -> socket.socket:
-    """The listening socket, bound before uvicorn starts so a busy port is a clean error."""
+FD_RESERVE = 128  # descriptors kept for the registry, logs, tincd signalling, refused sockets
+
+
+def connection_caps(max_total: int, max_per_address: int, trusted_proxies: TrustedProxies,
+                    open_file_limit: int) -> ConnectionCaps:
+    """The caps, with the total lowered to what the open-file limit allows (asyncio would
+    otherwise stop accepting anyone for a second at each EMFILE)."""
+    allowed = max(1, open_file_limit - FD_RESERVE)
+    if max_total > allowed:
+        log.warning("--max-connections %d lowered to %d: the open-file limit is %d (raise "
+                    "LimitNOFILE= or ulimit -n)", max_total, allowed, open_file_limit)
+        max_total = allowed
+    return ConnectionCaps(max_total, min(max_per_address, max_total), exempt=trusted_proxies)
+
+
+def bind_listener(listen: str, port: int, backlog: int) -> CappedListener:
+    """The listening socket, bound before uvicorn starts so a busy port is a clean error
+    (its ``caps``, set later, are enforced at accept)."""
     try:
         infos = socket.getaddrinfo(listen, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise HubError(f"cannot resolve --listen {listen!r}: {exc.strerror}") from None
     family, _, _, _, address = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = CappedListener(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
@@ -217,6 +246,8 @@ def limit_tls_read_buffers(size: int = TLS_READ_BUFFER) -> None:
 
 async def _serve(server: uvicorn.Server, sock: socket.socket) -> None:
     loop = asyncio.get_running_loop()
+    if not isinstance(loop, asyncio.SelectorEventLoop):  # it calls sock.accept(): the caps
+        raise HubError(f"the hub needs asyncio's selector event loop, not {type(loop).__name__}")
     limit_tls_read_buffers()
     original_create_server = loop.create_server
 
@@ -231,9 +262,13 @@ async def _serve(server: uvicorn.Server, sock: socket.socket) -> None:
 
 
 def serve(state_dir: StateDir, listen: str = "0.0.0.0", port: Optional[int] = None,
-          rate_limit: Optional[RateLimit] = parse_rate_limit(DEFAULT_RATE_LIMIT)) -> int:
+          rate_limit: Optional[RateLimit] = parse_rate_limit(DEFAULT_RATE_LIMIT),
+          trusted_proxies: TrustedProxies = NO_PROXY,
+          max_connections: int = DEFAULT_MAX_CONNECTIONS,
+          max_connections_per_address: int = DEFAULT_MAX_CONNECTIONS_PER_ADDRESS) -> int:
     """Run the HTTPS API until SIGINT/SIGTERM (enrolment attempts per client address
-    limited by ``rate_limit``; None: unlimited)."""
+    limited by ``rate_limit``, None: unlimited; X-Forwarded-For read only from
+    ``trusted_proxies``; concurrent connections capped at accept, before TLS)."""
     config = state_dir.load_config()
     pin = pin_of_cert_file(state_dir.cert_file)  # a missing/broken cert is a clean error
     if not state_dir.key_file.exists():
@@ -247,10 +282,13 @@ def serve(state_dir: StateDir, listen: str = "0.0.0.0", port: Optional[int] = No
         log.warning("repaired hosts/ from the registry: rewrote %s, removed %s",
                     repaired["written"] or "none", repaired["removed"] or "none")
         send_sighup(config.net, config.tinc_dir)
-    raise_open_file_limit()
+    caps = connection_caps(max_connections, max_connections_per_address, trusted_proxies,
+                           raise_open_file_limit())
+    sock.caps = caps
     batcher = ReloadBatcher(lambda: send_sighup(config.net, config.tinc_dir))
     app = create_app(config, registry, batcher,
-                     rate_limiter=RateLimiter(rate_limit) if rate_limit is not None else None)
+                     rate_limiter=RateLimiter(rate_limit) if rate_limit is not None else None,
+                     trusted_proxies=trusted_proxies)
     uv_config = uvicorn.Config(
         app,
         host=listen,
@@ -258,6 +296,8 @@ def serve(state_dir: StateDir, listen: str = "0.0.0.0", port: Optional[int] = No
         ssl_certfile=str(state_dir.cert_file),
         ssl_keyfile=str(state_dir.key_file),
         http=HeaderTimeoutH11Protocol,
+        loop="asyncio",  # documents it: _serve runs on asyncio.run's selector loop
+        proxy_headers=False,  # uvicorn would trust X-Forwarded-For from 127.0.0.1: client_address()
         lifespan="off",
         log_config=None,
         access_log=False,
@@ -267,8 +307,10 @@ def serve(state_dir: StateDir, listen: str = "0.0.0.0", port: Optional[int] = No
         timeout_graceful_shutdown=5,
     )
     server = uvicorn.Server(uv_config)
-    log.info("serving net %s on https://%s:%d (pin %s; enrolment rate limit per address: %s)",
-             config.net, listen, port, pin, rate_limit or "off")
+    log.info("serving net %s on https://%s:%d (pin %s; enrolment rate limit per address: %s; "
+             "connections: at most %d, %d per address; trusted proxies: %s)",
+             config.net, listen, port, pin, rate_limit or "off", caps.max_total,
+             caps.max_per_address, trusted_proxies)
     try:
         asyncio.run(_serve(server, sock))
     finally:

@@ -11,6 +11,8 @@ from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence
 
 from . import __version__
 from .errors import HubError
+from .client_address import NO_PROXY, TrustedProxies
+from .connection_caps import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_ADDRESS
 from .ratelimit import DEFAULT_RATE_LIMIT, RateLimit
 from .state import DEFAULT_STATE_DIR, DEFAULT_TINC_DIR, StateDir
 
@@ -104,6 +106,28 @@ def command_prefix(state: StateDir) -> str:
     return f"{PROG} --state-dir {shlex.quote(str(state.root))}"
 
 
+class InvalidValue(argparse.ArgumentTypeError, ValueError):
+    """A bad option value whose message argparse shows as is (a ValueError for add_option)."""
+
+
+def trusted_proxy(text: str) -> TrustedProxies:
+    """--trusted-proxy: IP addresses or CIDR networks, comma-separated."""
+    try:
+        return TrustedProxies.parse(text)
+    except ValueError as exc:
+        raise InvalidValue(str(exc)) from None
+
+
+class AddUp(argparse.Action):
+    """A repeatable option whose values add up; given on the command line, it replaces
+    (not extends) the default from its environment twin."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: Optional[str] = None) -> None:
+        current = getattr(namespace, self.dest)
+        setattr(namespace, self.dest, values if current is self.default else current + values)
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -185,6 +209,17 @@ def build_parser() -> Parser:
     add_option(p, "--rate-limit", type=rate_limit, default=DEFAULT_RATE_LIMIT,
                help="enrolment attempts per client address: N/PERIOD (N at once, N more per "
                     "PERIOD; e.g. 600/min, 20/10s), or off; over it the hub answers 429")
+    add_option(p, "--trusted-proxy", type=trusted_proxy, default=NO_PROXY, action=AddUp,
+               metavar="ADDR[,ADDR]",
+               help="a reverse proxy in front of the hub (IP address or CIDR network; repeat or "
+                    "comma-separate): only from these peers is X-Forwarded-For believed, for the "
+                    "rate limit and the logs. Without it the client is always the TCP peer")
+    add_option(p, "--max-connections", type=positive_int, default=DEFAULT_MAX_CONNECTIONS,
+               help="open connections in total; more are reset at accept, before TLS")
+    add_option(p, "--max-connections-per-address", type=positive_int,
+               default=DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+               help="open connections per client IP address (trusted proxies exempt); raise it "
+                    "for a fleet enrolling at once from behind one NAT address")
 
     p = commands.add_parser("nodes", help="list enrolled nodes")
     add_common(p, top=False)
@@ -313,7 +348,9 @@ def cmd_token_revoke(args: argparse.Namespace, state: StateDir) -> int:
 def cmd_serve(args: argparse.Namespace, state: StateDir) -> int:
     from .app import serve
 
-    return serve(state, listen=args.listen, port=args.port, rate_limit=args.rate_limit)
+    return serve(state, listen=args.listen, port=args.port, rate_limit=args.rate_limit,
+                 trusted_proxies=args.trusted_proxy, max_connections=args.max_connections,
+                 max_connections_per_address=args.max_connections_per_address)
 
 
 def cmd_nodes(args: argparse.Namespace, state: StateDir) -> int:
