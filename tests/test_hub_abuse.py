@@ -67,6 +67,8 @@ NO = TrustedProxies()
     ("10.0.0.5", [("X-Forwarded-For", "6.6.6.6, unknown, 192.0.2.7")], PROXIES, "192.0.2.7"),
     ("10.0.0.5", [("X-Forwarded-For", "")], PROXIES, "10.0.0.5"),
     ("10.0.0.5", [("X-Forwarded-For", "[2001:db8::1]")], PROXIES, "10.0.0.5"),
+    ("10.0.0.5", [("X-Forwarded-For", "2001:db8::1%1")], PROXIES, "10.0.0.5"),
+    ("10.0.0.5", [("X-Forwarded-For", " 198.51.100.1\t")], PROXIES, "198.51.100.1"),
     # only trusted hops: the left-most
     ("10.0.0.5", [("X-Forwarded-For", "10.0.0.7, 192.0.2.7")], PROXIES, "10.0.0.7"),
     # Forwarded (RFC 7239) is never read, even from a trusted proxy

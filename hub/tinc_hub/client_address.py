@@ -17,7 +17,10 @@ IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 def parse_ip(text: str) -> Optional[IPAddress]:
     """An IP literal, IPv4-mapped IPv6 as IPv4; None for anything else (ports, brackets,
-    names, ``unknown``, surrounding spaces)."""
+    names, ``unknown``, surrounding spaces, an IPv6 ``%zone``, which would let one address be
+    written many ways)."""
+    if "%" in text:
+        return None
     try:
         address = ipaddress.ip_address(text)
     except ValueError:
