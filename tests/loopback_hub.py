@@ -203,6 +203,9 @@ async def post_enroll(port: int, context: ssl.SSLContext, item: Enrolment,
     except (IndexError, ValueError):
         return Reply(0, {}, {}, seconds, f"no HTTP answer: {raw[:80]!r}")
     headers = {k.strip().lower(): v.strip() for k, _, v in (l.partition(":") for l in lines[1:])}
+    declared = headers.get("content-length", "")
+    if declared.isdigit() and len(payload) < int(declared):  # cut off mid-answer (hub killed)
+        return Reply(0, {}, {}, seconds, f"incomplete answer: {len(payload)} of {declared} bytes")
     try:
         parsed = json.loads(payload.decode("utf-8")) if payload else {}
     except ValueError:
