@@ -255,6 +255,19 @@ def test_bound_replace_token_cannot_rekey_another_node(hub: HubEnv) -> None:
     assert hub.enroll(rekey, "web_1", rsa_public_pem(3))[0] == 200
 
 
+def test_unbound_replace_token_from_an_older_hub_rekeys_no_node(hub: HubEnv) -> None:
+    """An older tinc-hub made --replace tokens without --name (still in an upgraded registry):
+    such a token enrols new names like any token, but takes over no enrolled name."""
+    fleet = hub.token().token
+    assert hub.enroll(fleet, "victim", rsa_public_pem(1))[0] == 200
+    legacy = handmade_token(hub, new_secret(), uses_total=5, uses_left=5, allow_replace=True)
+    before = hub.snapshot()
+    status, answer = hub.enroll(legacy, "victim", rsa_public_pem(2))
+    assert status == 409 and "--name victim --replace" in answer["error"], answer
+    assert hub.snapshot() == before
+    assert hub.enroll(legacy, "newcomer", rsa_public_pem(3))[0] == 200
+
+
 # -- revoke NAME and the token that enrolled it -----------------------------------------------
 
 def test_revoked_machine_with_a_fleet_token_cannot_come_back_under_a_new_name(hub: HubEnv, capsys) -> None:

@@ -284,7 +284,8 @@ class Enroller:
             state = " (revoked)" if owner.revoked else ""
             raise EnrollError(409, f"this public key is already enrolled as node {owner.name!r}{state}"
                                    " (cloned machine? generate a new key)")
-        if node is not None and not token.allow_replace:
+        # A replace token re-keys only the node it names (an older tinc-hub made some unbound).
+        if node is not None and not (token.allow_replace and token.bound_name == name):
             raise EnrollError(409, f"node {name!r} is already enrolled with a different key"
                                    f" (ask the hub admin for a token made with --name {name} --replace)")
         return None
