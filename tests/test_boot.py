@@ -23,6 +23,8 @@ import pytest
 
 import netlab
 import nspawn
+from tinc_hub.app import FD_RESERVE
+from tinc_hub.connection_caps import DEFAULT_MAX_CONNECTIONS
 
 pytestmark = [pytest.mark.netlab, pytest.mark.boot]
 
@@ -238,6 +240,14 @@ def test_hub_service_runs_sandboxed(machines, capsys):
     assert _in_service_namespace(hub, pid, "test -e /root/.visible-outside") != 0  # ProtectHome
     assert _in_service_namespace(hub, pid, "ls /dev/net/tun") != 0  # PrivateDevices
     hub.run(["rm", "/root/.visible-outside"])
+    # The connection caps need their descriptors inside the sandbox (syscall filter
+    # ~@resources): the soft limit in force, and no "lowered" line from serve.
+    limits = hub.run(["cat", "/proc/%d/limits" % pid]).stdout
+    soft_nofile = int(re.search(r"^Max open files\s+(\d+)", limits, re.M).group(1))
+    assert soft_nofile >= DEFAULT_MAX_CONNECTIONS + FD_RESERVE, limits
+    journal = hub.run(["journalctl", "-u", "tinc-hub.service", "--no-pager", "-o", "cat"]).stdout
+    assert "connections: at most %d, " % DEFAULT_MAX_CONNECTIONS in journal, journal
+    assert "lowered" not in journal, journal
 
     hub.run(["tee", "/etc/systemd/system/tinc-hub-unsandboxed.service"], input=UNSANDBOXED_UNIT)
     hub.run(["systemctl", "daemon-reload"])

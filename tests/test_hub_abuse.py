@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tinc_hub import cli
+from tinc_hub.app import FD_RESERVE, connection_caps
 from tinc_hub.client_address import TrustedProxies, client_address, forwarded_chain
 from tinc_hub.connection_caps import (DEFAULT_MAX_CONNECTIONS_PER_ADDRESS, REFUSALS_PER_ACCEPT,
                                       CappedListener, ConnectionCaps)
@@ -233,6 +234,17 @@ def test_one_accept_call_refuses_a_bounded_number(listener: CappedListener) -> N
     finally:
         for sock in clients:
             sock.close()
+
+
+def test_a_total_cap_lowered_by_the_open_file_limit_lowers_the_per_address_cap_alike() -> None:
+    """Under `ulimit -n 1024` the total drops to 896: the per-address cap must drop with it,
+    or one address could again hold every slot (the defaults keep 4 addresses' worth)."""
+    caps = connection_caps(4096, 1024, TrustedProxies(), open_file_limit=1024)
+    assert caps.max_total == 1024 - FD_RESERVE
+    assert caps.max_per_address == caps.max_total // 4
+    roomy = connection_caps(4096, 1024, TrustedProxies(), open_file_limit=65536)
+    assert (roomy.max_total, roomy.max_per_address) == (4096, 1024)
+    assert connection_caps(4096, 1024, TrustedProxies(), open_file_limit=130).max_per_address == 1
 
 
 # ------------------------------------------------------------------ the real server

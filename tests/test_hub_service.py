@@ -14,6 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tinc_hub import service
+from tinc_hub.app import FD_RESERVE
+from tinc_hub.connection_caps import DEFAULT_MAX_CONNECTIONS
 from tinc_hub.errors import HubError
 from tinc_hub.service import install_service, installed_executable, render_unit
 from tinc_hub.state import HubConfig
@@ -76,6 +78,8 @@ def test_unit_is_sandboxed():
     assert unit["ReadOnlyPaths"] == "/run"  # ProtectSystem=strict leaves /run writable
     assert unit["RestrictAddressFamilies"] == "AF_INET AF_INET6 AF_UNIX"
     assert unit["UMask"] == "0077"
+    # serve's default connection caps fit, whatever systemd's DefaultLimitNOFILE is
+    assert int(unit["LimitNOFILE"]) >= DEFAULT_MAX_CONNECTIONS + FD_RESERVE
 
 
 def test_a_privileged_api_port_keeps_only_the_bind_capability():

@@ -200,12 +200,15 @@ FD_RESERVE = 128  # descriptors kept for the registry, logs, tincd signalling, r
 def connection_caps(max_total: int, max_per_address: int, trusted_proxies: TrustedProxies,
                     open_file_limit: int) -> ConnectionCaps:
     """The caps, with the total lowered to what the open-file limit allows (asyncio would
-    otherwise stop accepting anyone for a second at each EMFILE)."""
+    otherwise stop accepting anyone for a second at each EMFILE), and the per-address cap
+    lowered in proportion (else one address could hold every slot)."""
     allowed = max(1, open_file_limit - FD_RESERVE)
     if max_total > allowed:
-        log.warning("--max-connections %d lowered to %d: the open-file limit is %d (raise "
-                    "LimitNOFILE= or ulimit -n)", max_total, allowed, open_file_limit)
-        max_total = allowed
+        per_address = max(1, max_per_address * allowed // max_total)
+        log.warning("--max-connections %d lowered to %d and --max-connections-per-address %d "
+                    "to %d: the open-file limit is %d (raise LimitNOFILE= or ulimit -n)",
+                    max_total, allowed, max_per_address, per_address, open_file_limit)
+        max_total, max_per_address = allowed, per_address
     return ConnectionCaps(max_total, min(max_per_address, max_total), exempt=trusted_proxies)
 
 

@@ -29,6 +29,7 @@ UNIT_DIR = "/etc/systemd/system"
 # ProtectHome=yes hides these; code or state living there needs ProtectHome=read-only.
 HOME_DIRS = ("/home", "/root", "/run/user")
 PACKAGE_DIR = str(Path(__file__).resolve().parent)  # the running tinc_hub's code
+OPEN_FILE_LIMIT = 65536  # LimitNOFILE=: soft and hard, far above what the caps need
 PRIVILEGED_PORT_LIMIT = 1024  # binding a port below this needs CAP_NET_BIND_SERVICE
 # A unit name systemd takes literally in After= (no %, no quoting, no escapes needed).
 _UNIT_NAME_RE = re.compile(r"[A-Za-z0-9_.:@-]{1,246}\.service")
@@ -165,6 +166,9 @@ def render_unit(config: HubConfig, executable: str, state_dir: str, tinc_unit: s
         "Environment=PYTHONUNBUFFERED=1",
         "Restart=on-failure",
         "RestartSec=2",
+        "# Descriptors for serve's connection caps (--max-connections 4096 plus a reserve),",
+        "# whatever the distribution's DefaultLimitNOFILE is.",
+        f"LimitNOFILE={OPEN_FILE_LIMIT}",
         "# Sandbox: the API writes only its state directory (registry, WAL, lock) and the",
         "# net's hosts/ (node host files); it signals root's tincd, which needs no capability.",
         f"CapabilityBoundingSet={capabilities}",
