@@ -229,3 +229,26 @@ def test_log_has_one_line_per_request_and_no_token(server: Server) -> None:
     text = server.log.read_text()
     assert issued.token not in text and secret not in text and "tinc1." not in text
     assert any("GET /healthz 200" in line for line in text.splitlines())
+
+
+def test_a_body_dripped_after_the_answer_does_not_hold_the_connection(server: Server) -> None:
+    """A request whose handler reads no body (GET, 404, 405) declares a long body and drips a
+    byte every second, below the keep-alive timeout: the connection is closed within the
+    header timeout, not held for as long as the body lasts."""
+    for head in (b"GET /healthz HTTP/1.1", b"GET /nowhere HTTP/1.1", b"PUT /v1/enroll HTTP/1.1"):
+        with tls_socket(server) as sock:
+            sock.sendall(head + b"\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n")
+            sock.settimeout(5)
+            assert sock.recv(100).startswith(b"HTTP/1.1 "), head
+            sock.settimeout(1)
+            started, closed = time.monotonic(), False
+            while not closed and time.monotonic() - started < HEADER_TIMEOUT + 10:
+                try:
+                    sock.sendall(b"x")
+                    closed = sock.recv(100) == b""
+                except socket.timeout:
+                    pass
+                except (ConnectionError, ssl.SSLError):
+                    closed = True
+            elapsed = time.monotonic() - started
+            assert closed and elapsed <= HEADER_TIMEOUT + 5, (head, elapsed)

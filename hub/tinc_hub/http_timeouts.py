@@ -6,7 +6,6 @@ handshake within HANDSHAKE_TIMEOUT seconds.
 import asyncio
 from typing import Any, Optional
 
-import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 HEADER_TIMEOUT = 10.0
@@ -17,9 +16,11 @@ class HeaderTimeoutH11Protocol(H11Protocol):
     """uvicorn's h11 protocol, plus: a connection that has not delivered a complete request
     head within ``header_timeout`` seconds is closed (slowloris, idle half-open sockets).
 
-    The timer runs whenever the server waits for a request head: from connection_made, and
-    again after each response on a kept-alive connection. It is cancelled as soon as h11
-    has parsed a request head.
+    The timer runs whenever no request is being served: from connection_made, and again
+    after each response on a kept-alive connection, also while the client still sends the
+    body of a request whose handler did not read it (a byte a second would otherwise hold
+    the connection for as long as the body it declared). It is cancelled when a request head
+    has been parsed and that request is being served.
     """
 
     header_timeout: float = HEADER_TIMEOUT
@@ -37,8 +38,9 @@ class HeaderTimeoutH11Protocol(H11Protocol):
             self._header_timer.cancel()
             self._header_timer = None
 
-    def _waiting_for_head(self) -> bool:
-        return self.conn.their_state is h11.IDLE
+    def _serving(self) -> bool:
+        """A request head was parsed and its response is not complete yet."""
+        return self.cycle is not None and not self.cycle.response_complete
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -46,12 +48,12 @@ class HeaderTimeoutH11Protocol(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if not self._waiting_for_head():
+        if self._serving():
             self._cancel_header_timer()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if self._waiting_for_head() and not self.transport.is_closing():
+        if not self._serving() and not self.transport.is_closing():
             self._arm_header_timer()
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
@@ -62,7 +64,7 @@ class HeaderTimeoutH11Protocol(H11Protocol):
         self._header_timer = None
         if self.transport.is_closing():
             return
-        if self._waiting_for_head() and (self.cycle is None or self.cycle.response_complete):
+        if not self._serving():
             self.logger.debug("closing connection from %s: no complete request head within %.0f s",
                              self.client[0] if self.client else "?", self.header_timeout)
             self.transport.close()
