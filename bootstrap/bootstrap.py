@@ -1073,21 +1073,154 @@ def _refusal_hint(status: int) -> str:
     return "see the hub's message above"
 
 
+# The hub's host file. tinc 1.0 reads PublicKey and PublicKeyFile from a peer's host file
+# before its PEM block (and Address, Port, IndirectData, TCPOnly, Weight, PMTU, ClampMSS,
+# Subnet): written as the hub sent it, the key checked here need not be the key tincd trusts,
+# and tincd (root) would open any PublicKeyFile path. So the node keeps only what it checked.
+HUB_HOST_LINE_RE = re.compile(r"(Address|Port|Subnet) = ([^ ]+)(?: ([^ ]+))?")
+PEM_LABELS = ("RSA PUBLIC KEY", "PUBLIC KEY")
+PEM_BODY_LINE_RE = re.compile(r"[A-Za-z0-9+/]+={0,2}")
+RSA_ALGORITHM_DER = bytes.fromhex("300d06092a864886f70d0101010500")  # rsaEncryption, NULL
+MAX_HUB_HOST_LINES = 64
+
+
+def _port_number(text: str) -> int:
+    """A TCP/UDP port written as a plain decimal number; ValueError otherwise."""
+    if not re.fullmatch(r"[1-9][0-9]{0,4}", text) or int(text) > 65535:
+        raise ValueError("bad port {!r}".format(text))
+    return int(text)
+
+
+def _der_positive_integer(reader: DerReader, data: bytes) -> None:
+    """The next element is a minimally encoded positive INTEGER; ValueError otherwise."""
+    _, content, end = reader.take(DER_INTEGER)
+    if content == end or data[content] & 0x80 or (
+            end - content > 1 and data[content] == 0 and not data[content + 1] & 0x80):
+        raise ValueError("not a minimal positive DER INTEGER")
+
+
+def rsa_public_key_pem(label: str, der: bytes) -> str:
+    """The PKCS#1 `RSA PUBLIC KEY` PEM of a strict-DER RSA key (PKCS#1, or SPKI when label is
+    `PUBLIC KEY`), re-encoded; ValueError for anything else."""
+    if label == "PUBLIC KEY":
+        outer = DerReader(der, 0, len(der))
+        spki = outer.enter(DER_SEQUENCE)
+        outer.finish()
+        start, _, end = spki.take(DER_SEQUENCE)
+        if der[start:end] != RSA_ALGORITHM_DER:
+            raise ValueError("the public key is not an RSA key")
+        _, content, end = spki.take(DER_BIT_STRING)
+        spki.finish()
+        if content == end or der[content] != 0:
+            raise ValueError("bad public key BIT STRING")
+        der = der[content + 1:end]
+    outer = DerReader(der, 0, len(der))
+    key = outer.enter(DER_SEQUENCE)
+    outer.finish()
+    _der_positive_integer(key, der)  # modulus
+    _der_positive_integer(key, der)  # public exponent
+    key.finish()
+    body = base64.b64encode(der).decode()
+    lines = [body[i:i + 64] for i in range(0, len(body), 64)]
+    return "\n".join(["-----BEGIN RSA PUBLIC KEY-----"] + lines + ["-----END RSA PUBLIC KEY-----"])
+
+
+def rebuild_hub_host_file(text: str) -> str:
+    """hosts/HUB made from the hub's host file text: its Address, Port and Subnet lines, each
+    checked and rewritten, and its one RSA public key, re-encoded. Anything else in the text
+    (another variable, a second key, a control character) is a ValueError saying what."""
+    if not re.fullmatch(r"[\x20-\x7e\n]*", text):
+        raise ValueError("it holds a control or non-ASCII character")
+    lines, pem, label, body = [], None, None, []  # type: List[str], Optional[str], Optional[str], List[str]
+    for number, line in enumerate(text.split("\n"), 1):
+        where = "line {} ({!r})".format(number, line[:80])
+        if label is not None:  # inside the key block
+            if line == "-----END {}-----".format(label):
+                try:
+                    der = base64.b64decode("".join(body), validate=True)
+                    pem = rsa_public_key_pem(label, der)
+                except ValueError as exc:
+                    raise ValueError("its public key is not a strict DER RSA key ({})".format(exc))
+                label = None
+            elif PEM_BODY_LINE_RE.fullmatch(line):
+                body.append(line)
+            else:
+                raise ValueError("{}: not base64 inside the public key".format(where))
+            continue
+        if not line or line.startswith("#"):
+            continue
+        begin = re.fullmatch(r"-----BEGIN ([A-Z ]+)-----", line)
+        if begin:
+            if pem is not None or begin.group(1) not in PEM_LABELS:
+                raise ValueError("{}: only one RSA PUBLIC KEY block is allowed".format(where))
+            label, body = begin.group(1), []
+            continue
+        match = HUB_HOST_LINE_RE.fullmatch(line)
+        if not match:
+            raise ValueError("{}: only `Address = HOST [PORT]`, `Port = PORT` and "
+                             "`Subnet = A.B.C.D/N` lines are accepted".format(where))
+        variable, value, extra = match.groups()
+        try:
+            if variable == "Address":
+                if host_problem(value):
+                    raise ValueError(host_problem(value))
+                value += "" if extra is None else " {}".format(_port_number(extra))
+            elif extra is not None:
+                raise ValueError("one value only")
+            elif variable == "Port":
+                if any(l.startswith("Port = ") for l in lines):
+                    raise ValueError("a second Port")
+                value = str(_port_number(value))
+            elif str(ipaddress.IPv4Network(value)) != value:  # Subnet: canonical, host bits 0
+                raise ValueError("not a canonical A.B.C.D/N")
+        except ValueError as exc:
+            raise ValueError("{}: {}".format(where, exc))
+        lines.append("{} = {}".format(variable, value))
+        if len(lines) > MAX_HUB_HOST_LINES:
+            raise ValueError("more than {} lines".format(MAX_HUB_HOST_LINES))
+    if label is not None or pem is None:
+        raise ValueError("it holds no complete RSA PUBLIC KEY block")
+    if not any(l.startswith("Address = ") for l in lines):
+        raise ValueError("it has no Address line")
+    return render_host_file(lines, pem)
+
+
 def validate_answer(answer: dict, name: str) -> Tuple[str, int, str, str]:
-    """(address, prefix, hub name, hub host file) from an enrolment answer, checked."""
+    """(address, prefix, hub name, hub host file) from an enrolment answer, checked; the hub
+    host file is rebuilt from its checked parts (rebuild_hub_host_file), never kept as sent."""
     bad = BootstrapError("the hub's answer is malformed", EXIT_REFUSED,
                          "hub and bootstrap versions may differ")
     try:
-        address = str(ipaddress.IPv4Address(answer["address"]))
+        address = answer["address"]
         prefix = answer["prefix"]
         hub = answer["hub"]["name"]
         host_file = answer["hub"]["host_file"]
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError):
         raise bad
-    if answer.get("name") != name or not isinstance(prefix, int) or not 1 <= prefix <= 30 \
+    if answer.get("name") != name or not isinstance(prefix, int) or isinstance(prefix, bool) \
+            or not 1 <= prefix <= 30 or not isinstance(address, str) \
             or not isinstance(hub, str) or not valid_node_name(hub) \
-            or not isinstance(host_file, str) or not public_key_block(host_file):
+            or not isinstance(host_file, str):
         raise bad
+    try:
+        node = ipaddress.IPv4Address(address)
+        network = ipaddress.IPv4Network("{}/{}".format(address, prefix), strict=False)
+    except ValueError:
+        raise bad
+    if str(node) != address or node in (network.network_address, network.broadcast_address) \
+            or node.is_loopback or node.is_multicast or node.is_unspecified or node.is_reserved:
+        raise BootstrapError("the hub gave this node the address {}/{}, which is not a unicast "
+                             "host address".format(address, prefix), EXIT_REFUSED)
+    try:
+        host_file = rebuild_hub_host_file(host_file)
+    except ValueError as exc:
+        raise BootstrapError("the hub's host file is refused: {}".format(exc), EXIT_REFUSED,
+                             "hub and bootstrap versions may differ")
+    hub_vpn = ipaddress.IPv4Address(hub_vpn_address(host_file, address, prefix))
+    if hub_vpn not in network or hub_vpn in (node, network.network_address,
+                                             network.broadcast_address):
+        raise BootstrapError("the hub's VPN address {} is not another host of the VPN {}".format(
+            hub_vpn, network), EXIT_REFUSED)
     return address, prefix, hub, host_file
 
 

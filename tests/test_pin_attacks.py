@@ -9,6 +9,7 @@ single byte, so the attacker never sees `Authorization: Bearer <token>`.
 import base64
 import datetime
 import hashlib
+import json
 import os
 import socket
 import ssl
@@ -571,6 +572,33 @@ def test_positive_control_the_real_hub_key_receives_the_token(
     assert server.handshake_done
     assert b"POST /v1/enroll " in server.received
     assert b"Authorization: Bearer " + token.encode() in server.received
+
+
+@needs_root_and_tinc
+def test_a_hostile_hub_host_file_is_never_written(hub_tls: HubTLS, tmp_path, node_rsa_key) -> None:
+    """The hub itself (it holds the pinned key) answers with a host file whose PublicKey line
+    would make tincd trust another key and whose PublicKeyFile would make root tincd open
+    /etc/shadow: the node refuses the answer and writes no hosts/HUB, tinc-up or state."""
+    hub_pem = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key() \
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.PKCS1).decode()
+    host_file = ("Address = 127.0.0.1\nPublicKey = " + "AB" * 256 +
+                 "\nPublicKeyFile = /etc/shadow\nSubnet = 10.0.0.1/32\n\n" + hub_pem)
+    body = json.dumps({"name": NODE, "address": "10.0.0.2", "prefix": 24,
+                       "hub": {"name": "hub1", "host_file": host_file}}).encode()
+    answer = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+              + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+    server = RecordingTLSServer(hub_tls.cert_file, hub_tls.key_file, answer=answer)
+    token = token_for(server.port, hub_tls.pin)
+    try:
+        proc = run_join(token, tmp_path, node_rsa_key)
+    finally:
+        server.close()
+    assert b"POST /v1/enroll " in server.received  # the answer was read, and refused
+    assert proc.returncode == bootstrap.EXIT_REFUSED, proc.stderr
+    assert "host file is refused" in proc.stderr and "PublicKey" in proc.stderr, proc.stderr
+    net = tmp_path / "tinc" / NET
+    assert sorted(p.name for p in (net / "hosts").iterdir()) == [NODE]
+    assert not (net / "tinc-up").exists() and not (net / bootstrap.STATE_FILE).exists()
 
 
 # ---------------------------------------------------------------------------
