@@ -23,8 +23,8 @@ from tinc_hub.enroll import Attempt, Enroller, audit_line, log_value
 from tinc_hub.errors import HubError
 from tinc_hub.registry import TOKEN_ID_CHARS, Registry, TokenRow
 from tinc_hub.tls import pin_of_cert_file
-from tinc_hub.tokens import hash_secret, new_secret
-from hub_fixtures import HubEnv, hub, init_hub, rsa_public_pem  # noqa: F401
+from tinc_hub.tokens import hash_secret, new_secret, revoke_token
+from hub_fixtures import HubEnv, hub, init_hub, rsa_public_pem, wait_until  # noqa: F401
 from loopback_hub import Enrolment, HubProcess, Reply, enrol_concurrently, free_port
 
 # The registry schema as the first release wrote it (before tokens.revoked_at).
@@ -85,6 +85,11 @@ def handmade_token(env: HubEnv, secret: str, sha: str = "", **columns) -> str:
     with env.registry.exclusive(), env.registry.transaction() as conn:
         env.registry.insert_token(conn, TokenRow(**row))
     return printed(env, secret)
+
+
+def token_rows(env: HubEnv) -> List[TokenRow]:
+    with env.registry.reading() as conn:
+        return env.registry.list_tokens(conn)
 
 
 def printed(env: HubEnv, secret: str) -> str:
@@ -266,6 +271,28 @@ def test_unbound_replace_token_from_an_older_hub_rekeys_no_node(hub: HubEnv) -> 
     assert status == 409 and "--name victim --replace" in answer["error"], answer
     assert hub.snapshot() == before
     assert hub.enroll(legacy, "newcomer", rsa_public_pem(3))[0] == 200
+
+
+def test_revocation_is_dated_when_it_takes_effect_not_when_it_was_asked(hub: HubEnv) -> None:
+    """`token revoke` waiting for the write lock (an enrolment holds it) is dated after the
+    wait: no node enrolled with the token carries a later date than its revocation."""
+    issued = hub.token(uses=5)
+    done: List[bool] = []
+    fd = os.open(hub.state.lock_file, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as an enrolment in progress holds it
+        asked = int(time.time())
+        revoker = threading.Thread(target=lambda: done.append(revoke_token(hub.registry, issued.id)[1]))
+        revoker.start()
+        assert wait_until(lambda: int(time.time()) > asked, 2, 0.01)
+        released = int(time.time())
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+    revoker.join(timeout=30)
+    assert done == [True]
+    revoked_at = next(r for r in token_rows(hub) if r.id == issued.id).revoked_at
+    assert revoked_at is not None and revoked_at >= released > asked
 
 
 # -- revoke NAME and the token that enrolled it -----------------------------------------------

@@ -390,8 +390,8 @@ def cmd_revoke(args: argparse.Namespace, state: StateDir) -> int:
 
     config = state.load_config()
     registry = _registry(state)
-    now = int(time.time())
     with registry.exclusive():
+        now = int(time.time())  # under the lock: no enrolment it allowed is dated after it
         with registry.transaction() as conn:
             node = registry.get_node(conn, args.node)
             if node is None:

@@ -198,9 +198,10 @@ def find_token(conn: sqlite3.Connection, registry: Registry, prefix: str) -> Tok
 
 
 def revoke_token(registry: Registry, prefix: str, now: Optional[int] = None) -> Tuple[TokenRow, bool]:
-    """Revoke the token ``prefix`` names; returns it and False when it was already revoked."""
-    now = int(time.time()) if now is None else now
+    """Revoke the token ``prefix`` names; returns it and False when it was already revoked.
+    The time is read under the write lock: no enrolment it allowed is dated after it."""
     with registry.exclusive(), registry.transaction() as conn:
+        now = int(time.time()) if now is None else now
         token = find_token(conn, registry, prefix)
         changed = registry.revoke_token(conn, token.secret_sha256, now)
     return token, changed
