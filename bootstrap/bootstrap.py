@@ -343,12 +343,16 @@ def encode_token(token: Token) -> str:
     return TOKEN_PREFIX + base64.urlsafe_b64encode(body.encode()).decode().rstrip("=")
 
 
+TOKEN_TEXT_RE = re.compile(r"tinc1\.[A-Za-z0-9_-]{1,2042}")
+PIN_RE = re.compile(r"sha256//[A-Za-z0-9+/]{43}=")  # base64 of a SHA-256 digest
+
+
 def decode_token(text: str) -> Token:
     """Parse a token; raise BootstrapError (usage) when it is malformed."""
     text = (text or "").strip()
     bad = BootstrapError("the token is malformed", EXIT_USAGE,
                          "copy it again from `tinc-hub token create`")
-    if not text.startswith(TOKEN_PREFIX) or len(text) > 2048:
+    if not TOKEN_TEXT_RE.fullmatch(text):  # nothing but base64url: no junk reaches a header
         raise bad
     try:
         fields = json.loads(_b64url_decode(text[len(TOKEN_PREFIX):]).decode("utf-8"))
@@ -362,10 +366,11 @@ def decode_token(text: str) -> Token:
     except KeyError:
         raise bad
     if not (host_problem(token.host) is None and isinstance(token.port, int)
-            and not isinstance(token.port, bool) and 0 < token.port < 65536 and isinstance(token.pin, str)
-            and token.pin.startswith("sha256//") and isinstance(token.net, str)
-            and NET_RE.fullmatch(token.net) and isinstance(token.hub, str)
-            and NAME_RE.fullmatch(token.hub) and isinstance(token.secret, str)
+            and not isinstance(token.port, bool) and 0 < token.port < 65536
+            and isinstance(token.pin, str) and PIN_RE.fullmatch(token.pin)
+            and isinstance(token.net, str) and NET_RE.fullmatch(token.net)
+            and isinstance(token.hub, str) and valid_node_name(token.hub)
+            and isinstance(token.secret, str)
             and 16 <= len(token.secret) <= 256):
         raise bad
     return token

@@ -241,6 +241,28 @@ def test_errors_never_show_the_token(tmp_path, args, env, needle):
         _assert_no_token(proc.stdout, proc.stderr)
 
 
+def _token_with(**fields) -> str:
+    return bootstrap.encode_token(TOKEN._replace(**fields))
+
+
+@pytest.mark.parametrize("text", [
+    # junk inside a pasted token: base64 decoding used to skip it, and the junk then reached
+    # the Authorization header (a newline made http.client fail with the token in its message)
+    TOKEN_TEXT[:20] + "\n" + TOKEN_TEXT[20:], TOKEN_TEXT[:20] + " " + TOKEN_TEXT[20:],
+    TOKEN_TEXT[:20] + "\r\n" + TOKEN_TEXT[20:], TOKEN_TEXT[:20] + "!" + TOKEN_TEXT[20:],
+    TOKEN_TEXT[:20] + "\u200b" + TOKEN_TEXT[20:], TOKEN_TEXT[:20] + "+/" + TOKEN_TEXT[20:],
+    TOKEN_TEXT + "==", TOKEN_TEXT + "A",
+    # a token whose fields would be printed or used as they are
+    _token_with(pin="sha256//\x1b]0;pwned\x07"), _token_with(pin="sha256//" + "A" * 43),
+    _token_with(pin="sha256//" + "A" * 44 + "="), _token_with(hub="h" * 65),
+])
+def test_a_token_with_junk_or_hostile_fields_is_malformed(tmp_path, text):
+    proc = _dry_run(["--token", text], env={"TINC_BOOTSTRAP_LOG": str(tmp_path / "log")})
+    assert proc.returncode == 2 and "the token is malformed" in proc.stderr, proc.stderr
+    assert "pwned" not in proc.stderr and "\x1b" not in proc.stderr
+    _assert_no_token(proc.stdout, proc.stderr)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="a real (not dry) join needs root")
 @pytest.mark.parametrize("source", ["env", "argument"])
 def test_unreachable_hub_error_and_log_hold_no_token(tmp_path, source):
