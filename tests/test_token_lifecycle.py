@@ -21,6 +21,7 @@ from tinc_hub import bootstrap
 from tinc_hub.cli import main
 from tinc_hub.enroll import Attempt, Enroller, audit_line, log_value
 from tinc_hub.errors import HubError
+from tinc_hub.openapi import openapi_schema
 from tinc_hub.registry import TOKEN_ID_CHARS, Registry, TokenRow
 from tinc_hub.tls import pin_of_cert_file
 from tinc_hub.tokens import hash_secret, new_secret, revoke_token
@@ -460,3 +461,9 @@ def test_audit_lines_in_the_server_log_never_the_token(served) -> None:
     assert not any(line.startswith("2024-01-01") for line in text.splitlines())
     secret = secret_of(good)
     assert secret not in text and good not in text and hash_secret(secret) not in text
+
+
+def test_openapi_documents_revoked_tokens_and_replace_tokens_naming_their_node() -> None:
+    responses = openapi_schema()["paths"]["/v1/enroll"]["post"]["responses"]
+    assert "revoked token" in responses["401"]["description"]
+    assert "--name NAME --replace" in responses["409"]["description"]

@@ -47,11 +47,15 @@ def openapi_schema() -> Dict[str, Any]:
                                 "content": {"application/json": {
                                     "schema": {"$ref": "#/components/schemas/EnrollResponse"}}}},
                         "400": _error_response("Malformed body, invalid name or public key"),
-                        "401": _error_response("Missing, malformed, unknown, expired or spent token"),
-                        "403": _error_response("Token bound to another name, or node revoked"),
+                        "401": _error_response("Missing, malformed, unknown, expired, spent or revoked "
+                                               "token (tinc-hub token revoke); a revoked token is "
+                                               "refused for replays of its own enrolments too"),
+                        "403": _error_response("Token bound to another name (token create --name), or "
+                                               "node revoked"),
                         "408": _error_response("Request body not received in time"),
-                        "409": _error_response("Name enrolled with another key (token without "
-                                               "--replace), key enrolled under another name, a "
+                        "409": _error_response("Name enrolled with another key (without a token made "
+                                               "with --name NAME --replace for that name), key "
+                                               "enrolled under another name, a "
                                                "foreign host file exists, or the VPN subnet is full"),
                         "413": _error_response(f"Body larger than {MAX_BODY_BYTES} bytes"),
                         "429": dict(_error_response("Too many enrolment attempts from this client"
