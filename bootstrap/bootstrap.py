@@ -1021,7 +1021,7 @@ def _pinned_request(host: str, port: int, pin: str, method: str, path: str,
             raise BootstrapError("the hub's answer is too large", EXIT_REFUSED)
         try:
             parsed = json.loads(raw.decode("utf-8")) if raw else {}
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: "[[[[..."
             parsed = {"error": "non-JSON answer (HTTP {})".format(response.status)}
         if not isinstance(parsed, dict):
             parsed = {"error": "unexpected answer"}
@@ -1047,6 +1047,7 @@ def enroll(token_text: str, token: Token, host: str, port: int, name: str, publi
             if answer.status == 200:
                 return answer.body
             message = str(answer.body.get("error") or "HTTP {}".format(answer.status))
+            message = "".join(c if c.isprintable() else "?" for c in message[:300])
             if answer.status != 429 and answer.status < 500:
                 raise BootstrapError("the hub refused the enrolment: " + message,
                                      EXIT_REFUSED, _refusal_hint(answer.status))

@@ -574,6 +574,24 @@ def test_positive_control_the_real_hub_key_receives_the_token(
     assert b"Authorization: Bearer " + token.encode() in server.received
 
 
+@pytest.mark.parametrize("status,body,needle", [
+    (200, b"[" * 200000, "answer is malformed"),  # json.loads: RecursionError
+    (403, b'{"error": "\\u001b]0;pwned\\u0007no"}', "refused the enrolment: ?]0;pwned?no"),
+])
+@needs_root_and_tinc
+def test_a_hostile_hub_answer_is_a_clean_refusal(hub_tls: HubTLS, tmp_path, node_rsa_key,
+                                                 status: int, body: bytes, needle: str) -> None:
+    answer = ("HTTP/1.1 {} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n"
+              "Connection: close\r\n\r\n".format(status, len(body))).encode() + body
+    server = RecordingTLSServer(hub_tls.cert_file, hub_tls.key_file, answer=answer)
+    try:
+        proc = run_join(token_for(server.port, hub_tls.pin), tmp_path, node_rsa_key)
+    finally:
+        server.close()
+    assert proc.returncode == bootstrap.EXIT_REFUSED, proc.stderr
+    assert needle in proc.stderr and "\x1b" not in proc.stderr, proc.stderr
+
+
 @needs_root_and_tinc
 def test_a_hostile_hub_host_file_is_never_written(hub_tls: HubTLS, tmp_path, node_rsa_key) -> None:
     """The hub itself (it holds the pinned key) answers with a host file whose PublicKey line
