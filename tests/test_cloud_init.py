@@ -64,6 +64,10 @@ def test_rendered_user_data(hub_state, tmp_path, os_name, embed):
     token_file = data["write_files"][0]
     assert token_file["path"] == "/run/tinc-bootstrap/token"
     assert token_file["permissions"] == "0600"
+    # cloud-init writes with the default umask and chmods afterwards: the directory must
+    # already be private (bootcmd runs before write_files)
+    assert ["install", "-d", "-m", "0700", "-o", "root", "-g", "root",
+            "/run/tinc-bootstrap"] in data["bootcmd"]
     token = bootstrap.decode_token(token_file["content"])
     assert token.net == "middle-earth" and token.hub == "erebor"
     runcmd = repr(data["runcmd"])

@@ -11,6 +11,7 @@ hub. Cloud-init may only use NoCloud (then None), so it waits on no metadata ser
 Group: marker `boot` (like tests/test_boot.py).
 """
 
+import os
 import re
 import time
 from typing import Dict, NamedTuple
@@ -133,6 +134,10 @@ def test_first_boot_joins_the_vpn_by_itself(first_boot):
 def test_token_leaves_no_trace(first_boot):
     node, token = first_boot.node, first_boot.token
     assert node.run(["test", "-e", TOKEN_FILE], check=False).returncode != 0
+    # the token was written into a directory no other user can enter (bootcmd made it 0700
+    # before write_files wrote the token with the default umask and then chmodded it)
+    mode = node.run(["stat", "-c", "%a %U", os.path.dirname(TOKEN_FILE)]).stdout.split()
+    assert mode == ["700", "root"], mode
     secret = netlab.decode_token(token)["s"]
     places = "/var/log/cloud-init.log /var/log/cloud-init-output.log " \
              "/var/lib/cloud/instance/scripts/"
