@@ -144,7 +144,9 @@ class UnsafeLogFile(OSError):
 
 
 def open_log_file(path: str) -> int:
-    """An append-only fd on path (created 0600), refusing anything but a plain file of its own.
+    """An append-only fd on path (created 0600), refusing anything but a plain file of its own
+    (one link, owned by us: a file another user planted in a writable directory would let
+    that user read the log).
 
     O_NOFOLLOW: a symlink planted at the log path is not followed to its target; O_NONBLOCK:
     a FIFO without a reader cannot hang us (and one with a reader is refused below);
@@ -161,7 +163,8 @@ def open_log_file(path: str) -> int:
         raise
     info = os.fstat(fd)
     problem = ("it is not a regular file" if not stat.S_ISREG(info.st_mode)
-               else "it has other hard links" if info.st_nlink != 1 else None)
+               else "it has other hard links" if info.st_nlink != 1
+               else "it belongs to another user" if info.st_uid != os.geteuid() else None)
     if problem:
         os.close(fd)
         raise UnsafeLogFile(problem)

@@ -181,6 +181,18 @@ def test_log_hard_link_is_refused(tmp_path):
     assert "it has other hard links" in proc.stderr
 
 
+def test_log_file_of_another_user_is_refused(tmp_path):
+    """A plain file planted by another user at the log path (a --log in a directory that
+    user can write) is not appended to: that user could read what root logs."""
+    log = tmp_path / "tinc-bootstrap.log"
+    log.write_text("")
+    os.chown(str(log), 65534, 65534)
+    proc = _status_with_log(tmp_path, log)
+    assert proc.returncode == 2
+    assert log.read_text() == ""
+    assert "it belongs to another user" in proc.stderr
+
+
 # --------------------------------------------------------------------------- the token
 
 def _dry_run(args, env=None):
