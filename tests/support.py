@@ -3,6 +3,8 @@
 import datetime
 import importlib.util
 import os
+import shutil
+import subprocess
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(TESTS_DIR)
@@ -18,6 +20,16 @@ def _load_bootstrap():
 
 
 bootstrap = _load_bootstrap()
+
+
+def vagrant_validate(directory, dotfile):
+    """`vagrant validate --ignore-provider` of the Vagrantfile in directory (offline)."""
+    vagrant = shutil.which("vagrant")
+    assert vagrant, "vagrant is not installed (tests/setup-env installs it)"
+    env = dict(os.environ, VAGRANT_DOTFILE_PATH=str(dotfile), VAGRANT_CHECKPOINT_DISABLE="1")
+    return subprocess.run([vagrant, "validate", "--ignore-provider"], cwd=str(directory),
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          universal_newlines=True, timeout=120)
 
 
 def make_self_signed_cert(directory):

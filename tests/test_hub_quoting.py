@@ -15,7 +15,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from support import REPO_ROOT, bootstrap
+from support import REPO_ROOT, vagrant_validate, bootstrap
 from tinc_hub.cli import main
 from tinc_hub.cloud_init import BOOTSTRAP_PATH, FIRST_BOOT_TIMEOUT, render_user_data
 from tinc_hub.errors import HubError
@@ -299,15 +299,6 @@ def test_user_data_refuses_a_bad_expiry(expires):
 
 
 # --------------------------------------------------------------------------- Vagrant hand-over
-
-def vagrant_validate(directory, dotfile):
-    vagrant = shutil.which("vagrant")
-    assert vagrant, "vagrant is not installed (tests/setup-env installs it)"
-    env = dict(os.environ, VAGRANT_DOTFILE_PATH=str(dotfile), VAGRANT_CHECKPOINT_DISABLE="1")
-    return subprocess.run([vagrant, "validate", "--ignore-provider"], cwd=str(directory),
-                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          universal_newlines=True, timeout=120)
-
 
 @pytest.mark.parametrize("old,new,needle", [
     ('NET         = "middle-earth"', 'NET         = "x$(touch /tmp/pwned-by-vagrant)"',

@@ -9,19 +9,10 @@ import subprocess
 import pytest
 
 import netlab
-from support import REPO_ROOT
+from support import REPO_ROOT, vagrant_validate
 
 VAGRANT_SCRIPTS = [os.path.join(REPO_ROOT, "vagrant", n) for n in ("hub.sh", "router.sh",
                                                                    "node.sh")]
-
-
-def vagrant_validate(directory, dotfile):
-    vagrant = shutil.which("vagrant")
-    assert vagrant, "vagrant is not installed (tests/setup-env installs it)"
-    env = dict(os.environ, VAGRANT_DOTFILE_PATH=str(dotfile), VAGRANT_CHECKPOINT_DISABLE="1")
-    return subprocess.run([vagrant, "validate", "--ignore-provider"], cwd=str(directory),
-                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          universal_newlines=True, timeout=120)
 
 
 def test_vagrantfile_validates(tmp_path):
