@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import shlex
+import socket
 import sqlite3
 import threading
 import time
@@ -467,3 +468,23 @@ def test_openapi_documents_revoked_tokens_and_replace_tokens_naming_their_node()
     responses = openapi_schema()["paths"]["/v1/enroll"]["post"]["responses"]
     assert "revoked token" in responses["401"]["description"]
     assert "--name NAME --replace" in responses["409"]["description"]
+
+
+def test_internal_error_line_stays_one_line_whatever_the_path(served) -> None:
+    """Starlette's route regex ends in `$`, which also matches before a final newline: POST
+    /v1/enroll%0A reaches the handler. With the hub broken (its own host file gone: a 500),
+    the error line (request.url.path, which urlsplit strips of newlines) stays one line."""
+    env, server = served
+    env.config.hub_host_file.unlink()
+    body = json.dumps({"name": "broken", "public_key": rsa_public_pem(1)}).encode()
+    head = ("POST /v1/enroll%0A HTTP/1.1\r\nHost: h\r\n"
+            f"Authorization: Bearer {env.token().token}\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+        with server.ssl_context().wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            sock.sendall(head + body)
+            answer = sock.recv(300)
+    assert answer.startswith(b"HTTP/1.1 500 "), answer
+    assert wait_until(lambda: "internal error on POST" in server.log_text(), 5)
+    lines = [line for line in server.log_text().splitlines() if "internal error on POST" in line]
+    assert len(lines) == 1 and "POST /v1/enroll: FileNotFoundError: " in lines[0], lines
