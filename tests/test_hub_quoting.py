@@ -257,8 +257,10 @@ def test_user_data_round_trips_exactly(hub, os_name, expires):
     config, pin, token = hub
     text = render_user_data(config, pin, token, expires, os_name=os_name)
     data = yaml.safe_load(text)
-    assert set(data) == {"write_files", "runcmd"} | ({"packages"} if os_name == "centos"
-                                                    else set())
+    assert set(data) == {"bootcmd", "write_files", "runcmd"} | (
+        {"packages"} if os_name == "centos" else set())
+    assert data["bootcmd"] == [["install", "-d", "-m", "0700", "-o", "root", "-g", "root",
+                                "/run/tinc-bootstrap"]]
     assert data["write_files"] == [{"path": "/run/tinc-bootstrap/token", "owner": "root:root",
                                     "permissions": "0600", "content": token}]
     assert data["runcmd"][0] == [
