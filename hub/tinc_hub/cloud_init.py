@@ -1,7 +1,9 @@
 """Cloud-init user data that joins a machine at first boot (`token create --cloud-init`).
 
 The template is `cloud-init/user-data.yaml.in` (packaged as `user-data.yaml.in`). The token
-goes into a 0600 file under /run (never into runcmd text); bootstrap.py is fetched from the
+goes into a 0600 file under /run (never into runcmd text), in a directory that `bootcmd` makes
+0700 first (bootcmd runs before write_files, and cloud-init writes a file with the default
+umask and chmods it only afterwards); bootstrap.py is fetched from the
 hub with the pinned curl, or embedded gzip+base64 with `embed=True` (about 21 KB: over
 EC2's 16 KiB limit, fine where user data may be larger).
 """
