@@ -314,6 +314,12 @@ def test_rotating_forwarded_headers_does_not_escape_the_rate_limit(make_hub, key
     assert all("too many enrolment attempts from 127.0.0.1;" in r.body["error"]
                for r in rotated if r.status == 429)
     assert "198.51.100." not in hub.log.read_text(), "a forged address reached the log"
+    # each refusal by the rate limit is an audit line too, with the real client address
+    throttled = [line for line in hub.log.read_text().splitlines()
+                 if " tinc_hub.audit " in line and "status=429" in line]
+    assert len(throttled) == EXTRA, throttled
+    assert all(line.endswith('result=refused status=429 name=- address=- client=127.0.0.1'
+                             ' token=- reason="rate limit"') for line in throttled), throttled
 
     proxied = make_hub(*rate, "--trusted-proxy", "127.0.0.1")
     spread = post_sequence(proxied, keys, LIMIT + EXTRA, "via", forged)

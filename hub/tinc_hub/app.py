@@ -20,7 +20,7 @@ from starlette.routing import Route
 from .client_address import NO_PROXY, TrustedProxies, client_address
 from .connection_caps import (DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
                               CappedListener, ConnectionCaps)
-from .enroll import MAX_BODY_BYTES, Enroller, reconcile_host_files
+from .enroll import MAX_BODY_BYTES, Attempt, Enroller, audit_line, audit_log, reconcile_host_files
 from .errors import HubError
 from .http_timeouts import HANDSHAKE_TIMEOUT, HeaderTimeoutH11Protocol
 from .openapi import openapi_schema
@@ -103,6 +103,7 @@ def create_app(config: HubConfig, registry: Registry, batcher: ReloadBatcher,
             wait = rate_limiter.acquire(client)
             if wait > 0:
                 retry_after = retry_after_header(wait)
+                audit_log.warning("%s", audit_line("refused", 429, Attempt(client), "rate limit"))
                 return JSONResponse({"error": f"too many enrolment attempts from {client};"
                                               f" retry in {retry_after} s"},
                                     status_code=429,
@@ -110,8 +111,10 @@ def create_app(config: HubConfig, registry: Registry, batcher: ReloadBatcher,
         try:
             body = await read_capped_body(request)
         except BodyError as exc:
+            audit_log.warning("%s", audit_line("refused", exc.status, Attempt(client), exc.message))
             return error_response(exc.status, exc.message, close=True)
         except ClientDisconnect:
+            audit_log.warning("%s", audit_line("refused", 400, Attempt(client), "client disconnected"))
             return error_response(400, "client disconnected", close=True)
         outcome = await run_in_threadpool(enroller.process, request.headers.get("authorization"), body,
                                           client)
