@@ -13,12 +13,9 @@ import random
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Dict, List
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-import netlab  # noqa: E402
+from labkit import netlab
 
 NET = "convnet"
 HUB = "convhub"

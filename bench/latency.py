@@ -12,11 +12,8 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-import netlab  # noqa: E402
+from labkit import netlab
 
 NET = "benchnet"
 HUB = "benchhub"

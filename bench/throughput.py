@@ -15,11 +15,9 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from hub_fixtures import init_hub  # noqa: E402
-from loopback_hub import (Enrolment, HubProcess, enrol_concurrently, free_port,  # noqa: E402
-                          percentile, public_keys)
+from labkit.loopback_hub import (HOST, Enrolment, HubProcess, create_token, enrol_concurrently,
+                                 free_port, init_hub_state, percentile, public_keys,
+                                 raise_fd_limit)
 
 
 class PeakRss(threading.Thread):
@@ -40,13 +38,13 @@ class PeakRss(threading.Thread):
 
 def one_run(count: int, keys, workdir: Path) -> dict:
     port = free_port()
-    env = init_hub(workdir, vpn_subnet="10.96.0.0/16", api_port=port)
-    hub = HubProcess(env.state.root, port, env.state.cert_file, workdir / "serve.log",
+    state = init_hub_state(workdir, vpn_subnet="10.96.0.0/16", api_port=port)
+    hub = HubProcess(state.root, port, state.cert_file, workdir / "serve.log",
                      extra=["--rate-limit", "off"]).start()
     try:
         time.sleep(1.0)
         idle = hub.rss_mb()
-        token = env.token(uses=count).token
+        token = create_token(state.root, uses=count)
         items = [Enrolment(token, f"bench{i}", keys[i]) for i in range(count)]
         sampler = PeakRss(hub)
         sampler.start()
@@ -70,11 +68,9 @@ def healthz_baseline(count: int, workdir: Path) -> float:
     """Seconds for ``count`` concurrent TLS GET /healthz against a fresh hub."""
     import asyncio
 
-    from loopback_hub import HOST, raise_fd_limit
-
     port = free_port()
-    env = init_hub(workdir, api_port=port)
-    hub = HubProcess(env.state.root, port, env.state.cert_file, workdir / "serve.log",
+    state = init_hub_state(workdir, api_port=port)
+    hub = HubProcess(state.root, port, state.cert_file, workdir / "serve.log",
                      extra=["--rate-limit", "off"]).start()
     context = hub.ssl_context()
 

@@ -2,14 +2,11 @@
 
 import os
 import signal
-import sys
 import threading
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import netlab  # noqa: E402
+from labkit import netlab
 
 
 def netlab_skip_reason():
@@ -27,7 +24,7 @@ def pytest_configure(config):
         "markers", "netlab: needs root and /dev/net/tun (network namespaces, real tincd); "
         "skipped otherwise")
     config.addinivalue_line(
-        "markers", "boot: booted systemd/SysV containers (systemd-nspawn, tests/nspawn.py); "
+        "markers", "boot: booted systemd/SysV containers (systemd-nspawn, labkit.nspawn); "
         "the slow group: select with -m boot, leave out with -m 'not boot'")
     # SIGTERM (e.g. a CI timeout) -> KeyboardInterrupt, so that fixture finalizers run and
     # the namespaces are removed; atexit in netlab is the last line of defence.

@@ -21,8 +21,7 @@ from typing import Dict, List, NamedTuple, Tuple
 
 import pytest
 
-import netlab
-import nspawn
+from labkit import netlab, nspawn
 from tinc_hub.app import FD_RESERVE
 from tinc_hub.connection_caps import DEFAULT_MAX_CONNECTIONS
 

@@ -247,18 +247,19 @@ def test_bootstrap_is_python36_compatible():
 
 
 def test_bootstrap_imports_only_the_standard_library():
-    code = ("import sys; sys.path.insert(0, %r); import bootstrap; "
+    # -E -s and cwd: isolated like -I, but `import bootstrap` finds the script in cwd
+    code = ("import sys; import bootstrap; "
             "print(sorted(m for m in ('requests', 'cryptography', 'distro', 'urllib3') "
-            "if m in sys.modules))" % os.path.dirname(BOOTSTRAP_PY))
-    proc = subprocess.run([sys.executable, "-I", "-c", code], stdout=subprocess.PIPE,
-                          universal_newlines=True, check=True)
+            "if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-E", "-s", "-c", code], stdout=subprocess.PIPE,
+                          cwd=os.path.dirname(BOOTSTRAP_PY), universal_newlines=True, check=True)
     assert proc.stdout.strip() == "[]"
 
 
 def test_system_detection_without_distro_importable():
-    code = ("import sys; sys.modules['distro'] = None; sys.path.insert(0, %r); "
+    code = ("import sys; sys.modules['distro'] = None; "
             "import bootstrap; print(bootstrap.detect_system(%r).os.id)"
-            % (os.path.dirname(BOOTSTRAP_PY), os.path.join(FIXTURE_SYSTEMS, "centos-6")))
-    proc = subprocess.run([sys.executable, "-I", "-c", code], stdout=subprocess.PIPE,
-                          universal_newlines=True, check=True)
+            % os.path.join(FIXTURE_SYSTEMS, "centos-6"))
+    proc = subprocess.run([sys.executable, "-E", "-s", "-c", code], stdout=subprocess.PIPE,
+                          cwd=os.path.dirname(BOOTSTRAP_PY), universal_newlines=True, check=True)
     assert proc.stdout.strip() == "centos"

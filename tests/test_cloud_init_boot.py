@@ -18,8 +18,7 @@ from typing import Dict, NamedTuple
 
 import pytest
 
-import netlab
-import nspawn
+from labkit import netlab, nspawn
 
 pytestmark = [pytest.mark.netlab, pytest.mark.boot]
 

@@ -1,5 +1,5 @@
 """End to end: the real hub (tinc-hub init/serve/token/nodes/revoke), the real bootstrap.py on
-nodes behind a NAT, real tincd, in network namespaces (tests/netlab.py).
+nodes behind a NAT, real tincd, in network namespaces (labkit.netlab).
 
 Tests run in file order and share one topology per module; the destructive ones (hostile node,
 revocation) come last.
@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-import netlab
+from labkit import netlab
 
 pytestmark = pytest.mark.netlab
 

@@ -1,5 +1,5 @@
 """Faults and revocation end to end: real hub, real bootstrap.py, real tincd, nodes behind a
-NAT in network namespaces (tests/netlab.py).
+NAT in network namespaces (labkit.netlab).
 
 In file order on one topology: the API down while a node boots (gives up with exit 5; then
 waits and joins once `tinc-hub serve` comes up), liveness in `tinc-hub nodes`, the hub's
@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-import netlab
+from labkit import netlab
 
 pytestmark = pytest.mark.netlab
 

@@ -26,7 +26,7 @@ from tinc_hub.client_address import TrustedProxies, client_address, forwarded_ch
 from tinc_hub.connection_caps import (DEFAULT_MAX_CONNECTIONS_PER_ADDRESS, REFUSALS_PER_ACCEPT,
                                       CappedListener, ConnectionCaps)
 from hub_fixtures import HubEnv, init_hub, wait_until
-from loopback_hub import HOST, Enrolment, HubProcess, Reply, free_port, post_enroll, public_keys, raise_fd_limit
+from labkit.loopback_hub import HOST, Enrolment, HubProcess, Reply, free_port, post_enroll, public_keys, raise_fd_limit
 
 ATTACKER = "127.0.0.2"  # the flooding / forging client
 HONEST = "127.0.0.3"  # another machine enrolling meanwhile

@@ -19,7 +19,7 @@ from tinc_hub.enroll import EnrollError, parse_bearer, parse_body, validate_name
 from tinc_hub.openapi import openapi_schema
 from tinc_hub.ratelimit import RateLimit, parse_rate_limit
 from hub_fixtures import HubEnv, init_hub, rsa_public_pem
-from loopback_hub import HubProcess, free_port
+from labkit.loopback_hub import HubProcess, free_port
 
 NAME = re.compile(r"[A-Za-z0-9_]{1,64}")
 SCHEMA = schemathesis.openapi.from_dict(openapi_schema())

@@ -1,6 +1,6 @@
 """The real ``tinc-hub serve`` on 127.0.0.1 under load, races, hostile connections, the rate
 limit and a crash (SIGKILL mid-enrolment). Clients are asyncio TLS connections made in this
-process (tests/loopback_hub.py) with RSA keys made before any clock starts.
+process (labkit.loopback_hub) with RSA keys made before any clock starts.
 
 Only correctness is asserted strictly; the only time bound is the one the design promises
 (an enrolment answers within 2 s while 500 stalled connections are held). Timing targets
@@ -23,7 +23,7 @@ from tinc_hub import bootstrap
 from tinc_hub.hostfiles import render_node_host_file
 from tinc_hub.http_timeouts import HEADER_TIMEOUT
 from hub_fixtures import HubEnv, init_hub, wait_until
-from loopback_hub import (HOST, Enrolment, HubProcess, Reply, enrol_concurrently, free_port,
+from labkit.loopback_hub import (HOST, Enrolment, HubProcess, Reply, enrol_concurrently, free_port,
                           post_enroll, public_keys, raise_fd_limit)
 
 THOUSAND = 1000

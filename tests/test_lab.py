@@ -16,8 +16,8 @@ from typing import Dict, Iterator, List
 
 import pytest
 
-import lab as lab_module
-import netlab
+from labkit import cli as lab_module
+from labkit import netlab
 
 pytestmark = pytest.mark.netlab
 

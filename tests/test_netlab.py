@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-import netlab
+from labkit import netlab
 
 pytestmark = pytest.mark.netlab
 
@@ -97,7 +97,7 @@ def test_var_run_is_private_run(nat_topology):
 def test_hostnames_and_repo_visible(nat_topology):
     for h in nat_topology.hosts.values():
         assert h.run(["hostname"]).stdout.strip() == h.name
-        assert h.exists(str(netlab.REPO_ROOT / "tests" / "netlab.py"))
+        assert h.exists(str(netlab.REPO_ROOT / "labkit" / "labkit" / "netlab.py"))
 
 
 def test_run_reports_failures(nat_topology):

@@ -12,7 +12,7 @@ from typing import List, Optional, Tuple
 
 import pytest
 
-import netlab
+from labkit import netlab
 from support import BOOTSTRAP_PY, bootstrap
 
 FLOOR = (3, 6)

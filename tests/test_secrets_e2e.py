@@ -16,7 +16,7 @@ import re
 
 import pytest
 
-import netlab
+from labkit import netlab
 from support import REPO_ROOT, bootstrap
 
 pytestmark = pytest.mark.netlab

@@ -27,7 +27,7 @@ from tinc_hub.registry import TOKEN_ID_CHARS, Registry, TokenRow
 from tinc_hub.tls import pin_of_cert_file
 from tinc_hub.tokens import hash_secret, new_secret, revoke_token
 from hub_fixtures import HubEnv, hub, init_hub, rsa_public_pem, wait_until  # noqa: F401
-from loopback_hub import Enrolment, HubProcess, Reply, enrol_concurrently, free_port
+from labkit.loopback_hub import Enrolment, HubProcess, Reply, enrol_concurrently, free_port
 
 # The registry schema as the first release wrote it (before tokens.revoked_at).
 OLD_SCHEMA = """

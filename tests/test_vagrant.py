@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-import netlab
+from labkit import netlab
 from support import REPO_ROOT, vagrant_validate
 
 VAGRANT_SCRIPTS = [os.path.join(REPO_ROOT, "vagrant", n) for n in ("hub.sh", "router.sh",

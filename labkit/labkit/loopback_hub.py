@@ -1,6 +1,6 @@
-"""The real ``tinc-hub serve`` on 127.0.0.1 as a child process, and a concurrent HTTPS
-enrolment client (asyncio, standard library) to load it. Used by the load/fault tests and by
-bench/. No tests here.
+"""labkit.loopback_hub: the real ``tinc-hub serve`` on 127.0.0.1 as a child process, and a
+concurrent HTTPS enrolment client (asyncio, standard library) to load it. Used by the
+load/fault tests and by bench/. No tests here.
 
 Everything stays on loopback; every wait is bounded; only the processes started here are
 signalled, by pid.
@@ -21,6 +21,7 @@ from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from tinc_hub.state import StateDir
 
 HOST = "127.0.0.1"
 
@@ -69,6 +70,34 @@ def raise_fd_limit(wanted: int) -> None:
 
 
 # ------------------------------------------------------------------------------------- server
+
+def hub_cli(state_dir: Path, *args: str, timeout: float = 120.0) -> str:
+    """``tinc-hub --state-dir STATE ARGS...`` of this venv; its stdout (raises on failure)."""
+    proc = subprocess.run([sys.executable, "-m", "tinc_hub.cli", "--state-dir", str(state_dir)]
+                          + list(args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"tinc-hub {' '.join(args[:2])} exited {proc.returncode}:\n"
+                           f"{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def init_hub_state(root: Path, vpn_subnet: str = "10.77.0.0/24",
+                   api_port: int = 8655) -> StateDir:
+    """``tinc-hub init --no-start`` into ``root``/state and ``root``/tinc (no tincd, no boot
+    registration): what a loopback ``serve`` needs."""
+    state = StateDir(root / "state")
+    hub_cli(state.root, "init", "--net", f"lhub{os.getpid() % 100000}", "--name", "hub1",
+            "--address", HOST, "--vpn-subnet", vpn_subnet, "--api-port", str(api_port),
+            "--key-size", "2048", "--init", "none", "--tinc-dir", str(root / "tinc"),
+            "--no-start")
+    return state
+
+
+def create_token(state_dir: Path, uses: int = 1) -> str:
+    """A new enrolment token for ``uses`` enrolments (``tinc-hub token create --json``)."""
+    return json.loads(hub_cli(state_dir, "token", "create", "--uses", str(uses), "--json"))["token"]
+
 
 class HubProcess:
     """``tinc-hub --state-dir STATE serve --listen 127.0.0.1 [extra]`` in the background."""

@@ -1,10 +1,10 @@
-"""lab: the walkthrough on this machine, kept up between commands (`./lab up|status|shell|down`).
+"""labkit.cli, the `lab` command line: the walkthrough on this machine, kept up between commands (`./lab up|status|shell|down`).
 
 `up` builds the netlab NAT topology (hub `erebor` on 192.0.2.1, a NAT router, nodes
 `hobbiton`, `bree`, ... on 198.51.100.0/24 behind it) and runs the product on it the way
 users do:
 
-- mode `containers` (booted Debian bookworm containers, tests/nspawn.py): the hub container
+- mode `containers` (booted Debian bookworm containers, labkit.nspawn): the hub container
   installs the hub with pip and runs `tinc-hub init` (which starts tincd and
   tinc-hub.service under systemd); each node runs the literal one-liner `tinc-hub token
   create` printed (default `--init auto`: systemd units).
@@ -38,8 +38,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-import netlab
-import nspawn
+from labkit import netlab, nspawn
 
 STATE_DIR = Path("/run/tinc-lab")
 NET = "middle-earth"

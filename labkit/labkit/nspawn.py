@@ -1,6 +1,6 @@
-"""nspawn: booted Debian containers (systemd or SysV init) on the netlab topology.
+"""labkit.nspawn: booted Debian containers (systemd or SysV init) on the netlab topology.
 
-No pytest in here (like netlab.py).
+No pytest in here (like labkit.netlab).
 
 Root trees are made with ``mmdebstrap`` and cached as directories under ``CACHE_DIR`` (default
 ``/var/cache/tinc-bootstrap-tests``, env ``TINC_TEST_CACHE``), keyed by a hash of everything
@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
-import netlab
+from labkit import netlab
 
 CACHE_DIR = Path(os.environ.get("TINC_TEST_CACHE", "/var/cache/tinc-bootstrap-tests"))
 SUITE = "bookworm"

@@ -1,4 +1,4 @@
-"""netlab: network-namespace test bed for tinc-hub (used by the tests and by ./lab).
+"""labkit.netlab: network-namespace test bed for tinc-hub (used by the tests, bench/ and ./lab).
 
 No pytest in here: ./lab imports this module too.
 
@@ -48,7 +48,7 @@ import threading
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]  # labkit/labkit/netlab.py
 VENV = REPO_ROOT / ".venv"
 TINC_HUB = VENV / "bin" / "tinc-hub"
 BOOTSTRAP_PY = REPO_ROOT / "bootstrap" / "bootstrap.py"
