@@ -3,7 +3,9 @@
 
 import functools
 import os
+import sqlite3
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
@@ -86,6 +88,13 @@ def init_hub(root: Path, vpn_subnet: str = "10.77.0.0/24", net: Optional[str] = 
 @pytest.fixture
 def hub(tmp_path: Path) -> HubEnv:
     return init_hub(tmp_path)
+
+
+def write_registry_sql(env: HubEnv, sql: str, params: tuple = ()) -> None:
+    """One raw SQL write on the registry under its write lock, for states the API never makes
+    (e.g. every token expired)."""
+    with env.registry.exclusive(), closing(sqlite3.connect(env.state.registry_file)) as conn, conn:
+        conn.execute(sql, params)
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:

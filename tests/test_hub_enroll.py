@@ -11,7 +11,8 @@ import pytest
 from tinc_hub import bootstrap
 from tinc_hub.enroll import MAX_BODY_BYTES, Enroller, reconcile_host_files
 from tinc_hub.registry import Registry
-from hub_fixtures import HUB_NAME, HubEnv, ec_public_pem, hub, init_hub, rsa_public_pem  # noqa: F401
+from hub_fixtures import (HUB_NAME, HubEnv, ec_public_pem, hub, init_hub, rsa_public_pem,  # noqa: F401
+                          write_registry_sql)
 
 
 class Prepared(NamedTuple):
@@ -182,8 +183,7 @@ def test_replay_same_answer_no_use_spent_even_when_spent_or_expired(hub: HubEnv)
     assert hub.registry.dump() == rows
     assert (hub.config.hosts_dir / "node_r").stat().st_mtime_ns == mtime
     # Expire the token: the replay still answers the same.
-    with hub.registry.exclusive(), hub.registry.transaction() as conn:
-        conn.execute("UPDATE tokens SET expires_at = 1")
+    write_registry_sql(hub, "UPDATE tokens SET expires_at = 1")
     assert hub.enroll(token.token, "node_r", rsa_public_pem(4)) == first
     # The replay does not let a spent token enrol anything new.
     assert hub.enroll(token.token, "node_s", rsa_public_pem(5))[0] == 401
@@ -220,12 +220,12 @@ def test_bound_token_accepts_its_name(hub: HubEnv) -> None:
 def test_revoked_node_gets_403_and_address_is_never_reused(hub: HubEnv) -> None:
     token = hub.token(uses=5).token
     assert hub.enroll(token, "gone", rsa_public_pem(4))[1]["address"] == "10.77.0.2"
-    with hub.registry.exclusive(), hub.registry.transaction() as conn:
-        hub.registry.mark_revoked(conn, "gone", int(time.time()))
+    with hub.registry.exclusive(), hub.registry.transaction() as tx:
+        tx.mark_revoked("gone", int(time.time()))
     assert hub.enroll(token, "gone", rsa_public_pem(4))[0] == 403
     assert hub.enroll(token, "next", rsa_public_pem(5))[1]["address"] == "10.77.0.3"
-    with hub.registry.exclusive(), hub.registry.transaction() as conn:
-        hub.registry.delete_node(conn, "gone")  # what revoke --release does
+    with hub.registry.exclusive(), hub.registry.transaction() as tx:
+        tx.delete_node("gone")  # what revoke --release does
     assert hub.enroll(token, "again", rsa_public_pem(6))[1]["address"] == "10.77.0.2"
 
 
@@ -283,8 +283,8 @@ def test_one_off_token_raced_by_50_threads(hub: HubEnv) -> None:
 def test_ten_use_token_raced_by_50_threads(hub: HubEnv) -> None:
     statuses = race(hub, hub.token(uses=10).token, 50)
     assert statuses == {200: 10, 401: 40}
-    with hub.registry.reading() as conn:
-        nodes = hub.registry.list_nodes(conn)
+    with hub.registry.reading() as view:
+        nodes = view.list_nodes()
     addresses = [n.address for n in nodes]
     assert addresses == [f"10.77.0.{i}" for i in range(2, 12)]
     assert sorted(p.name for p in hub.config.hosts_dir.iterdir() if p.name != HUB_NAME) == \
@@ -299,8 +299,8 @@ def test_reconcile_rewrites_missing_and_removes_revoked(hub: HubEnv) -> None:
         assert hub.enroll(token, name, rsa_public_pem(40 + i))[0] == 200
     keep_mtime = (hub.config.hosts_dir / "keep").stat().st_mtime_ns
     (hub.config.hosts_dir / "lost").unlink()  # as if the hub crashed after the commit
-    with hub.registry.exclusive(), hub.registry.transaction() as conn:
-        hub.registry.mark_revoked(conn, "revoked", int(time.time()))
+    with hub.registry.exclusive(), hub.registry.transaction() as tx:
+        tx.mark_revoked("revoked", int(time.time()))
     (hub.config.hosts_dir / "stranger").write_text("Subnet = 10.77.0.200/32\n")
     assert reconcile_host_files(hub.config, hub.registry) == {"written": ["lost"], "removed": ["revoked"]}
     assert (hub.config.hosts_dir / "lost").read_text().startswith("Subnet = 10.77.0.3/32\n")

@@ -156,9 +156,9 @@ def test_vpn_subnet_full_is_a_clean_409(make_hub, keys: List[str]) -> None:
     assert statuses(again) == {409: 3}
     assert all("is full" in r.body["error"] for r in again)
     assert hub.env.snapshot() == before  # no row, no host file, no token use spent
-    with hub.env.registry.reading() as conn:
+    with hub.env.registry.reading() as view:
         from tinc_hub.tokens import hash_secret
-        row = hub.env.registry.get_token(conn, hash_secret(bootstrap.decode_token(issued.token).secret))
+        row = view.get_token(hash_secret(bootstrap.decode_token(issued.token).secret))
     assert row is not None and row.uses_left == 5
 
 

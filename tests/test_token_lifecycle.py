@@ -84,14 +84,14 @@ def handmade_token(env: HubEnv, secret: str, sha: str = "", **columns) -> str:
     row = dict(secret_sha256=sha or hash_secret(secret), uses_total=1, uses_left=1,
                expires_at=now + 3600, bound_name=None, allow_replace=False, created_at=now)
     row.update(columns)
-    with env.registry.exclusive(), env.registry.transaction() as conn:
-        env.registry.insert_token(conn, TokenRow(**row))
+    with env.registry.exclusive(), env.registry.transaction() as tx:
+        tx.insert_token(TokenRow(**row))
     return printed(env, secret)
 
 
 def token_rows(env: HubEnv) -> List[TokenRow]:
-    with env.registry.reading() as conn:
-        return env.registry.list_tokens(conn)
+    with env.registry.reading() as view:
+        return view.list_tokens()
 
 
 def printed(env: HubEnv, secret: str) -> str:
@@ -394,8 +394,8 @@ def test_spent_expired_revoked_tokens_and_replays_answered_while_the_write_lock_
     expired = env.token(ttl=60, now=time.time() - 120).token
     revoked = env.token(uses=5)
     assert revoked.id in [row[1][:TOKEN_ID_CHARS] for row in env.registry.dump() if row[0] == "tokens"]
-    with env.registry.exclusive(), env.registry.transaction() as conn:
-        env.registry.revoke_token(conn, hash_secret(secret_of(revoked.token)), int(time.time()))
+    with env.registry.exclusive(), env.registry.transaction() as tx:
+        tx.revoke_token(hash_secret(secret_of(revoked.token)), int(time.time()))
     valid = env.token().token
     refused = [Enrolment(spent, "other1", rsa_public_pem(2)),
                Enrolment(expired, "other2", rsa_public_pem(3)),

@@ -359,8 +359,8 @@ def cmd_nodes(args: argparse.Namespace, state: StateDir) -> int:
 
     config = state.load_config()
     registry = _registry(state)
-    with registry.reading() as conn:
-        nodes = registry.list_nodes(conn)
+    with registry.reading() as view:
+        nodes = view.list_nodes()
     seen, hub_running, now = read_liveness(state.root), tincd_running(config.net), int(time.time())
     rows: List[Dict[str, Any]] = []
     for n in nodes:
@@ -392,17 +392,17 @@ def cmd_revoke(args: argparse.Namespace, state: StateDir) -> int:
     registry = _registry(state)
     with registry.exclusive():
         now = int(time.time())  # under the lock: no enrolment it allowed is dated after it
-        with registry.transaction() as conn:
-            node = registry.get_node(conn, args.node)
+        with registry.transaction() as tx:
+            node = tx.get_node(args.node)
             if node is None:
                 raise HubError(f"no enrolled node named {args.node!r}",
                                "see 'tinc-hub nodes'; a host file tinc-hub did not write must be removed by hand")
-            registry.mark_revoked(conn, node.name, now)
+            tx.mark_revoked(node.name, now)
             if args.release:
-                registry.delete_node(conn, node.name)
-            token = registry.get_token(conn, node.token_sha256)
+                tx.delete_node(node.name)
+            token = tx.get_token(node.token_sha256)
             token_revoked = bool(args.revoke_token and token is not None
-                                 and registry.revoke_token(conn, token.secret_sha256, now))
+                                 and tx.revoke_token(token.secret_sha256, now))
         removed = remove_if_present(config.hosts_dir / node.name)
     signalled = send_sighup(config.net, config.tinc_dir)
     what = "revoked" if not node.revoked else "already revoked"

@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from . import bootstrap
 from .hostfiles import (remove_if_present, remove_stale_temp_files, render_node_host_file,
                         write_if_changed)
-from .registry import NodeRow, Registry, TokenRow, token_id
+from .registry import NodeRow, Registry, RegistryTransaction, RegistryView, TokenRow, token_id
 from .state import HubConfig
 from .tokens import hash_secret
 
@@ -264,13 +264,13 @@ class Enroller:
         if token.bound_name is not None and token.bound_name != name:
             raise EnrollError(403, f"token is bound to node {token.bound_name!r}, not {name!r}")
 
-    def _decide(self, conn: sqlite3.Connection, token_hash: str, name: str,
+    def _decide(self, view: RegistryView, token_hash: str, name: str,
                 public_key: str) -> Optional[NodeRow]:
-        """Every refusal this request deserves, from what ``conn`` reads; the node when it is
+        """Every refusal this request deserves, from what ``view`` reads; the node when it is
         a replay (answer it, change nothing), None when a write is needed."""
         now = int(self.clock())
-        token = self._check_known(self.registry.get_token(conn, token_hash))
-        node = self.registry.get_node(conn, name)
+        token = self._check_known(view.get_token(token_hash))
+        node = view.get_node(name)
         if node is not None and node.revoked:
             raise EnrollError(403, f"node {name!r} has been revoked")
         if node is not None and node.public_key == public_key:
@@ -279,7 +279,7 @@ class Enroller:
                 self._check_token(token, name, now)
             return node  # replay: same answer, no use spent
         self._check_token(token, name, now)
-        owner = self.registry.get_node_by_key(conn, public_key)
+        owner = view.get_node_by_key(public_key)
         if owner is not None and owner.name != name:
             state = " (revoked)" if owner.revoked else ""
             raise EnrollError(409, f"this public key is already enrolled as node {owner.name!r}{state}"
@@ -305,16 +305,16 @@ class Enroller:
         """The outcome and the audit result word (new, rekeyed, replay)."""
         token_hash = self._decode(parse_bearer(authorization))
         attempt.token = token_id(token_hash)
-        with self.registry.reading() as conn:
-            self._check_known(self.registry.get_token(conn, token_hash))
+        with self.registry.reading() as view:
+            self._check_known(view.get_token(token_hash))
         data = parse_body(body)
         attempt.name = data["name"]
         name = validate_name(data["name"], self.config.name)
         public_key = normalise_public_key(data["public_key"])
 
         # Pre-check without the write lock: refusals and replays never wait for writers.
-        with self.registry.snapshot() as conn:
-            replay = self._decide(conn, token_hash, name, public_key)
+        with self.registry.snapshot() as view:
+            replay = self._decide(view, token_hash, name, public_key)
         if replay is not None:
             attempt.address = replay.address
             if host_file_in_place(self.config.hosts_dir / replay.name,
@@ -323,8 +323,8 @@ class Enroller:
 
         with self.registry.exclusive():
             try:
-                with self.registry.transaction() as conn:
-                    node, result = self._enrol_in_transaction(conn, token_hash, name, public_key)
+                with self.registry.transaction() as tx:
+                    node, result = self._enrol_in_transaction(tx, token_hash, name, public_key)
             except sqlite3.IntegrityError as exc:  # unreachable under the lock; stay a clean 409
                 raise EnrollError(409, f"conflict with an existing enrolment ({exc})") from None
             attempt.address = node.address
@@ -337,35 +337,35 @@ class Enroller:
                 date_like_tincd_start(path, self.config.net)
         return EnrollOutcome(200, self._answer(node), changed), result
 
-    def _enrol_in_transaction(self, conn: sqlite3.Connection, token_hash: str, name: str,
+    def _enrol_in_transaction(self, tx: RegistryTransaction, token_hash: str, name: str,
                               public_key: str) -> Tuple[NodeRow, str]:
         """Under the write lock: the checks again (the registry may have changed since the
         pre-check), then the write. Returns the node and new, rekeyed or replay."""
-        replay = self._decide(conn, token_hash, name, public_key)
+        replay = self._decide(tx, token_hash, name, public_key)
         if replay is not None:
             return replay, "replay"
         now = int(self.clock())
-        node = self.registry.get_node(conn, name)
+        node = tx.get_node(name)
         if node is not None:
-            if not self.registry.spend_token_use(conn, token_hash):
+            if not tx.spend_token_use(token_hash):
                 raise EnrollError(401, "token already used")
-            self.registry.replace_node_key(conn, name, public_key, token_hash, now)
-            return self.registry.get_node(conn, name), "rekeyed"  # type: ignore[return-value]
+            tx.replace_node_key(name, public_key, token_hash, now)
+            return tx.get_node(name), "rekeyed"  # type: ignore[return-value]
 
         if (self.config.hosts_dir / name).exists():
             raise EnrollError(409, f"a host file for {name!r} exists on the hub that tinc-hub did not"
                                    " write; choose another name")
-        reserved = self.registry.used_address_ints(conn)
+        reserved = tx.used_address_ints()
         reserved.add(self.hub_address_int)
         address = allocate_address(self.network, reserved)
         if address is None:
             raise EnrollError(409, f"VPN subnet {self.config.vpn_subnet} is full")
-        if not self.registry.spend_token_use(conn, token_hash):
+        if not tx.spend_token_use(token_hash):
             raise EnrollError(401, "token already used")
         node = NodeRow(name=name, address=str(address), address_int=int(address),
                        public_key=public_key, token_sha256=token_hash, enrolled_at=now,
                        updated_at=now, revoked_at=None)
-        self.registry.insert_node(conn, node)
+        tx.insert_node(node)
         return node, "new"
 
 
@@ -394,8 +394,8 @@ def reconcile_host_files(config: HubConfig, registry: Registry) -> Dict[str, lis
     written, removed = [], []
     with registry.exclusive():
         removed.extend(remove_stale_temp_files(config.hosts_dir))
-        with registry.reading() as conn:
-            nodes = registry.list_nodes(conn)
+        with registry.reading() as view:
+            nodes = view.list_nodes()
         for node in nodes:
             path = config.hosts_dir / node.name
             if node.revoked:

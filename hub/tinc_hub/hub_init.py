@@ -123,8 +123,8 @@ def check_existing(state: StateDir, new: HubConfig, registry: Registry) -> Optio
                 "use another --state-dir for another net, or re-run with the original arguments")
     nodes = 0
     if registry.db_path.exists():
-        with registry.reading() as conn:
-            nodes = registry.count_nodes(conn)
+        with registry.reading() as view:
+            nodes = view.count_nodes()
     for field in ("vpn_subnet", "address", "port"):
         if getattr(old, field) != getattr(new, field) and nodes:
             raise HubError(

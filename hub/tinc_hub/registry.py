@@ -6,6 +6,19 @@ transaction, so spending a token use and allocating an address is one atomic ste
 host file written after the commit cannot be overtaken by another writer. Reads (and the
 enrolment pre-check) never take the lock: SQLite's WAL lets them run beside a writer.
 
+The :class:`Registry` owns its connections; callers never see one. Each block hands out an
+object whose methods run the queries on that block's connection::
+
+    with registry.reading() as view:        # autocommit reads (a RegistryView)
+        nodes = view.list_nodes()
+    with registry.snapshot() as view:       # reads that all see one commit (a RegistryView)
+        ...
+    with registry.exclusive(), registry.transaction() as tx:   # a RegistryTransaction
+        if tx.spend_token_use(token_hash): ...
+
+Only a :class:`RegistryTransaction` has the write methods, so a write outside ``BEGIN
+IMMEDIATE`` does not type-check. The object is valid only inside its ``with`` block.
+
 A token is known by its id: the first TOKEN_ID_CHARS hex digits of the stored sha256 (unique;
 ``create_token`` draws another secret on a clash). The secret itself is never stored.
 """
@@ -114,8 +127,118 @@ def iso_utc(timestamp: Optional[int]) -> Optional[str]:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
 
 
+class RegistryView:
+    """The read queries, over the one connection of a :meth:`Registry.reading` or
+    :meth:`Registry.snapshot` block (do not keep it past the block)."""
+
+    _TOKEN_COLUMNS = ("secret_sha256, uses_total, uses_left, expires_at, bound_name, allow_replace,"
+                      " created_at, revoked_at")
+    _NODE_COLUMNS = ("name, address, address_int, public_key, token_sha256, enrolled_at,"
+                     " updated_at, revoked_at")
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    # -- tokens ------------------------------------------------------------------------
+    @staticmethod
+    def _token_row(r: tuple) -> TokenRow:
+        return TokenRow(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6], r[7])
+
+    def get_token(self, secret_sha256: str) -> Optional[TokenRow]:
+        r = self._conn.execute(f"SELECT {self._TOKEN_COLUMNS} FROM tokens WHERE secret_sha256 = ?",
+                               (secret_sha256,)).fetchone()
+        return self._token_row(r) if r else None
+
+    def list_tokens(self) -> List[TokenRow]:
+        rows = self._conn.execute(f"SELECT {self._TOKEN_COLUMNS} FROM tokens"
+                                  " ORDER BY created_at, secret_sha256").fetchall()
+        return [self._token_row(r) for r in rows]
+
+    def tokens_with_prefix(self, prefix: str) -> List[TokenRow]:
+        """Tokens whose stored hash starts with ``prefix`` (lowercase hex, checked here)."""
+        if not prefix or any(c not in "0123456789abcdef" for c in prefix):
+            raise ValueError(f"token id prefix must be lowercase hex, not {prefix!r}")
+        rows = self._conn.execute(f"SELECT {self._TOKEN_COLUMNS} FROM tokens WHERE substr(secret_sha256, 1, ?) = ?"
+                                  " ORDER BY created_at, secret_sha256", (len(prefix), prefix)).fetchall()
+        return [self._token_row(r) for r in rows]
+
+    def node_names_by_token(self) -> Dict[str, List[str]]:
+        """token hash -> names of the nodes it last enrolled or re-keyed."""
+        out: Dict[str, List[str]] = {}
+        for sha, name in self._conn.execute("SELECT token_sha256, name FROM nodes ORDER BY address_int"):
+            out.setdefault(sha, []).append(name)
+        return out
+
+    # -- nodes -------------------------------------------------------------------------
+    def get_node(self, name: str) -> Optional[NodeRow]:
+        r = self._conn.execute(f"SELECT {self._NODE_COLUMNS} FROM nodes WHERE name = ?", (name,)).fetchone()
+        return NodeRow(*r) if r else None
+
+    def get_node_by_key(self, public_key: str) -> Optional[NodeRow]:
+        r = self._conn.execute(f"SELECT {self._NODE_COLUMNS} FROM nodes WHERE public_key = ?",
+                               (public_key,)).fetchone()
+        return NodeRow(*r) if r else None
+
+    def list_nodes(self) -> List[NodeRow]:
+        rows = self._conn.execute(f"SELECT {self._NODE_COLUMNS} FROM nodes ORDER BY address_int").fetchall()
+        return [NodeRow(*r) for r in rows]
+
+    def used_address_ints(self) -> Set[int]:
+        """Addresses held by any node row, revoked ones included (they are never reused)."""
+        return {r[0] for r in self._conn.execute("SELECT address_int FROM nodes")}
+
+    def count_nodes(self) -> int:
+        return self._conn.execute("SELECT COUNT(*) FROM nodes").fetchone()[0]
+
+
+class RegistryTransaction(RegistryView):
+    """The reads and the writes, inside the ``BEGIN IMMEDIATE`` of a
+    :meth:`Registry.transaction` block (committed when the block ends without an exception)."""
+
+    # -- tokens ------------------------------------------------------------------------
+    def insert_token(self, row: TokenRow) -> None:
+        self._conn.execute(
+            "INSERT INTO tokens (secret_sha256, uses_total, uses_left, expires_at, bound_name,"
+            " allow_replace, created_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (row.secret_sha256, row.uses_total, row.uses_left, row.expires_at, row.bound_name,
+             int(row.allow_replace), row.created_at, row.revoked_at),
+        )
+
+    def revoke_token(self, secret_sha256: str, now: int) -> bool:
+        """Set revoked_at (once); False when the token was already revoked or is unknown."""
+        cur = self._conn.execute("UPDATE tokens SET revoked_at = ? WHERE secret_sha256 = ? AND revoked_at IS NULL",
+                                 (now, secret_sha256))
+        return cur.rowcount == 1
+
+    def spend_token_use(self, secret_sha256: str) -> bool:
+        """Decrement uses_left if positive and not revoked; False when nothing was left."""
+        cur = self._conn.execute(
+            "UPDATE tokens SET uses_left = uses_left - 1 WHERE secret_sha256 = ? AND uses_left > 0"
+            " AND revoked_at IS NULL", (secret_sha256,))
+        return cur.rowcount == 1
+
+    # -- nodes -------------------------------------------------------------------------
+    def insert_node(self, row: NodeRow) -> None:
+        self._conn.execute(
+            "INSERT INTO nodes (name, address, address_int, public_key, token_sha256, enrolled_at,"
+            " updated_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (row.name, row.address, row.address_int, row.public_key, row.token_sha256,
+             row.enrolled_at, row.updated_at, row.revoked_at))
+
+    def replace_node_key(self, name: str, public_key: str, token_sha256: str, now: int) -> None:
+        self._conn.execute("UPDATE nodes SET public_key = ?, token_sha256 = ?, updated_at = ? WHERE name = ?",
+                           (public_key, token_sha256, now, name))
+
+    def mark_revoked(self, name: str, now: int) -> None:
+        self._conn.execute("UPDATE nodes SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL", (now, name))
+
+    def delete_node(self, name: str) -> None:
+        self._conn.execute("DELETE FROM nodes WHERE name = ?", (name,))
+
+
 class Registry:
-    """Access to ``registry.sqlite3``; cheap to construct, one connection per operation."""
+    """Access to ``registry.sqlite3``: owns its connections (one per block, or one per thread
+    kept open with ``keep_connections``) and hands out query objects per block."""
 
     def __init__(self, db_path: "os.PathLike[str] | str", lock_path: "os.PathLike[str] | str",
                  keep_connections: bool = False) -> None:
@@ -128,7 +251,7 @@ class Registry:
         self._local = threading.local()
 
     # -- connections -------------------------------------------------------------------
-    def connect(self) -> sqlite3.Connection:
+    def _connect(self) -> sqlite3.Connection:
         """A connection in autocommit mode (transactions are explicit)."""
         conn = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
                                check_same_thread=False)
@@ -147,7 +270,7 @@ class Registry:
         if self.db_path.exists():
             return False
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
-        conn = self.connect()
+        conn = self._connect()
         try:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.executescript(SCHEMA)
@@ -159,7 +282,7 @@ class Registry:
     def ensure_schema(self) -> None:
         """Create missing tables and columns (``serve`` start; idempotent)."""
         self.create()
-        conn = self.connect()
+        conn = self._connect()
         try:
             conn.executescript(SCHEMA)
         finally:
@@ -181,11 +304,11 @@ class Registry:
         left alone (the command that needs it reports that)."""
         if not self.db_path.exists():
             return []
-        with self.reading() as conn:
+        with self._connection() as conn:
             if not self._missing_columns(conn):
                 return []
         added = []
-        with self.exclusive(), self.transaction() as conn:
+        with self.exclusive(), self._immediate() as conn:
             for table, column, kind in self._missing_columns(conn):  # again, under the lock
                 conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
                 added.append(f"{table}.{column}")
@@ -205,7 +328,7 @@ class Registry:
     @contextmanager
     def _connection(self) -> Iterator[sqlite3.Connection]:
         if not self.keep_connections:
-            conn = self.connect()
+            conn = self._connect()
             try:
                 yield conn
             finally:
@@ -213,11 +336,11 @@ class Registry:
             return
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = self._local.conn = self.connect()
+            conn = self._local.conn = self._connect()
         yield conn
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def _immediate(self) -> Iterator[sqlite3.Connection]:
         """``BEGIN IMMEDIATE`` … ``COMMIT`` (``ROLLBACK`` on any exception)."""
         with self._connection() as conn:
             conn.execute("BEGIN IMMEDIATE")
@@ -230,139 +353,34 @@ class Registry:
                 raise
 
     @contextmanager
-    def reading(self) -> Iterator[sqlite3.Connection]:
-        """A connection for reads (autocommit: each statement sees the latest commit)."""
-        with self._connection() as conn:
-            yield conn
+    def transaction(self) -> Iterator[RegistryTransaction]:
+        """Reads and writes in one ``BEGIN IMMEDIATE`` … ``COMMIT`` (``ROLLBACK`` on any
+        exception). Writers hold :meth:`exclusive` around it."""
+        with self._immediate() as conn:
+            yield RegistryTransaction(conn)
 
     @contextmanager
-    def snapshot(self) -> Iterator[sqlite3.Connection]:
-        """A read transaction: every statement sees the same commit. Takes no lock that a
-        writer waits for (WAL), and is not the registry write lock."""
+    def reading(self) -> Iterator[RegistryView]:
+        """Reads in autocommit mode: each statement sees the latest commit."""
+        with self._connection() as conn:
+            yield RegistryView(conn)
+
+    @contextmanager
+    def snapshot(self) -> Iterator[RegistryView]:
+        """Reads in one read transaction: every statement sees the same commit. Takes no lock
+        that a writer waits for (WAL), and is not the registry write lock."""
         with self._connection() as conn:
             conn.execute("BEGIN")
             try:
-                yield conn
+                yield RegistryView(conn)
             finally:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
 
-    # -- tokens ------------------------------------------------------------------------
-    @staticmethod
-    def insert_token(conn: sqlite3.Connection, row: TokenRow) -> None:
-        conn.execute(
-            "INSERT INTO tokens (secret_sha256, uses_total, uses_left, expires_at, bound_name,"
-            " allow_replace, created_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (row.secret_sha256, row.uses_total, row.uses_left, row.expires_at, row.bound_name,
-             int(row.allow_replace), row.created_at, row.revoked_at),
-        )
-
-    _TOKEN_COLUMNS = ("secret_sha256, uses_total, uses_left, expires_at, bound_name, allow_replace,"
-                      " created_at, revoked_at")
-
-    @staticmethod
-    def _token_row(r: tuple) -> TokenRow:
-        return TokenRow(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6], r[7])
-
-    @classmethod
-    def get_token(cls, conn: sqlite3.Connection, secret_sha256: str) -> Optional[TokenRow]:
-        r = conn.execute(f"SELECT {cls._TOKEN_COLUMNS} FROM tokens WHERE secret_sha256 = ?",
-                         (secret_sha256,)).fetchone()
-        return cls._token_row(r) if r else None
-
-    @classmethod
-    def list_tokens(cls, conn: sqlite3.Connection) -> List[TokenRow]:
-        rows = conn.execute(f"SELECT {cls._TOKEN_COLUMNS} FROM tokens"
-                            " ORDER BY created_at, secret_sha256").fetchall()
-        return [cls._token_row(r) for r in rows]
-
-    @classmethod
-    def tokens_with_prefix(cls, conn: sqlite3.Connection, prefix: str) -> List[TokenRow]:
-        """Tokens whose stored hash starts with ``prefix`` (lowercase hex, checked here)."""
-        if not prefix or any(c not in "0123456789abcdef" for c in prefix):
-            raise ValueError(f"token id prefix must be lowercase hex, not {prefix!r}")
-        rows = conn.execute(f"SELECT {cls._TOKEN_COLUMNS} FROM tokens WHERE substr(secret_sha256, 1, ?) = ?"
-                            " ORDER BY created_at, secret_sha256", (len(prefix), prefix)).fetchall()
-        return [cls._token_row(r) for r in rows]
-
-    @staticmethod
-    def revoke_token(conn: sqlite3.Connection, secret_sha256: str, now: int) -> bool:
-        """Set revoked_at (once); False when the token was already revoked or is unknown."""
-        cur = conn.execute("UPDATE tokens SET revoked_at = ? WHERE secret_sha256 = ? AND revoked_at IS NULL",
-                           (now, secret_sha256))
-        return cur.rowcount == 1
-
-    @staticmethod
-    def node_names_by_token(conn: sqlite3.Connection) -> Dict[str, List[str]]:
-        """token hash -> names of the nodes it last enrolled or re-keyed."""
-        out: Dict[str, List[str]] = {}
-        for sha, name in conn.execute("SELECT token_sha256, name FROM nodes ORDER BY address_int"):
-            out.setdefault(sha, []).append(name)
-        return out
-
-    @staticmethod
-    def spend_token_use(conn: sqlite3.Connection, secret_sha256: str) -> bool:
-        """Decrement uses_left if positive and not revoked; False when nothing was left."""
-        cur = conn.execute(
-            "UPDATE tokens SET uses_left = uses_left - 1 WHERE secret_sha256 = ? AND uses_left > 0"
-            " AND revoked_at IS NULL", (secret_sha256,))
-        return cur.rowcount == 1
-
-    # -- nodes -------------------------------------------------------------------------
-    _NODE_COLUMNS = ("name, address, address_int, public_key, token_sha256, enrolled_at,"
-                     " updated_at, revoked_at")
-
-    @classmethod
-    def get_node(cls, conn: sqlite3.Connection, name: str) -> Optional[NodeRow]:
-        r = conn.execute(f"SELECT {cls._NODE_COLUMNS} FROM nodes WHERE name = ?", (name,)).fetchone()
-        return NodeRow(*r) if r else None
-
-    @classmethod
-    def get_node_by_key(cls, conn: sqlite3.Connection, public_key: str) -> Optional[NodeRow]:
-        r = conn.execute(f"SELECT {cls._NODE_COLUMNS} FROM nodes WHERE public_key = ?",
-                         (public_key,)).fetchone()
-        return NodeRow(*r) if r else None
-
-    @classmethod
-    def list_nodes(cls, conn: sqlite3.Connection) -> List[NodeRow]:
-        rows = conn.execute(f"SELECT {cls._NODE_COLUMNS} FROM nodes ORDER BY address_int").fetchall()
-        return [NodeRow(*r) for r in rows]
-
-    @staticmethod
-    def used_address_ints(conn: sqlite3.Connection) -> Set[int]:
-        """Addresses held by any node row, revoked ones included (they are never reused)."""
-        return {r[0] for r in conn.execute("SELECT address_int FROM nodes")}
-
-    @staticmethod
-    def count_nodes(conn: sqlite3.Connection) -> int:
-        return conn.execute("SELECT COUNT(*) FROM nodes").fetchone()[0]
-
-    @staticmethod
-    def insert_node(conn: sqlite3.Connection, row: NodeRow) -> None:
-        conn.execute(
-            "INSERT INTO nodes (name, address, address_int, public_key, token_sha256, enrolled_at,"
-            " updated_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (row.name, row.address, row.address_int, row.public_key, row.token_sha256,
-             row.enrolled_at, row.updated_at, row.revoked_at))
-
-    @staticmethod
-    def replace_node_key(conn: sqlite3.Connection, name: str, public_key: str, token_sha256: str,
-                         now: int) -> None:
-        conn.execute("UPDATE nodes SET public_key = ?, token_sha256 = ?, updated_at = ? WHERE name = ?",
-                     (public_key, token_sha256, now, name))
-
-    @staticmethod
-    def mark_revoked(conn: sqlite3.Connection, name: str, now: int) -> None:
-        conn.execute("UPDATE nodes SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL", (now, name))
-
-    @staticmethod
-    def delete_node(conn: sqlite3.Connection, name: str) -> None:
-        conn.execute("DELETE FROM nodes WHERE name = ?", (name,))
-
     # -- test / debugging aid --------------------------------------------------------------
     def dump(self) -> List[tuple]:
         """Every row of every table, in a stable order (used to prove a request changed nothing)."""
-        with self.reading() as conn:
+        with self._connection() as conn:
             out: List[tuple] = []
             for table, order in (("tokens", "secret_sha256"), ("nodes", "name")):
                 out.extend((table,) + tuple(r) for r in conn.execute(f"SELECT * FROM {table} ORDER BY {order}"))

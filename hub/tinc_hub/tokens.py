@@ -6,14 +6,13 @@ import hashlib
 import ipaddress
 import re
 import secrets
-import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 from . import bootstrap
 from .errors import HubError
-from .registry import MIN_TOKEN_ID_PREFIX, Registry, TokenRow, iso_utc, token_id
+from .registry import MIN_TOKEN_ID_PREFIX, Registry, RegistryView, TokenRow, iso_utc, token_id
 from .state import HubConfig
 
 _TTL_RE = re.compile(r"(\d+)\s*([smhdw]?)")
@@ -144,17 +143,17 @@ def create_token(config: HubConfig, registry: Registry, pin: str, uses: int = 1,
     if allow_replace and name is None:
         raise HubError("--replace needs --name", "a replace token re-keys only the one node it names")
     created = int(now if now is not None else time.time())
-    with registry.exclusive(), registry.transaction() as conn:
+    with registry.exclusive(), registry.transaction() as tx:
         for _ in range(8):  # a clash of 40-bit ids is rare; draw another secret
             secret = new_secret()
             row = TokenRow(secret_sha256=hash_secret(secret), uses_total=uses, uses_left=uses,
                            expires_at=created + ttl, bound_name=name, allow_replace=allow_replace,
                            created_at=created)
-            if not registry.tokens_with_prefix(conn, row.id):
+            if not tx.tokens_with_prefix(row.id):
                 break
         else:
             raise HubError("could not draw a token with an unused id", "try again")
-        registry.insert_token(conn, row)
+        tx.insert_token(row)
     token = bootstrap.encode_token(bootstrap.Token(config.address, config.api_port, pin, config.net,
                                                    config.name, secret))
     return IssuedToken(token=token, expires_at=row.expires_at, uses=uses, bound_name=name,
@@ -172,9 +171,9 @@ def describe_token(token: TokenRow, now: int, nodes: List[str]) -> Dict[str, Any
 def list_tokens(registry: Registry, now: Optional[int] = None) -> List[Dict[str, Any]]:
     """Every token, oldest first, with the nodes it last enrolled or re-keyed."""
     now = int(time.time()) if now is None else now
-    with registry.snapshot() as conn:
-        tokens = registry.list_tokens(conn)
-        nodes = registry.node_names_by_token(conn)
+    with registry.snapshot() as view:
+        tokens = view.list_tokens()
+        nodes = view.node_names_by_token()
     return [describe_token(t, now, nodes.get(t.secret_sha256, [])) for t in tokens]
 
 
@@ -186,9 +185,9 @@ def parse_token_id(text: str) -> str:
     return prefix
 
 
-def find_token(conn: sqlite3.Connection, registry: Registry, prefix: str) -> TokenRow:
+def find_token(view: RegistryView, prefix: str) -> TokenRow:
     """The one token whose id starts with ``prefix`` (HubError when none or several)."""
-    matches = registry.tokens_with_prefix(conn, parse_token_id(prefix))
+    matches = view.tokens_with_prefix(parse_token_id(prefix))
     if not matches:
         raise HubError(f"no token with id {prefix!r}", "see 'tinc-hub token list'")
     if len(matches) > 1:
@@ -200,8 +199,8 @@ def find_token(conn: sqlite3.Connection, registry: Registry, prefix: str) -> Tok
 def revoke_token(registry: Registry, prefix: str, now: Optional[int] = None) -> Tuple[TokenRow, bool]:
     """Revoke the token ``prefix`` names; returns it and False when it was already revoked.
     The time is read under the write lock: no enrolment it allowed is dated after it."""
-    with registry.exclusive(), registry.transaction() as conn:
+    with registry.exclusive(), registry.transaction() as tx:
         now = int(time.time()) if now is None else now
-        token = find_token(conn, registry, prefix)
-        changed = registry.revoke_token(conn, token.secret_sha256, now)
+        token = find_token(tx, prefix)
+        changed = tx.revoke_token(token.secret_sha256, now)
     return token, changed
