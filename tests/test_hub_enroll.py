@@ -9,7 +9,8 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple
 import pytest
 
 from tinc_hub import bootstrap
-from tinc_hub.enroll import MAX_BODY_BYTES, Enroller, reconcile_host_files
+from tinc_hub.enroll import MAX_BODY_BYTES, Enroller
+from tinc_hub.hostfiles import reconcile_host_files
 from tinc_hub.registry import Registry
 from hub_fixtures import (HUB_NAME, HubEnv, ec_public_pem, hub, init_hub, rsa_public_pem,  # noqa: F401
                           write_registry_sql)

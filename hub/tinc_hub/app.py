@@ -20,8 +20,9 @@ from starlette.routing import Route
 from .client_address import NO_PROXY, TrustedProxies, client_address
 from .connection_caps import (DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
                               CappedListener, ConnectionCaps)
-from .enroll import MAX_BODY_BYTES, Attempt, Enroller, audit_line, audit_log, reconcile_host_files
+from .enroll import MAX_BODY_BYTES, Attempt, Enroller, audit_line, audit_log
 from .errors import HubError
+from .hostfiles import reconcile_host_files
 from .http_timeouts import HANDSHAKE_TIMEOUT, HeaderTimeoutH11Protocol
 from .openapi import openapi_schema
 from .ratelimit import DEFAULT_RATE_LIMIT, RateLimit, RateLimiter, parse_rate_limit, retry_after_header

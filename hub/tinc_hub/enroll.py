@@ -32,8 +32,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from . import bootstrap
-from .hostfiles import (remove_if_present, remove_stale_temp_files, render_node_host_file,
-                        write_if_changed)
+from .hostfiles import render_node_host_file, write_if_changed
 from .registry import NodeRow, Registry, RegistryTransaction, RegistryView, TokenRow, token_id
 from .state import HubConfig
 from .tokens import hash_secret
@@ -329,7 +328,7 @@ class Enroller:
                 raise EnrollError(409, f"conflict with an existing enrolment ({exc})") from None
             attempt.address = node.address
             # Written while still holding the lock, so a later writer of the same name can't be
-            # overtaken; a crash right here is repaired by reconcile_host_files on serve start.
+            # overtaken; a crash right here is repaired by hostfiles.reconcile_host_files on serve start.
             path = self.config.hosts_dir / node.name
             is_new = not path.exists()
             changed = write_if_changed(path, render_node_host_file(node.address, node.public_key))
@@ -385,22 +384,3 @@ def date_like_tincd_start(path: Path, net: str) -> None:
     if bootstrap.pid_from_file(net) is not None:
         os.utime(path, (started, started))
 
-
-def reconcile_host_files(config: HubConfig, registry: Registry) -> Dict[str, list]:
-    """Make hosts/ match the registry: rewrite missing or different host files of active nodes,
-    remove those of revoked nodes and temporary files a crash left behind. Host files of names
-    the registry does not know are left alone. Returns {"written": [...], "removed": [...]}.
-    """
-    written, removed = [], []
-    with registry.exclusive():
-        removed.extend(remove_stale_temp_files(config.hosts_dir))
-        with registry.reading() as view:
-            nodes = view.list_nodes()
-        for node in nodes:
-            path = config.hosts_dir / node.name
-            if node.revoked:
-                if remove_if_present(path):
-                    removed.append(node.name)
-            elif write_if_changed(path, render_node_host_file(node.address, node.public_key)):
-                written.append(node.name)
-    return {"written": written, "removed": removed}

@@ -3,14 +3,17 @@
 tinc 1.0 drops, on SIGHUP, every connection whose host file mtime changed, so a host file
 is rewritten only when its bytes differ. Writes use a unique temporary file in the same
 directory, fsync, rename, then fsync the directory, so concurrent writers and crashes never
-leave a torn file.
+leave a torn file. ``reconcile_host_files`` (``serve`` start) makes the directory match the
+registry again after a crash between a commit and its host file.
 """
 
 import os
 from pathlib import Path
-from typing import List
+from typing import Dict, List
 
 from . import bootstrap
+from .registry import Registry
+from .state import HubConfig
 
 
 def render_node_host_file(address: str, public_pem: str) -> str:
@@ -52,3 +55,23 @@ def remove_if_present(path: Path) -> bool:
         return False
     bootstrap.fsync_directory(str(path.parent))
     return True
+
+
+def reconcile_host_files(config: HubConfig, registry: Registry) -> Dict[str, list]:
+    """Make hosts/ match the registry: rewrite missing or different host files of active nodes,
+    remove those of revoked nodes and temporary files a crash left behind. Host files of names
+    the registry does not know are left alone. Returns {"written": [...], "removed": [...]}.
+    """
+    written, removed = [], []
+    with registry.exclusive():
+        removed.extend(remove_stale_temp_files(config.hosts_dir))
+        with registry.reading() as view:
+            nodes = view.list_nodes()
+        for node in nodes:
+            path = config.hosts_dir / node.name
+            if node.revoked:
+                if remove_if_present(path):
+                    removed.append(node.name)
+            elif write_if_changed(path, render_node_host_file(node.address, node.public_key)):
+                written.append(node.name)
+    return {"written": written, "removed": removed}
