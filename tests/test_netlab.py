@@ -1,9 +1,11 @@
 """Tests of the harness itself: the NAT holds, hosts are private, cleanup is complete, and
 plain tinc 1.0 (the walkthrough, by hand) works in the topology."""
 
+import json
 import os
 import secrets
 import subprocess
+import sys
 import time
 
 import pytest
@@ -168,3 +170,29 @@ def test_plain_tinc_walkthrough(make_topology):
     for h in (hub, n1, n2):
         assert not netlab.pid_alive(pids[h.name])
     assert not n1.ping(addrs["erebor"])
+
+
+EXITS_WITHOUT_CLOSE = r"""
+import json
+from labkit import netlab
+topo = netlab.build_nat_topology(1)
+node = topo.nodes[0]
+stubborn = node.popen(["sh", "-c", "trap '' TERM; : > /run/trapped; while :; do sleep 1; done"])
+netlab.wait_until(lambda: node.exists("/run/trapped"), 10, what="the trap")
+print(json.dumps({"netns": topo.netns_names(), "pids": [stubborn.pid] + [
+    h.anchor_pid for h in topo.hosts.values()]}), flush=True)
+"""
+
+
+def test_exit_without_close_removes_everything():
+    """A process that forgets close(): the at-exit list removes its namespaces, and a
+    process ignoring SIGTERM is killed after the grace period."""
+    cp = subprocess.run([sys.executable, "-c", EXITS_WITHOUT_CLOSE], capture_output=True,
+                        text=True, timeout=120, cwd="/")
+    assert cp.returncode == 0, cp.stderr
+    made = json.loads(cp.stdout.splitlines()[-1])
+    assert len(made["netns"]) == 3
+    for name in made["netns"]:
+        assert not os.path.exists("/run/netns/" + name), name
+    alive = [p for p in made["pids"] if netlab.pid_alive(p)]
+    assert not alive, "processes left behind: %s\n%s" % (alive, cp.stderr)

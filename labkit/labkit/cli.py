@@ -473,23 +473,6 @@ def stop_container(name: str, entry: Dict, workdir: Path) -> None:
     shutil.rmtree(entry["layers"], ignore_errors=True)
 
 
-def remove_namespace(netns: str) -> None:
-    """Kill every process in netns (all started by the lab) and delete it."""
-    for sig, grace in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
-        pids = netlab.netns_pids(netns)
-        if not pids:
-            break
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        netlab.wait_until(lambda: not [p for p in netlab.netns_pids(netns)
-                                       if netlab.pid_alive(p)], grace, 0.05)
-    if netlab.netns_exists(netns):
-        netlab.run_root(["ip", "netns", "del", netns], check=False)
-
-
 def lab_namespaces(prefix: str) -> List[str]:
     listing = netlab.run_root(["ip", "netns", "list"], check=False).stdout
     names = [line.split()[0] for line in listing.splitlines() if line.split()]
@@ -510,7 +493,7 @@ def teardown(state: LabState) -> List[str]:
     netns_list += [n for n in lab_namespaces(state.prefix) if n not in netns_list]
     for netns in reversed(netns_list):
         if netlab.netns_exists(netns):
-            remove_namespace(netns)
+            netlab.remove_namespace(netns)
             removed.append("namespace " + netns)
     if workdir and workdir.exists():
         shutil.rmtree(workdir, ignore_errors=True)

@@ -24,7 +24,7 @@ uses the real paths (/etc/tinc/NET ...) as on a real machine.
 
 Nothing is connected to the root namespace. ``Topology.close()`` kills every process in every
 namespace it made and deletes the namespaces (which destroys their veths). Live topologies are
-also closed at interpreter exit (atexit).
+also closed at interpreter exit (``remove_at_exit``: the one at-exit list, nspawn uses it too).
 
 Network safety: all test traffic stays on loopback or inside namespaces made here; all waits are
 bounded.
@@ -170,6 +170,49 @@ def netns_pids(name):
     return [int(p) for p in cp.stdout.split() if p.strip().isdigit()]
 
 
+def _signal_all(pids, sig):
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def stop_namespace_processes(netns, grace=3.0, spare=None, reap=None):
+    """SIGTERM every process in network namespace netns but `spare` (a host's anchor), then
+    SIGKILL what is still there after `grace` s. `reap` polls our own children (no zombies).
+    Every process in a namespace made here was started here; every wait is bounded."""
+    def left():
+        return [p for p in netns_pids(netns) if p != spare and pid_alive(p)]
+
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        pids = left()
+        if not pids:
+            break
+        _signal_all(pids, sig)
+        if reap:
+            reap()
+        wait_until(lambda: not left(), wait, 0.05)
+    if reap:
+        reap()
+
+
+def remove_namespace(netns, grace=3.0, anchor=None, reap=None):
+    """Stop everything in network namespace netns (its anchor last), then delete it: the one
+    teardown of a namespace (Host.close, cleanup_stale, `lab down`)."""
+    stop_namespace_processes(netns, grace, spare=anchor, reap=reap)
+    _signal_all(netns_pids(netns), signal.SIGKILL)  # the anchor and any straggler
+
+    def empty():
+        if reap:
+            reap()
+        return not netns_pids(netns)
+
+    wait_until(empty, 5, 0.05)
+    if netns_exists(netns):
+        run_root(["ip", "netns", "del", netns], check=False)
+
+
 class Proc:
     """A background process inside a host; output goes to a log file."""
 
@@ -294,54 +337,27 @@ class Host:
         return netns_pids(self.netns)
 
     def kill_all(self, grace=3.0):
-        """Kill every process in this host's network namespace (all were started here)."""
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 3.0)):
-            pids = [p for p in self.pids() if p != self.anchor_pid]
-            if not pids:
-                break
-            for p in pids:
-                try:
-                    os.kill(p, sig)
-                except ProcessLookupError:
-                    pass
-            self._reap_children()
-            wait_until(lambda: not [p for p in self.pids()
-                                    if p != self.anchor_pid and pid_alive(p)],
-                       wait, 0.05)
-        self._reap_children()
+        """Kill every process in this host's network namespace but its anchor."""
+        stop_namespace_processes(self.netns, grace, spare=self.anchor_pid,
+                                 reap=self._reap_children)
 
     def _reap_children(self):
+        if self.anchor is not None:
+            self.anchor.poll()
         for proc in self.procs:
             proc.popen.poll()
 
     def close(self):
+        """Stop every process in the host (the anchor last) and delete its namespace."""
+        anchor = self.anchor_pid if self.anchor is not None else None
+        remove_namespace(self.netns, anchor=anchor, reap=self._reap_children)
         if self.anchor is None:
-            if netns_exists(self.netns):
-                run_root(["ip", "netns", "del", self.netns], check=False)
             return
-        self.kill_all()
-        # any straggler (including tincd daemons) and finally the anchor itself
-        for p in self.pids():
+        for popen in [self.anchor] + [proc.popen for proc in self.procs]:
             try:
-                os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            self.anchor.kill()
-        except ProcessLookupError:
-            pass
-        try:
-            self.anchor.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-        for proc in self.procs:
-            try:
-                proc.popen.wait(timeout=2)
+                popen.wait(timeout=2)
             except subprocess.TimeoutExpired:
                 pass
-        wait_until(lambda: not self.pids(), 5, 0.05)
-        if netns_exists(self.netns):
-            run_root(["ip", "netns", "del", self.netns], check=False)
         self.anchor = None
 
     # -- running things ---------------------------------------------------------------------
@@ -502,21 +518,36 @@ class Host:
         return self.nsenter_argv(["bash", "-l"] if shutil.which("bash") else ["sh"])
 
 
-_LIVE = set()
-_LIVE_LOCK = threading.Lock()
+# The one at-exit cleanup list of labkit: what this process made and has not removed yet
+# (topologies here, booted containers in labkit.nspawn), newest first at exit.
+_AT_EXIT = {}  # owner -> (what, remove); insertion-ordered
+_AT_EXIT_LOCK = threading.Lock()
 
 
-def _close_all_live():
-    with _LIVE_LOCK:
-        live = list(_LIVE)
-    for topo in live:
+def remove_at_exit(owner, what, remove):
+    """Call remove() at interpreter exit unless keep_past_exit(owner) came first. The newest
+    goes first: a container before the namespace it lives in."""
+    with _AT_EXIT_LOCK:
+        _AT_EXIT[owner] = (what, remove)
+
+
+def keep_past_exit(owner):
+    """Forget owner: removed already, or left running on purpose (./lab up)."""
+    with _AT_EXIT_LOCK:
+        _AT_EXIT.pop(owner, None)
+
+
+def _remove_all_at_exit():
+    with _AT_EXIT_LOCK:
+        live = list(_AT_EXIT.values())
+    for what, remove in reversed(live):
         try:
-            topo.close()
+            remove()
         except Exception as e:  # pragma: no cover - best effort at exit
-            sys.stderr.write("netlab: cleanup of %s failed: %s\n" % (topo.prefix, e))
+            sys.stderr.write("labkit: cleanup of %s failed: %s\n" % (what, e))
 
 
-atexit.register(_close_all_live)
+atexit.register(_remove_all_at_exit)
 
 
 class Topology:
@@ -529,8 +560,7 @@ class Topology:
         self.hosts = {}
         self.workdir = Path(tempfile.mkdtemp(prefix="netlab-%s-" % self.prefix))
         self.closed = False
-        with _LIVE_LOCK:
-            _LIVE.add(self)
+        remove_at_exit(self, "topology " + self.prefix, self.close)
 
     def __enter__(self):
         return self
@@ -557,8 +587,7 @@ class Topology:
         """Leave the namespaces and their processes running past this process (./lab up):
         close() and the exit-time cleanup no longer touch them."""
         self.closed = True
-        with _LIVE_LOCK:
-            _LIVE.discard(self)
+        keep_past_exit(self)
 
     def close(self):
         """Kill every process in every namespace made here and delete the namespaces."""
@@ -578,8 +607,7 @@ class Topology:
             if left:
                 errors.append("namespaces still present: %s" % left)
             self.closed = True
-            with _LIVE_LOCK:
-                _LIVE.discard(self)
+            keep_past_exit(self)
             if not self.keep_workdir:
                 shutil.rmtree(self.workdir, ignore_errors=True)
             if errors:
@@ -721,13 +749,7 @@ def cleanup_stale(verbose=True):
         m = _NS_RE.match(name)
         if not m or pid_alive(int(m.group(1))):
             continue
-        for p in netns_pids(name):
-            try:
-                os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        wait_until(lambda: not netns_pids(name), 5, 0.05)
-        run_root(["ip", "netns", "del", name], check=False)
+        remove_namespace(name, grace=0)  # their owner is gone: no grace
         removed.append(name)
         if verbose:
             print("netlab: removed stale namespace %s" % name)

@@ -18,7 +18,6 @@ machine, no --network-* but the netns path); the only outside access is mmdebstr
 pip's while a cached tree is being built, as for any package install.
 """
 
-import atexit
 import fcntl
 import hashlib
 import json
@@ -28,7 +27,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -165,23 +163,6 @@ def ensure_rootfs(spec: RootfsSpec, log_dir: Path) -> Path:
     return target
 
 
-_LIVE: "set[Container]" = set()
-_LIVE_LOCK = threading.Lock()
-
-
-def _destroy_all_live() -> None:
-    with _LIVE_LOCK:
-        live = list(_LIVE)
-    for container in live:
-        try:
-            container.destroy()
-        except Exception as exc:  # pragma: no cover - best effort at exit
-            print("nspawn: cleanup of %s failed: %s" % (container.name, exc))
-
-
-atexit.register(_destroy_all_live)  # registered after netlab's: runs before it
-
-
 class Container:
     """A booted Debian tree in the network namespace of a netlab Host."""
 
@@ -209,8 +190,7 @@ class Container:
         """A fresh, empty upper layer over the cached tree; name the machine."""
         self.lower = ensure_rootfs(self.spec, self.workdir)
         self.layers = Path(tempfile.mkdtemp(prefix="layers-%s-" % self.name, dir=self.workdir))
-        with _LIVE_LOCK:
-            _LIVE.add(self)
+        netlab.remove_at_exit(self, "container " + self.name, self.destroy)
         for part in ("upper", "work", "root"):
             (self.layers / part).mkdir()
         self.write_file("/etc/hostname", self.hostname + "\n")
@@ -361,8 +341,7 @@ class Container:
 
     def detach(self) -> None:
         """Leave the container running past this process (./lab up): no destroy at exit."""
-        with _LIVE_LOCK:
-            _LIVE.discard(self)
+        netlab.keep_past_exit(self)
 
     def destroy(self) -> None:
         """Shut down (or kill) and delete the tree."""
@@ -376,8 +355,7 @@ class Container:
             if self.layers is not None:
                 shutil.rmtree(self.layers, ignore_errors=True)
                 self.layers = None
-            with _LIVE_LOCK:
-                _LIVE.discard(self)
+            netlab.keep_past_exit(self)
 
     # -- running things inside ----------------------------------------------------------------
     def argv(self, cmd: Sequence[str], env: Optional[Dict[str, str]] = None) -> List[str]:
