@@ -244,7 +244,8 @@ def limit_tls_read_buffers(size: int = TLS_READ_BUFFER) -> None:
     """asyncio gives every TLS connection, at accept and before the handshake, a zero-filled
     256 KiB read buffer (``SSLProtocol.max_size``): 1000 connections (or 1000 idle sockets
     opened by anyone) cost 256 MB. A TLS record is at most ~16 KiB and reads loop, so a
-    smaller buffer changes only memory. This process serves only the hub."""
+    smaller buffer changes only memory. This process serves only the hub.
+    Private hook (asyncio has no setting): tests/test_private_hooks.py::test_hook_tls_read_buffer."""
     import asyncio.sslproto
 
     if getattr(asyncio.sslproto.SSLProtocol, "max_size", 0) > size:
@@ -259,7 +260,8 @@ async def _serve(server: uvicorn.Server, sock: socket.socket) -> None:
     original_create_server = loop.create_server
 
     async def create_server(*args: Any, **kwargs: Any) -> Any:
-        # uvicorn does not pass a TLS handshake timeout; asyncio's default is 60 s.
+        # uvicorn does not pass a TLS handshake timeout (no setting up to 0.54); asyncio's
+        # default is 60 s. Private hook: tests/test_private_hooks.py::test_hook_tls_handshake_timeout
         if kwargs.get("ssl") is not None:
             kwargs.setdefault("ssl_handshake_timeout", HANDSHAKE_TIMEOUT)
         return await original_create_server(*args, **kwargs)

@@ -9,6 +9,11 @@ that socket; the connections it returns give their slot back when really closed
 header exists yet, so a proxy counts as one address (trusted proxies are exempt from the
 per-address cap; the total cap still applies). Counts change only on the event loop thread
 (in ``accept()``); a close, wherever it happens, queues its address: no lock is needed.
+
+Private hooks (uvicorn's ``limit_concurrency`` answers 503 after the handshake, per server, not
+per address): asyncio calling ``accept()`` on this object, and ``socket.socket._accept`` /
+``_real_close``; tests/test_private_hooks.py::test_hook_capped_listener fails loudly if an upgrade
+breaks them.
 """
 
 import collections

@@ -1,6 +1,11 @@
 """Connection-level timeouts uvicorn does not have: complete request headers within
 HEADER_TIMEOUT seconds of the connection (or of the previous response), and the TLS
-handshake within HANDSHAKE_TIMEOUT seconds.
+handshake within HANDSHAKE_TIMEOUT seconds (passed to create_server by app._serve).
+
+Private hook: uvicorn (up to 0.54) has no request-head timeout (``timeout_keep_alive`` runs only
+between requests and any byte cancels it), so HeaderTimeoutH11Protocol subclasses its private
+H11Protocol; tests/test_private_hooks.py::test_hook_header_timeout fails loudly if an upgrade
+breaks it.
 """
 
 import asyncio
