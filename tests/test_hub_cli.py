@@ -3,6 +3,8 @@ unsafe changes; token create, nodes, revoke; one-line errors."""
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -196,3 +198,32 @@ def test_token_nodes_revoke(tmp_path: Path, capsys) -> None:
     assert [n["name"] for n in json.loads(capsys.readouterr().out)] == ["n1"]
     assert main(sd + ["revoke", "nobody"]) == 1
     assert "no enrolled node" in capsys.readouterr().err
+
+
+ADMIN_COMMANDS_SCRIPT = """
+import json, sys
+from tinc_hub.cli import main
+state_dir, commands = sys.argv[1], json.loads(sys.argv[2])
+codes = [main(["--state-dir", state_dir] + argv) for argv in commands]
+print(json.dumps({"codes": codes, "modules": sorted(sys.modules)}))
+"""
+
+
+def test_admin_commands_do_not_import_the_web_server(tmp_path: Path, capsys) -> None:
+    """``nodes``, ``token list`` and the other admin commands run without starlette/uvicorn
+    (a fresh interpreter: the test process itself has imported them)."""
+    assert main(init_args(tmp_path)) == 0
+    assert main(["--state-dir", str(tmp_path / "state"), "token", "create", "--json"]) == 0
+    commands = [["nodes", "--json"], ["nodes"], ["token", "list", "--json"], ["token", "list"],
+                ["token", "create", "--json", "--name", "n1"], ["-v", "revoke", "nobody"]]
+    done = subprocess.run([sys.executable, "-c", ADMIN_COMMANDS_SCRIPT, str(tmp_path / "state"),
+                           json.dumps(commands)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert report["codes"] == [0, 0, 0, 0, 0, 1], done.stderr  # revoke nobody: a clean error
+    assert "no enrolled node" in done.stderr
+    assert '"nodes": []' in done.stdout and "tinc1." in done.stdout  # the commands ran
+    assert "tinc_hub.cli" in report["modules"] and "tinc_hub.registry" in report["modules"]
+    web = [m for m in report["modules"] if m.split(".")[0] in ("starlette", "uvicorn")
+           or m in ("tinc_hub.app", "tinc_hub.http_timeouts")]
+    assert web == []

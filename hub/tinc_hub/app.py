@@ -4,7 +4,6 @@ import asyncio
 import logging
 import resource
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Dict, Optional
@@ -326,7 +325,3 @@ def serve(state_dir: StateDir, listen: str = "0.0.0.0", port: Optional[int] = No
         sock.close()
     return 0 if server.started else 1
 
-
-def configure_logging(verbose: bool) -> None:
-    logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")

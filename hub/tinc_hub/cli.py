@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import logging
 import os
 import sqlite3
 import sys
@@ -440,6 +441,13 @@ def dispatch(args: argparse.Namespace) -> int:
     raise UsageError(f"unknown command {args.command!r}")
 
 
+def configure_logging(verbose: bool) -> None:
+    """Log lines (the API's access and audit lines, warnings) to stderr: journald under systemd.
+    Here, not in app.py, so that admin commands never import the web server."""
+    logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
@@ -453,8 +461,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{PROG}: error: {_one_line(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     verbose = bool(getattr(args, "verbose", False))
-    from .app import configure_logging
-
     configure_logging(verbose)
     try:
         from . import bootstrap
