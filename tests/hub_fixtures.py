@@ -58,8 +58,8 @@ class HubEnv(NamedTuple):
     def enroll(self, token: str, name: str, key: str) -> Tuple[int, dict]:
         import json
 
-        return self.enroller.handle("Bearer " + token,
-                                    json.dumps({"name": name, "public_key": key}).encode())
+        return enrol_answer(self.enroller, "Bearer " + token,
+                            json.dumps({"name": name, "public_key": key}).encode())
 
     def hosts_snapshot(self) -> Dict[str, Tuple[bytes, int]]:
         """Every file under the hub's tinc net dir: bytes and mtime."""
@@ -70,7 +70,7 @@ class HubEnv(NamedTuple):
         return out
 
     def snapshot(self) -> Tuple[List[tuple], Dict[str, Tuple[bytes, int]]]:
-        return self.registry.dump(), self.hosts_snapshot()
+        return dump_registry(self.registry), self.hosts_snapshot()
 
 
 def init_hub(root: Path, vpn_subnet: str = "10.77.0.0/24", net: Optional[str] = None,
@@ -88,6 +88,21 @@ def init_hub(root: Path, vpn_subnet: str = "10.77.0.0/24", net: Optional[str] = 
 @pytest.fixture
 def hub(tmp_path: Path) -> HubEnv:
     return init_hub(tmp_path)
+
+
+def enrol_answer(enroller: Enroller, authorization: Optional[str], body: bytes) -> Tuple[int, dict]:
+    """One enrolment request as its client sees it: (HTTP status, JSON body)."""
+    outcome = enroller.process(authorization, body)
+    return outcome.status, outcome.body
+
+
+def dump_registry(registry: Registry) -> List[tuple]:
+    """Every row of every table, in a stable order (to prove a request changed nothing)."""
+    with closing(sqlite3.connect(registry.db_path)) as conn:
+        out: List[tuple] = []
+        for table, order in (("tokens", "secret_sha256"), ("nodes", "name")):
+            out.extend((table,) + tuple(r) for r in conn.execute(f"SELECT * FROM {table} ORDER BY {order}"))
+        return out
 
 
 def write_registry_sql(env: HubEnv, sql: str, params: tuple = ()) -> None:

@@ -13,7 +13,7 @@ import pytest
 from tinc_hub.cli import main
 from tinc_hub.registry import Registry
 from tinc_hub.state import StateDir
-from hub_fixtures import rsa_public_pem
+from hub_fixtures import enrol_answer, rsa_public_pem
 
 
 def init_args(root: Path, **over: str) -> List[str]:
@@ -95,7 +95,7 @@ def test_init_refuses_other_name_or_net_and_subnet_change_with_nodes(tmp_path: P
 
     state = SD(tmp_path / "state")
     enroller = Enroller(state.load_config(), Registry(state.registry_file, state.lock_file))
-    status, _ = enroller.handle("Bearer " + token, json.dumps(
+    status, _ = enrol_answer(enroller, "Bearer " + token, json.dumps(
         {"name": "n1", "public_key": rsa_public_pem(0)}).encode())
     assert status == 200
     before = files(tmp_path)
@@ -171,7 +171,7 @@ def test_token_nodes_revoke(tmp_path: Path, capsys) -> None:
 
     enroller = Enroller(config, Registry(state.registry_file, state.lock_file))
     for tok, name, i in ((token, "n1", 1), (token2, "n2", 2)):
-        status, _ = enroller.handle("Bearer " + tok, json.dumps(
+        status, _ = enrol_answer(enroller, "Bearer " + tok, json.dumps(
             {"name": name, "public_key": rsa_public_pem(i)}).encode())
         assert status == 200
 

@@ -12,8 +12,8 @@ from tinc_hub import bootstrap
 from tinc_hub.enroll import MAX_BODY_BYTES, Enroller
 from tinc_hub.hostfiles import reconcile_host_files
 from tinc_hub.registry import Registry
-from hub_fixtures import (HUB_NAME, HubEnv, ec_public_pem, hub, init_hub, rsa_public_pem,  # noqa: F401
-                          write_registry_sql)
+from hub_fixtures import (HUB_NAME, HubEnv, dump_registry, ec_public_pem, enrol_answer,  # noqa: F401
+                          hub, init_hub, rsa_public_pem, write_registry_sql)
 
 
 class Prepared(NamedTuple):
@@ -134,7 +134,7 @@ def test_bad_request_is_4xx_and_changes_nothing(prepared: Prepared, case: str) -
     expected, make = BAD[case]
     authorization, raw = make(prepared)
     before = prepared.env.snapshot()
-    status, answer = prepared.env.enroller.handle(authorization, raw)
+    status, answer = enrol_answer(prepared.env.enroller, authorization, raw)
     assert status == expected, answer
     assert set(answer) == {"error"}
     assert isinstance(answer["error"], str) and answer["error"]
@@ -144,7 +144,7 @@ def test_bad_request_is_4xx_and_changes_nothing(prepared: Prepared, case: str) -
 
 def test_error_messages_do_not_echo_tokens(prepared: Prepared) -> None:
     secret = bootstrap.decode_token(prepared.tokens["spent"]).secret
-    _, answer = prepared.env.enroller.handle("Bearer " + prepared.tokens["spent"], body())
+    _, answer = enrol_answer(prepared.env.enroller, "Bearer " + prepared.tokens["spent"], body())
     assert secret not in answer["error"]
 
 
@@ -179,9 +179,9 @@ def test_replay_same_answer_no_use_spent_even_when_spent_or_expired(hub: HubEnv)
     first = hub.enroll(token.token, "node_r", rsa_public_pem(4))
     assert first[0] == 200
     mtime = (hub.config.hosts_dir / "node_r").stat().st_mtime_ns
-    rows = hub.registry.dump()
+    rows = dump_registry(hub.registry)
     assert hub.enroll(token.token, "node_r", rsa_public_pem(4)) == first  # token now spent
-    assert hub.registry.dump() == rows
+    assert dump_registry(hub.registry) == rows
     assert (hub.config.hosts_dir / "node_r").stat().st_mtime_ns == mtime
     # Expire the token: the replay still answers the same.
     write_registry_sql(hub, "UPDATE tokens SET expires_at = 1")
@@ -261,8 +261,8 @@ def race(env: HubEnv, token: str, count: int) -> Dict[int, int]:
         registry = env.registry if i % 2 else Registry(env.state.registry_file, env.state.lock_file)
         enroller = Enroller(env.config, registry)
         barrier.wait(timeout=30)
-        status, _ = enroller.handle("Bearer " + token,
-                                    json.dumps({"name": f"racer{i}", "public_key": keys[i]}).encode())
+        status, _ = enrol_answer(enroller, "Bearer " + token,
+                                 json.dumps({"name": f"racer{i}", "public_key": keys[i]}).encode())
         with lock:
             statuses[status] = statuses.get(status, 0) + 1
 

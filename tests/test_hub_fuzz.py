@@ -18,7 +18,7 @@ from tinc_hub import bootstrap
 from tinc_hub.enroll import EnrollError, parse_bearer, parse_body, validate_name
 from tinc_hub.openapi import openapi_schema
 from tinc_hub.ratelimit import RateLimit, parse_rate_limit
-from hub_fixtures import HubEnv, init_hub, rsa_public_pem
+from hub_fixtures import HubEnv, enrol_answer, init_hub, rsa_public_pem
 from labkit.loopback_hub import HubProcess, free_port
 
 NAME = re.compile(r"[A-Za-z0-9_]{1,64}")
@@ -174,7 +174,7 @@ def pure_env(tmp_path_factory) -> HubEnv:
 def test_enroller_rejects_garbage_without_side_effects(pure_env: HubEnv, authorization, body) -> None:
     env = pure_env
     before = env.snapshot()
-    status, answer = env.enroller.handle(authorization, body)
+    status, answer = enrol_answer(env.enroller, authorization, body)
     assert 400 <= status < 500 and set(answer) == {"error"}
     assert env.snapshot() == before
 

@@ -17,7 +17,7 @@ from tinc_hub.enroll import Enroller
 from tinc_hub.registry import Registry
 from tinc_hub.reload import send_sighup
 from tinc_hub.state import StateDir
-from hub_fixtures import rsa_public_pem, wait_until
+from hub_fixtures import enrol_answer, rsa_public_pem, wait_until
 
 
 def alive(pid: int) -> bool:
@@ -64,8 +64,8 @@ def test_init_starts_tincd_and_sighup_reaches_it(tmp_path: Path, capsys) -> None
         from tinc_hub.tokens import create_token
 
         token = create_token(config, registry, pin_of_cert_file(state.cert_file)).token
-        status, answer = Enroller(config, registry).handle(
-            "Bearer " + token, json.dumps({"name": "n1", "public_key": rsa_public_pem(1)}).encode())
+        status, answer = enrol_answer(
+            Enroller(config, registry), "Bearer " + token, json.dumps({"name": "n1", "public_key": rsa_public_pem(1)}).encode())
         assert status == 200 and answer["address"] == "10.99.0.2"
         assert send_sighup(net, str(tinc_dir))
         time.sleep(0.5)

@@ -26,7 +26,7 @@ from tinc_hub.openapi import openapi_schema
 from tinc_hub.registry import TOKEN_ID_CHARS, Registry, TokenRow
 from tinc_hub.tls import pin_of_cert_file
 from tinc_hub.tokens import hash_secret, new_secret, revoke_token
-from hub_fixtures import HubEnv, hub, init_hub, rsa_public_pem, wait_until  # noqa: F401
+from hub_fixtures import HubEnv, dump_registry, hub, init_hub, rsa_public_pem, wait_until  # noqa: F401
 from labkit.loopback_hub import Enrolment, HubProcess, Reply, enrol_concurrently, free_port
 
 # The registry schema as the first release wrote it (before tokens.revoked_at).
@@ -154,14 +154,14 @@ def test_cli_works_on_a_registry_made_by_the_old_schema(hub: HubEnv, capsys) -> 
 
 def test_serve_schema_upgrade_is_idempotent_and_keeps_rows(hub: HubEnv) -> None:
     make_old_registry(hub)
-    before = hub.registry.dump()
+    before = dump_registry(hub.registry)
     hub.registry.ensure_schema()  # what `serve` runs at start
-    after = hub.registry.dump()
+    after = dump_registry(hub.registry)
     assert after == [row + (None,) if row[0] == "tokens" else row for row in before]
     mtime = hub.state.registry_file.stat().st_mtime_ns
     assert hub.registry.upgrade_schema() == []  # current: only read
     assert hub.state.registry_file.stat().st_mtime_ns == mtime
-    assert hub.registry.dump() == after
+    assert dump_registry(hub.registry) == after
 
 
 # -- token list / revoke ----------------------------------------------------------------------
@@ -202,7 +202,7 @@ def test_token_list_shows_every_state_and_never_the_secret(hub: HubEnv, capsys) 
 def test_token_revoke_prefix_rules(hub: HubEnv, capsys) -> None:
     a = handmade_token(hub, new_secret(), sha="abcdef1111" + "0" * 54)
     handmade_token(hub, new_secret(), sha="abcdef2222" + "0" * 54)
-    before = hub.registry.dump()
+    before = dump_registry(hub.registry)
     for argv, expected, words in (
             (["abcdef"], 1, "ambiguous"),
             (["abcdef3"], 1, "no token with id"),
@@ -213,7 +213,7 @@ def test_token_revoke_prefix_rules(hub: HubEnv, capsys) -> None:
         assert code == expected, (argv, err)
         assert out == "" and err.startswith("tinc-hub: error: ") and err.count("\n") == 1
         assert words in err and "(hint: " in err
-    assert hub.registry.dump() == before
+    assert dump_registry(hub.registry) == before
     code, out, _ = cli(capsys, sd(hub) + ["token", "revoke", "ABCDEF1"])  # case-insensitive
     assert code == 0 and "abcdef1111 revoked" in out
     code, out, _ = cli(capsys, sd(hub) + ["token", "revoke", "abcdef1111"])
@@ -238,16 +238,16 @@ def test_revoked_token_refused_like_spent_and_the_refusal_changes_nothing(hub: H
 
 
 def test_replace_without_name_is_a_usage_error(hub: HubEnv, capsys, monkeypatch) -> None:
-    before = hub.registry.dump()
+    before = dump_registry(hub.registry)
     code, out, err = cli(capsys, sd(hub) + ["token", "create", "--replace"])
     assert code == 2 and out == ""
     assert err.startswith("tinc-hub: error: --replace needs --name") and err.count("\n") == 1
     monkeypatch.setenv("TINC_HUB_TOKEN_REPLACE", "1")  # the env twin too
     assert cli(capsys, sd(hub) + ["token", "create"])[0] == 2
-    assert hub.registry.dump() == before
+    assert dump_registry(hub.registry) == before
     with pytest.raises(HubError):
         hub.token(replace=True)
-    assert hub.registry.dump() == before
+    assert dump_registry(hub.registry) == before
 
 
 def test_bound_replace_token_cannot_rekey_another_node(hub: HubEnv) -> None:
@@ -393,7 +393,7 @@ def test_spent_expired_revoked_tokens_and_replays_answered_while_the_write_lock_
     assert enrol_concurrently(server, [Enrolment(spent, "replayed", rsa_public_pem(1))])[0].status == 200
     expired = env.token(ttl=60, now=time.time() - 120).token
     revoked = env.token(uses=5)
-    assert revoked.id in [row[1][:TOKEN_ID_CHARS] for row in env.registry.dump() if row[0] == "tokens"]
+    assert revoked.id in [row[1][:TOKEN_ID_CHARS] for row in dump_registry(env.registry) if row[0] == "tokens"]
     with env.registry.exclusive(), env.registry.transaction() as tx:
         tx.revoke_token(hash_secret(secret_of(revoked.token)), int(time.time()))
     valid = env.token().token

@@ -210,12 +210,6 @@ class Enroller:
         self.network = config.network
         self.hub_address_int = int(ipaddress.IPv4Address(config.hub_address))
 
-    # The interface the spec asks for: (status, json dict).
-    def handle(self, authorization: Optional[str], body: bytes,
-               client: str = "-") -> Tuple[int, Dict[str, Any]]:
-        outcome = self.process(authorization, body, client)
-        return outcome.status, outcome.body
-
     def process(self, authorization: Optional[str], body: bytes, client: str = "-") -> EnrollOutcome:
         """Answer one enrolment request from ``client`` (its address, for the audit line)."""
         attempt = Attempt(client=client)

@@ -377,11 +377,3 @@ class Registry:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
 
-    # -- test / debugging aid --------------------------------------------------------------
-    def dump(self) -> List[tuple]:
-        """Every row of every table, in a stable order (used to prove a request changed nothing)."""
-        with self._connection() as conn:
-            out: List[tuple] = []
-            for table, order in (("tokens", "secret_sha256"), ("nodes", "name")):
-                out.extend((table,) + tuple(r) for r in conn.execute(f"SELECT * FROM {table} ORDER BY {order}"))
-            return out

@@ -56,7 +56,6 @@ class ReloadBatcher:
         self._inflight: Optional[asyncio.Future] = None  # the batch whose SIGHUP is being sent
         self._last_sent = float("-inf")
         self._failing = False
-        self.sent = 0  # number of SIGHUPs sent (for tests and logs)
 
     async def reload(self) -> None:
         loop = asyncio.get_running_loop()
@@ -92,7 +91,6 @@ class ReloadBatcher:
             if ok and self._failing:
                 log.info("tincd reloads work again")
             self._failing = not ok
-            self.sent += 1
             self._inflight = None
             if not future.done():
                 future.set_result(None)
