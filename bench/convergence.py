@@ -13,7 +13,7 @@ import random
 import sys
 import threading
 import time
-from typing import Dict, List
+from typing import Dict
 
 from labkit import netlab
 

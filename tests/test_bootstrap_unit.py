@@ -9,7 +9,6 @@ import ssl
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 

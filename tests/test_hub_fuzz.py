@@ -6,7 +6,6 @@ a rejected request."""
 import base64
 import json
 import re
-from pathlib import Path
 from typing import Iterator
 
 import pytest

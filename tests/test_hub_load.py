@@ -9,13 +9,11 @@ live in bench/.
 
 import asyncio
 import ipaddress
-import os
-import socket
 import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List
 
 import pytest
 

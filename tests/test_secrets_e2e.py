@@ -17,7 +17,7 @@ import re
 import pytest
 
 from labkit import netlab
-from support import REPO_ROOT, bootstrap
+from support import REPO_ROOT
 
 pytestmark = pytest.mark.netlab
 

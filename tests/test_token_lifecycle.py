@@ -20,10 +20,10 @@ import pytest
 
 from tinc_hub import bootstrap
 from tinc_hub.cli import main
-from tinc_hub.enroll import Attempt, Enroller, audit_line, log_value
+from tinc_hub.enroll import Attempt, audit_line, log_value
 from tinc_hub.errors import HubError
 from tinc_hub.openapi import openapi_schema
-from tinc_hub.registry import TOKEN_ID_CHARS, Registry, TokenRow
+from tinc_hub.registry import TOKEN_ID_CHARS, TokenRow
 from tinc_hub.tls import pin_of_cert_file
 from tinc_hub.tokens import hash_secret, new_secret, revoke_token
 from hub_fixtures import HubEnv, dump_registry, hub, init_hub, rsa_public_pem, wait_until  # noqa: F401
