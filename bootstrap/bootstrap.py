@@ -59,6 +59,7 @@ EXIT_COMMAND = 7
 
 DEFAULT_TINC_DIR = "/etc/tinc"
 DEFAULT_API_PORT = 8655
+DEFAULT_KEY_SIZE = 4096
 DEFAULT_LOG = "/var/log/tinc-bootstrap.log"
 STATE_FILE = "bootstrap.json"
 TOKEN_PREFIX = "tinc1."
@@ -771,13 +772,19 @@ def render_tinc_down(address: str, prefix: int) -> str:
             "ip link set \"$INTERFACE\" down\n").format(address, prefix)
 
 
-_PEM_RE = re.compile(r"-----BEGIN (RSA )?PUBLIC KEY-----\s.*?-----END (RSA )?PUBLIC KEY-----",
-                     re.S)
+PEM_LABELS = ("RSA PUBLIC KEY", "PUBLIC KEY")  # the public key blocks tinc 1.0 and the hub read
+_PEM_LABEL = "(" + "|".join(PEM_LABELS) + ")"
+# Exactly one public key block (the hub's check of a node's key, with fullmatch).
+PUBLIC_KEY_PEM_RE = re.compile(
+    r"-----BEGIN " + _PEM_LABEL + r"-----\r?\n[A-Za-z0-9+/=\r\n]+-----END \1-----")
+# Where the public key block is in a host file (a search; the hub checks what the node sends).
+_PEM_BLOCK_RE = re.compile(
+    r"-----BEGIN " + _PEM_LABEL + r"-----\s.*?-----END " + _PEM_LABEL + r"-----", re.S)
 
 
 def public_key_block(text: str) -> Optional[str]:
     """The (current, not `OLD`) public key PEM block in a host file."""
-    match = _PEM_RE.search(text or "")
+    match = _PEM_BLOCK_RE.search(text or "")
     return match.group(0) if match else None
 
 
@@ -855,9 +862,14 @@ def ensure_key(tinc_dir: str, net: str, name: str, size: int) -> str:
     return pem
 
 
+def pid_file_paths(net: str) -> Tuple[str, str]:
+    """Where tinc 1.0's tincd writes its pid for NET (LOCALSTATEDIR /var/run, or /run)."""
+    return ("/var/run/tinc.{}.pid".format(net), "/run/tinc.{}.pid".format(net))
+
+
 def pid_from_file(net: str) -> Optional[int]:
     """The running tincd of NET, from its pidfile, if alive."""
-    for path in ("/var/run/tinc.{}.pid".format(net), "/run/tinc.{}.pid".format(net)):
+    for path in pid_file_paths(net):
         text = read_text(path)
         if text is None:
             continue
@@ -871,7 +883,8 @@ def pid_from_file(net: str) -> Optional[int]:
     return None
 
 
-def _systemctl_state(verb: str, unit: str) -> str:
+def systemctl_state(verb: str, unit: str) -> str:
+    """`systemctl is-active|is-enabled UNIT` as its one word ("active", "enabled", ...)."""
     return run(["systemctl", verb, unit], check=False).stdout.strip()
 
 
@@ -898,7 +911,7 @@ def register_boot(net: str, init: str, facts: SystemFacts,
                      read_text(os.path.join(tinc_dir, "nets.boot")), tinc_dir)
     changed = apply_files(plan.files)
     for cmd in plan.commands:
-        if _systemctl_state("is-enabled", cmd[-1]) != "enabled":
+        if systemctl_state("is-enabled", cmd[-1]) != "enabled":
             run(cmd)
             changed.append(cmd[-1])
     return changed
@@ -919,13 +932,13 @@ def ensure_running(net: str, init: str, facts: SystemFacts, restart: bool = Fals
     """Start tincd for NET if it is not running; restart it when asked. Returns what it did."""
     if init == "systemd":
         unit = service_unit(facts, net)
-        if _systemctl_state("is-active", unit) == "active":
+        if systemctl_state("is-active", unit) == "active":
             if not restart:
                 return "running"
             run(["systemctl", "restart", unit])
             return "restarted"
         run(["systemctl", "start", unit])
-        if facts.umbrella_unit and _systemctl_state("is-active", facts.umbrella_unit) != "active":
+        if facts.umbrella_unit and systemctl_state("is-active", facts.umbrella_unit) != "active":
             run(["systemctl", "start", facts.umbrella_unit])
         return "started"
     pid = pid_from_file(net)
@@ -1087,7 +1100,6 @@ def _refusal_hint(status: int) -> str:
 # Subnet): written as the hub sent it, the key checked here need not be the key tincd trusts,
 # and tincd (root) would open any PublicKeyFile path. So the node keeps only what it checked.
 HUB_HOST_LINE_RE = re.compile(r"(Address|Port|Subnet) = ([^ ]+)(?: ([^ ]+))?")
-PEM_LABELS = ("RSA PUBLIC KEY", "PUBLIC KEY")
 PEM_BODY_LINE_RE = re.compile(r"[A-Za-z0-9+/]+={0,2}")
 RSA_ALGORITHM_DER = bytes.fromhex("300d06092a864886f70d0101010500")  # rsaEncryption, NULL
 MAX_HUB_HOST_LINES = 64
@@ -1545,7 +1557,7 @@ def status(tinc_dir: str, net: Optional[str], as_json: bool) -> int:
     state = load_state(tinc_dir, net) or {}
     facts = detect_system("/")
     if state.get("init") == "systemd":
-        service = _systemctl_state("is-active", state.get("unit") or service_unit(facts, net))
+        service = systemctl_state("is-active", state.get("unit") or service_unit(facts, net))
     else:
         service = "running" if pid_from_file(net) else "stopped"
     reachable = bool(state.get("hub_vpn_address")) and ping(state["hub_vpn_address"], 2.0)
@@ -1623,7 +1635,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                                  "with - and . as _)")
         parser.add_argument("--init", default=_env("INIT", "auto"), choices=INIT_CHOICES,
                             help="boot registration (env TINC_BOOTSTRAP_INIT)")
-        parser.add_argument("--key-size", type=int, default=int(_env("KEY_SIZE", "4096")),
+        parser.add_argument("--key-size", type=int, default=int(_env("KEY_SIZE", str(DEFAULT_KEY_SIZE))),
                             help="RSA key size (env TINC_BOOTSTRAP_KEY_SIZE)")
         parser.add_argument("--timeout", type=float, default=float(_env("TIMEOUT", "300")),
                             help="seconds to keep retrying the hub, and to wait for the VPN "

@@ -11,11 +11,12 @@ import traceback
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence
 
 from . import __version__
+from .bootstrap import DEFAULT_API_PORT, DEFAULT_KEY_SIZE, DEFAULT_TINC_DIR, INIT_CHOICES
 from .errors import HubError
 from .client_address import NO_PROXY, TrustedProxies
 from .connection_caps import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_ADDRESS
 from .ratelimit import DEFAULT_RATE_LIMIT, RateLimit
-from .state import DEFAULT_STATE_DIR, DEFAULT_TINC_DIR, StateDir
+from .state import DEFAULT_STATE_DIR, DEFAULT_TINC_PORT, StateDir
 
 PROG = "tinc-hub"
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
@@ -153,10 +154,10 @@ def build_parser() -> Parser:
     add_option(p, "--name", required=True, help="the hub's tinc node name ([A-Za-z0-9_])")
     add_option(p, "--address", required=True, help="public host name or IPv4 address nodes connect to")
     add_option(p, "--vpn-subnet", required=True, help="VPN IPv4 prefix; the hub takes its first address")
-    add_option(p, "--port", type=int, default=655, help="tinc port")
-    add_option(p, "--api-port", type=int, default=8655, help="HTTPS enrolment API port")
-    add_option(p, "--key-size", type=int, default=4096, help="RSA key size for a new key")
-    add_option(p, "--init", default="auto", choices=("auto", "systemd", "sysv", "rc.local", "none"),
+    add_option(p, "--port", type=int, default=DEFAULT_TINC_PORT, help="tinc port")
+    add_option(p, "--api-port", type=int, default=DEFAULT_API_PORT, help="HTTPS enrolment API port")
+    add_option(p, "--key-size", type=int, default=DEFAULT_KEY_SIZE, help="RSA key size for a new key")
+    add_option(p, "--init", default="auto", choices=INIT_CHOICES,
                help="boot registration")
     add_option(p, "--tinc-dir", default=DEFAULT_TINC_DIR, help="tinc configuration directory")
     add_flag(p, "--no-start", help=argparse.SUPPRESS)  # tests: no boot registration, no tincd start

@@ -18,7 +18,7 @@ from typing import Dict, List, Tuple
 
 from .errors import HubError
 from .state import HubConfig
-from .tokens import TOKEN_TEXT_RE, check_printable, url_host
+from .tokens import TOKEN_TEXT_RE, bootstrap_url, check_printable
 
 EC2_USER_DATA_LIMIT = 16 * 1024
 BOOTSTRAP_PATH = "/usr/local/sbin/tinc-bootstrap"
@@ -57,7 +57,7 @@ def render_user_data(config: HubConfig, pin: str, token: str, expires_at: str,
     if not TOKEN_TEXT_RE.fullmatch(token) or not EXPIRES_RE.fullmatch(expires_at):
         raise HubError("the token or its expiry cannot be written into user data",
                        "this is a bug: report it")
-    url = f"https://{url_host(config.address)}:{config.api_port}/bootstrap.py"
+    url = bootstrap_url(config.address, config.api_port)
     if embed:
         payload = base64.b64encode(gzip.compress(bootstrap_source(), 9, mtime=0)).decode()
         bootstrap_file = (f"  - path: {BOOTSTRAP_PATH}\n    owner: root:root\n"

@@ -44,11 +44,6 @@ MAX_RSA_BITS = 16384
 
 audit_log = logging.getLogger("tinc_hub.audit")
 
-_PEM_RE = re.compile(
-    r"-----BEGIN (RSA PUBLIC KEY|PUBLIC KEY)-----\r?\n"
-    r"[A-Za-z0-9+/=\r\n]+"
-    r"-----END \1-----"
-)
 
 
 class EnrollError(Exception):
@@ -157,7 +152,7 @@ def normalise_public_key(pem: Any) -> str:
     text = pem.strip()
     if text.count("-----BEGIN") != 1 or text.count("-----END") != 1:
         raise EnrollError(400, "public_key must contain exactly one PEM block")
-    if not _PEM_RE.fullmatch(text):
+    if not bootstrap.PUBLIC_KEY_PEM_RE.fullmatch(text):
         raise EnrollError(400, "public_key must be a single RSA PUBLIC KEY or PUBLIC KEY PEM block"
                                " with nothing else around it")
     try:
@@ -370,7 +365,7 @@ def date_like_tincd_start(path: Path, net: str) -> None:
     tincd has handled the SIGHUP that announced it, and was then dropped once and came back
     only after tinc's 5 s retry. A new name has no older connection that should be dropped;
     a replaced key (existing file) keeps a fresh mtime, so its old connection is dropped."""
-    pidfile = Path(f"/var/run/tinc.{net}.pid")
+    pidfile = Path(bootstrap.pid_file_paths(net)[0])
     try:
         started = pidfile.stat().st_mtime
     except OSError:

@@ -20,7 +20,7 @@ from .errors import HubError
 from .service import UNIT_NAME, install_service, installed_executable, render_unit
 from .liveness import render_host_script
 from .registry import Registry
-from .state import HubConfig, StateDir
+from .state import DEFAULT_TINC_PORT, HubConfig, StateDir
 from .tls import ensure_cert, pin_of_cert_file
 
 log = logging.getLogger("tinc_hub.init")
@@ -34,11 +34,11 @@ class InitRequest:
     name: str
     address: str
     vpn_subnet: str
-    port: int = 655
-    api_port: int = 8655
-    key_size: int = 4096
+    port: int = DEFAULT_TINC_PORT
+    api_port: int = bootstrap.DEFAULT_API_PORT
+    key_size: int = bootstrap.DEFAULT_KEY_SIZE
     init: str = "auto"
-    tinc_dir: str = "/etc/tinc"
+    tinc_dir: str = bootstrap.DEFAULT_TINC_DIR
     start: bool = True  # False: hidden --no-start (tests): no boot registration, no tincd start
 
 
@@ -79,7 +79,7 @@ def validate_request(req: InitRequest) -> ipaddress.IPv4Network:
         if not 0 < port < 65536:
             raise HubError(f"invalid {label} {port}")
     if req.key_size < 2048:
-        raise HubError(f"--key-size {req.key_size} is too small", "use 2048 or more (4096 is the default)")
+        raise HubError(f"--key-size {req.key_size} is too small", f"use 2048 or more ({bootstrap.DEFAULT_KEY_SIZE} is the default)")
     if req.init not in bootstrap.INIT_CHOICES:
         raise HubError(f"invalid --init {req.init!r}", "use one of " + ", ".join(bootstrap.INIT_CHOICES))
     return network

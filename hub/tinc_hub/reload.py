@@ -18,7 +18,7 @@ log = logging.getLogger("tinc_hub.reload")
 _warned: Set[str] = set()  # nets whose failed SIGHUP was already logged as a warning
 
 
-def send_sighup(net: str, tinc_dir: str = "/etc/tinc") -> bool:
+def send_sighup(net: str, tinc_dir: str = bootstrap.DEFAULT_TINC_DIR) -> bool:
     """SIGHUP the hub's tincd (pid from /var/run/tinc.NET.pid); fall back to ``tincd -n NET -kHUP``.
 
     True on success; False (and a warning) when no tincd could be signalled.

@@ -183,8 +183,6 @@ def render_unit(config: HubConfig, executable: str, state_dir: str, tinc_unit: s
     ]) + "\n"
 
 
-def _state(verb: str, unit: str) -> str:
-    return bootstrap.run(["systemctl", verb, unit], check=False).stdout.strip()
 
 
 def install_service(config: HubConfig, state_dir: str, tinc_unit: str,
@@ -197,10 +195,10 @@ def install_service(config: HubConfig, state_dir: str, tinc_unit: str,
     if unit_changed:
         changed.append(path)
         bootstrap.run(["systemctl", "daemon-reload"])
-    if _state("is-enabled", UNIT_NAME) != "enabled":
+    if bootstrap.systemctl_state("is-enabled", UNIT_NAME) != "enabled":
         bootstrap.run(["systemctl", "enable", UNIT_NAME])
         changed.append(UNIT_NAME)
-    if _state("is-active", UNIT_NAME) != "active":
+    if bootstrap.systemctl_state("is-active", UNIT_NAME) != "active":
         bootstrap.run(["systemctl", "start", UNIT_NAME])
     elif unit_changed:
         bootstrap.run(["systemctl", "restart", UNIT_NAME])

@@ -10,7 +10,7 @@ from typing import Any, Dict
 from .errors import HubError
 
 DEFAULT_STATE_DIR = "/var/lib/tinc-hub"
-DEFAULT_TINC_DIR = "/etc/tinc"
+DEFAULT_TINC_PORT = 655  # tinc 1.0's own default port
 
 
 @dataclass(frozen=True)

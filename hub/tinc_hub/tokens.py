@@ -47,6 +47,11 @@ def url_host(host: str) -> str:
     return host
 
 
+def bootstrap_url(host: str, api_port: int) -> str:
+    """Where a node fetches the node script: the hub's ``GET /bootstrap.py``."""
+    return f"https://{url_host(host)}:{api_port}/bootstrap.py"
+
+
 PIN_RE = re.compile(r"sha256//[A-Za-z0-9+/]{43}=")
 TOKEN_TEXT_RE = re.compile(r"tinc1\.[A-Za-z0-9_-]{1,2042}")
 TOKEN_FILE_VAR = "tinc_token_file"  # the sudo form's shell variable: a name no one else uses
@@ -83,7 +88,7 @@ def _command_words(config: HubConfig, pin: str, token: str) -> Tuple[str, str, s
     check_printable(config, pin)
     if not TOKEN_TEXT_RE.fullmatch(token):
         raise HubError("the token cannot be printed into a command", "this is a bug: report it")
-    url = f"https://{url_host(config.address)}:{config.api_port}/bootstrap.py"
+    url = bootstrap_url(config.address, config.api_port)
     return f"curl -fsS --pinnedpubkey {sh_quote(pin)} -k {sh_quote(url)}", sh_quote(token), \
         "TINC_BOOTSTRAP_TOKEN"
 

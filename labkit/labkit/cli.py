@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from labkit import netlab, nspawn
+from tinc_hub.bootstrap import DEFAULT_KEY_SIZE
 
 STATE_DIR = Path("/run/tinc-lab")
 NET = "middle-earth"
@@ -361,7 +362,8 @@ class Lab:
             netlab.HubDriver(hub, NET, HUB_NAME, vpn_subnet=VPN_SUBNET).serve()
         else:
             netlab.wait_until(lambda: hub.run(
-                ["curl", "-fsk", "--max-time", "3", "https://127.0.0.1:8655/healthz"],
+                ["curl", "-fsk", "--max-time", "3",
+                 "https://127.0.0.1:%d/healthz" % netlab.API_PORT],
                 check=False).returncode == 0, 60, 0.2, what="tinc-hub.service on %s" % HUB_NAME)
             say("%s: tinc-hub.service answers" % HUB_NAME)
 
@@ -671,7 +673,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = sub.add_parser("up", help="build hub + nodes and join them (adds nodes if up)")
     p.add_argument("--mode", choices=MODES, default="auto")
     p.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")
-    p.add_argument("--key-size", type=int, default=4096)
+    p.add_argument("--key-size", type=int, default=DEFAULT_KEY_SIZE)
     p.add_argument("-v", "--verbose", action="store_true", help="dump host state on failure")
     p.set_defaults(func=cmd_up)
     p = sub.add_parser("status", help="the table, measured again")

@@ -21,6 +21,7 @@ from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from tinc_hub.bootstrap import DEFAULT_API_PORT
 from tinc_hub.state import StateDir
 
 HOST = "127.0.0.1"
@@ -83,7 +84,7 @@ def hub_cli(state_dir: Path, *args: str, timeout: float = 120.0) -> str:
 
 
 def init_hub_state(root: Path, vpn_subnet: str = "10.77.0.0/24",
-                   api_port: int = 8655) -> StateDir:
+                   api_port: int = DEFAULT_API_PORT) -> StateDir:
     """``tinc-hub init --no-start`` into ``root``/state and ``root``/tinc (no tincd, no boot
     registration): what a loopback ``serve`` needs."""
     state = StateDir(root / "state")

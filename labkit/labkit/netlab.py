@@ -48,6 +48,8 @@ import threading
 import time
 from pathlib import Path
 
+from tinc_hub.bootstrap import DEFAULT_API_PORT, pid_file_paths
+
 REPO_ROOT = Path(__file__).resolve().parents[2]  # labkit/labkit/netlab.py
 VENV = REPO_ROOT / ".venv"
 TINC_HUB = VENV / "bin" / "tinc-hub"
@@ -58,7 +60,7 @@ LAN_NET = ipaddress.ip_network("198.51.100.0/24")
 HUB_PUBLIC = "192.0.2.1"
 ROUTER_PUBLIC = "192.0.2.254"
 ROUTER_LAN = "198.51.100.1"
-API_PORT = 8655
+API_PORT = DEFAULT_API_PORT
 
 # The environment every command inside a host gets (plus what the caller passes): what root
 # has on a plain machine, not whatever the test runner happens to have (venv, pyenv, pytest).
@@ -786,7 +788,7 @@ def plain_tinc_setup(host, net, name, vpn_addr, prefix=24, address=None, connect
 
 
 def tincd_pid(host, net):
-    return host.read_pidfile("/var/run/tinc.%s.pid" % net)
+    return host.read_pidfile(pid_file_paths(net)[0])
 
 
 def start_tincd(host, net, timeout=10, extra=(), port=655):
