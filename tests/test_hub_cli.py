@@ -3,6 +3,7 @@ unsafe changes; token create, nodes, revoke; one-line errors."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -101,7 +102,7 @@ def test_init_refuses_other_name_or_net_and_subnet_change_with_nodes(tmp_path: P
     before = files(tmp_path)
     assert main(init_args(tmp_path, **{"--vpn-subnet": "10.67.0.0/24"})) == 0  # same again: fine
     assert main(init_args(tmp_path, **{"--vpn-subnet": "10.68.0.0/24"})) == 1
-    assert main(init_args(tmp_path, **{"--port": "656", "--vpn-subnet": "10.67.0.0/24"})) == 1
+    assert main(init_args(tmp_path, **{"--tinc-port": "656", "--vpn-subnet": "10.67.0.0/24"})) == 1
     assert "enrolled" in capsys.readouterr().err
     assert files(tmp_path) == before
 
@@ -151,6 +152,70 @@ def test_env_twins(tmp_path: Path, capsys, monkeypatch) -> None:
     out = json.loads(capsys.readouterr().out)
     assert set(out) == {"token", "expires_at", "command", "sudo_command"}
     assert ":9443/bootstrap.py" in out["command"]
+
+
+def test_init_tinc_port_and_its_env_twin(tmp_path: Path, capsys, monkeypatch) -> None:
+    assert main(init_args(tmp_path / "flag", **{"--tinc-port": "656"})) == 0
+    assert json.loads((tmp_path / "flag" / "state" / "hub.json").read_text())["port"] == 656
+    monkeypatch.setenv("TINC_HUB_TINC_PORT", "657")
+    assert main(init_args(tmp_path / "env")) == 0
+    assert json.loads((tmp_path / "env" / "state" / "hub.json").read_text())["port"] == 657
+    assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_init_old_port_spelling_still_works_and_warns(tmp_path: Path, capsys, monkeypatch,
+                                                       how) -> None:
+    """`init --port` / $TINC_HUB_PORT (deprecated) still set the tinc port, with one warning
+    line naming --tinc-port and its twin; the result is what --tinc-port makes."""
+    capsys.readouterr()
+    if how == "flag":
+        assert main(init_args(tmp_path / "old", **{"--port": "656"})) == 0
+    else:
+        monkeypatch.setenv("TINC_HUB_PORT", "656")
+        assert main(init_args(tmp_path / "old")) == 0
+        monkeypatch.delenv("TINC_HUB_PORT")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith("tinc-hub: warning: ")
+    assert "deprecated" in warnings[0] and "--tinc-port" in warnings[0]
+    assert "TINC_HUB_TINC_PORT" in warnings[0] and "TINC_HUB_PORT" in warnings[0]
+    assert main(init_args(tmp_path / "new", **{"--tinc-port": "656"})) == 0
+    old, new = (json.loads((tmp_path / d / "state" / "hub.json").read_text()) for d in ("old", "new"))
+    assert old["port"] == new["port"] == 656
+    assert {k: v for k, v in old.items() if k != "tinc_dir"} == \
+        {k: v for k, v in new.items() if k != "tinc_dir"}
+
+
+@pytest.mark.parametrize("flag", ["--api-port", "--port"])
+def test_serve_api_port_and_its_old_spelling(tmp_path: Path, capsys, flag) -> None:
+    """`serve --port` (deprecated) still picks the API port, with one warning line naming
+    --api-port; both spellings reach the real listen (here: a port this test holds)."""
+    assert main(init_args(tmp_path)) == 0
+    capsys.readouterr()
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        port = held.getsockname()[1]
+        code = main(["--state-dir", str(tmp_path / "state"), "serve", "--listen", "127.0.0.1",
+                     flag, str(port)])
+    err = capsys.readouterr().err
+    assert code == 1 and f"cannot listen on 127.0.0.1:{port}" in err, err
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    if flag == "--port":
+        assert len(warnings) == 1 and "deprecated" in warnings[0], warnings
+        assert "--api-port" in warnings[0] and "TINC_HUB_API_PORT" in warnings[0]
+    else:
+        assert warnings == []
+    assert "--api-port" in err.splitlines()[-1]  # the hint names the new spelling
+
+
+def test_old_spellings_are_hidden_from_help(capsys) -> None:
+    for command in ("init", "serve"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        out = capsys.readouterr().out
+        assert "--port" not in out.replace("--tinc-port", "").replace("--api-port", "")
 
 
 def test_token_nodes_revoke(tmp_path: Path, capsys) -> None:

@@ -231,7 +231,7 @@ def bind_listener(listen: str, port: int, backlog: int) -> CappedListener:
     except OSError as exc:
         sock.close()
         raise HubError(f"cannot listen on {listen}:{port}: {exc.strerror}",
-                       "is another 'tinc-hub serve' running? pick another --port") from None
+                       "is another 'tinc-hub serve' running? pick another --api-port") from None
     sock.set_inheritable(True)
     return sock
 

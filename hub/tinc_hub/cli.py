@@ -40,15 +40,20 @@ def env_name(option: str) -> str:
 
 def add_option(parser: argparse.ArgumentParser, flag: str, *, env: Optional[str] = None,
                default: Any = None, required: bool = False, type: Callable = str,
-               help: str = "", **kwargs: Any) -> None:
-    """An option whose default comes from its environment twin (named in --help)."""
+               help: str = "", old_env: Optional[str] = None, **kwargs: Any) -> None:
+    """An option whose default comes from its environment twin (named in --help); a set
+    ``old_env`` (the twin's deprecated name) is read when the twin is not, with a warning."""
     env = env or env_name(flag)
-    raw = os.environ.get(env)
+    source, raw = env, os.environ.get(env)
+    if (raw is None or raw == "") and old_env and os.environ.get(old_env):
+        source, raw = old_env, os.environ[old_env]
+        # A subparser's defaults reach the namespace only when its command runs: main() warns.
+        parser.set_defaults(deprecated_env=f"${old_env} is deprecated; use ${env} (flag {flag})")
     if raw is not None and raw != "":
         try:
             default = type(raw)
         except (TypeError, ValueError):
-            raise UsageError(f"invalid value {raw!r} in ${env} (hint: see '{parser.prog} --help')")
+            raise UsageError(f"invalid value {raw!r} in ${source} (hint: see '{parser.prog} --help')")
         required = False
     suffix = f" [env {env}" + (f"; default {default}" if default is not None else "") + "]"
     parser.add_argument(flag, type=type, default=default, required=required,
@@ -61,6 +66,36 @@ def add_flag(parser: argparse.ArgumentParser, flag: str, *, env: Optional[str] =
     default = os.environ.get(env, "").strip().lower() in _TRUE
     parser.add_argument(flag, action="store_true", default=default,
                         help=(help + f" [env {env}]") if help != argparse.SUPPRESS else help)
+
+
+class DeprecatedAlias(argparse.Action):
+    """The old spelling of an option: stores into the new option and warns on stderr (once)."""
+
+    def __init__(self, option_strings: List[str], dest: str, *, use: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.use = use  # what to say instead: the new flag and its environment twin(s)
+        self.warned = False
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: Optional[str] = None) -> None:
+        if not self.warned:
+            command = parser.prog.split()[-1]
+            print(f"{PROG}: warning: '{command} {option_string}' is deprecated; use {self.use}",
+                  file=sys.stderr)
+            self.warned = True
+        setattr(namespace, self.dest, values)
+
+
+def add_deprecated_alias(parser: argparse.ArgumentParser, old_flag: str, new_flag: str, *,
+                         type: Callable = str, env: Optional[str] = None,
+                         old_env: Optional[str] = None) -> None:
+    """``old_flag`` still works as ``new_flag`` (hidden from --help), with a warning naming the
+    new flag, its environment twin and the twin's old name if it had another."""
+    use = f"{new_flag} (env {env or env_name(new_flag)}" + \
+        (f"; ${old_env} is deprecated too)" if old_env else ")")
+    parser.add_argument(old_flag, dest=new_flag.lstrip("-").replace("-", "_"), type=type,
+                        action=DeprecatedAlias, use=use, default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)
 
 
 def add_common(parser: argparse.ArgumentParser, top: bool) -> None:
@@ -154,7 +189,9 @@ def build_parser() -> Parser:
     add_option(p, "--name", required=True, help="the hub's tinc node name ([A-Za-z0-9_])")
     add_option(p, "--address", required=True, help="public host name or IPv4 address nodes connect to")
     add_option(p, "--vpn-subnet", required=True, help="VPN IPv4 prefix; the hub takes its first address")
-    add_option(p, "--port", type=int, default=DEFAULT_TINC_PORT, help="tinc port")
+    add_option(p, "--tinc-port", type=int, default=DEFAULT_TINC_PORT, old_env="TINC_HUB_PORT",
+               help="tinc port")
+    add_deprecated_alias(p, "--port", "--tinc-port", type=int, old_env="TINC_HUB_PORT")
     add_option(p, "--api-port", type=int, default=DEFAULT_API_PORT, help="HTTPS enrolment API port")
     add_option(p, "--key-size", type=int, default=DEFAULT_KEY_SIZE, help="RSA key size for a new key")
     add_option(p, "--init", default="auto", choices=INIT_CHOICES,
@@ -206,8 +243,9 @@ def build_parser() -> Parser:
                                         "GET /openapi.json over HTTPS (self-signed, pinned).")
     add_common(p, top=False)
     add_option(p, "--listen", default="0.0.0.0", help="address to listen on")
-    add_option(p, "--port", env="TINC_HUB_API_PORT", type=int,
+    add_option(p, "--api-port", type=int,
                help="port to listen on (default: api_port of hub.json)")
+    add_deprecated_alias(p, "--port", "--api-port", type=int)
     add_option(p, "--rate-limit", type=rate_limit, default=DEFAULT_RATE_LIMIT,
                help="enrolment attempts per client address: N/PERIOD (N at once, N more per "
                     "PERIOD; e.g. 600/min, 20/10s), or off; over it the hub answers 429")
@@ -246,7 +284,7 @@ def cmd_init(args: argparse.Namespace, state: StateDir) -> int:
 
     result = run_init(state, InitRequest(
         net=args.net, name=args.name, address=args.address, vpn_subnet=args.vpn_subnet,
-        port=args.port, api_port=args.api_port, key_size=args.key_size, init=args.init,
+        port=args.tinc_port, api_port=args.api_port, key_size=args.key_size, init=args.init,
         tinc_dir=args.tinc_dir, start=not args.no_start))
     cfg = result.config
     print(f"hub {cfg.name!r} of net {cfg.net!r}: VPN {cfg.vpn_subnet}, hub address {cfg.hub_address}")
@@ -350,7 +388,7 @@ def cmd_token_revoke(args: argparse.Namespace, state: StateDir) -> int:
 def cmd_serve(args: argparse.Namespace, state: StateDir) -> int:
     from .app import serve
 
-    return serve(state, listen=args.listen, port=args.port, rate_limit=args.rate_limit,
+    return serve(state, listen=args.listen, port=args.api_port, rate_limit=args.rate_limit,
                  trusted_proxies=args.trusted_proxy, max_connections=args.max_connections,
                  max_connections_per_address=args.max_connections_per_address)
 
@@ -461,6 +499,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UsageError as exc:
         print(f"{PROG}: error: {_one_line(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
+    if getattr(args, "deprecated_env", None):
+        print(f"{PROG}: warning: {args.deprecated_env}", file=sys.stderr)
     verbose = bool(getattr(args, "verbose", False))
     configure_logging(verbose)
     try:

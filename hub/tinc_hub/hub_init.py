@@ -75,7 +75,7 @@ def validate_request(req: InitRequest) -> ipaddress.IPv4Network:
         raise HubError(f"invalid --vpn-subnet {req.vpn_subnet!r}", "use an IPv4 CIDR such as 10.0.0.0/24") from None
     if not 1 <= network.prefixlen <= 30:
         raise HubError(f"--vpn-subnet {network} is unusable", "use a prefix length between /1 and /30")
-    for label, port in (("--port", req.port), ("--api-port", req.api_port)):
+    for label, port in (("--tinc-port", req.port), ("--api-port", req.api_port)):
         if not 0 < port < 65536:
             raise HubError(f"invalid {label} {port}")
     if req.key_size < 2048:

@@ -117,7 +117,7 @@ class HubProcess:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "tinc_hub.cli", "--state-dir", str(self.state_dir), "serve",
-                 "--listen", HOST, "--port", str(self.port)] + self.extra,
+                 "--listen", HOST, "--api-port", str(self.port)] + self.extra,
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
