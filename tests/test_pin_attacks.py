@@ -477,6 +477,26 @@ def run_join(token: str, tmp_path: Path, node_rsa_key) -> subprocess.CompletedPr
         universal_newlines=True, timeout=120)
 
 
+def join_served_by(cert_file: Path, key_file: Path, pin: str, tmp_path: Path, node_rsa_key,
+                   answer: Optional[bytes] = None
+                   ) -> Tuple[subprocess.CompletedProcess, "RecordingTLSServer", str]:
+    """The real join against a loopback TLS server holding cert_file/key_file (answering
+    `answer`, if any), with a token carrying `pin`: (the join, the server, the token)."""
+    server = RecordingTLSServer(cert_file, key_file, answer=answer)
+    token = token_for(server.port, pin)
+    try:
+        proc = run_join(token, tmp_path, node_rsa_key)
+    finally:
+        server.close()
+    return proc, server, token
+
+
+def http_answer(status: str, body: bytes) -> bytes:
+    """A whole HTTP/1.1 JSON answer, as a hub would send it."""
+    return ("HTTP/1.1 {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n"
+            "Connection: close\r\n\r\n".format(status, len(body))).encode() + body
+
+
 def token_for(port: int, pin: str) -> str:
     secret = base64.urlsafe_b64encode(os.urandom(32)).decode().rstrip("=")
     return bootstrap.encode_token(bootstrap.Token("127.0.0.1", port, pin, NET, "hub1", secret))
@@ -540,12 +560,8 @@ def test_crafted_certificate_on_loopback_gets_no_byte(
         trick_name: str, keys: Keys, hub_tls: HubTLS, attacker_key_file: Path, tmp_path,
         node_rsa_key) -> None:
     cert_file = pem_file(TRICKS[trick_name].build(keys), tmp_path / "attacker-cert.pem")
-    server = RecordingTLSServer(cert_file, attacker_key_file)
-    token = token_for(server.port, hub_tls.pin)
-    try:
-        proc = run_join(token, tmp_path, node_rsa_key)
-    finally:
-        server.close()
+    proc, server, token = join_served_by(cert_file, attacker_key_file, hub_tls.pin, tmp_path,
+                                         node_rsa_key)
     output = proc.stdout + proc.stderr
     assert proc.returncode == bootstrap.EXIT_REFUSED, output
     assert "does not match the pin" in proc.stderr and hub_tls.pin in proc.stderr, output
@@ -557,16 +573,9 @@ def test_crafted_certificate_on_loopback_gets_no_byte(
 @needs_root_and_tinc
 def test_positive_control_the_real_hub_key_receives_the_token(
         hub_tls: HubTLS, tmp_path, node_rsa_key) -> None:
-    body = b'{"error": "positive control"}'
-    answer = (b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\n"
-              b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n"
-              + body)
-    server = RecordingTLSServer(hub_tls.cert_file, hub_tls.key_file, answer=answer)
-    token = token_for(server.port, hub_tls.pin)
-    try:
-        proc = run_join(token, tmp_path, node_rsa_key)
-    finally:
-        server.close()
+    answer = http_answer("403 Forbidden", b'{"error": "positive control"}')
+    proc, server, token = join_served_by(hub_tls.cert_file, hub_tls.key_file, hub_tls.pin,
+                                         tmp_path, node_rsa_key, answer)
     assert proc.returncode == bootstrap.EXIT_REFUSED, proc.stderr
     assert "positive control" in proc.stderr
     assert server.handshake_done
@@ -581,13 +590,8 @@ def test_positive_control_the_real_hub_key_receives_the_token(
 @needs_root_and_tinc
 def test_a_hostile_hub_answer_is_a_clean_refusal(hub_tls: HubTLS, tmp_path, node_rsa_key,
                                                  status: int, body: bytes, needle: str) -> None:
-    answer = ("HTTP/1.1 {} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n"
-              "Connection: close\r\n\r\n".format(status, len(body))).encode() + body
-    server = RecordingTLSServer(hub_tls.cert_file, hub_tls.key_file, answer=answer)
-    try:
-        proc = run_join(token_for(server.port, hub_tls.pin), tmp_path, node_rsa_key)
-    finally:
-        server.close()
+    proc, _, _ = join_served_by(hub_tls.cert_file, hub_tls.key_file, hub_tls.pin, tmp_path,
+                                node_rsa_key, http_answer("{} X".format(status), body))
     assert proc.returncode == bootstrap.EXIT_REFUSED, proc.stderr
     assert needle in proc.stderr and "\x1b" not in proc.stderr, proc.stderr
 
@@ -603,14 +607,8 @@ def test_a_hostile_hub_host_file_is_never_written(hub_tls: HubTLS, tmp_path, nod
                  "\nPublicKeyFile = /etc/shadow\nSubnet = 10.0.0.1/32\n\n" + hub_pem)
     body = json.dumps({"name": NODE, "address": "10.0.0.2", "prefix": 24,
                        "hub": {"name": "hub1", "host_file": host_file}}).encode()
-    answer = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
-              + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
-    server = RecordingTLSServer(hub_tls.cert_file, hub_tls.key_file, answer=answer)
-    token = token_for(server.port, hub_tls.pin)
-    try:
-        proc = run_join(token, tmp_path, node_rsa_key)
-    finally:
-        server.close()
+    proc, server, _ = join_served_by(hub_tls.cert_file, hub_tls.key_file, hub_tls.pin, tmp_path,
+                                     node_rsa_key, http_answer("200 OK", body))
     assert b"POST /v1/enroll " in server.received  # the answer was read, and refused
     assert proc.returncode == bootstrap.EXIT_REFUSED, proc.stderr
     assert "host file is refused" in proc.stderr and "PublicKey" in proc.stderr, proc.stderr
