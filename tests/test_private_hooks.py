@@ -15,16 +15,14 @@ import asyncio.selector_events
 import asyncio.sslproto
 import contextlib
 import inspect
-import os
 import platform
 import socket
 import ssl
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, List, NamedTuple, Tuple
+from typing import Iterator, List, Tuple
 
 import uvicorn
 from uvicorn.protocols.http import h11_impl
@@ -32,6 +30,7 @@ from uvicorn.protocols.http import h11_impl
 from tinc_hub.app import TLS_READ_BUFFER
 from tinc_hub.http_timeouts import HANDSHAKE_TIMEOUT, HEADER_TIMEOUT, HeaderTimeoutH11Protocol
 from hub_fixtures import init_hub, wait_until
+from labkit.loopback_hub import HubProcess, free_port
 
 HOST = "127.0.0.1"
 IDLE_CONNECTIONS = 400
@@ -50,58 +49,17 @@ def closed_after(elapsed: float) -> str:
     return "never closed" if elapsed == float("inf") else f"closed after {elapsed:.1f} s"
 
 
-class Hub(NamedTuple):
-    port: int
-    cert: str
-    log: Path
-    proc: subprocess.Popen
-
-    def context(self) -> ssl.SSLContext:
-        return ssl.create_default_context(cafile=self.cert)
-
-    def tls_socket(self, timeout: float) -> ssl.SSLSocket:
-        raw = socket.create_connection((HOST, self.port), timeout=timeout)
-        return self.context().wrap_socket(raw, server_hostname=HOST)
-
-    def healthy(self) -> bool:
-        try:
-            with self.tls_socket(5) as sock:
-                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                return sock.recv(100).startswith(b"HTTP/1.1 200")
-        except OSError:
-            return False
-
-    def rss_kib(self) -> int:
-        with open(f"/proc/{self.proc.pid}/status") as status:
-            return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
-
-    def open_fds(self) -> int:
-        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
-
-
 @contextlib.contextmanager
-def running_hub(root: Path, *serve_args: str) -> Iterator[Hub]:
+def running_hub(root: Path, *serve_args: str) -> Iterator[HubProcess]:
     """``tinc-hub serve --listen 127.0.0.1 [serve_args]`` on a free port, stopped on exit."""
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     env = init_hub(root, api_port=port)
-    log = root / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "tinc_hub.cli", "--state-dir", str(env.state.root),
-                                 "serve", "--listen", HOST, *serve_args],
-                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    hub = Hub(port, str(env.state.cert_file), log, proc)
+    hub = HubProcess(env.state.root, port, env.state.cert_file, root / "serve.log", serve_args)
     try:
-        assert wait_until(hub.healthy, 20, 0.1), f"tinc-hub serve did not start:\n{log.read_text()}"
+        hub.start(timeout=20)
         yield hub
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        hub.stop()
 
 
 def seconds_until_closed(sock: socket.socket, limit: float) -> Tuple[float, bytes]:

@@ -130,15 +130,23 @@ class HubProcess:
 
     def healthy(self) -> bool:
         try:
-            with socket.create_connection((HOST, self.port), timeout=2) as raw:
-                with self.ssl_context().wrap_socket(raw, server_hostname=HOST) as sock:
-                    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: hub\r\nConnection: close\r\n\r\n")
-                    return sock.recv(100).startswith(b"HTTP/1.1 200")
+            with self.tls_socket(2) as sock:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: hub\r\nConnection: close\r\n\r\n")
+                return sock.recv(100).startswith(b"HTTP/1.1 200")
         except OSError:
             return False
 
     def ssl_context(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.cert))
+
+    def tls_socket(self, timeout: float) -> ssl.SSLSocket:
+        """A new TLS connection to the hub, handshake done (the caller closes it)."""
+        raw = socket.create_connection((HOST, self.port), timeout=timeout)
+        try:
+            return self.ssl_context().wrap_socket(raw, server_hostname=HOST)
+        except BaseException:
+            raw.close()
+            raise
 
     @property
     def pid(self) -> int:
@@ -153,8 +161,11 @@ class HubProcess:
                 out[key] = value.strip()
         return out
 
+    def rss_kib(self) -> int:
+        return int(self._status()["VmRSS"].split()[0])
+
     def rss_mb(self) -> float:
-        return int(self._status()["VmRSS"].split()[0]) / 1024
+        return self.rss_kib() / 1024
 
     def threads(self) -> int:
         return int(self._status()["Threads"])
