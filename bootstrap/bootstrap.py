@@ -436,6 +436,13 @@ class DerReader:
         if self.pos != self.end:
             raise ValueError("unexpected DER data at byte {}".format(self.pos))
 
+    def take_key_bits(self) -> bytes:
+        """The next element, a BIT STRING of whole bytes (a public key): those bytes."""
+        _, content, end = self.take(DER_BIT_STRING)
+        if content == end or self.data[content] != 0:
+            raise ValueError("bad public key BIT STRING")
+        return self.data[content + 1:end]
+
 
 def spki_der_from_cert_der(der: bytes) -> bytes:
     """The SubjectPublicKeyInfo DER of an X.509 certificate; ValueError unless strictly DER."""
@@ -460,9 +467,7 @@ def spki_der_from_cert_der(der: bytes) -> bytes:
     if algorithm.next_tag() is not None:
         algorithm.take(None)  # the parameters (one element, if any)
     algorithm.finish()
-    _, key_content, key_end = spki.take(DER_BIT_STRING)
-    if key_content == key_end or der[key_content] != 0:  # a key is whole bytes
-        raise ValueError("bad public key BIT STRING")
+    spki.take_key_bits()
     spki.finish()
     for tag in (DER_ISSUER_UID, DER_SUBJECT_UID):
         if tbs.next_tag() == tag:
@@ -1112,8 +1117,9 @@ def _port_number(text: str) -> int:
     return int(text)
 
 
-def _der_positive_integer(reader: DerReader, data: bytes) -> None:
+def _der_positive_integer(reader: DerReader) -> None:
     """The next element is a minimally encoded positive INTEGER; ValueError otherwise."""
+    data = reader.data
     _, content, end = reader.take(DER_INTEGER)
     if content == end or data[content] & 0x80 or (
             end - content > 1 and data[content] == 0 and not data[content + 1] & 0x80):
@@ -1130,16 +1136,13 @@ def rsa_public_key_pem(label: str, der: bytes) -> str:
         start, _, end = spki.take(DER_SEQUENCE)
         if der[start:end] != RSA_ALGORITHM_DER:
             raise ValueError("the public key is not an RSA key")
-        _, content, end = spki.take(DER_BIT_STRING)
+        der = spki.take_key_bits()
         spki.finish()
-        if content == end or der[content] != 0:
-            raise ValueError("bad public key BIT STRING")
-        der = der[content + 1:end]
     outer = DerReader(der, 0, len(der))
     key = outer.enter(DER_SEQUENCE)
     outer.finish()
-    _der_positive_integer(key, der)  # modulus
-    _der_positive_integer(key, der)  # public exponent
+    _der_positive_integer(key)  # modulus
+    _der_positive_integer(key)  # public exponent
     key.finish()
     body = base64.b64encode(der).decode()
     lines = [body[i:i + 64] for i in range(0, len(body), 64)]
@@ -1183,8 +1186,9 @@ def rebuild_hub_host_file(text: str) -> str:
         variable, value, extra = match.groups()
         try:
             if variable == "Address":
-                if host_problem(value):
-                    raise ValueError(host_problem(value))
+                problem = host_problem(value)
+                if problem:
+                    raise ValueError(problem)
                 value += "" if extra is None else " {}".format(_port_number(extra))
             elif extra is not None:
                 raise ValueError("one value only")
