@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from . import bootstrap
-from .hostfiles import render_node_host_file, write_if_changed
+from .hostfiles import host_file_in_place, render_node_host_file, write_if_changed
 from .registry import NodeRow, Registry, RegistryTransaction, RegistryView, TokenRow, token_id
 from .state import HubConfig
 from .tokens import hash_secret
@@ -97,19 +97,6 @@ def audit_line(result: str, status: int, attempt: Attempt, reason: Optional[str]
     if reason is not None:
         fields.append(("reason", reason))
     return "enrolment " + " ".join(f"{key}={log_value(value)}" for key, value in fields)
-
-
-def host_file_in_place(path: Path, content: str, mode: int = 0o644) -> bool:
-    """True when ``path`` (not a symlink) already holds exactly ``content`` with ``mode``."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return False
-    expected = content.encode("utf-8")
-    with os.fdopen(fd, "rb") as handle:
-        if (os.fstat(handle.fileno()).st_mode & 0o7777) != mode:
-            return False
-        return handle.read(len(expected) + 1) == expected
 
 
 def _show(value: str, limit: int = 40) -> str:

@@ -27,6 +27,19 @@ def write_if_changed(path: Path, content: str, mode: int = 0o644) -> bool:
     return bootstrap.write_atomic(str(path), content, mode)
 
 
+def host_file_in_place(path: Path, content: str, mode: int = 0o644) -> bool:
+    """True when ``path`` (not a symlink) already holds exactly ``content`` with ``mode``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    expected = content.encode("utf-8")
+    with os.fdopen(fd, "rb") as handle:
+        if (os.fstat(handle.fileno()).st_mode & 0o7777) != mode:
+            return False
+        return handle.read(len(expected) + 1) == expected
+
+
 def remove_stale_temp_files(directory: Path) -> List[str]:
     """Delete the temporary files a crash in :func:`write_if_changed` can leave
     (``.NAME.XXXX.tmp``); tinc never reads them, but they are half-written. Returns their names."""
