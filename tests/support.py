@@ -1,7 +1,6 @@
-"""Shared test helpers: where things are, bootstrap.py as a module, a throwaway TLS cert."""
+"""Shared test helpers: where things are, the node script as a module, a throwaway TLS cert."""
 
 import datetime
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -12,14 +11,8 @@ BOOTSTRAP_PY = os.path.join(REPO_ROOT, "bootstrap", "bootstrap.py")
 FIXTURE_SYSTEMS = os.path.join(TESTS_DIR, "fixtures", "systems")
 
 
-def _load_bootstrap():
-    spec = importlib.util.spec_from_file_location("bootstrap", BOOTSTRAP_PY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bootstrap = _load_bootstrap()
+# the one import of the node script in the tests (the hub imports the same module)
+from tinc_node import bootstrap  # noqa: E402
 
 
 def vagrant_validate(directory, dotfile):

@@ -14,7 +14,6 @@ Group: marker `boot` (slow: ~2-3 min). `tests/run -m boot` runs only these,
 import json
 import os
 import re
-import shutil
 import time
 from typing import Dict, List, NamedTuple, Tuple
 
@@ -49,13 +48,6 @@ class Machines(NamedTuple):
         return "\n".join(parts + [self.topo.diagnostics()])
 
 
-def _copy_hub_source(container: nspawn.Container) -> None:
-    """The hub's source as a plain tree (the bootstrap.py symlink resolved), like a clone."""
-    shutil.copytree(netlab.REPO_ROOT / "hub", container.path("/root/tinc-hub-src"),
-                    symlinks=False,
-                    ignore=shutil.ignore_patterns("*.egg-info", "__pycache__", "build"))
-
-
 @pytest.fixture(scope="module")
 def machines():
     t0 = time.monotonic()
@@ -72,7 +64,7 @@ def machines():
         for container in (hub, sd_node, sv_node):
             made.append(container)
             container.create()
-        _copy_hub_source(hub)
+        nspawn.stage_hub_project(hub)
         netlab.record_timing("boot: root trees ready (cached mmdebstrap trees + overlays)",
                              time.monotonic() - t0)
         for container in made:
@@ -143,9 +135,7 @@ def _snapshot(node: nspawn.Container, *roots: str) -> dict:
 
 def test_hub_init_registers_tinc_and_its_own_service(machines):
     hub = machines.hub
-    hub.run(["/opt/tinc-hub/bin/pip", "install", "-q", "--no-index", "--no-deps",
-             "--no-build-isolation", "/root/tinc-hub-src"], timeout=180)
-    hub.run(["ln", "-sf", "/opt/tinc-hub/bin/tinc-hub", "/usr/local/bin/tinc-hub"])
+    nspawn.install_hub(hub, timeout=180)
     t = time.monotonic()
     out = hub.run(["tinc-hub", "init", "--net", NET, "--name", HUB_NAME, "--address",
                    netlab.HUB_PUBLIC, "--vpn-subnet", VPN_SUBNET], timeout=180).stdout

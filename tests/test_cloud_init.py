@@ -11,7 +11,7 @@ import sys
 import pytest
 import yaml
 
-from support import BOOTSTRAP_PY, REPO_ROOT, bootstrap
+from support import BOOTSTRAP_PY, bootstrap
 
 TINC_HUB = os.path.join(os.path.dirname(sys.executable), "tinc-hub")
 VARIANTS = [(os_name, embed) for os_name in ("ubuntu", "debian", "centos")
@@ -90,10 +90,3 @@ def test_rendered_user_data(hub_state, tmp_path, os_name, embed):
         assert fetch[-1] == "https://192.0.2.1:8655/bootstrap.py"
     packages = data.get("packages", [])
     assert packages == (["python3", "curl"] if os_name == "centos" else [])
-
-
-def test_template_in_repo_is_the_packaged_one():
-    from importlib import resources
-    packaged = resources.files("tinc_hub").joinpath("user-data.yaml.in").read_text()
-    with open(os.path.join(REPO_ROOT, "cloud-init", "user-data.yaml.in")) as handle:
-        assert packaged == handle.read()

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from support import REPO_ROOT, vagrant_validate, bootstrap
 from tinc_hub.cli import main
-from tinc_hub.cloud_init import BOOTSTRAP_PATH, FIRST_BOOT_TIMEOUT, render_user_data
+from tinc_hub.cloud_init import NODE_SCRIPT_PATH, FIRST_BOOT_TIMEOUT, render_user_data
 from tinc_hub.errors import HubError
 from tinc_hub.hub_init import InitRequest, validate_request
 from tinc_hub.state import HubConfig
@@ -265,11 +265,11 @@ def test_user_data_round_trips_exactly(hub, os_name, expires):
                                     "permissions": "0600", "content": token}]
     assert data["runcmd"][0] == [
         "curl", "-fsS", "--retry", "60", "--retry-delay", "5", "--retry-connrefused",
-        "--connect-timeout", "10", "--pinnedpubkey", pin, "-k", "-o", BOOTSTRAP_PATH,
+        "--connect-timeout", "10", "--pinnedpubkey", pin, "-k", "-o", NODE_SCRIPT_PATH,
         url_of(config)]
     assert data["runcmd"][1] == [
         "sh", "-c", "python3 {} --token-file /run/tinc-bootstrap/token --timeout {}; rc=$?; "
-        "rm -f /run/tinc-bootstrap/token; exit $rc".format(BOOTSTRAP_PATH, FIRST_BOOT_TIMEOUT)]
+        "rm -f /run/tinc-bootstrap/token; exit $rc".format(NODE_SCRIPT_PATH, FIRST_BOOT_TIMEOUT)]
     assert len(data["runcmd"]) == 2
     comments = [line for line in text.splitlines() if line.startswith("#")]
     assert comments == expected_comments(config, os_name, expires)

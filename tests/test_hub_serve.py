@@ -14,12 +14,12 @@ from typing import Iterator, NamedTuple
 import pytest
 import requests
 
-from tinc_hub import bootstrap
-from tinc_hub.app import BOOTSTRAP_PATH
+from tinc_node import bootstrap
 from tinc_hub.enroll import MAX_BODY_BYTES
 from tinc_hub.http_timeouts import HEADER_TIMEOUT
 from tinc_hub.tls import pin_of_cert_file
 from hub_fixtures import HubEnv, init_hub, rsa_public_pem, wait_until
+from support import BOOTSTRAP_PY
 
 HOST = "127.0.0.1"
 
@@ -131,7 +131,7 @@ def test_other_endpoints(server: Server) -> None:
     assert r.json()["status"] == "ok" and r.headers["content-type"].startswith("application/json")
     r = requests.get(server.url + "/bootstrap.py", verify=server.cert, timeout=10)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/x-python")
-    assert r.content == BOOTSTRAP_PATH.read_bytes() and r.content.startswith(b"#!/usr/bin/env python3")
+    assert r.content == Path(BOOTSTRAP_PY).read_bytes() and r.content.startswith(b"#!/usr/bin/env python3")
     doc = requests.get(server.url + "/openapi.json", verify=server.cert, timeout=10).json()
     assert doc["openapi"].startswith("3.")
     assert set(doc["paths"]) == {"/bootstrap.py", "/v1/enroll", "/healthz", "/openapi.json"}

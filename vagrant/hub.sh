@@ -8,6 +8,6 @@ if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
     apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv
 fi
 [ -x /opt/tinc-hub/bin/tinc-hub ] || python3 -m venv /opt/tinc-hub
-/opt/tinc-hub/bin/pip install -q "$repo/hub"
+/opt/tinc-hub/bin/pip install -q "$repo"
 ln -sf /opt/tinc-hub/bin/tinc-hub /usr/local/bin/tinc-hub
 tinc-hub init --net "$net" --name "$name" --address "$address" --vpn-subnet "$subnet"

@@ -5,9 +5,9 @@ import logging
 import resource
 import socket
 import time
-from pathlib import Path
 from typing import Any, Awaitable, Callable, Dict, Optional
 
+import tinc_node
 import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -35,7 +35,6 @@ access_log = logging.getLogger("tinc_hub.access")
 
 BODY_TIMEOUT = 10.0
 BACKLOG = 4096
-BOOTSTRAP_PATH = Path(__file__).with_name("bootstrap.py")
 
 
 class BodyError(Exception):
@@ -87,9 +86,9 @@ def create_app(config: HubConfig, registry: Registry, batcher: ReloadBatcher,
     enroller = Enroller(config, registry)
     if bootstrap_source is None:
         try:
-            bootstrap_source = BOOTSTRAP_PATH.read_bytes()
-        except OSError:
-            log.warning("%s is missing: GET /bootstrap.py will answer 503", BOOTSTRAP_PATH)
+            bootstrap_source = tinc_node.script_source()
+        except OSError as exc:
+            log.warning("bootstrap.py is missing (%s): GET /bootstrap.py will answer 503", exc)
     schema = openapi_schema()
 
     async def get_bootstrap(request: Request) -> Response:

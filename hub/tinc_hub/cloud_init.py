@@ -1,6 +1,6 @@
 """Cloud-init user data that joins a machine at first boot (`token create --cloud-init`).
 
-The template is `cloud-init/user-data.yaml.in` (packaged as `user-data.yaml.in`). The token
+The template is `user-data.yaml.in` next to this module. The token
 goes into a 0600 file under /run (never into runcmd text), in a directory that `bootcmd` makes
 0700 first (bootcmd runs before write_files, and cloud-init writes a file with the default
 umask and chmods it only afterwards); bootstrap.py is fetched from the
@@ -16,12 +16,14 @@ import string
 from importlib import resources
 from typing import Dict, List, Tuple
 
+import tinc_node
+
 from .errors import HubError
 from .state import HubConfig
 from .tokens import TOKEN_TEXT_RE, bootstrap_url, check_printable
 
 EC2_USER_DATA_LIMIT = 16 * 1024
-BOOTSTRAP_PATH = "/usr/local/sbin/tinc-bootstrap"
+NODE_SCRIPT_PATH = "/usr/local/sbin/tinc-bootstrap"  # where the user data puts bootstrap.py
 FIRST_BOOT_TIMEOUT = 900  # seconds bootstrap.py keeps retrying the hub and waiting for the VPN
 EXPIRES_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 
@@ -40,10 +42,6 @@ def _template() -> string.Template:
     return string.Template(text)
 
 
-def bootstrap_source() -> bytes:
-    return resources.files(__package__).joinpath("bootstrap.py").read_bytes()
-
-
 def render_user_data(config: HubConfig, pin: str, token: str, expires_at: str,
                      os_name: str = "ubuntu", embed: bool = False) -> str:
     """The complete #cloud-config text for one token.
@@ -59,8 +57,8 @@ def render_user_data(config: HubConfig, pin: str, token: str, expires_at: str,
                        "this is a bug: report it")
     url = bootstrap_url(config.address, config.api_port)
     if embed:
-        payload = base64.b64encode(gzip.compress(bootstrap_source(), 9, mtime=0)).decode()
-        bootstrap_file = (f"  - path: {BOOTSTRAP_PATH}\n    owner: root:root\n"
+        payload = base64.b64encode(gzip.compress(tinc_node.script_source(), 9, mtime=0)).decode()
+        bootstrap_file = (f"  - path: {NODE_SCRIPT_PATH}\n    owner: root:root\n"
                           f"    permissions: '0755'\n    encoding: gz+b64\n"
                           f"    content: {payload}\n")
         fetch = ""
@@ -68,7 +66,7 @@ def render_user_data(config: HubConfig, pin: str, token: str, expires_at: str,
         bootstrap_file = ""
         fetch = "  - " + json.dumps([
             "curl", "-fsS", "--retry", "60", "--retry-delay", "5", "--retry-connrefused",
-            "--connect-timeout", "10", "--pinnedpubkey", pin, "-k", "-o", BOOTSTRAP_PATH,
+            "--connect-timeout", "10", "--pinnedpubkey", pin, "-k", "-o", NODE_SCRIPT_PATH,
             url]) + "\n"
     return _template().substitute(
         net=config.net, hub=config.name, api_url=url, os=os_name, expires_at=expires_at,

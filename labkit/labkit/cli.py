@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from labkit import netlab, nspawn
-from tinc_hub.bootstrap import DEFAULT_KEY_SIZE
+from tinc_node.bootstrap import DEFAULT_KEY_SIZE
 
 STATE_DIR = Path("/run/tinc-lab")
 NET = "middle-earth"
@@ -328,9 +328,7 @@ class Lab:
             container.create()
             self.record_container(name, container)
             if name == HUB_NAME:
-                shutil.copytree(netlab.REPO_ROOT / "hub", container.path("/root/tinc-hub-src"),
-                                symlinks=False, ignore=shutil.ignore_patterns(
-                                    "*.egg-info", "__pycache__", "build"))
+                nspawn.stage_hub_project(container)
             made.append(container)
         for container in made:
             container.start()
@@ -342,10 +340,8 @@ class Lab:
     def start_hub(self, key_size: int) -> None:
         hub = self.runner(HUB_NAME)
         if self.state.mode == "containers":
-            say("%s: pip install ./hub into /opt/tinc-hub" % HUB_NAME)
-            hub.run(["/opt/tinc-hub/bin/pip", "install", "-q", "--no-index", "--no-deps",
-                     "--no-build-isolation", "/root/tinc-hub-src"], timeout=300)
-            hub.run(["ln", "-sf", "/opt/tinc-hub/bin/tinc-hub", "/usr/local/bin/tinc-hub"])
+            say("%s: pip install the hub into /opt/tinc-hub" % HUB_NAME)
+            nspawn.install_hub(hub)
             argv = ["tinc-hub", "init", "--net", NET, "--name", HUB_NAME, "--address",
                     netlab.HUB_PUBLIC, "--vpn-subnet", VPN_SUBNET, "--key-size", str(key_size)]
         else:

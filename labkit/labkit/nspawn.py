@@ -73,11 +73,43 @@ def sysv_node_spec() -> RootfsSpec:
 
 
 def hub_dependencies() -> List[str]:
-    """The hub's runtime requirements from hub/pyproject.toml."""
+    """The hub's runtime requirements from the root pyproject.toml."""
     import tomllib
 
-    with open(netlab.REPO_ROOT / "hub" / "pyproject.toml", "rb") as handle:
+    with open(netlab.REPO_ROOT / "pyproject.toml", "rb") as handle:
         return list(tomllib.load(handle)["project"]["dependencies"])
+
+
+# what `pip install` of the hub's project reads: its pyproject.toml and the two package rooms
+HUB_PROJECT_PARTS = ("pyproject.toml", "hub", "bootstrap")
+
+
+HUB_SOURCE_DIR = "/root/tinc-hub-src"  # where a hub container gets the project to install
+
+
+def copy_hub_project(dest: Path) -> None:
+    """A copy of the hub's project (no caches or build output) at dest, for an offline install."""
+    dest.mkdir(parents=True)
+    junk = shutil.ignore_patterns("*.egg-info", "__pycache__", "build")
+    for part in HUB_PROJECT_PARTS:
+        source = netlab.REPO_ROOT / part
+        if source.is_dir():
+            shutil.copytree(source, dest / part, symlinks=False, ignore=junk)
+        else:
+            shutil.copy2(source, dest / part)
+
+
+def stage_hub_project(container: "Container") -> None:
+    """Put the hub's project into a stopped hub container (systemd_hub_spec) at HUB_SOURCE_DIR."""
+    copy_hub_project(container.path(HUB_SOURCE_DIR))
+
+
+def install_hub(container: "Container", timeout: float = 300) -> None:
+    """In the running hub container: pip install the staged project into HUB_VENV, offline
+    (its dependencies are in the venv already), and put `tinc-hub` on PATH."""
+    container.run([HUB_VENV + "/bin/pip", "install", "-q", "--no-index", "--no-deps",
+                   "--no-build-isolation", HUB_SOURCE_DIR], timeout=timeout)
+    container.run(["ln", "-sf", HUB_VENV + "/bin/tinc-hub", "/usr/local/bin/tinc-hub"])
 
 
 CONTAINER_PYTHON = "3.11"  # bookworm's python3: the hub's wheels are fetched for it

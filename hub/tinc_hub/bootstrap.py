@@ -1,1 +1,0 @@
-../../bootstrap/bootstrap.py
