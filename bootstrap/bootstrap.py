@@ -296,9 +296,11 @@ class FileSpec(NamedTuple):
 
 
 class Plan(NamedTuple):
-    """Files to write and commands to run, in order: the output of a pure planner."""
+    """Files to write and commands to run, in order, and other actions (a request, a wait)
+    in one line each: the output of a pure planner."""
     files: Tuple[FileSpec, ...] = ()
     commands: Tuple[Tuple[str, ...], ...] = ()
+    actions: Tuple[str, ...] = ()
 
 
 def apply_files(files: Sequence[FileSpec]) -> List[str]:
@@ -312,14 +314,43 @@ def apply_files(files: Sequence[FileSpec]) -> List[str]:
 
 
 def describe_plan(plan: Plan) -> str:
-    """A human-readable rendering of a plan (for --dry-run)."""
+    """A human-readable rendering of a plan (for --dry-run and the log)."""
     out = []
     for spec in plan.files:
         out.append("--- file {} (mode {:04o})".format(spec.path, spec.mode))
         out.append(spec.content.rstrip("\n"))
     for cmd in plan.commands:
         out.append("$ " + shell_join(cmd))
+    out.extend(plan.actions)
     return "\n".join(out)
+
+
+class Step(NamedTuple):
+    """One step of a job. ``plan()`` reads the facts the step needs and returns what it will
+    do; ``apply(plan)`` does exactly that plan. A job is a list of steps, run by run_steps."""
+    title: Callable[[], str]  # the progress line ("" for none), made when the step starts
+    plan: Callable[[], Plan]
+    apply: Callable[[Plan], None]
+
+
+def run_steps(steps: Sequence[Step], dry_run: bool,
+              say: Optional[Callable[[str], None]] = None) -> None:
+    """Each step in order: plan it, then apply it; in a dry run, print each plan instead (so
+    the dry run shows the very plans a real run applies). The real run logs each plan."""
+    say = say or REPORT.step
+    for step in steps:
+        title = step.title()
+        if title:
+            say(title)
+        plan = step.plan()
+        text = describe_plan(plan)
+        if dry_run:
+            if text:
+                print(text, flush=True)
+            continue
+        if text:
+            REPORT.debug("plan:\n" + text)
+        step.apply(plan)
 
 
 # ---------------------------------------------------------------------------
@@ -719,7 +750,11 @@ def plan_install(facts: SystemFacts) -> Plan:
 
 def ensure_tinc(facts: SystemFacts, root: str = "/") -> SystemFacts:
     """Install tinc when missing; return the facts read afterwards (unit files, tincd)."""
-    plan = plan_install(facts)
+    return apply_install(plan_install(facts), facts, root)
+
+
+def apply_install(plan: Plan, facts: SystemFacts, root: str = "/") -> SystemFacts:
+    """Run plan_install's commands; return the facts read afterwards."""
     if not plan.commands:
         return facts
     for cmd in plan.commands:
@@ -849,14 +884,31 @@ def tincd_base(net: str, tinc_dir: str = DEFAULT_TINC_DIR) -> List[str]:
     return cmd
 
 
+def plan_key(tinc_dir: str, net: str, size: int, has_key: bool) -> Plan:
+    """`tincd -K` when there is no key pair yet (pure; keys are never regenerated)."""
+    if has_key:
+        return Plan()
+    return Plan(commands=(tuple(tincd_base(net, tinc_dir) + ["-K{}".format(size)]),))
+
+
+def has_key(tinc_dir: str, net: str) -> bool:
+    return os.path.exists(os.path.join(net_dir(tinc_dir, net), "rsa_key.priv"))
+
+
 def ensure_key(tinc_dir: str, net: str, name: str, size: int) -> str:
     """The node's public key PEM; generated with `tincd -K` only when there is no key yet."""
+    return apply_key(plan_key(tinc_dir, net, size, has_key(tinc_dir, net)), tinc_dir, net, name)
+
+
+def apply_key(plan: Plan, tinc_dir: str, net: str, name: str) -> str:
+    """Run plan_key's command; return the public key PEM from hosts/NAME."""
     base = net_dir(tinc_dir, net)
     private = os.path.join(base, "rsa_key.priv")
     host = os.path.join(base, "hosts", name)
-    if not os.path.exists(private):
+    if plan.commands:
         os.makedirs(os.path.join(base, "hosts"), exist_ok=True)
-        run(tincd_base(net, tinc_dir) + ["-K{}".format(size)], timeout=600)
+    for cmd in plan.commands:
+        run(cmd, timeout=600)
     if os.path.exists(private):
         os.chmod(private, 0o600)
     pem = public_key_block(read_text(host) or "")
@@ -893,13 +945,19 @@ def systemctl_state(verb: str, unit: str) -> str:
     return run(["systemctl", verb, unit], check=False).stdout.strip()
 
 
+def boot_units(facts: SystemFacts, net: str) -> List[str]:
+    """The systemd units that start NET's tincd at boot (the umbrella unit first)."""
+    return ([facts.umbrella_unit] if facts.umbrella_unit else []) + [service_unit(facts, net)]
+
+
 def plan_boot(net: str, init: str, facts: SystemFacts, rc_local_text: Optional[str] = None,
-              nets_boot_text: Optional[str] = None, tinc_dir: str = DEFAULT_TINC_DIR) -> Plan:
-    """Files and commands that make tincd start at boot (pure)."""
+              nets_boot_text: Optional[str] = None, tinc_dir: str = DEFAULT_TINC_DIR,
+              enabled: Sequence[str] = ()) -> Plan:
+    """Files and commands that make tincd start at boot (pure); units in `enabled` are
+    enabled already."""
     if init == "systemd":
-        units = ([facts.umbrella_unit] if facts.umbrella_unit else []) + \
-            [service_unit(facts, net)]
-        return Plan(commands=tuple(("systemctl", "enable", unit) for unit in units))
+        return Plan(commands=tuple(("systemctl", "enable", unit)
+                                   for unit in boot_units(facts, net) if unit not in enabled))
     if init == "rc.local":
         return Plan(files=(FileSpec(facts.rc_local, render_rc_local(rc_local_text, net),
                                     0o755),))
@@ -909,17 +967,29 @@ def plan_boot(net: str, init: str, facts: SystemFacts, rc_local_text: Optional[s
     return Plan()
 
 
-def register_boot(net: str, init: str, facts: SystemFacts,
-                  tinc_dir: str = DEFAULT_TINC_DIR) -> List[str]:
-    """Apply plan_boot; only enable units that are not enabled yet. Returns what changed."""
-    plan = plan_boot(net, init, facts, read_text(facts.rc_local),
-                     read_text(os.path.join(tinc_dir, "nets.boot")), tinc_dir)
+def read_boot_plan(net: str, init: str, facts: SystemFacts,
+                   tinc_dir: str = DEFAULT_TINC_DIR) -> Plan:
+    """plan_boot on what is on this system now (rc.local, nets.boot, enabled units)."""
+    enabled = [unit for unit in boot_units(facts, net) if init == "systemd"
+               and systemctl_state("is-enabled", unit) == "enabled"]
+    return plan_boot(net, init, facts, read_text(facts.rc_local),
+                     read_text(os.path.join(tinc_dir, "nets.boot")), tinc_dir, enabled)
+
+
+def apply_boot(plan: Plan) -> List[str]:
+    """Write plan_boot's files, run its commands. Returns the files and units changed."""
     changed = apply_files(plan.files)
     for cmd in plan.commands:
-        if systemctl_state("is-enabled", cmd[-1]) != "enabled":
-            run(cmd)
-            changed.append(cmd[-1])
+        run(cmd)
+        changed.append(cmd[-1])
     return changed
+
+
+def register_boot(net: str, init: str, facts: SystemFacts,
+                  tinc_dir: str = DEFAULT_TINC_DIR) -> List[str]:
+    """Make NET's tincd start at boot; only enable units that are not enabled yet. Returns
+    what changed."""
+    return apply_boot(read_boot_plan(net, init, facts, tinc_dir))
 
 
 def wait_for_exit(pid: int, timeout: float = 15.0) -> bool:
@@ -932,30 +1002,64 @@ def wait_for_exit(pid: int, timeout: float = 15.0) -> bool:
     return False
 
 
+class TincdState(NamedTuple):
+    """Whether NET's tincd runs: for systemd, its unit and the umbrella unit are active; else
+    the pid of the running tincd."""
+    active: bool = False
+    umbrella_active: bool = False
+    pid: Optional[int] = None
+
+
+def read_tincd_state(net: str, how: str, facts: SystemFacts) -> TincdState:
+    """TincdState of NET now; `how` is "systemd" or "direct"."""
+    if how == "systemd":
+        return TincdState(
+            systemctl_state("is-active", service_unit(facts, net)) == "active",
+            bool(facts.umbrella_unit)
+            and systemctl_state("is-active", facts.umbrella_unit) == "active")
+    pid = pid_from_file(net)
+    return TincdState(pid is not None, pid=pid)
+
+
+def plan_start(net: str, how: str, facts: SystemFacts, state: TincdState, restart: bool,
+               tinc_dir: str = DEFAULT_TINC_DIR) -> Plan:
+    """Commands that start NET's tincd when it is not running, and restart it when `restart`
+    (its files changed); `how`: "systemd" (units) or "direct" (tincd itself). Pure."""
+    if state.active and not restart:
+        return Plan()
+    if how == "systemd":
+        unit = service_unit(facts, net)
+        if state.active:
+            return Plan(commands=(("systemctl", "restart", unit),))
+        commands = [("systemctl", "start", unit)]
+        if facts.umbrella_unit and not state.umbrella_active:
+            commands.append(("systemctl", "start", facts.umbrella_unit))
+        return Plan(commands=tuple(commands))
+    start = tuple(tincd_base(net, tinc_dir))
+    return Plan(commands=((start + ("-k",), start) if state.active else (start,)))
+
+
+def apply_start(plan: Plan, state: TincdState) -> str:
+    """Run plan_start's commands (after `tincd -k`, wait for the old tincd to exit).
+    Returns what happened: running, started or restarted."""
+    for cmd in plan.commands:
+        if cmd[-1] != "-k":
+            run(cmd)
+            continue
+        run(cmd, check=False)
+        if state.pid is not None and not wait_for_exit(state.pid):
+            raise BootstrapError("tincd (pid {}) did not stop".format(state.pid), EXIT_COMMAND,
+                                 "stop it by hand and run this again")
+    if not plan.commands:
+        return "running"
+    return "restarted" if state.active else "started"
+
+
 def ensure_running(net: str, init: str, facts: SystemFacts, restart: bool = False,
                    tinc_dir: str = DEFAULT_TINC_DIR) -> str:
     """Start tincd for NET if it is not running; restart it when asked. Returns what it did."""
-    if init == "systemd":
-        unit = service_unit(facts, net)
-        if systemctl_state("is-active", unit) == "active":
-            if not restart:
-                return "running"
-            run(["systemctl", "restart", unit])
-            return "restarted"
-        run(["systemctl", "start", unit])
-        if facts.umbrella_unit and systemctl_state("is-active", facts.umbrella_unit) != "active":
-            run(["systemctl", "start", facts.umbrella_unit])
-        return "started"
-    pid = pid_from_file(net)
-    if pid is not None and not restart:
-        return "running"
-    if pid is not None:
-        run(tincd_base(net, tinc_dir) + ["-k"], check=False)
-        if not wait_for_exit(pid):
-            raise BootstrapError("tincd (pid {}) did not stop".format(pid), EXIT_COMMAND,
-                                 "stop it by hand and run this again")
-    run(tincd_base(net, tinc_dir))
-    return "restarted" if pid is not None else "started"
+    state = read_tincd_state(net, init, facts)
+    return apply_start(plan_start(net, init, facts, state, restart, tinc_dir), state)
 
 
 def stop_and_unregister(net: str, init: str, facts: SystemFacts,
@@ -1438,8 +1542,132 @@ def plan_node_files(tinc_dir: str, net: str, name: str, public_pem: str, address
     ))
 
 
+class NodeJoin:
+    """The join as a list of steps (join_steps). Values the hub has not answered yet are
+    placeholders, which is what a dry run shows; a real run fills them in as it goes."""
+
+    def __init__(self, opts: JoinOptions, token: Token, host: str, port: int, net: str,
+                 name: str, facts: SystemFacts, init: str) -> None:
+        self.opts, self.token, self.host, self.port = opts, token, host, port
+        self.net, self.name, self.facts, self.init = net, name, facts, init
+        self.tinc_dir = opts.tinc_dir
+        self.base = net_dir(opts.tinc_dir, net)
+        # what the key step and the hub's answer give (placeholders until then)
+        self.public_pem = "<public key>"
+        self.address = "<address>"
+        self.prefix = "<prefix>"  # type: object
+        self.hub_host_file = "<hub host file>"
+        self.hub_vpn = "<hub VPN address>"
+        self.changed = []  # type: List[str]
+        self.config_changed = True  # a dry run cannot know: it shows the restart
+        self.tincd = TincdState()  # read when the start step is planned
+
+    # -- the steps, in order
+    def steps(self) -> List[Step]:
+        return [
+            Step(lambda: "tinc is installed" if self.facts.tinc_installed else "installing tinc",
+                 lambda: plan_install(self.facts), self.apply_install),
+            Step(lambda: "node {!r} joins net {!r} via hub {!r} at {}:{}".format(
+                self.name, self.net, self.token.hub, self.host, self.port),
+                 self.plan_conf, self.apply_conf),
+            Step(self.key_title, self.plan_key, self.apply_key),
+            Step(lambda: "enrolling with the hub", self.plan_enrol, self.apply_enrol),
+            Step(lambda: "", self.plan_files, self.apply_node_files),
+            Step(self.boot_title, self.plan_boot, apply_boot),
+            Step(lambda: "", self.plan_start, self.apply_start),
+            Step(lambda: "", self.plan_wait, self.apply_wait),
+        ]
+
+    def apply_install(self, plan: Plan) -> None:
+        self.facts = apply_install(plan, self.facts, self.opts.root)
+
+    def plan_conf(self) -> Plan:
+        return Plan(files=(FileSpec(os.path.join(self.base, "tinc.conf"),
+                                    render_tinc_conf(self.name, self.net, [self.token.hub])),))
+
+    def apply_conf(self, plan: Plan) -> None:
+        self.changed += apply_files(plan.files)
+
+    def key_title(self) -> str:
+        return "key: " + ("existing key kept" if has_key(self.tinc_dir, self.net)
+                          else "generating RSA {}".format(self.opts.key_size))
+
+    def plan_key(self) -> Plan:
+        return plan_key(self.tinc_dir, self.net, self.opts.key_size,
+                        has_key(self.tinc_dir, self.net))
+
+    def apply_key(self, plan: Plan) -> None:
+        self.public_pem = apply_key(plan, self.tinc_dir, self.net, self.name)
+
+    def plan_enrol(self) -> Plan:
+        return Plan(actions=("POST https://{}:{}/v1/enroll name={} (public key of hosts/{})"
+                             .format(self.host, self.port, self.name, self.name),))
+
+    def apply_enrol(self, plan: Plan) -> None:
+        answer = enroll(self.opts.token_text, self.token, self.host, self.port, self.name,
+                        self.public_pem, self.opts.timeout)
+        address, prefix, hub, hub_host_file = validate_answer(answer, self.name)
+        if hub != self.token.hub:
+            raise BootstrapError("the hub calls itself {!r}, the token {!r}".format(
+                hub, self.token.hub), EXIT_REFUSED)
+        self.address, self.prefix, self.hub_host_file = address, prefix, hub_host_file
+        self.hub_vpn = hub_vpn_address(hub_host_file, address, prefix)
+        REPORT.step("enrolled: address {}/{}".format(address, prefix))
+
+    def state(self) -> dict:
+        """What bootstrap.json records (status, leave, and the next run read it)."""
+        return {"net": self.net, "name": self.name, "address": self.address,
+                "prefix": self.prefix, "hub_name": self.token.hub, "hub_host": self.host,
+                "api_port": self.port, "hub_vpn_address": self.hub_vpn, "init": self.init,
+                "unit": service_unit(self.facts, self.net) if self.init == "systemd" else None}
+
+    def plan_files(self) -> Plan:
+        return plan_node_files(self.tinc_dir, self.net, self.name, self.public_pem,
+                               self.address, self.prefix, self.token.hub, self.hub_host_file,
+                               self.state())
+
+    def apply_node_files(self, plan: Plan) -> None:
+        self.changed += apply_files(plan.files)
+        self.config_changed = any(not p.endswith(STATE_FILE) for p in self.changed)
+
+    def boot_title(self) -> str:
+        return "boot: " + {"systemd": "systemd unit " + service_unit(self.facts, self.net),
+                           "rc.local": "line in " + self.facts.rc_local,
+                           "sysv": "nets.boot", "none": "not registered"}[self.init]
+
+    def plan_boot(self) -> Plan:
+        return read_boot_plan(self.net, self.init, self.facts, self.tinc_dir)
+
+    def start_how(self) -> str:
+        return "systemd" if self.init == "systemd" else "direct"
+
+    def plan_start(self) -> Plan:
+        self.tincd = read_tincd_state(self.net, self.start_how(), self.facts)
+        return plan_start(self.net, self.start_how(), self.facts, self.tincd,
+                          self.config_changed, self.tinc_dir)
+
+    def apply_start(self, plan: Plan) -> None:
+        action = apply_start(plan, self.tincd)
+        REPORT.step("tincd {}; waiting for the hub at {} over the VPN".format(
+            action, self.hub_vpn))
+
+    def plan_wait(self) -> Plan:
+        return Plan(actions=("ping {} (the hub over the VPN) until it answers, at most {:.0f} s"
+                             .format(self.hub_vpn, self.opts.timeout),))
+
+    def apply_wait(self, plan: Plan) -> None:
+        if not wait_for_ping(self.hub_vpn, self.opts.timeout, interval=0.01, max_interval=0.5,
+                             nudge=lambda: nudge_tincd(self.net)):
+            raise BootstrapError(
+                "the hub's VPN address {} did not answer within {:.0f} s".format(
+                    self.hub_vpn, self.opts.timeout), EXIT_VPN_DOWN,
+                "see tincd's log (journalctl -u {} or syslog)".format(
+                    service_unit(self.facts, self.net)))
+
+
 def join(opts: JoinOptions) -> int:
-    """The whole join: plan and apply each step; print the node's VPN address."""
+    """The whole join: check the inputs, then run (or, with --dry-run, print) NodeJoin's
+    steps; print the node's VPN address."""
     token = decode_token(opts.token_text)
     host, port = split_hub(opts.hub, token.port) if opts.hub else (token.host, token.port)
     net = check_net_name(opts.net or token.net)
@@ -1447,78 +1675,22 @@ def join(opts: JoinOptions) -> int:
         raise BootstrapError("--key-size must be at least 2048", EXIT_USAGE)
     if os.geteuid() != 0 and not opts.dry_run:
         raise BootstrapError("this must run as root", EXIT_USAGE, "use sudo, or --dry-run")
-    dry = opts.dry_run
     facts = detect_system(opts.root)
     REPORT.step("system: {} {} ({} family), init {}".format(
         facts.os.id or "unknown", facts.os.version, facts.family, facts.init))
-    if facts.tinc_installed:
-        REPORT.step("tinc is installed")
-    else:
-        REPORT.step("installing tinc")
-        if dry:
-            print(describe_plan(plan_install(facts)))
-        else:
-            facts = ensure_tinc(facts, opts.root)
     init = resolve_init(opts.init, facts)
     name = opts.name or node_name_from_hostname(socket.gethostname())
     if not valid_node_name(name) or name == token.hub:
         raise BootstrapError("invalid node name {!r}".format(name), EXIT_USAGE,
                              "tinc names use only A-Z a-z 0-9 _ ; pass --name")
-    REPORT.step("node {!r} joins net {!r} via hub {!r} at {}:{}".format(
-        name, net, token.hub, host, port))
     check_existing_net(opts.tinc_dir, net, name, token.hub)
-    base = net_dir(opts.tinc_dir, net)
-    conf = FileSpec(os.path.join(base, "tinc.conf"), render_tinc_conf(name, net, [token.hub]))
-    key_cmd = tuple(tincd_base(net, opts.tinc_dir) + ["-K{}".format(opts.key_size)])
-    if dry:
-        print(describe_plan(Plan(files=(conf,))))
-        if not os.path.exists(os.path.join(base, "rsa_key.priv")):
-            print(describe_plan(Plan(commands=(key_cmd,))))
-        print("POST https://{}:{}/v1/enroll name={} (public key of hosts/{})".format(
-            host, port, name, name))
-        state = {"net": net, "name": name, "hub_name": token.hub}
-        print(describe_plan(plan_node_files(opts.tinc_dir, net, name, "<public key>",
-                                            "<address>", "<prefix>", token.hub,
-                                            "<hub host file>", state)))
-        print(describe_plan(plan_boot(net, init, facts, read_text(facts.rc_local),
-                                      read_text(os.path.join(opts.tinc_dir, "nets.boot")),
-                                      opts.tinc_dir)))
-        print("$ " + ("systemctl start " + service_unit(facts, net) if init == "systemd"
-                      else shell_join(tincd_base(net, opts.tinc_dir))))
+    job = NodeJoin(opts, token, host, port, net, name, facts, init)
+    run_steps(job.steps(), opts.dry_run)
+    if opts.dry_run:
         REPORT.step("dry run: nothing was changed")
         return EXIT_OK
-    changed = apply_files([conf])
-    REPORT.step("key: " + ("existing key kept" if os.path.exists(
-        os.path.join(base, "rsa_key.priv")) else "generating RSA {}".format(opts.key_size)))
-    public_pem = ensure_key(opts.tinc_dir, net, name, opts.key_size)
-    REPORT.step("enrolling with the hub")
-    answer = enroll(opts.token_text, token, host, port, name, public_pem, opts.timeout)
-    address, prefix, hub, hub_host_file = validate_answer(answer, name)
-    if hub != token.hub:
-        raise BootstrapError("the hub calls itself {!r}, the token {!r}".format(hub, token.hub),
-                             EXIT_REFUSED)
-    hub_vpn = hub_vpn_address(hub_host_file, address, prefix)
-    state = {"net": net, "name": name, "address": address, "prefix": prefix,
-             "hub_name": hub, "hub_host": host, "api_port": port, "hub_vpn_address": hub_vpn,
-             "init": init, "unit": service_unit(facts, net) if init == "systemd" else None}
-    REPORT.step("enrolled: address {}/{}".format(address, prefix))
-    changed += apply_files(plan_node_files(opts.tinc_dir, net, name, public_pem, address,
-                                           prefix, hub, hub_host_file, state).files)
-    REPORT.step("boot: " + {"systemd": "systemd unit " + service_unit(facts, net),
-                            "rc.local": "line in " + facts.rc_local,
-                            "sysv": "nets.boot", "none": "not registered"}[init])
-    register_boot(net, init, facts, opts.tinc_dir)
-    config_changed = any(not p.endswith(STATE_FILE) for p in changed)
-    action = ensure_running(net, "systemd" if init == "systemd" else "direct", facts,
-                            restart=config_changed, tinc_dir=opts.tinc_dir)
-    REPORT.step("tincd {}; waiting for the hub at {} over the VPN".format(action, hub_vpn))
-    if not wait_for_ping(hub_vpn, opts.timeout, interval=0.01, max_interval=0.5,
-                         nudge=lambda: nudge_tincd(net)):
-        raise BootstrapError("the hub's VPN address {} did not answer within {:.0f} s".format(
-            hub_vpn, opts.timeout), EXIT_VPN_DOWN,
-            "see tincd's log (journalctl -u {} or syslog)".format(service_unit(facts, net)))
-    REPORT.step("joined: {} is {} on net {}".format(name, address, net))
-    print(address)
+    REPORT.step("joined: {} is {} on net {}".format(name, job.address, net))
+    print(job.address)
     return EXIT_OK
 
 

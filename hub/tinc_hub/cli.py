@@ -197,6 +197,8 @@ def build_parser() -> Parser:
     add_option(p, "--init", default="auto", choices=INIT_CHOICES,
                help="boot registration")
     add_option(p, "--tinc-dir", default=DEFAULT_TINC_DIR, help="tinc configuration directory")
+    add_flag(p, "--dry-run", help="check the arguments, print what each step would write and "
+                                  "run, change nothing")
     add_flag(p, "--no-start", help=argparse.SUPPRESS)  # tests: no boot registration, no tincd start
 
     p = commands.add_parser("token", help="manage enrolment tokens")
@@ -280,12 +282,17 @@ def build_parser() -> Parser:
 # -- commands ---------------------------------------------------------------------------------
 
 def cmd_init(args: argparse.Namespace, state: StateDir) -> int:
-    from .hub_init import InitRequest, run_init
+    from .hub_init import InitRequest, dry_run_init, run_init
 
-    result = run_init(state, InitRequest(
+    request = InitRequest(
         net=args.net, name=args.name, address=args.address, vpn_subnet=args.vpn_subnet,
         port=args.tinc_port, api_port=args.api_port, key_size=args.key_size, init=args.init,
-        tinc_dir=args.tinc_dir, start=not args.no_start))
+        tinc_dir=args.tinc_dir, start=not args.no_start)
+    if args.dry_run:
+        dry_run_init(state, request)
+        print(f"{PROG}: dry run: nothing was changed", file=sys.stderr)
+        return EXIT_OK
+    result = run_init(state, request)
     cfg = result.config
     print(f"hub {cfg.name!r} of net {cfg.net!r}: VPN {cfg.vpn_subnet}, hub address {cfg.hub_address}")
     print(f"tinc: {cfg.address}:{cfg.port} (boot: {cfg.init}; tincd {result.tincd})")

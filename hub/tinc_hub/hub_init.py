@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tinc_node import bootstrap
 from .errors import HubError
-from .service import UNIT_NAME, install_service, installed_executable, render_unit
+from .service import UNIT_NAME, apply_service, installed_executable, read_service_plan, render_unit
 from .liveness import render_host_script
 from .registry import Registry
 from .state import DEFAULT_TINC_PORT, HubConfig, StateDir
@@ -137,91 +137,183 @@ def check_existing(state: StateDir, new: HubConfig, registry: Registry) -> Optio
     return old
 
 
+class HubInit:
+    """``tinc-hub init`` as a list of steps (bootstrap.Step, run by bootstrap.run_steps): the
+    dry run prints the plans that a real run applies. Checks come first, in __init__."""
+
+    def __init__(self, state: StateDir, req: InitRequest, dry_run: bool = False) -> None:
+        network = validate_request(req)
+        self.state, self.req, self.dry_run = state, req, dry_run
+        self.facts = bootstrap.detect_system()
+        self.registry = Registry(state.registry_file, state.lock_file)
+        old_init = state.load_config().init if state.exists() else None
+        if req.start:
+            init = bootstrap.resolve_init(req.init, self.facts)  # PID 1 and family, not tinc
+        else:
+            init = old_init or "none"  # hidden --no-start (tests) never changes the boot choice
+        self.config = config = HubConfig(
+            net=req.net, name=req.name, address=req.address.strip(), port=req.port,
+            api_port=req.api_port, vpn_subnet=str(network),
+            hub_address=str(network.network_address + 1),
+            tinc_dir=os.path.normpath(req.tinc_dir), init=init)
+        if req.start and config.init == "systemd":  # refuse what the unit cannot carry, first
+            render_unit(config, installed_executable(), str(state.root),
+                        bootstrap.service_unit(self.facts, config.net))
+        old = check_existing(state, config, self.registry)
+        self.notes: List[str] = []
+        if old is not None and old.api_port != config.api_port:
+            self.notes.append(f"API port changed from {old.api_port}: tokens made before still name the old port")
+        if old is not None and old.address != config.address:
+            self.notes.append(f"address changed from {old.address!r}: tokens made before still name the old one")
+        self.changed: List[str] = []
+        self.public_pem = "<public key>"  # until the key step (a dry run keeps it)
+        self.tinc_changed = True  # a dry run cannot know: it shows the restart
+        self.tincd_state = bootstrap.TincdState()
+        self.tincd = "not started (--no-start)"
+        self.api_service: Optional[str] = None
+
+    def steps(self) -> List[bootstrap.Step]:
+        config, start = self.config, self.req.start
+        steps = [
+            bootstrap.Step(lambda: "tinc is installed" if self.facts.tinc_installed
+                           else "installing tinc",
+                           lambda: bootstrap.plan_install(self.facts), self.apply_install),
+            bootstrap.Step(lambda: f"tinc net {config.net!r} in {config.net_dir}",
+                           self.plan_conf, self.apply_files),
+            bootstrap.Step(lambda: "tinc key", self.plan_key, self.apply_key),
+            bootstrap.Step(lambda: "hub host file, tinc-up/down, host-up/down",
+                           self.plan_hub_files, self.apply_files),
+            bootstrap.Step(lambda: f"hub state in {self.state.root}", self.plan_state,
+                           self.apply_state),
+        ]
+        if start and config.init != "none":
+            steps.append(bootstrap.Step(
+                lambda: f"boot: {config.init}",
+                lambda: bootstrap.read_boot_plan(config.net, config.init, self.facts,
+                                                 config.tinc_dir), self.apply_boot))
+        if start:
+            steps.append(bootstrap.Step(lambda: "tincd", self.plan_start, self.apply_start))
+        if start and config.init == "systemd":  # the API too comes back after a reboot
+            steps.append(bootstrap.Step(lambda: f"API service {UNIT_NAME}", self.plan_service,
+                                        self.apply_service))
+        return steps
+
+    def apply_install(self, plan: bootstrap.Plan) -> None:
+        self.facts = bootstrap.apply_install(plan, self.facts)
+
+    def apply_files(self, plan: bootstrap.Plan) -> None:
+        for spec in plan.files:
+            Path(spec.path).parent.mkdir(parents=True, exist_ok=True)
+        self.changed += bootstrap.apply_files(plan.files)
+
+    def plan_conf(self) -> bootstrap.Plan:
+        config = self.config
+        return bootstrap.Plan(files=(bootstrap.FileSpec(
+            str(config.net_dir / "tinc.conf"),
+            render_hub_tinc_conf(config.name, config.net, config.port)),))
+
+    def plan_key(self) -> bootstrap.Plan:
+        config = self.config
+        return bootstrap.plan_key(config.tinc_dir, config.net, self.req.key_size,
+                                  bootstrap.has_key(config.tinc_dir, config.net))
+
+    def apply_key(self, plan: bootstrap.Plan) -> None:
+        config = self.config
+        self.public_pem = bootstrap.apply_key(plan, config.tinc_dir, config.net, config.name)
+        if plan.commands:
+            self.changed.append(str(config.net_dir / "rsa_key.priv"))
+            return
+        bits = rsa_key_bits(self.public_pem)
+        if bits is not None and bits != self.req.key_size:
+            self.notes.append(f"kept the existing {bits}-bit RSA key (keys are never regenerated;"
+                              f" --key-size {self.req.key_size} ignored)")
+
+    def event_scripts(self) -> List[bootstrap.FileSpec]:
+        """host-up/host-down: read by tincd at each event, so writing them never needs a
+        tincd restart."""
+        return [bootstrap.FileSpec(str(self.config.net_dir / f"host-{event}"),
+                                   render_host_script(self.state.root, event), 0o755)
+                for event in ("up", "down")]
+
+    def plan_hub_files(self) -> bootstrap.Plan:
+        config, net_dir = self.config, self.config.net_dir
+        return bootstrap.Plan(files=tuple(self.event_scripts()) + (
+            bootstrap.FileSpec(str(config.hub_host_file),
+                               render_hub_host_file(config, self.public_pem)),
+            bootstrap.FileSpec(str(net_dir / "tinc-up"),
+                               bootstrap.render_tinc_up(config.hub_address, config.prefix), 0o755),
+            bootstrap.FileSpec(str(net_dir / "tinc-down"),
+                               bootstrap.render_tinc_down(config.hub_address, config.prefix),
+                               0o755),
+        ))
+
+    def plan_state(self) -> bootstrap.Plan:
+        state, config = self.state, self.config
+        return bootstrap.Plan(
+            files=(bootstrap.FileSpec(str(state.config_file), config.to_json(), 0o600),),
+            actions=(f"directory {state.root}: mode 0700",
+                     f"registry {state.registry_file}: created when missing",
+                     f"TLS key {state.key_file} and certificate {state.cert_file} for"
+                     f" {config.address}: made when missing, re-issued for a new address"))
+
+    def apply_state(self, plan: bootstrap.Plan) -> None:
+        state, config = self.state, self.config
+        state.root.mkdir(parents=True, exist_ok=True)
+        if (state.root.stat().st_mode & 0o777) != 0o700:
+            os.chmod(state.root, 0o700)
+        if self.registry.create():
+            self.changed.append(str(state.registry_file))
+        if ensure_cert(state.cert_file, state.key_file, config.name, config.address):
+            self.changed.append(str(state.cert_file))
+        self.changed += bootstrap.apply_files(plan.files)
+
+    def apply_boot(self, plan: bootstrap.Plan) -> None:
+        self.changed += bootstrap.apply_boot(plan)
+
+    def start_how(self) -> str:
+        return "systemd" if self.config.init == "systemd" else "direct"
+
+    def plan_start(self) -> bootstrap.Plan:
+        """Restart a running tincd only when its own files changed (not for boot registration
+        or the event scripts)."""
+        config = self.config
+        if not self.dry_run:  # what this run wrote
+            no_restart = {spec.path for spec in self.event_scripts()}
+            self.tinc_changed = any(p.startswith(str(config.net_dir) + os.sep)
+                                    and p not in no_restart for p in self.changed)
+        self.tincd_state = bootstrap.read_tincd_state(config.net, self.start_how(), self.facts)
+        return bootstrap.plan_start(config.net, self.start_how(), self.facts, self.tincd_state,
+                                    self.tinc_changed, config.tinc_dir)
+
+    def apply_start(self, plan: bootstrap.Plan) -> None:
+        self.tincd = bootstrap.apply_start(plan, self.tincd_state)
+
+    def plan_service(self) -> bootstrap.Plan:
+        return read_service_plan(self.config, str(self.state.root),
+                                 bootstrap.service_unit(self.facts, self.config.net))
+
+    def apply_service(self, plan: bootstrap.Plan) -> None:
+        self.changed += apply_service(plan)
+        self.api_service = UNIT_NAME
+
+    def result(self) -> InitResult:
+        return InitResult(config=self.config, pin=pin_of_cert_file(self.state.cert_file),
+                          changed=self.changed, tincd=self.tincd, notes=self.notes,
+                          api_service=self.api_service)
+
+
 def run_init(state: StateDir, req: InitRequest) -> InitResult:
     """The whole ``tinc-hub init``."""
-    network = validate_request(req)
-    address = req.address.strip()
-    facts = bootstrap.detect_system()
-    registry = Registry(state.registry_file, state.lock_file)
-    changed: List[str] = []
+    job = HubInit(state, req)
+    bootstrap.run_steps(job.steps(), dry_run=False, say=log.debug)
+    return job.result()
 
-    old_init = state.load_config().init if state.exists() else None
-    if req.start:
-        init = bootstrap.resolve_init(req.init, facts)  # depends on PID 1 and family, not on tinc
-    else:
-        init = old_init or "none"  # hidden --no-start (tests) never changes the boot choice
-    config = HubConfig(net=req.net, name=req.name, address=address, port=req.port,
-                       api_port=req.api_port, vpn_subnet=str(network),
-                       hub_address=str(network.network_address + 1),
-                       tinc_dir=os.path.normpath(req.tinc_dir), init=init)
-    if req.start and config.init == "systemd":  # refuse what the unit cannot carry, before writing
-        render_unit(config, installed_executable(), str(state.root),
-                    bootstrap.service_unit(facts, config.net))
-    old = check_existing(state, config, registry)
-    notes: List[str] = []
-    if old is not None and old.api_port != config.api_port:
-        notes.append(f"API port changed from {old.api_port}: tokens made before still name the old port")
-    if old is not None and old.address != config.address:
-        notes.append(f"address changed from {old.address!r}: tokens made before still name the old one")
 
-    if not facts.tinc_installed:
-        log.info("installing tinc")
-        facts = bootstrap.ensure_tinc(facts)
-
-    net_dir = config.net_dir
-    config.hosts_dir.mkdir(parents=True, exist_ok=True)
-    if bootstrap.write_atomic(str(net_dir / "tinc.conf"), render_hub_tinc_conf(config.name, config.net, config.port)):
-        changed.append(str(net_dir / "tinc.conf"))
-    had_key = (net_dir / "rsa_key.priv").exists()
-    public_pem = bootstrap.ensure_key(config.tinc_dir, config.net, config.name, req.key_size)
-    if not had_key:
-        changed.append(str(net_dir / "rsa_key.priv"))
-    else:
-        bits = rsa_key_bits(public_pem)
-        if bits is not None and bits != req.key_size:
-            notes.append(f"kept the existing {bits}-bit RSA key (keys are never regenerated;"
-                         f" --key-size {req.key_size} ignored)")
-    files = [
-        (config.hub_host_file, render_hub_host_file(config, public_pem), 0o644),
-        (net_dir / "tinc-up", bootstrap.render_tinc_up(config.hub_address, config.prefix), 0o755),
-        (net_dir / "tinc-down", bootstrap.render_tinc_down(config.hub_address, config.prefix), 0o755),
-    ]
-    # Read by tincd at each event: writing them never needs a tincd restart.
-    event_scripts = [(net_dir / f"host-{event}", render_host_script(state.root, event), 0o755)
-                     for event in ("up", "down")]
-    for path, content, mode in event_scripts:
-        if bootstrap.write_atomic(str(path), content, mode):
-            changed.append(str(path))
-    for path, content, mode in files:
-        if bootstrap.write_atomic(str(path), content, mode):
-            changed.append(str(path))
-
-    state.root.mkdir(parents=True, exist_ok=True)
-    if (state.root.stat().st_mode & 0o777) != 0o700:
-        os.chmod(state.root, 0o700)
-    if registry.create():
-        changed.append(str(state.registry_file))
-    if ensure_cert(state.cert_file, state.key_file, config.name, config.address):
-        changed.append(str(state.cert_file))
-    if bootstrap.write_atomic(str(state.config_file), config.to_json(), 0o600):
-        changed.append(str(state.config_file))
-
-    tincd = "not started (--no-start)"
-    if req.start:
-        # Restart a running tincd only when its own files changed (not for boot registration).
-        no_restart = {str(path) for path, _, _ in event_scripts}
-        tinc_changed = any(p.startswith(str(net_dir) + os.sep) and p not in no_restart for p in changed)
-        if config.init != "none":
-            changed += bootstrap.register_boot(config.net, config.init, facts, config.tinc_dir)
-        tincd = bootstrap.ensure_running(config.net, config.init if config.init == "systemd" else "direct",
-                                         facts, restart=tinc_changed,
-                                         tinc_dir=config.tinc_dir)
-    api_service = None
-    if req.start and config.init == "systemd":  # the API too comes back after a reboot
-        changed += install_service(config, str(state.root), bootstrap.service_unit(facts, config.net))
-        api_service = UNIT_NAME
-    return InitResult(config=config, pin=pin_of_cert_file(state.cert_file), changed=changed,
-                      tincd=tincd, notes=notes, api_service=api_service)
+def dry_run_init(state: StateDir, req: InitRequest) -> None:
+    """``tinc-hub init --dry-run``: the same checks, then each step's title and plan on
+    stdout; nothing is changed."""
+    job = HubInit(state, req, dry_run=True)
+    bootstrap.run_steps(job.steps(), dry_run=True, say=lambda title: print("# " + title))
 
 
 def rsa_key_bits(public_pem: str) -> Optional[int]:

@@ -185,21 +185,48 @@ def render_unit(config: HubConfig, executable: str, state_dir: str, tinc_unit: s
 
 
 
+def plan_service(config: HubConfig, state_dir: str, tinc_unit: str, executable: str,
+                 current_text: Optional[str], enabled: bool, active: bool,
+                 unit_dir: str = UNIT_DIR) -> bootstrap.Plan:
+    """The unit file and the systemctl commands that leave tinc-hub.service written, enabled
+    and running its current text (pure: the unit's current text and state are given)."""
+    path = os.path.join(unit_dir, UNIT_NAME)
+    text = render_unit(config, executable, state_dir, tinc_unit)
+    changed = text != current_text
+    commands = [("systemctl", "daemon-reload")] if changed else []
+    if not enabled:
+        commands.append(("systemctl", "enable", UNIT_NAME))
+    if not active:
+        commands.append(("systemctl", "start", UNIT_NAME))
+    elif changed:
+        commands.append(("systemctl", "restart", UNIT_NAME))
+    return bootstrap.Plan(files=(bootstrap.FileSpec(path, text, 0o644),),
+                          commands=tuple(commands))
+
+
+def read_service_plan(config: HubConfig, state_dir: str, tinc_unit: str,
+                      executable: Optional[str] = None,
+                      unit_dir: str = UNIT_DIR) -> bootstrap.Plan:
+    """plan_service on the unit as it is on this system now."""
+    return plan_service(config, state_dir, tinc_unit, executable or installed_executable(),
+                        bootstrap.read_text(os.path.join(unit_dir, UNIT_NAME)),
+                        bootstrap.systemctl_state("is-enabled", UNIT_NAME) == "enabled",
+                        bootstrap.systemctl_state("is-active", UNIT_NAME) == "active",
+                        unit_dir)
+
+
+def apply_service(plan: bootstrap.Plan) -> List[str]:
+    """Write the unit and run the commands of plan_service; return what changed (paths and
+    unit names)."""
+    changed = bootstrap.apply_files(plan.files)
+    for cmd in plan.commands:
+        bootstrap.run(cmd)
+        if cmd[1] == "enable":
+            changed.append(cmd[-1])
+    return changed
+
+
 def install_service(config: HubConfig, state_dir: str, tinc_unit: str,
                     executable: Optional[str] = None, unit_dir: str = UNIT_DIR) -> List[str]:
     """Write, enable and start tinc-hub.service; return what changed (paths and unit names)."""
-    path = os.path.join(unit_dir, UNIT_NAME)
-    text = render_unit(config, executable or installed_executable(), state_dir, tinc_unit)
-    changed: List[str] = []
-    unit_changed = bootstrap.write_atomic(path, text, 0o644)
-    if unit_changed:
-        changed.append(path)
-        bootstrap.run(["systemctl", "daemon-reload"])
-    if bootstrap.systemctl_state("is-enabled", UNIT_NAME) != "enabled":
-        bootstrap.run(["systemctl", "enable", UNIT_NAME])
-        changed.append(UNIT_NAME)
-    if bootstrap.systemctl_state("is-active", UNIT_NAME) != "active":
-        bootstrap.run(["systemctl", "start", UNIT_NAME])
-    elif unit_changed:
-        bootstrap.run(["systemctl", "restart", UNIT_NAME])
-    return changed
+    return apply_service(read_service_plan(config, state_dir, tinc_unit, executable, unit_dir))
