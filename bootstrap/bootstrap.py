@@ -1477,6 +1477,7 @@ class JoinOptions(NamedTuple):
     dry_run: bool
     tinc_dir: str
     root: str
+    log: Optional[str] = None  # where a real run logs (shown by a dry run)
 
 
 def split_hub(value: str, default_port: int) -> Tuple[str, int]:
@@ -1687,7 +1688,8 @@ def join(opts: JoinOptions) -> int:
     job = NodeJoin(opts, token, host, port, net, name, facts, init)
     run_steps(job.steps(), opts.dry_run)
     if opts.dry_run:
-        REPORT.step("dry run: nothing was changed")
+        REPORT.step("dry run: nothing was changed" + (
+            " (a real run logs to {})".format(opts.log) if opts.log else ""))
         return EXIT_OK
     REPORT.step("joined: {} is {} on net {}".format(name, job.address, net))
     print(job.address)
@@ -1883,7 +1885,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if command == "leave":
             return leave(args.tinc_dir, args.net)
         opts = JoinOptions(read_token(args, env_token), args.hub, args.name, args.net, args.init,
-                           args.key_size, args.timeout, args.dry_run, args.tinc_dir, args.root)
+                           args.key_size, args.timeout, args.dry_run, args.tinc_dir, args.root,
+                           args.log)
         return join(opts)
     except BootstrapError as exc:
         if verbose:

@@ -251,10 +251,11 @@ class HubInit:
         state, config = self.state, self.config
         return bootstrap.Plan(
             files=(bootstrap.FileSpec(str(state.config_file), config.to_json(), 0o600),),
-            actions=(f"directory {state.root}: mode 0700",
-                     f"registry {state.registry_file}: created when missing",
+            actions=(f"directory {state.root} with mode 0700",
+                     f"registry {state.registry_file} and its lock {state.lock_file},"
+                     " created when missing",
                      f"TLS key {state.key_file} and certificate {state.cert_file} for"
-                     f" {config.address}: made when missing, re-issued for a new address"))
+                     f" {config.address}, made when missing, re-issued for a new address"))
 
     def apply_state(self, plan: bootstrap.Plan) -> None:
         state, config = self.state, self.config
