@@ -110,6 +110,14 @@ def add_common(parser: argparse.ArgumentParser, top: bool) -> None:
                             help=argparse.SUPPRESS)
 
 
+def add_command(commands: "argparse._SubParsersAction[Parser]", name: str, help: str,
+                description: Optional[str] = None) -> argparse.ArgumentParser:
+    """A subcommand with the options every command takes (add_common)."""
+    parser = commands.add_parser(name, help=help, description=description)
+    add_common(parser, top=False)
+    return parser
+
+
 def rate_limit(text: str) -> "Optional[RateLimit]":
     """--rate-limit: N/PERIOD, or off (ValueError otherwise)."""
     from .ratelimit import parse_rate_limit
@@ -179,12 +187,11 @@ def build_parser() -> Parser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     commands.required = True
 
-    p = commands.add_parser("init", help="set up tinc, the boot service and the hub state",
+    p = add_command(commands, "init", help="set up tinc, the boot service and the hub state",
                             description="Install tinc if missing, write the hub's tinc net, generate "
                                         "its key (never regenerated), register it for boot, start "
                                         "tincd, and create the state dir (hub.json, registry, TLS cert). "
                                         "Re-running with the same arguments changes nothing.")
-    add_common(p, top=False)
     add_option(p, "--net", required=True, help="tinc net name (directory under the tinc dir)")
     add_option(p, "--name", required=True, help="the hub's tinc node name ([A-Za-z0-9_])")
     add_option(p, "--address", required=True, help="public host name or IPv4 address nodes connect to")
@@ -201,14 +208,12 @@ def build_parser() -> Parser:
                                   "run, change nothing")
     add_flag(p, "--no-start", help=argparse.SUPPRESS)  # tests: no boot registration, no tincd start
 
-    p = commands.add_parser("token", help="manage enrolment tokens")
-    add_common(p, top=False)
+    p = add_command(commands, "token", help="manage enrolment tokens")
     token_cmds = p.add_subparsers(dest="token_command", metavar="ACTION", parser_class=Parser)
     token_cmds.required = True
-    p = token_cmds.add_parser("create", help="make a token and print the node's one-liner",
+    p = add_command(token_cmds, "create", help="make a token and print the node's one-liner",
                               description="Make an enrolment token (shown once; only its hash is "
                                           "stored) and print the command to run on a node.")
-    add_common(p, top=False)
     add_option(p, "--uses", env="TINC_HUB_TOKEN_USES", type=positive_int, default=1,
                help="number of enrolments allowed")
     add_option(p, "--ttl", env="TINC_HUB_TOKEN_TTL", default="1h",
@@ -226,24 +231,21 @@ def build_parser() -> Parser:
              help="embed bootstrap.py in the --cloud-init user data (gzip+base64) instead of "
                   "fetching it from the hub with the pinned curl")
 
-    p = token_cmds.add_parser("list", help="list tokens (id, expiry, uses, status; never the secret)",
+    p = add_command(token_cmds, "list", help="list tokens (id, expiry, uses, status; never the secret)",
                               description="List every token: id (a prefix of the stored hash), "
                                           "created, expires, uses left/total, bound name, replace, "
                                           "revoked, status (active, expired, spent or revoked).")
-    add_common(p, top=False)
     add_flag(p, "--json", help="print JSON")
-    p = token_cmds.add_parser("revoke", help="revoke a token: it enrols nothing more",
+    p = add_command(token_cmds, "revoke", help="revoke a token: it enrols nothing more",
                               description="Revoke a token by its id (or an unambiguous prefix of at "
                                           "least 6 hex digits, see 'token list'): every later request "
                                           "with it is refused (401), replays of its enrolments too. "
                                           "Nodes it enrolled stay enrolled ('revoke NAME' removes one).")
-    add_common(p, top=False)
     p.add_argument("token_id", metavar="ID", type=token_id_prefix, help="token id (see 'token list')")
 
-    p = commands.add_parser("serve", help="run the HTTPS enrolment API",
+    p = add_command(commands, "serve", help="run the HTTPS enrolment API",
                             description="Serve GET /bootstrap.py, POST /v1/enroll, GET /healthz and "
                                         "GET /openapi.json over HTTPS (self-signed, pinned).")
-    add_common(p, top=False)
     add_option(p, "--listen", default="0.0.0.0", help="address to listen on")
     add_option(p, "--api-port", type=int,
                help="port to listen on (default: api_port of hub.json)")
@@ -263,15 +265,13 @@ def build_parser() -> Parser:
                help="open connections per client IP address (trusted proxies exempt); raise it "
                     "for a fleet enrolling at once from behind one NAT address")
 
-    p = commands.add_parser("nodes", help="list enrolled nodes")
-    add_common(p, top=False)
+    p = add_command(commands, "nodes", help="list enrolled nodes")
     add_flag(p, "--json", help="print JSON")
 
-    p = commands.add_parser("revoke", help="revoke a node: remove its host file, SIGHUP tincd",
+    p = add_command(commands, "revoke", help="revoke a node: remove its host file, SIGHUP tincd",
                             description="Remove hosts/NAME, mark the node revoked and SIGHUP the hub's "
                                         "tincd (it drops the node at once). Its address is never reused "
                                         "unless --release is given (which also frees the name and key).")
-    add_common(p, top=False)
     p.add_argument("node", metavar="NAME", help="node name")
     add_flag(p, "--release", help="free the node's address, name and key for reuse")
     add_flag(p, "--revoke-token", help="also revoke the token that enrolled (or last re-keyed) the "
@@ -359,24 +359,32 @@ def cmd_token_create(args: argparse.Namespace, state: StateDir) -> int:
     return EXIT_OK
 
 
-def cmd_token_list(args: argparse.Namespace, state: StateDir) -> int:
-    from .tokens import list_tokens
-
-    rows = list_tokens(_registry(state))
-    if args.json:
+def print_rows(rows: List[Dict[str, Any]], as_json: bool, empty: str, header: Sequence[str],
+               cells: Callable[[Dict[str, Any]], Sequence[str]]) -> int:
+    """A listing: JSON, or a table of aligned columns (or one line when there is nothing)."""
+    if as_json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
     if not rows:
-        print("no tokens")
+        print(empty)
         return EXIT_OK
-    table = [("ID", "CREATED", "EXPIRES", "USES", "NAME", "REPLACE", "REVOKED", "STATUS")] + [
-        (r["id"], r["created_at"], r["expires_at"], f"{r['uses_left']}/{r['uses_total']}",
-         r["name"] or "-", "yes" if r["replace"] else "no", r["revoked_at"] or "-", r["status"])
-        for r in rows]
+    table = [tuple(header)] + [tuple(cells(r)) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     return EXIT_OK
+
+
+def cmd_token_list(args: argparse.Namespace, state: StateDir) -> int:
+    from .tokens import list_tokens
+
+    rows = list_tokens(_registry(state))
+    return print_rows(rows, args.json, "no tokens",
+                      ("ID", "CREATED", "EXPIRES", "USES", "NAME", "REPLACE", "REVOKED", "STATUS"),
+                      lambda r: (r["id"], r["created_at"], r["expires_at"],
+                                 f"{r['uses_left']}/{r['uses_total']}", r["name"] or "-",
+                                 "yes" if r["replace"] else "no", r["revoked_at"] or "-",
+                                 r["status"]))
 
 
 def cmd_token_revoke(args: argparse.Namespace, state: StateDir) -> int:
@@ -415,19 +423,10 @@ def cmd_nodes(args: argparse.Namespace, state: StateDir) -> int:
         rows.append({"name": n.name, "address": n.address, "enrolled_at": iso_utc(n.enrolled_at),
                      "revoked": n.revoked, "revoked_at": iso_utc(n.revoked_at),
                      "online": live["online"], "last_seen": iso_utc(live["last_seen"])})
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return EXIT_OK
-    if not rows:
-        print("no nodes enrolled")
-        return EXIT_OK
-    table = [("NAME", "ADDRESS", "ENROLLED", "REVOKED", "ONLINE", "LAST SEEN")] + [
-        (r["name"], r["address"], r["enrolled_at"], r["revoked_at"] or "-",
-         "yes" if r["online"] else "no", r["last_seen"] or "never") for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for row in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-    return EXIT_OK
+    return print_rows(rows, args.json, "no nodes enrolled",
+                      ("NAME", "ADDRESS", "ENROLLED", "REVOKED", "ONLINE", "LAST SEEN"),
+                      lambda r: (r["name"], r["address"], r["enrolled_at"], r["revoked_at"] or "-",
+                                 "yes" if r["online"] else "no", r["last_seen"] or "never"))
 
 
 def cmd_revoke(args: argparse.Namespace, state: StateDir) -> int:

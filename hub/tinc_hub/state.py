@@ -74,30 +74,12 @@ class StateDir:
 
     def __init__(self, root: "os.PathLike[str] | str") -> None:
         self.root = Path(root)
-
-    @property
-    def config_file(self) -> Path:
-        return self.root / "hub.json"
-
-    @property
-    def registry_file(self) -> Path:
-        return self.root / "registry.sqlite3"
-
-    @property
-    def lock_file(self) -> Path:
-        return self.root / "registry.lock"
-
-    @property
-    def tls_dir(self) -> Path:
-        return self.root / "tls"
-
-    @property
-    def cert_file(self) -> Path:
-        return self.tls_dir / "cert.pem"
-
-    @property
-    def key_file(self) -> Path:
-        return self.tls_dir / "key.pem"
+        self.config_file = self.root / "hub.json"
+        self.registry_file = self.root / "registry.sqlite3"
+        self.lock_file = self.root / "registry.lock"
+        self.tls_dir = self.root / "tls"
+        self.cert_file = self.tls_dir / "cert.pem"
+        self.key_file = self.tls_dir / "key.pem"
 
     def exists(self) -> bool:
         return self.config_file.exists()

@@ -100,6 +100,19 @@ def _text(b):
     return b
 
 
+def command_outputs(runner, commands, timeout):
+    """stdout+stderr of each command run by runner (a Host or a Container), for failure
+    messages: a command that cannot run leaves its error instead."""
+    out = []
+    for cmd in commands:
+        try:
+            cp = runner.run(cmd, check=False, timeout=timeout)
+            out.append(cp.stdout.rstrip() + cp.stderr.rstrip())
+        except Exception as e:
+            out.append("(%s)" % e)
+    return out
+
+
 def _tail(text, lines=60):
     parts = text.rstrip("\n").splitlines()
     if len(parts) > lines:
@@ -628,14 +641,11 @@ class Topology:
             if h.anchor is None:
                 continue
             out.append("===== host %s (%s) =====" % (h.name, h.netns))
-            for cmd in (["ip", "-br", "addr"], ["ip", "route"],
-                        "ls -la /var/run/ /etc/tinc/*/ 2>&1; cat /var/run/*.pid 2>/dev/null; true",
-                        "for f in /var/log/*; do [ -f \"$f\" ] && { echo \"--- $f\"; tail -n 30 \"$f\"; }; done; true"):
-                try:
-                    cp = h.run(cmd, check=False, timeout=10)
-                    out.append(cp.stdout.rstrip() + cp.stderr.rstrip())
-                except Exception as e:
-                    out.append("(%s)" % e)
+            out += command_outputs(h, (
+                ["ip", "-br", "addr"], ["ip", "route"],
+                "ls -la /var/run/ /etc/tinc/*/ 2>&1; cat /var/run/*.pid 2>/dev/null; true",
+                "for f in /var/log/*; do [ -f \"$f\" ] && { echo \"--- $f\"; tail -n 30 \"$f\"; }; done; true"),
+                timeout=10)
             pids = h.pids()
             procs = []
             for p in pids:

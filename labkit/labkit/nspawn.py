@@ -438,13 +438,10 @@ class Container:
                                                                    self.boots),
                "--- boot log (tail) ---", netlab._tail(self.boot_log(), 40)]
         if self.running():
-            for cmd in (["ps", "-eo", "pid,args"], ["ip", "-br", "addr"],
-                        "systemctl --failed --no-legend 2>/dev/null; "
-                        "journalctl -b --no-pager -n 60 -u 'tinc*' 2>/dev/null; "
-                        "tail -n 30 /var/log/tinc-bootstrap.log /var/log/syslog 2>/dev/null; true"):
-                try:
-                    proc = self.run(cmd, check=False, timeout=15)
-                    out.append(proc.stdout.rstrip() + proc.stderr.rstrip())
-                except Exception as exc:
-                    out.append("(%s)" % exc)
+            out += netlab.command_outputs(self, (
+                ["ps", "-eo", "pid,args"], ["ip", "-br", "addr"],
+                "systemctl --failed --no-legend 2>/dev/null; "
+                "journalctl -b --no-pager -n 60 -u 'tinc*' 2>/dev/null; "
+                "tail -n 30 /var/log/tinc-bootstrap.log /var/log/syslog 2>/dev/null; true"),
+                timeout=15)
         return "\n".join(out)
