@@ -12,7 +12,7 @@ FIXTURE_SYSTEMS = os.path.join(TESTS_DIR, "fixtures", "systems")
 
 
 # the one import of the node script in the tests (the hub imports the same module)
-from tinc_node import bootstrap  # noqa: E402
+from bootstrap import bootstrap  # noqa: E402
 
 
 def vagrant_validate(directory, dotfile):

@@ -523,7 +523,7 @@ def test_total_cap_resets_everyone_until_a_slot_frees(make_hub, keys: List[str])
 def test_a_node_reset_by_the_cap_retries_and_gets_in(make_hub, keys: List[str]) -> None:
     """bootstrap.py treats a reset at accept like an unreachable hub: it backs off and
     retries, so a fleet behind one NAT address over the per-address cap is slowed, not failed."""
-    from tinc_node import bootstrap
+    from bootstrap import bootstrap
 
     hub = make_hub("--max-connections-per-address", "1")
     issued = hub.env.token(uses=1)

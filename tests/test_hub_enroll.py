@@ -8,7 +8,7 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import pytest
 
-from tinc_node import bootstrap
+from bootstrap import bootstrap
 from tinc_hub.enroll import MAX_BODY_BYTES, Enroller
 from tinc_hub.hostfiles import reconcile_host_files
 from tinc_hub.registry import Registry

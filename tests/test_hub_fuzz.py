@@ -13,7 +13,7 @@ import schemathesis
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from tinc_node import bootstrap
+from bootstrap import bootstrap
 from tinc_hub.enroll import EnrollError, parse_bearer, parse_body, validate_name
 from tinc_hub.openapi import openapi_schema
 from tinc_hub.ratelimit import RateLimit, parse_rate_limit

@@ -11,7 +11,7 @@ import pytest
 from tinc_hub.cli import main
 from tinc_hub.liveness import (Seen, liveness_dir, node_status, parse_record, read_liveness,
                                render_host_script)
-from tinc_node import bootstrap
+from bootstrap import bootstrap
 from hub_fixtures import init_hub
 
 

@@ -17,7 +17,7 @@ from typing import Dict, Iterator, List
 
 import pytest
 
-from tinc_node import bootstrap
+from bootstrap import bootstrap
 from tinc_hub.hostfiles import render_node_host_file
 from tinc_hub.http_timeouts import HEADER_TIMEOUT
 from hub_fixtures import HubEnv, init_hub, wait_until

@@ -14,7 +14,7 @@ from typing import Iterator, NamedTuple
 import pytest
 import requests
 
-from tinc_node import bootstrap
+from bootstrap import bootstrap
 from tinc_hub.enroll import MAX_BODY_BYTES
 from tinc_hub.http_timeouts import HEADER_TIMEOUT
 from tinc_hub.tls import pin_of_cert_file

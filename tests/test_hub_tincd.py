@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tinc_node import bootstrap
+from bootstrap import bootstrap
 from tinc_hub.cli import main
 from tinc_hub.enroll import Enroller
 from tinc_hub.registry import Registry

@@ -8,7 +8,7 @@ import time
 import pytest
 from cryptography import x509
 
-from tinc_node import bootstrap
+from bootstrap import bootstrap
 from tinc_hub.errors import HubError
 from tinc_hub.tls import ensure_cert, pin_of_cert_file
 from tinc_hub.tokens import hash_secret, join_command, parse_ttl

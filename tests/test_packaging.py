@@ -30,18 +30,18 @@ def test_wheel_carries_the_node_script_and_serves_it(tmp_path):
         names = set(archive.namelist())
         packages = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(
             (".dist-info", ".data"))}
-        assert packages == {"tinc_hub", "tinc_node"}
-        assert {"tinc_node/__init__.py", "tinc_node/bootstrap.py",
+        assert packages == {"tinc_hub", "bootstrap"}
+        assert {"bootstrap/__init__.py", "bootstrap/bootstrap.py",
                 "tinc_hub/user-data.yaml.in", "tinc_hub/cli.py"} <= names
-        assert archive.read("tinc_node/bootstrap.py") == Path(BOOTSTRAP_PY).read_bytes()
+        assert archive.read("bootstrap/bootstrap.py") == Path(BOOTSTRAP_PY).read_bytes()
         entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
         assert b"tinc-hub = tinc_hub.cli:main" in archive.read(entry_points)
         archive.extractall(tmp_path / "site")
     # the unpacked wheel alone (isolated mode: not the repo, not the dev venv's editable
     # install) answers with the same bytes through the one reader the hub uses
-    code = ("import sys, tinc_node, tinc_hub.cloud_init; "
-            "assert tinc_node.__file__.startswith(sys.argv[1]), tinc_node.__file__; "
-            "sys.stdout.buffer.write(tinc_node.script_source())")
+    code = ("import sys, bootstrap, tinc_hub.cloud_init; "
+            "assert bootstrap.__file__.startswith(sys.argv[1]), bootstrap.__file__; "
+            "sys.stdout.buffer.write(bootstrap.script_source())")
     out = subprocess.run([sys.executable, "-I", "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
                           + code, str(tmp_path / "site")],
                          stdout=subprocess.PIPE, check=True, timeout=60,

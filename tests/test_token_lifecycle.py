@@ -18,7 +18,7 @@ from typing import Dict, List, Tuple
 
 import pytest
 
-from tinc_node import bootstrap
+from bootstrap import bootstrap
 from tinc_hub.cli import main
 from tinc_hub.enroll import Attempt, audit_line, log_value
 from tinc_hub.errors import HubError

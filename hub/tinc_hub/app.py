@@ -7,7 +7,7 @@ import socket
 import time
 from typing import Any, Awaitable, Callable, Dict, Optional
 
-import tinc_node
+from bootstrap import script_source
 import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -86,7 +86,7 @@ def create_app(config: HubConfig, registry: Registry, batcher: ReloadBatcher,
     enroller = Enroller(config, registry)
     if bootstrap_source is None:
         try:
-            bootstrap_source = tinc_node.script_source()
+            bootstrap_source = script_source()
         except OSError as exc:
             log.warning("bootstrap.py is missing (%s): GET /bootstrap.py will answer 503", exc)
     schema = openapi_schema()

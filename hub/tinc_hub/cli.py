@@ -11,7 +11,7 @@ import traceback
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence
 
 from . import __version__
-from tinc_node.bootstrap import DEFAULT_API_PORT, DEFAULT_KEY_SIZE, DEFAULT_TINC_DIR, INIT_CHOICES
+from bootstrap.bootstrap import DEFAULT_API_PORT, DEFAULT_KEY_SIZE, DEFAULT_TINC_DIR, INIT_CHOICES
 from .errors import HubError
 from .client_address import NO_PROXY, TrustedProxies
 from .connection_caps import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_ADDRESS
@@ -510,7 +510,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     verbose = bool(getattr(args, "verbose", False))
     configure_logging(verbose)
     try:
-        from tinc_node import bootstrap
+        from bootstrap import bootstrap
 
         bootstrap.REPORT.verbose = verbose
     except Exception:  # pragma: no cover - bootstrap.py missing from a broken install

@@ -16,7 +16,7 @@ import string
 from importlib import resources
 from typing import Dict, List, Tuple
 
-import tinc_node
+from bootstrap import script_source
 
 from .errors import HubError
 from .state import HubConfig
@@ -57,7 +57,7 @@ def render_user_data(config: HubConfig, pin: str, token: str, expires_at: str,
                        "this is a bug: report it")
     url = bootstrap_url(config.address, config.api_port)
     if embed:
-        payload = base64.b64encode(gzip.compress(tinc_node.script_source(), 9, mtime=0)).decode()
+        payload = base64.b64encode(gzip.compress(script_source(), 9, mtime=0)).decode()
         bootstrap_file = (f"  - path: {NODE_SCRIPT_PATH}\n    owner: root:root\n"
                           f"    permissions: '0755'\n    encoding: gz+b64\n"
                           f"    content: {payload}\n")

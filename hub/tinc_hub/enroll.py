@@ -31,7 +31,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tinc_node import bootstrap
+from bootstrap import bootstrap
 from .hostfiles import host_file_in_place, render_node_host_file, write_if_changed
 from .registry import NodeRow, Registry, RegistryTransaction, RegistryView, TokenRow, token_id
 from .state import HubConfig

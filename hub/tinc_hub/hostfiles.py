@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Dict, List
 
-from tinc_node import bootstrap
+from bootstrap import bootstrap
 from .registry import Registry
 from .state import HubConfig
 

@@ -1,6 +1,6 @@
 """``tinc-hub init``: set up the hub's tinc net, boot service and the hub state directory.
 
-Distro, init-system and tincd knowledge comes from the shared ``tinc_node.bootstrap`` module
+Distro, init-system and tincd knowledge comes from the shared ``bootstrap.bootstrap`` module
 (the node's bootstrap.py); this module only decides what the hub's files say. Re-running
 with the same arguments changes nothing (same bytes, same mtimes).
 """
@@ -15,7 +15,7 @@ from typing import List, Optional
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tinc_node import bootstrap
+from bootstrap import bootstrap
 from .errors import HubError
 from .service import UNIT_NAME, apply_service, installed_executable, read_service_plan, render_unit
 from .liveness import render_host_script

@@ -12,7 +12,7 @@ import shlex
 from pathlib import Path
 from typing import Dict, NamedTuple, Optional
 
-from tinc_node import bootstrap
+from bootstrap import bootstrap
 
 LIVENESS_DIR_NAME = "liveness"
 SCRIPT_MARKER = "# Written by tinc-hub init: node liveness for 'tinc-hub nodes'."

@@ -12,7 +12,7 @@ import signal
 import time
 from typing import Callable, Optional, Set
 
-from tinc_node import bootstrap
+from bootstrap import bootstrap
 
 log = logging.getLogger("tinc_hub.reload")
 _warned: Set[str] = set()  # nets whose failed SIGHUP was already logged as a warning

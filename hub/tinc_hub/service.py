@@ -20,7 +20,7 @@ import unicodedata
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from tinc_node import bootstrap
+from bootstrap import bootstrap
 from .errors import HubError
 from .state import DEFAULT_STATE_DIR, HubConfig
 

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
-from tinc_node import bootstrap
+from bootstrap import bootstrap
 from .errors import HubError
 from .registry import MIN_TOKEN_ID_PREFIX, Registry, RegistryView, TokenRow, iso_utc, token_id
 from .state import HubConfig

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from labkit import netlab, nspawn
-from tinc_node.bootstrap import DEFAULT_KEY_SIZE
+from bootstrap.bootstrap import DEFAULT_KEY_SIZE
 
 STATE_DIR = Path("/run/tinc-lab")
 NET = "middle-earth"

@@ -21,7 +21,7 @@ from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from tinc_node.bootstrap import DEFAULT_API_PORT
+from bootstrap.bootstrap import DEFAULT_API_PORT
 from tinc_hub.state import StateDir
 
 HOST = "127.0.0.1"

@@ -48,7 +48,7 @@ import threading
 import time
 from pathlib import Path
 
-from tinc_node.bootstrap import DEFAULT_API_PORT, pid_file_paths
+from bootstrap.bootstrap import DEFAULT_API_PORT, pid_file_paths
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # labkit/labkit/netlab.py
 VENV = REPO_ROOT / ".venv"
