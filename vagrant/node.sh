@@ -5,7 +5,29 @@
 set -eu
 token_json=$1 router=$2 public=$3
 shift 3
+case "$public/$router" in
+    *[!0-9./]*) echo "node.sh: '$public' and '$router' must be IPv4 addresses" >&2; exit 1 ;;
+esac
 ip route replace "$public" via "$router"
+if [ -d /run/systemd/system ]; then
+    # the same route at every boot (`vagrant reload`), so that tincd finds the hub again
+    cat > /etc/systemd/system/tinc-lab-route.service <<UNIT
+[Unit]
+Description=tinc lab: route to the hub's network through the NAT router
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/bin/sh -c 'n=0; until ip route replace $public via $router; do n=\$\$((n + 1)); [ \$\$n -lt 60 ] || exit 1; sleep 1; done'
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+    systemctl daemon-reload
+    systemctl enable -q tinc-lab-route.service
+fi
 if ! command -v python3 >/dev/null; then   # CentOS 7 images ship without python3
     if command -v yum >/dev/null; then yum install -y -q python3; else apt-get install -y -q python3; fi
 fi
