@@ -26,6 +26,9 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "boot: booted systemd/SysV containers (systemd-nspawn, labkit.nspawn); "
         "the slow group: select with -m boot, leave out with -m 'not boot'")
+    config.addinivalue_line(
+        "markers", "vagrant: the Vagrantfile's four VMs for real (vagrant-libvirt, QEMU "
+        "emulation, labkit.vms); the slowest group: select with -m vagrant")
     # SIGTERM (e.g. a CI timeout) -> KeyboardInterrupt, so that fixture finalizers run and
     # the namespaces are removed; atexit in netlab is the last line of defence.
     if threading.current_thread() is threading.main_thread():

@@ -1,0 +1,285 @@
+"""labkit.vms: the Vagrantfile's four machines as real VMs (vagrant-libvirt, QEMU emulation).
+
+No pytest in here (like labkit.netlab).
+
+``ensure_libvirtd()`` starts virtlogd and libvirtd (niced, so are the QEMU processes they
+start) when they are not running: PID 1 here is not systemd. ``ensure_box()`` runs
+``vagrant/build-box`` (cached box, added to Vagrant) and returns the box name it prints last.
+A ``VagrantLab`` is one run: a private copy of the project (Vagrantfile, provisioning scripts,
+the hub's project and a wheelhouse of its dependencies in ``vagrant/wheelhouse``, so that the
+hub installs offline), its own ``.vagrant`` directory, and a per-run libvirt name prefix
+``tinclab-<run>-`` for every domain, network and volume, with a free management subnet.
+``destroy()`` runs ``vagrant destroy -f`` and reports what it left behind (domains, networks,
+volumes, QEMU processes carrying the prefix), then removes those too; a run is also destroyed
+at interpreter exit, and ``sweep_stale_runs()`` removes what runs that died left behind (their
+lock file in LOCK_DIR is no longer held).
+
+Network safety: every libvirt network of a run is isolated (no forwarding, no DNS forwarding:
+the host holds the .1 address of each and nothing routes through it), and the guests install
+nothing from the network (the box holds the packages, the hub's wheels come from the synced
+folder).
+"""
+
+import fcntl
+import ipaddress
+import os
+import re
+import secrets
+import shlex
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from labkit import netlab, nspawn
+
+LIBVIRT_URI = "qemu:///system"
+BUILD_BOX = netlab.REPO_ROOT / "vagrant" / "build-box"
+LOCK_DIR = Path("/run/tinc-lab-vms")
+RUN_PREFIX_RE = re.compile(r"tinclab-([0-9a-f]{8})-")
+MACHINES = ("erebor", "gate", "hobbiton", "bree")   # the Vagrantfile's, in `up` order
+NICE = ["nice", "-n", "10"]
+# the project parts a run copies: the Vagrantfile and its scripts, plus the hub's project
+LAB_PARTS = ("Vagrantfile", "vagrant")
+
+
+def virsh(*args: str, check: bool = True, timeout: float = 60) -> str:
+    cmd = ["virsh", "-q", "-c", LIBVIRT_URI] + list(args)
+    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise netlab.CommandError(cmd, proc.returncode, proc.stdout, proc.stderr)
+    return proc.stdout
+
+
+def _running(name: str) -> bool:
+    return subprocess.run(["pgrep", "-x", name], stdout=subprocess.DEVNULL).returncode == 0
+
+
+def ensure_libvirtd(timeout: float = 30) -> None:
+    """virtlogd and libvirtd running (started here, niced, when they are not); waits until
+    libvirtd answers."""
+    for daemon in ("virtlogd", "libvirtd"):
+        if not _running(daemon):
+            subprocess.run(NICE + [daemon, "-d"], check=True, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while True:
+        proc = subprocess.run(["virsh", "-c", LIBVIRT_URI, "version"], capture_output=True,
+                              stdin=subprocess.DEVNULL, text=True)
+        if proc.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError("libvirtd does not answer on %s: %s" % (LIBVIRT_URI,
+                                                                       proc.stderr.strip()))
+        time.sleep(0.5)
+
+
+def ensure_box(log_dir: Path) -> str:
+    """The lab box's name: vagrant/build-box builds it (or finds it cached) and adds it."""
+    log_path = log_dir / "build-box.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.run(NICE + [str(BUILD_BOX)], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=log, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise netlab.CommandError([str(BUILD_BOX)], proc.returncode, proc.stdout,
+                                  log_path.read_text(errors="replace"))
+    return proc.stdout.strip().splitlines()[-1]
+
+
+class Leftovers(Dict[str, List[str]]):
+    """What carries a run's prefix: {"domains": [...], "networks": [...], "volumes": [...],
+    "processes": [pid, ...]}."""
+
+    def empty(self) -> bool:
+        return not any(self.values())
+
+
+def find_leftovers(prefix: str) -> Leftovers:
+    """Every libvirt domain, network and volume named with prefix, and every QEMU process
+    whose command line holds it."""
+    found = Leftovers(domains=[], networks=[], volumes=[], processes=[])
+    found["domains"] = [n for n in virsh("list", "--all", "--name").split() if n.startswith(prefix)]
+    found["networks"] = [n for n in virsh("net-list", "--all", "--name").split()
+                         if n.startswith(prefix)]
+    for pool in virsh("pool-list", "--all", "--name").split():
+        for line in virsh("vol-list", pool, check=False).splitlines():
+            name = line.split()[0] if line.split() else ""
+            if name.startswith(prefix):
+                found["volumes"].append("%s/%s" % (pool, name))
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            argv = Path("/proc", pid, "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and b"qemu-system" in argv[0] and any(prefix.encode() in a for a in argv):
+            found["processes"].append(pid)
+    return found
+
+
+def remove_leftovers(found: Leftovers) -> None:
+    """Remove what find_leftovers() found, forcefully (domains off, then their storage)."""
+    for name in found["domains"]:
+        virsh("destroy", name, check=False)
+        virsh("undefine", name, "--remove-all-storage", "--nvram", check=False)
+    for pid in found["processes"]:
+        try:
+            os.kill(int(pid), 9)
+        except ProcessLookupError:
+            pass
+    for name in found["networks"]:
+        virsh("net-destroy", name, check=False)
+        virsh("net-undefine", name, check=False)
+    for pool_and_name in found["volumes"]:
+        pool, name = pool_and_name.split("/", 1)
+        virsh("vol-delete", "--pool", pool, name, check=False)
+
+
+def sweep_stale_runs() -> List[str]:
+    """Remove the libvirt objects of runs whose owner died (lock file not held); returns
+    their prefixes."""
+    names = virsh("list", "--all", "--name").split() + virsh("net-list", "--all", "--name").split()
+    swept = []
+    for run in sorted({m.group(1) for m in map(RUN_PREFIX_RE.match, names) if m}):
+        lock_path = LOCK_DIR / (run + ".lock")
+        try:
+            with open(lock_path, "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live run
+        prefix = "tinclab-%s-" % run
+        remove_leftovers(find_leftovers(prefix))
+        lock_path.unlink(missing_ok=True)
+        swept.append(prefix)
+    return swept
+
+
+def _networks_in_use() -> List[ipaddress.IPv4Network]:
+    out = subprocess.run(["ip", "-4", "-o", "route", "show", "table", "all"],
+                         capture_output=True, text=True, check=True).stdout
+    used = []
+    for line in out.splitlines():
+        word = line.split()[0] if line.split() else ""
+        if word[:1].isdigit():
+            used.append(ipaddress.ip_network(word, strict=False))
+    return used
+
+
+def free_management_net() -> str:
+    """A 192.168.X.0/24 (X in 130..249) that no route of this machine overlaps."""
+    used = _networks_in_use()
+    for third in range(130, 250):
+        net = ipaddress.ip_network("192.168.%d.0/24" % third)
+        if not any(net.overlaps(u) for u in used):
+            return str(net)
+    raise RuntimeError("no free 192.168.130-249.0/24 network for the VMs' management network")
+
+
+class VagrantLab:
+    """One run of the Vagrantfile's lab on libvirt, in a private copy of the project."""
+
+    def __init__(self, box: str, log_dir: Path):
+        LOCK_DIR.mkdir(parents=True, exist_ok=True)
+        self.run_id = secrets.token_hex(4)
+        self.prefix = "tinclab-%s-" % self.run_id
+        self._lock = open(LOCK_DIR / (self.run_id + ".lock"), "w")
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
+        self.log_dir = log_dir
+        self.project = Path(tempfile.mkdtemp(prefix=self.prefix))
+        self._ssh_config: Optional[Path] = None
+        self.destroyed = False
+        self._copy_project(log_dir)
+        self.env = dict(os.environ, TINC_LAB_BOX=box, TINC_LAB_LIBVIRT_PREFIX=self.prefix,
+                        TINC_LAB_MGMT_NET=free_management_net(),
+                        VAGRANT_DEFAULT_PROVIDER="libvirt", VAGRANT_CHECKPOINT_DISABLE="1",
+                        VAGRANT_DOTFILE_PATH=str(self.project / ".vagrant"))
+        for name in list(self.env):
+            if name.startswith("TINC_LAB_") and name.endswith("_BOX") and name != "TINC_LAB_BOX":
+                del self.env[name]
+        netlab.remove_at_exit(self, "vagrant lab " + self.prefix, self.destroy)
+
+    def _copy_project(self, log_dir: Path) -> None:
+        hub_project = self.project / "hub-project"
+        nspawn.copy_hub_project(hub_project)
+        for part in nspawn.HUB_PROJECT_PARTS:
+            os.rename(hub_project / part, self.project / part)
+        hub_project.rmdir()
+        for part in LAB_PARTS:
+            source = netlab.REPO_ROOT / part
+            if source.is_dir():
+                shutil.copytree(source, self.project / part,
+                                ignore=shutil.ignore_patterns("wheelhouse"))
+            else:
+                shutil.copy2(source, self.project / part)
+        shutil.copytree(nspawn.ensure_hub_wheelhouse(log_dir),
+                        self.project / "vagrant" / "wheelhouse")
+
+    def vagrant(self, *args: str, timeout: float = 1200, check: bool = True
+                ) -> subprocess.CompletedProcess:
+        """Run `vagrant ARGS` in the run's project (niced); output also goes to a log file."""
+        cmd = NICE + ["vagrant", "--no-color"] + list(args)
+        log_path = self.log_dir / ("vagrant-%s.log" % "-".join(a for a in args[:2]
+                                                             if a.isalnum()))
+        try:
+            proc = subprocess.run(cmd, cwd=str(self.project), env=self.env, timeout=timeout,
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+        except subprocess.TimeoutExpired as e:
+            raise netlab.CommandError(cmd, None, e.stdout or "", "", "vagrant", timeout)
+        with open(log_path, "a") as log:
+            log.write("$ %s\n%s\n" % (shlex.join(cmd), proc.stdout))
+        if check and proc.returncode != 0:
+            raise netlab.CommandError(cmd, proc.returncode, proc.stdout[-6000:], "", "vagrant")
+        return proc
+
+    def ssh(self, machine: str, command: str, timeout: float = 120, check: bool = True
+            ) -> subprocess.CompletedProcess:
+        """Run a shell command on a machine over Vagrant's ssh settings (one `vagrant
+        ssh-config` per run, then plain ssh: vagrant's own start-up takes seconds)."""
+        if self._ssh_config is None:
+            config = self.vagrant("ssh-config", timeout=120).stdout
+            self._ssh_config = self.project / "ssh-config"
+            self._ssh_config.write_text(config)
+        cmd = ["ssh", "-F", str(self._ssh_config), "-o", "BatchMode=yes",
+               "-o", "ConnectTimeout=10", machine, command]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+        if check and proc.returncode != 0:
+            raise netlab.CommandError(cmd, proc.returncode, proc.stdout, proc.stderr, machine)
+        return proc
+
+    def forget_ssh_config(self) -> None:
+        """After a reload the management address may change: ask Vagrant again next time."""
+        self._ssh_config = None
+
+    def rss_kib(self) -> Dict[str, int]:
+        """Resident memory of each running VM's QEMU process, by domain name."""
+        result = {}
+        for pid in find_leftovers(self.prefix)["processes"]:
+            argv = Path("/proc", pid, "cmdline").read_bytes().split(b"\0")
+            name = next((a.split(b",")[0][len(b"guest="):].decode() for a in argv
+                         if a.startswith(b"guest=")), pid)
+            for line in Path("/proc", pid, "status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    result[name] = int(line.split()[1])
+        return result
+
+    def destroy(self) -> Leftovers:
+        """`vagrant destroy -f`; returns what it left behind (then removed here as well),
+        and deletes the project copy. Idempotent."""
+        if self.destroyed:
+            return Leftovers(domains=[], networks=[], volumes=[], processes=[])
+        try:
+            self.vagrant("destroy", "-f", timeout=600, check=False)
+            left = find_leftovers(self.prefix)
+            remove_leftovers(left)
+        finally:
+            self.destroyed = True
+            netlab.keep_past_exit(self)
+            shutil.rmtree(self.project, ignore_errors=True)
+            (LOCK_DIR / (self.run_id + ".lock")).unlink(missing_ok=True)
+            self._lock.close()
+        return left
