@@ -268,7 +268,8 @@ async def _serve(server: uvicorn.Server, sock: socket.socket) -> None:
     await server.serve(sockets=[sock])
 
 
-def serve(state_dir: StateDir, listen: str = "0.0.0.0", port: Optional[int] = None,
+def serve(state_dir: StateDir, registry_url: Optional[str] = None,
+          registry_password_file: Optional[str] = None, listen: str = "0.0.0.0", port: Optional[int] = None,
           rate_limit: Optional[RateLimit] = parse_rate_limit(DEFAULT_RATE_LIMIT),
           trusted_proxies: TrustedProxies = NO_PROXY,
           max_connections: int = DEFAULT_MAX_CONNECTIONS,
@@ -282,7 +283,7 @@ def serve(state_dir: StateDir, listen: str = "0.0.0.0", port: Optional[int] = No
         raise HubError(f"TLS key {state_dir.key_file} is missing", "re-run 'tinc-hub init'")
     port = port or config.api_port
     sock = bind_listener(listen, port, BACKLOG)
-    registry = Registry(state_dir.registry_file, state_dir.lock_file, keep_connections=True)
+    registry = Registry.for_state(state_dir, registry_url, registry_password_file, keep_connections=True)
     registry.ensure_schema()
     repaired = reconcile_host_files(config, registry)
     if repaired["written"] or repaired["removed"]:

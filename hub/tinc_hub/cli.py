@@ -99,13 +99,23 @@ def add_deprecated_alias(parser: argparse.ArgumentParser, old_flag: str, new_fla
 
 
 def add_common(parser: argparse.ArgumentParser, top: bool) -> None:
-    """--state-dir and -v, accepted before and after the command."""
+    """--state-dir, --registry, --registry-password-file and -v, accepted before and after
+    the command."""
     if top:
         add_option(parser, "--state-dir", default=DEFAULT_STATE_DIR, help="hub state directory")
+        add_option(parser, "--registry", metavar="URL",
+                   help="the registry: postgresql://USER@HOST[:PORT]/DB (several hubs; no password "
+                        "in it) or sqlite:////PATH; default: the one hub.json records, else "
+                        "registry.sqlite3 in the state dir")
+        add_option(parser, "--registry-password-file", metavar="FILE",
+                   help="file whose first line is the PostgreSQL password (else libpq's "
+                        "PGPASSWORD, ~/.pgpass or PGPASSFILE)")
         add_flag(parser, "--verbose", help="debug output and tracebacks")
         parser.add_argument("-v", dest="verbose", action="store_true", help="same as --verbose")
     else:
         parser.add_argument("--state-dir", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        parser.add_argument("--registry", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        parser.add_argument("--registry-password-file", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                             help=argparse.SUPPRESS)
 
@@ -276,6 +286,22 @@ def build_parser() -> Parser:
     add_flag(p, "--release", help="free the node's address, name and key for reuse")
     add_flag(p, "--revoke-token", help="also revoke the token that enrolled (or last re-keyed) the "
                                        "node, so the machine cannot enrol again under another name")
+
+    p = add_command(commands, "registry", help="the registry database (copy to PostgreSQL)")
+    registry_cmds = p.add_subparsers(dest="registry_command", metavar="ACTION", parser_class=Parser)
+    registry_cmds.required = True
+    p = add_command(registry_cmds, "copy", help="copy every token and node into an empty PostgreSQL registry",
+                    description="Copy every token and node (revoked ones too) and the schema version "
+                                "from this hub's registry into an EMPTY registry at --to, under the "
+                                "registry write lock; verify the counts; then record --to in hub.json, "
+                                "so that every later command and the restarted API use it. Stop the "
+                                "API service first: it keeps the old registry open until restarted.")
+    add_option(p, "--to", env="TINC_HUB_REGISTRY_COPY_TO", required=True, metavar="URL",
+               help="the target: postgresql://USER@HOST[:PORT]/DB (no password in it)")
+    add_option(p, "--to-password-file", env="TINC_HUB_REGISTRY_COPY_TO_PASSWORD_FILE", metavar="FILE",
+               help="file whose first line is the target's password (else libpq's PGPASSWORD, "
+                    "~/.pgpass or PGPASSFILE)")
+    add_flag(p, "--no-switch", help="copy and verify only; leave hub.json as it is")
     return parser
 
 
@@ -309,12 +335,14 @@ def cmd_init(args: argparse.Namespace, state: StateDir) -> int:
     return EXIT_OK
 
 
-def _registry(state: StateDir):
+def _registry(state: StateDir, args: argparse.Namespace, keep_connections: bool = False):
+    """The registry of --registry / hub.json / the state dir, migrated to this code's schema
+    (a registry made by an older tinc-hub is upgraded in place; a newer one is refused)."""
     from .registry import Registry
 
     state.load_config()  # fail early with a hint when init was never run
-    registry = Registry(state.registry_file, state.lock_file)
-    registry.upgrade_schema()  # a registry made by an older tinc-hub gains its new columns
+    registry = Registry.for_state(state, args.registry, args.registry_password_file, keep_connections)
+    registry.upgrade_schema()
     return registry
 
 
@@ -325,7 +353,7 @@ def cmd_token_create(args: argparse.Namespace, state: StateDir) -> int:
     config = state.load_config()
     pin = pin_of_cert_file(state.cert_file)
     check_printable(config, pin)  # before the token is stored: a refusal writes nothing
-    issued = create_token(config, _registry(state), pin,
+    issued = create_token(config, _registry(state, args), pin,
                           uses=args.uses, ttl=parse_ttl(args.ttl), name=args.name,
                           allow_replace=args.replace)
     if args.cloud_init:
@@ -378,7 +406,7 @@ def print_rows(rows: List[Dict[str, Any]], as_json: bool, empty: str, header: Se
 def cmd_token_list(args: argparse.Namespace, state: StateDir) -> int:
     from .tokens import list_tokens
 
-    rows = list_tokens(_registry(state))
+    rows = list_tokens(_registry(state, args))
     return print_rows(rows, args.json, "no tokens",
                       ("ID", "CREATED", "EXPIRES", "USES", "NAME", "REPLACE", "REVOKED", "STATUS"),
                       lambda r: (r["id"], r["created_at"], r["expires_at"],
@@ -391,7 +419,7 @@ def cmd_token_revoke(args: argparse.Namespace, state: StateDir) -> int:
     from .registry import iso_utc
     from .tokens import revoke_token
 
-    token, changed = revoke_token(_registry(state), args.token_id)
+    token, changed = revoke_token(_registry(state, args), args.token_id)
     if changed:
         print(f"token {token.id} revoked ({token.uses_left} of {token.uses_total} uses were left);"
               " nodes it enrolled stay enrolled")
@@ -403,7 +431,8 @@ def cmd_token_revoke(args: argparse.Namespace, state: StateDir) -> int:
 def cmd_serve(args: argparse.Namespace, state: StateDir) -> int:
     from .app import serve
 
-    return serve(state, listen=args.listen, port=args.api_port, rate_limit=args.rate_limit,
+    return serve(state, registry_url=args.registry, registry_password_file=args.registry_password_file,
+                 listen=args.listen, port=args.api_port, rate_limit=args.rate_limit,
                  trusted_proxies=args.trusted_proxy, max_connections=args.max_connections,
                  max_connections_per_address=args.max_connections_per_address)
 
@@ -413,7 +442,7 @@ def cmd_nodes(args: argparse.Namespace, state: StateDir) -> int:
     from .registry import iso_utc
 
     config = state.load_config()
-    registry = _registry(state)
+    registry = _registry(state, args)
     with registry.reading() as view:
         nodes = view.list_nodes()
     seen, hub_running, now = read_liveness(state.root), tincd_running(config.net), int(time.time())
@@ -435,7 +464,7 @@ def cmd_revoke(args: argparse.Namespace, state: StateDir) -> int:
     from .reload import send_sighup
 
     config = state.load_config()
-    registry = _registry(state)
+    registry = _registry(state, args)
     with registry.exclusive():
         now = int(time.time())  # under the lock: no enrolment it allowed is dated after it
         with registry.transaction() as tx:
@@ -467,6 +496,24 @@ def cmd_revoke(args: argparse.Namespace, state: StateDir) -> int:
     return EXIT_OK
 
 
+def cmd_registry_copy(args: argparse.Namespace, state: StateDir) -> int:
+    from .registry_copy import copy_registry
+
+    source = _registry(state, args)
+    result = copy_registry(state, source, args.to, args.to_password_file, switch=not args.no_switch)
+    print(f"copied {result.tokens} token(s) and {result.nodes} node(s) ({result.revoked_nodes} revoked),"
+          f" schema {result.revision}, from {source.describe()} to {result.target}; counts verified")
+    if result.switched:
+        print(f"hub.json now names {result.target}: every tinc-hub command uses it from now on")
+        print("next: restart the API service (e.g. 'systemctl restart' its unit, or the"
+              f" '{command_prefix(state)} serve' you run) so that it uses it too; keep"
+              f" {source.describe()} as a backup")
+    else:
+        print(f"hub.json unchanged; to use it, pass --registry {result.target} (env TINC_HUB_REGISTRY)"
+              " or re-run without --no-switch on an empty target")
+    return EXIT_OK
+
+
 def dispatch(args: argparse.Namespace) -> int:
     state = StateDir(args.state_dir)
     if args.command == "init":
@@ -483,6 +530,8 @@ def dispatch(args: argparse.Namespace) -> int:
         return cmd_nodes(args, state)
     if args.command == "revoke":
         return cmd_revoke(args, state)
+    if args.command == "registry":
+        return cmd_registry_copy(args, state)
     raise UsageError(f"unknown command {args.command!r}")
 
 
@@ -533,7 +582,7 @@ def describe_error(exc: BaseException) -> str:
         return _one_line(str(exc))
     if isinstance(exc, PermissionError):
         message, hint = f"permission denied: {exc.filename or exc}", hint or "run as root (sudo)"
-    elif isinstance(exc, sqlite3.Error):
+    elif isinstance(exc, sqlite3.Error):  # only raw sqlite3 code: the registry raises RegistryError
         message, hint = f"registry error: {exc}", hint or "is the state dir writable and not corrupted?"
     elif isinstance(exc, OSError):
         message = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")

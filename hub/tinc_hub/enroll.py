@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import re
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from bootstrap import bootstrap
 from .hostfiles import host_file_in_place, render_node_host_file, write_if_changed
-from .registry import NodeRow, Registry, RegistryTransaction, RegistryView, TokenRow, token_id
+from .registry import (NodeRow, Registry, RegistryConflict, RegistryTransaction, RegistryView, TokenRow,
+                       token_id)
 from .state import HubConfig
 from .tokens import hash_secret
 
@@ -300,8 +300,8 @@ class Enroller:
             try:
                 with self.registry.transaction() as tx:
                     node, result = self._enrol_in_transaction(tx, token_hash, name, public_key)
-            except sqlite3.IntegrityError as exc:  # unreachable under the lock; stay a clean 409
-                raise EnrollError(409, f"conflict with an existing enrolment ({exc})") from None
+            except RegistryConflict as exc:  # unreachable under the write lock; stay a clean 409
+                raise EnrollError(409, f"conflict with an existing enrolment ({exc.message})") from None
             attempt.address = node.address
             # Written while still holding the lock, so a later writer of the same name can't be
             # overtaken; a crash right here is repaired by hostfiles.reconcile_host_files on serve start.

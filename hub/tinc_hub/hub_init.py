@@ -122,7 +122,7 @@ def check_existing(state: StateDir, new: HubConfig, registry: Registry) -> Optio
                 f" refusing to change {field} to {getattr(new, field)!r}",
                 "use another --state-dir for another net, or re-run with the original arguments")
     nodes = 0
-    if registry.db_path.exists():
+    if registry.exists():
         with registry.reading() as view:
             nodes = view.count_nodes()
     for field in ("vpn_subnet", "address", "port"):
@@ -145,8 +145,9 @@ class HubInit:
         network = validate_request(req)
         self.state, self.req, self.dry_run = state, req, dry_run
         self.facts = bootstrap.detect_system()
-        self.registry = Registry(state.registry_file, state.lock_file)
-        old_init = state.load_config().init if state.exists() else None
+        self.registry = Registry.for_state(state)  # hub.json's registry, else the SQLite file
+        old_config = state.load_config() if state.exists() else None
+        old_init = old_config.init if old_config else None
         if req.start:
             init = bootstrap.resolve_init(req.init, self.facts)  # PID 1 and family, not tinc
         else:
@@ -155,7 +156,8 @@ class HubInit:
             net=req.net, name=req.name, address=req.address.strip(), port=req.port,
             api_port=req.api_port, vpn_subnet=str(network),
             hub_address=str(network.network_address + 1),
-            tinc_dir=os.path.normpath(req.tinc_dir), init=init)
+            tinc_dir=os.path.normpath(req.tinc_dir), init=init,
+            registry=old_config.registry if old_config else None)  # kept: 'registry copy' set it
         if req.start and config.init == "systemd":  # refuse what the unit cannot carry, first
             render_unit(config, installed_executable(), str(state.root),
                         bootstrap.service_unit(self.facts, config.net))

@@ -1,13 +1,25 @@
-"""The SQLite registry of tokens and nodes.
+"""The registry of tokens and nodes, on SQLAlchemy Core: SQLite (one hub, the default file
+``registry.sqlite3`` in the state dir) or PostgreSQL (several hubs, ``postgresql://…``).
 
-All writes go through :meth:`Registry.exclusive` (an flock on a lock file next to the
-database, shared by ``tinc-hub serve`` threads and CLI commands) and a ``BEGIN IMMEDIATE``
-transaction, so spending a token use and allocating an address is one atomic step, and the
-host file written after the commit cannot be overtaken by another writer. Reads (and the
-enrolment pre-check) never take the lock: SQLite's WAL lets them run beside a writer.
+All writes go through :meth:`Registry.exclusive` (an flock on a lock file in the state dir,
+shared by ``tinc-hub serve`` threads and CLI commands of this machine) and
+:meth:`Registry.transaction`, so spending a token use and allocating an address is one atomic
+step, and the host file written after the commit cannot be overtaken by another writer of this
+hub. How a write transaction excludes the other writers depends on the database:
 
-The :class:`Registry` owns its connections; callers never see one. Each block hands out an
-object whose methods run the queries on that block's connection::
+- SQLite: ``BEGIN IMMEDIATE`` (one writer per database file; WAL, ``synchronous = FULL``).
+- PostgreSQL: ``BEGIN`` (READ COMMITTED) then ``pg_advisory_xact_lock(WRITE_LOCK_KEY)``, taken
+  by every writer of every hub and released by COMMIT/ROLLBACK: write transactions run one at a
+  time across all hubs, and each statement after the lock sees every earlier writer's commit.
+  The UNIQUE constraints on nodes.name, nodes.address, nodes.address_int and nodes.public_key
+  and CHECK (uses_left >= 0) hold even for a writer that skipped the lock (a conflict is a
+  :class:`RegistryConflict`, never a duplicate).
+
+Reads (and the enrolment pre-check) never take the lock: SQLite's WAL and PostgreSQL's MVCC let
+them run beside a writer.
+
+The :class:`Registry` owns its connections (a pool); callers never see one. Each block hands out
+an object whose methods run the queries on that block's connection::
 
     with registry.reading() as view:        # autocommit reads (a RegistryView)
         nodes = view.list_nodes()
@@ -16,8 +28,13 @@ object whose methods run the queries on that block's connection::
     with registry.exclusive(), registry.transaction() as tx:   # a RegistryTransaction
         if tx.spend_token_use(token_hash): ...
 
-Only a :class:`RegistryTransaction` has the write methods, so a write outside ``BEGIN
-IMMEDIATE`` does not type-check. The object is valid only inside its ``with`` block.
+Only a :class:`RegistryTransaction` has the write methods. The object is valid only inside its
+``with`` block. Database errors leave as :class:`RegistryError` subclasses (one line, a hint,
+never a password).
+
+The schema is managed by Alembic (tinc_hub/migrations); :data:`SCHEMA_REVISION` is the head
+revision this code knows (tests check it against the scripts), so a current registry is
+recognised without importing Alembic.
 
 A token is known by its id: the first TOKEN_ID_CHARS hex digits of the stored sha256 (unique;
 ``create_token`` draws another secret on a clash). The secret itself is never stored.
@@ -25,45 +42,76 @@ A token is known by its id: the first TOKEN_ID_CHARS hex digits of the stored sh
 
 import fcntl
 import os
-import sqlite3
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Set
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Set
+
+import sqlalchemy as sa
+
+from .errors import HubError
+
+if TYPE_CHECKING:
+    from .registry_url import RegistryURL
+    from .state import StateDir
 
 TOKEN_ID_CHARS = 10
 MIN_TOKEN_ID_PREFIX = 6
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS tokens (
-    secret_sha256 TEXT PRIMARY KEY,
-    uses_total    INTEGER NOT NULL,
-    uses_left     INTEGER NOT NULL CHECK (uses_left >= 0),
-    expires_at    INTEGER NOT NULL,
-    bound_name    TEXT,
-    allow_replace INTEGER NOT NULL DEFAULT 0,
-    created_at    INTEGER NOT NULL,
-    revoked_at    INTEGER
-);
-CREATE TABLE IF NOT EXISTS nodes (
-    name          TEXT PRIMARY KEY,
-    address       TEXT NOT NULL UNIQUE,
-    address_int   INTEGER NOT NULL UNIQUE,
-    public_key    TEXT NOT NULL UNIQUE,
-    token_sha256  TEXT NOT NULL,
-    enrolled_at   INTEGER NOT NULL,
-    updated_at    INTEGER NOT NULL,
-    revoked_at    INTEGER
-);
-"""
-
-# Columns added after the first release: (table, column, type). upgrade_schema() adds them to
-# an older registry.sqlite3; new columns go at the end, so SELECT * is the same on both.
-ADDED_COLUMNS = (("tokens", "revoked_at", "INTEGER"),)
+# The Alembic head revision of tinc_hub/migrations (tests/test_registry_migrations.py checks it).
+SCHEMA_REVISION = "0001"
+VERSION_TABLE = "alembic_version"
 
 BUSY_TIMEOUT_MS = 30_000
+# pg_advisory_xact_lock key of the registry write lock ("tinc-hub" in ASCII, as a bigint).
+WRITE_LOCK_KEY = 0x74696E632D687562
+# serve: connections kept open (opening costs more than a whole enrolment); more wait for one.
+POOL_SIZE = 8
+
+metadata = sa.MetaData()
+_BigInt = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite: today's INTEGER columns
+
+tokens = sa.Table(
+    "tokens", metadata,
+    sa.Column("secret_sha256", sa.Text, primary_key=True),
+    sa.Column("uses_total", sa.Integer, nullable=False),
+    sa.Column("uses_left", sa.Integer, sa.CheckConstraint("uses_left >= 0"), nullable=False),
+    sa.Column("expires_at", _BigInt, nullable=False),
+    sa.Column("bound_name", sa.Text),
+    sa.Column("allow_replace", sa.Boolean().with_variant(sa.Integer(), "sqlite"), nullable=False),
+    sa.Column("created_at", _BigInt, nullable=False),
+    sa.Column("revoked_at", _BigInt),
+)
+
+nodes = sa.Table(
+    "nodes", metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("address", sa.Text, nullable=False, unique=True),
+    sa.Column("address_int", _BigInt, nullable=False, unique=True),
+    sa.Column("public_key", sa.Text, nullable=False, unique=True),
+    sa.Column("token_sha256", sa.Text, nullable=False),
+    sa.Column("enrolled_at", _BigInt, nullable=False),
+    sa.Column("updated_at", _BigInt, nullable=False),
+    sa.Column("revoked_at", _BigInt),
+)
+
+
+class RegistryError(HubError):
+    """A registry failure the CLI shows as one line with a hint."""
+
+
+class RegistryConflict(RegistryError):
+    """A write broke a constraint (a name, address or key taken meanwhile)."""
+
+
+class RegistryUnavailable(RegistryError):
+    """The database cannot be reached or used (PostgreSQL down, file unreadable, locked)."""
+
+
+class RegistrySchemaError(RegistryError):
+    """The registry's schema is newer than this tinc-hub knows, or not a registry at all."""
 
 
 def token_id(secret_sha256: str) -> str:
@@ -127,196 +175,301 @@ def iso_utc(timestamp: Optional[int]) -> Optional[str]:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
 
 
+_TOKEN_COLUMNS = [tokens.c[name] for name in TokenRow.__dataclass_fields__]
+_NODE_COLUMNS = [nodes.c[name] for name in NodeRow.__dataclass_fields__]
+
+
+def _token_row(r: Any) -> TokenRow:
+    return TokenRow(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6], r[7])
+
+
+def _node_row(r: Any) -> NodeRow:
+    return NodeRow(*r)
+
+
 class RegistryView:
     """The read queries, over the one connection of a :meth:`Registry.reading` or
     :meth:`Registry.snapshot` block (do not keep it past the block)."""
 
-    _TOKEN_COLUMNS = ("secret_sha256, uses_total, uses_left, expires_at, bound_name, allow_replace,"
-                      " created_at, revoked_at")
-    _NODE_COLUMNS = ("name, address, address_int, public_key, token_sha256, enrolled_at,"
-                     " updated_at, revoked_at")
-
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sa.Connection) -> None:
         self._conn = conn
 
     # -- tokens ------------------------------------------------------------------------
-    @staticmethod
-    def _token_row(r: tuple) -> TokenRow:
-        return TokenRow(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6], r[7])
-
     def get_token(self, secret_sha256: str) -> Optional[TokenRow]:
-        r = self._conn.execute(f"SELECT {self._TOKEN_COLUMNS} FROM tokens WHERE secret_sha256 = ?",
-                               (secret_sha256,)).fetchone()
-        return self._token_row(r) if r else None
+        r = self._conn.execute(sa.select(*_TOKEN_COLUMNS).where(tokens.c.secret_sha256 == secret_sha256)).first()
+        return _token_row(r) if r else None
 
     def list_tokens(self) -> List[TokenRow]:
-        rows = self._conn.execute(f"SELECT {self._TOKEN_COLUMNS} FROM tokens"
-                                  " ORDER BY created_at, secret_sha256").fetchall()
-        return [self._token_row(r) for r in rows]
+        rows = self._conn.execute(sa.select(*_TOKEN_COLUMNS)
+                                  .order_by(tokens.c.created_at, tokens.c.secret_sha256))
+        return [_token_row(r) for r in rows]
 
     def tokens_with_prefix(self, prefix: str) -> List[TokenRow]:
         """Tokens whose stored hash starts with ``prefix`` (lowercase hex, checked here)."""
         if not prefix or any(c not in "0123456789abcdef" for c in prefix):
             raise ValueError(f"token id prefix must be lowercase hex, not {prefix!r}")
-        rows = self._conn.execute(f"SELECT {self._TOKEN_COLUMNS} FROM tokens WHERE substr(secret_sha256, 1, ?) = ?"
-                                  " ORDER BY created_at, secret_sha256", (len(prefix), prefix)).fetchall()
-        return [self._token_row(r) for r in rows]
+        rows = self._conn.execute(
+            sa.select(*_TOKEN_COLUMNS)
+            .where(sa.func.substr(tokens.c.secret_sha256, 1, len(prefix)) == prefix)
+            .order_by(tokens.c.created_at, tokens.c.secret_sha256))
+        return [_token_row(r) for r in rows]
 
     def node_names_by_token(self) -> Dict[str, List[str]]:
         """token hash -> names of the nodes it last enrolled or re-keyed."""
         out: Dict[str, List[str]] = {}
-        for sha, name in self._conn.execute("SELECT token_sha256, name FROM nodes ORDER BY address_int"):
+        for sha, name in self._conn.execute(sa.select(nodes.c.token_sha256, nodes.c.name)
+                                            .order_by(nodes.c.address_int)):
             out.setdefault(sha, []).append(name)
         return out
 
     # -- nodes -------------------------------------------------------------------------
     def get_node(self, name: str) -> Optional[NodeRow]:
-        r = self._conn.execute(f"SELECT {self._NODE_COLUMNS} FROM nodes WHERE name = ?", (name,)).fetchone()
-        return NodeRow(*r) if r else None
+        r = self._conn.execute(sa.select(*_NODE_COLUMNS).where(nodes.c.name == name)).first()
+        return _node_row(r) if r else None
 
     def get_node_by_key(self, public_key: str) -> Optional[NodeRow]:
-        r = self._conn.execute(f"SELECT {self._NODE_COLUMNS} FROM nodes WHERE public_key = ?",
-                               (public_key,)).fetchone()
-        return NodeRow(*r) if r else None
+        r = self._conn.execute(sa.select(*_NODE_COLUMNS).where(nodes.c.public_key == public_key)).first()
+        return _node_row(r) if r else None
 
     def list_nodes(self) -> List[NodeRow]:
-        rows = self._conn.execute(f"SELECT {self._NODE_COLUMNS} FROM nodes ORDER BY address_int").fetchall()
-        return [NodeRow(*r) for r in rows]
+        rows = self._conn.execute(sa.select(*_NODE_COLUMNS).order_by(nodes.c.address_int))
+        return [_node_row(r) for r in rows]
 
     def used_address_ints(self) -> Set[int]:
         """Addresses held by any node row, revoked ones included (they are never reused)."""
-        return {r[0] for r in self._conn.execute("SELECT address_int FROM nodes")}
+        return set(self._conn.execute(sa.select(nodes.c.address_int)).scalars())
 
     def count_nodes(self) -> int:
-        return self._conn.execute("SELECT COUNT(*) FROM nodes").fetchone()[0]
+        return self._conn.execute(sa.select(sa.func.count()).select_from(nodes)).scalar_one()
+
+    def count_tokens(self) -> int:
+        return self._conn.execute(sa.select(sa.func.count()).select_from(tokens)).scalar_one()
 
 
 class RegistryTransaction(RegistryView):
-    """The reads and the writes, inside the ``BEGIN IMMEDIATE`` of a
-    :meth:`Registry.transaction` block (committed when the block ends without an exception)."""
+    """The reads and the writes, inside the write transaction of a :meth:`Registry.transaction`
+    block (committed when the block ends without an exception)."""
 
     # -- tokens ------------------------------------------------------------------------
     def insert_token(self, row: TokenRow) -> None:
-        self._conn.execute(
-            "INSERT INTO tokens (secret_sha256, uses_total, uses_left, expires_at, bound_name,"
-            " allow_replace, created_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (row.secret_sha256, row.uses_total, row.uses_left, row.expires_at, row.bound_name,
-             int(row.allow_replace), row.created_at, row.revoked_at),
-        )
+        values = dict(row.__dict__, allow_replace=bool(row.allow_replace))
+        self._conn.execute(tokens.insert().values(**values))
 
     def revoke_token(self, secret_sha256: str, now: int) -> bool:
         """Set revoked_at (once); False when the token was already revoked or is unknown."""
-        cur = self._conn.execute("UPDATE tokens SET revoked_at = ? WHERE secret_sha256 = ? AND revoked_at IS NULL",
-                                 (now, secret_sha256))
-        return cur.rowcount == 1
+        result = self._conn.execute(
+            tokens.update().where(tokens.c.secret_sha256 == secret_sha256, tokens.c.revoked_at.is_(None))
+            .values(revoked_at=now))
+        return result.rowcount == 1
 
     def spend_token_use(self, secret_sha256: str) -> bool:
         """Decrement uses_left if positive and not revoked; False when nothing was left."""
-        cur = self._conn.execute(
-            "UPDATE tokens SET uses_left = uses_left - 1 WHERE secret_sha256 = ? AND uses_left > 0"
-            " AND revoked_at IS NULL", (secret_sha256,))
-        return cur.rowcount == 1
+        result = self._conn.execute(
+            tokens.update().where(tokens.c.secret_sha256 == secret_sha256, tokens.c.uses_left > 0,
+                                  tokens.c.revoked_at.is_(None))
+            .values(uses_left=tokens.c.uses_left - 1))
+        return result.rowcount == 1
+
+    def insert_tokens(self, rows: List[TokenRow]) -> None:
+        """Many at once (registry copy)."""
+        if rows:
+            self._conn.execute(tokens.insert(), [dict(r.__dict__, allow_replace=bool(r.allow_replace))
+                                                 for r in rows])
 
     # -- nodes -------------------------------------------------------------------------
     def insert_node(self, row: NodeRow) -> None:
-        self._conn.execute(
-            "INSERT INTO nodes (name, address, address_int, public_key, token_sha256, enrolled_at,"
-            " updated_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (row.name, row.address, row.address_int, row.public_key, row.token_sha256,
-             row.enrolled_at, row.updated_at, row.revoked_at))
+        self._conn.execute(nodes.insert().values(**row.__dict__))
+
+    def insert_nodes(self, rows: List[NodeRow]) -> None:
+        """Many at once (registry copy)."""
+        if rows:
+            self._conn.execute(nodes.insert(), [r.__dict__ for r in rows])
 
     def replace_node_key(self, name: str, public_key: str, token_sha256: str, now: int) -> None:
-        self._conn.execute("UPDATE nodes SET public_key = ?, token_sha256 = ?, updated_at = ? WHERE name = ?",
-                           (public_key, token_sha256, now, name))
+        self._conn.execute(nodes.update().where(nodes.c.name == name)
+                           .values(public_key=public_key, token_sha256=token_sha256, updated_at=now))
 
     def mark_revoked(self, name: str, now: int) -> None:
-        self._conn.execute("UPDATE nodes SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL", (now, name))
+        self._conn.execute(nodes.update().where(nodes.c.name == name, nodes.c.revoked_at.is_(None))
+                           .values(revoked_at=now))
 
     def delete_node(self, name: str) -> None:
-        self._conn.execute("DELETE FROM nodes WHERE name = ?", (name,))
+        self._conn.execute(nodes.delete().where(nodes.c.name == name))
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA synchronous = FULL")
+    cursor.close()
 
 
 class Registry:
-    """Access to ``registry.sqlite3``: owns its connections (one per block, or one per thread
-    kept open with ``keep_connections``) and hands out query objects per block."""
+    """Access to the registry database: owns an engine (a pool of connections: kept open for
+    ``serve`` with ``keep_connections``, one per block for CLI commands) and hands out query
+    objects per block.
 
-    def __init__(self, db_path: "os.PathLike[str] | str", lock_path: "os.PathLike[str] | str",
-                 keep_connections: bool = False) -> None:
-        self.db_path = Path(db_path)
+    ``Registry(db_path, lock_path)`` is the SQLite file; :meth:`Registry.open` takes a
+    :class:`~tinc_hub.registry_url.RegistryURL` (SQLite or PostgreSQL)."""
+
+    def __init__(self, db_path: "os.PathLike[str] | str | None", lock_path: "os.PathLike[str] | str",
+                 keep_connections: bool = False, *, url: "Optional[RegistryURL]" = None) -> None:
+        if url is None:
+            from .registry_url import RegistryURL
+
+            url = RegistryURL.sqlite(Path(db_path))  # type: ignore[arg-type]
+        self.url = url
+        self.dialect = url.dialect
+        self.db_path: Optional[Path] = url.path  # the SQLite file; None for PostgreSQL
         self.lock_path = Path(lock_path)
-        self._thread_lock = threading.Lock()
-        # serve: one connection per thread, opened once (opening costs more than a whole
-        # enrolment, and closing the last one checkpoints the WAL). CLI: one per operation.
         self.keep_connections = keep_connections
-        self._local = threading.local()
+        self._thread_lock = threading.Lock()
+        self._engine: Optional[sa.Engine] = None
+        self._engine_lock = threading.Lock()
+
+    @classmethod
+    def open(cls, url: "RegistryURL", lock_path: "os.PathLike[str] | str",
+             keep_connections: bool = False) -> "Registry":
+        return cls(None, lock_path, keep_connections, url=url)
+
+    @classmethod
+    def for_state(cls, state: "StateDir", url: Optional[str] = None, password_file: Optional[str] = None,
+                  keep_connections: bool = False) -> "Registry":
+        """The hub's registry: ``url`` (--registry / TINC_HUB_REGISTRY), else the one hub.json
+        records, else registry.sqlite3 in the state dir. The password comes from
+        ``password_file`` or libpq's own PGPASSWORD / .pgpass."""
+        from .registry_url import RegistryURL, read_password_file
+
+        if url is None and state.exists():
+            url = state.load_config().registry
+        if not url:
+            return cls(state.registry_file, state.lock_file, keep_connections)
+        password = read_password_file(password_file) if password_file else None
+        return cls.open(RegistryURL.parse(url, password), state.lock_file, keep_connections)
+
+    def describe(self) -> str:
+        """The registry for messages: the file, or the URL without any password."""
+        return self.url.display()
 
     # -- connections -------------------------------------------------------------------
-    def _connect(self) -> sqlite3.Connection:
-        """A connection in autocommit mode (transactions are explicit)."""
-        conn = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-                               check_same_thread=False)
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        conn.execute("PRAGMA synchronous = FULL")
-        return conn
+    @property
+    def engine(self) -> sa.Engine:
+        with self._engine_lock:
+            if self._engine is None:
+                self._engine = self._make_engine()
+            return self._engine
+
+    def _make_engine(self) -> sa.Engine:
+        """Autocommit at the driver: every transaction is begun explicitly (_begin)."""
+        pool: Dict[str, Any] = ({"poolclass": sa.pool.NullPool} if not self.keep_connections else
+                                {"pool_size": POOL_SIZE, "max_overflow": 0, "pool_timeout": BUSY_TIMEOUT_MS / 1000,
+                                 "pool_pre_ping": self.dialect == "postgresql"})
+        if self.dialect == "sqlite":
+            engine = sa.create_engine(self.url.sqlalchemy_url(), isolation_level="AUTOCOMMIT",
+                                      connect_args={"timeout": BUSY_TIMEOUT_MS / 1000,
+                                                    "check_same_thread": False}, **pool)
+            sa.event.listen(engine, "connect", _sqlite_pragmas)
+            return engine
+        return sa.create_engine(self.url.sqlalchemy_url(), isolation_level="AUTOCOMMIT",
+                                connect_args=self.url.connect_args(), **pool)
+
+    def dispose(self) -> None:
+        """Close every pooled connection (the registry can still be used: it reconnects)."""
+        with self._engine_lock:
+            if self._engine is not None:
+                self._engine.dispose()
+                self._engine = None
+
+    @contextmanager
+    def _connection(self) -> Iterator[sa.Connection]:
+        with self.url.translate_errors():
+            with self.engine.connect() as conn:
+                yield conn
+
+    @contextmanager
+    def _begin(self, write: bool) -> Iterator[sa.Connection]:
+        """One explicit transaction (write: the registry write transaction; else a read-only
+        snapshot); COMMIT at the end, ROLLBACK on any exception."""
+        with self._connection() as conn:
+            if self.dialect == "sqlite":
+                conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+            elif write:
+                conn.exec_driver_sql("BEGIN ISOLATION LEVEL READ COMMITTED")
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(WRITE_LOCK_KEY)))
+            else:
+                conn.exec_driver_sql("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            try:
+                yield conn
+                conn.exec_driver_sql("COMMIT")
+            except BaseException:
+                try:  # a pooled connection must never stay mid-transaction
+                    conn.exec_driver_sql("ROLLBACK")
+                except Exception:
+                    conn.invalidate()
+                raise
 
     def create(self) -> bool:
-        """Create the database and schema if the file is missing; True when created.
+        """Create the database and schema if missing; True when created.
 
-        An existing database is not even opened (opening a WAL database creates and removes
-        side files, touching the directory), so re-running ``init`` changes nothing on disk.
-        """
+        An existing SQLite file is not even opened (opening a WAL database creates and removes
+        side files, touching the directory), so re-running ``init`` changes nothing on disk."""
         if not self.lock_path.exists():
             os.close(os.open(self.lock_path, os.O_CREAT | os.O_RDWR, 0o600))
-        if self.db_path.exists():
+        if self.db_path is not None:
+            if self.db_path.exists():
+                return False
+            self.db_path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(self.db_path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600))
+            with self._connection() as conn:
+                conn.exec_driver_sql("PRAGMA journal_mode = WAL")
+        elif self.schema_revision() is not None:
             return False
-        self.db_path.parent.mkdir(parents=True, exist_ok=True)
-        conn = self._connect()
-        try:
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.executescript(SCHEMA)
-        finally:
-            conn.close()
-        os.chmod(self.db_path, 0o600)
+        self._migrate()
         return True
 
     def ensure_schema(self) -> None:
-        """Create missing tables and columns (``serve`` start; idempotent)."""
+        """Create the registry if missing, bring an older schema to this code's (``serve``)."""
         self.create()
-        conn = self._connect()
-        try:
-            conn.executescript(SCHEMA)
-        finally:
-            conn.close()
         self.upgrade_schema()
 
-    def _missing_columns(self, conn: sqlite3.Connection) -> List[tuple]:
-        missing = []
-        for table, column, kind in ADDED_COLUMNS:
-            have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
-            if have and column not in have:
-                missing.append((table, column, kind))
-        return missing
+    def exists(self) -> bool:
+        """The SQLite file exists / the PostgreSQL database holds a registry schema."""
+        if self.db_path is not None:
+            return self.db_path.exists()
+        return self.schema_revision() is not None
+
+    def schema_revision(self) -> Optional[str]:
+        """The Alembic revision of the registry; "legacy" for a registry made before Alembic
+        (tables, no version table); None for an empty database."""
+        with self._connection() as conn:
+            inspector = sa.inspect(conn)
+            if inspector.has_table(VERSION_TABLE):
+                return conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar()
+            return "legacy" if inspector.has_table("tokens") else None
 
     def upgrade_schema(self) -> List[str]:
-        """Add the columns a registry made by an older tinc-hub lacks; returns what was added.
-
-        A current database is only read (nothing written, no lock taken); a missing one is
-        left alone (the command that needs it reports that)."""
-        if not self.db_path.exists():
+        """Migrate a registry made by an older tinc-hub to this code's schema; returns the
+        revisions applied. A current registry is only read (nothing written, no lock taken);
+        a missing SQLite file is left alone (the command that needs it reports that); a newer
+        schema is refused (RegistrySchemaError) and left as it is."""
+        if self.db_path is not None and not self.db_path.exists():
             return []
+        revision = self.schema_revision()
+        if revision == SCHEMA_REVISION:
+            return []
+        with self.exclusive():
+            return self._migrate()
+
+    def _migrate(self) -> List[str]:
+        from .migrations import upgrade_to_head
+
         with self._connection() as conn:
-            if not self._missing_columns(conn):
-                return []
-        added = []
-        with self.exclusive(), self._immediate() as conn:
-            for table, column, kind in self._missing_columns(conn):  # again, under the lock
-                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
-                added.append(f"{table}.{column}")
-        return added
+            return upgrade_to_head(conn, self.describe())
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
-        """Hold the registry write lock (threads of this process and other processes)."""
+        """Hold this machine's registry write lock (threads of this process and other
+        processes); across hubs, :meth:`transaction` serialises writers in the database."""
         with self._thread_lock:
             fd = os.open(self.lock_path, os.O_CREAT | os.O_RDWR, 0o600)
             try:
@@ -326,37 +479,10 @@ class Registry:
                 os.close(fd)
 
     @contextmanager
-    def _connection(self) -> Iterator[sqlite3.Connection]:
-        if not self.keep_connections:
-            conn = self._connect()
-            try:
-                yield conn
-            finally:
-                conn.close()
-            return
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = self._connect()
-        yield conn
-
-    @contextmanager
-    def _immediate(self) -> Iterator[sqlite3.Connection]:
-        """``BEGIN IMMEDIATE`` … ``COMMIT`` (``ROLLBACK`` on any exception)."""
-        with self._connection() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:  # a kept connection must never stay mid-transaction
-                    conn.execute("ROLLBACK")
-                raise
-
-    @contextmanager
     def transaction(self) -> Iterator[RegistryTransaction]:
-        """Reads and writes in one ``BEGIN IMMEDIATE`` … ``COMMIT`` (``ROLLBACK`` on any
-        exception). Writers hold :meth:`exclusive` around it."""
-        with self._immediate() as conn:
+        """Reads and writes in one write transaction (see the module doc), COMMIT at the end,
+        ROLLBACK on any exception. Writers hold :meth:`exclusive` around it."""
+        with self._begin(write=True) as conn:
             yield RegistryTransaction(conn)
 
     @contextmanager
@@ -368,12 +494,6 @@ class Registry:
     @contextmanager
     def snapshot(self) -> Iterator[RegistryView]:
         """Reads in one read transaction: every statement sees the same commit. Takes no lock
-        that a writer waits for (WAL), and is not the registry write lock."""
-        with self._connection() as conn:
-            conn.execute("BEGIN")
-            try:
-                yield RegistryView(conn)
-            finally:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-
+        that a writer waits for, and is not the registry write lock."""
+        with self._begin(write=False) as conn:
+            yield RegistryView(conn)

@@ -5,7 +5,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from .errors import HubError
 
@@ -26,6 +26,9 @@ class HubConfig:
     hub_address: str  # the hub's own VPN IP, first host of vpn_subnet
     tinc_dir: str
     init: str  # resolved init system: systemd|sysv|rc.local|none
+    # the registry URL without password (tinc-hub registry copy records it); absent from
+    # hub.json (None): registry.sqlite3 in the state dir. --registry overrides it.
+    registry: Optional[str] = None
 
     @property
     def network(self) -> ipaddress.IPv4Network:
@@ -48,7 +51,10 @@ class HubConfig:
         return self.hosts_dir / self.name
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+        data = asdict(self)
+        if data["registry"] is None:
+            del data["registry"]  # hub.json of a SQLite hub stays as it always was
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "HubConfig":
@@ -63,6 +69,7 @@ class HubConfig:
                 hub_address=str(data["hub_address"]),
                 tinc_dir=str(data["tinc_dir"]),
                 init=str(data["init"]),
+                registry=str(data["registry"]) if data.get("registry") is not None else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise HubError(f"hub.json is incomplete or malformed ({exc!r})",

@@ -89,7 +89,8 @@ def read_trace(out_prefix: str, script: str) -> Trace:
             if call == "execve" and ret == 0:
                 commands.append(tuple(_strings(args)[1:]))
                 break
-    return Trace(commands, files)
+    # Python's bytecode cache (a module imported for the first time) is the interpreter's doing
+    return Trace(commands, [f for f in files if "/__pycache__/" not in f])
 
 
 class TraceDir:

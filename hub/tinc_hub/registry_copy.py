@@ -1,0 +1,142 @@
+"""``tinc-hub registry copy --to postgresql://…``: move a single hub's registry onto PostgreSQL.
+
+Every token and node (revoked ones too) is copied in one transaction of the target, under this
+hub's registry write lock (no local enrolment, token or revocation can land meanwhile), into a
+target that must be empty (no registry tables, or a registry schema without rows). The target
+gets the same schema revision (Alembic, migrated to this code's head like the source). After the
+copy, the rows are read back and compared (counts and every value). Then hub.json records the
+target URL (no password), so that every later command, and the API once restarted, uses it.
+
+The API server keeps its old registry open until it restarts: with ``switch`` the copy refuses
+while another process has the SQLite file open (``/proc/*/fd``), so that no enrolment can go to
+the old file after the copy.
+"""
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import List, Optional
+
+from .errors import HubError
+from .registry import SCHEMA_REVISION, NodeRow, Registry, TokenRow
+from .registry_url import RegistryURL, read_password_file
+from .state import StateDir
+
+
+@dataclass(frozen=True)
+class CopyResult:
+    tokens: int
+    nodes: int
+    revoked_nodes: int
+    revision: str
+    target: str  # the target URL without password
+    switched: bool
+
+
+def processes_using(path: Path) -> List[int]:
+    """Pids (other than this one) with ``path`` open, from /proc (those this user may see)."""
+    try:
+        wanted = os.stat(path)
+    except FileNotFoundError:
+        return []
+    pids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            fds = os.scandir(f"/proc/{entry.name}/fd")
+        except OSError:
+            continue
+        with fds:
+            for fd in fds:
+                try:
+                    st = os.stat(fd.path)
+                except OSError:
+                    continue
+                if (st.st_dev, st.st_ino) == (wanted.st_dev, wanted.st_ino):
+                    pids.append(int(entry.name))
+                    break
+    return pids
+
+
+def _read_all(registry: Registry) -> "tuple[List[TokenRow], List[NodeRow]]":
+    with registry.snapshot() as view:
+        return view.list_tokens(), view.list_nodes()
+
+
+def write_config_atomically(state: StateDir, text: str) -> None:
+    """Replace hub.json (mode 0600) by rename: a crash leaves the old or the new file."""
+    tmp = state.config_file.with_name(f".{state.config_file.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, state.config_file)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(state.root, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def copy_registry(state: StateDir, source: Registry, to: str, password_file: Optional[str],
+                  switch: bool = True) -> CopyResult:
+    """Copy ``source`` (migrated to this code's schema) into the empty registry at ``to``."""
+    password = read_password_file(password_file) if password_file else None
+    target_url = RegistryURL.parse(to, password)
+    if target_url.dialect != "postgresql":
+        raise HubError("registry copy --to takes a PostgreSQL URL", "use postgresql://USER@HOST[:PORT]/DB")
+    if source.dialect == "postgresql" and source.url.display() == target_url.display():
+        raise HubError(f"the hub already uses {target_url.display()}", "nothing to copy")
+    target = Registry.open(target_url, state.lock_file)
+    try:
+        with source.exclusive():  # no writer of this hub until the copy is verified and recorded
+            if switch and source.db_path is not None:
+                users = processes_using(source.db_path)
+                if users:
+                    raise HubError(f"{source.db_path} is open in process(es) {', '.join(map(str, users))}"
+                                   " (the API server?): enrolments it takes after the copy would be lost",
+                                   "stop the API service first, then re-run; or pass --no-switch")
+            _refuse_non_empty(target)
+            tokens, nodes = _read_all(source)
+            target.create()  # the schema, by the same migrations (no-op if already there)
+            with target.transaction() as tx:
+                if tx.count_tokens() or tx.count_nodes():  # again, under the target's write lock
+                    raise HubError(f"{target.describe()} is not empty (filled meanwhile)",
+                                   "copy only into an empty registry")
+                tx.insert_tokens(tokens)
+                tx.insert_nodes(nodes)
+            copied_tokens, copied_nodes = _read_all(target)
+            revision = target.schema_revision()
+            if (copied_tokens, copied_nodes) != (tokens, nodes) or revision != SCHEMA_REVISION:
+                raise HubError(f"verification failed: {target.describe()} holds {len(copied_tokens)} token(s)"
+                               f" and {len(copied_nodes)} node(s) at schema {revision!r}, the source"
+                               f" {len(tokens)} and {len(nodes)} at {SCHEMA_REVISION!r}",
+                               "hub.json was not changed; empty the target and re-run")
+            if switch:
+                config = state.load_config()
+                write_config_atomically(state, replace(config, registry=target_url.display()).to_json())
+    finally:
+        target.dispose()
+    return CopyResult(tokens=len(tokens), nodes=len(nodes),
+                      revoked_nodes=sum(1 for n in nodes if n.revoked), revision=str(revision),
+                      target=target_url.display(), switched=switch)
+
+
+def _refuse_non_empty(target: Registry) -> None:
+    revision = target.schema_revision()
+    if revision is None:
+        return
+    if revision != SCHEMA_REVISION:
+        raise HubError(f"{target.describe()} already holds a registry (schema {revision!r})",
+                       "copy only into an empty database")
+    with target.reading() as view:
+        tokens, nodes = view.count_tokens(), view.count_nodes()
+    if tokens or nodes:
+        raise HubError(f"{target.describe()} is not empty: it holds {tokens} token(s) and {nodes} node(s)",
+                       "copy only into an empty registry (a new database)")
