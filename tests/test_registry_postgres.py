@@ -1,0 +1,307 @@
+"""The registry on a real PostgreSQL (a throwaway cluster from Debian's binaries, started by
+labkit.postgres on 127.0.0.1 and a private socket, removed at the end): two hubs enrolling at
+once never hand out one address or name twice (the write lock, and the constraints even without
+it), ``--registry`` with the password from a file (never printed) or libpq's PGPASSWORD, a URL
+holding a password refused, ``registry copy`` from main's SQLite registry, and the real
+``tinc-hub serve`` enrolling into PostgreSQL."""
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+from typing import Dict, Iterator, List, Tuple
+
+import pytest
+
+from bootstrap import bootstrap
+from tinc_hub.cli import main
+from tinc_hub.enroll import Enroller
+from tinc_hub.registry import (SCHEMA_REVISION, NodeRow, Registry, RegistryConflict,
+                               RegistrySchemaError, RegistryTransaction, TokenRow)
+from tinc_hub.registry_url import RegistryURL
+from tinc_hub.tls import pin_of_cert_file
+from hub_fixtures import HubEnv, enrol_answer, init_hub, rsa_public_pem
+from labkit import postgres
+from labkit.loopback_hub import Enrolment, HubProcess, enrol_concurrently, free_port, public_keys
+
+FIXTURES = Path(__file__).parent / "fixtures" / "registry"
+MAIN_EXPECTED = json.loads((FIXTURES / "registry-main-65e21c3.json").read_text())
+PASSWORD = "pw-" + uuid.uuid4().hex  # unique: any leak of it is found by a plain search
+
+pytestmark = pytest.mark.skipif(postgres.unavailable_reason() is not None,
+                                reason=str(postgres.unavailable_reason()))
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[postgres.ThrowawayPostgres]:
+    with postgres.ThrowawayPostgres() as server:
+        yield server
+
+
+@pytest.fixture
+def database(pg: postgres.ThrowawayPostgres) -> Iterator[str]:
+    """A new empty database owned by the role ``hub`` (password PASSWORD); its TCP URL."""
+    name = "reg_" + uuid.uuid4().hex[:12]
+    url = pg.create_database(name, user="hub", password=PASSWORD)
+    yield url
+    pg.drop_database(name)
+
+
+@pytest.fixture
+def password_file(tmp_path: Path) -> Path:
+    path = tmp_path / "pgpassword"
+    path.write_text(PASSWORD + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def pg_registry(url: str, lock: Path, keep: bool = False) -> Registry:
+    return Registry.open(RegistryURL.parse(url, PASSWORD), lock, keep_connections=keep)
+
+
+def cli(capsys, *argv: str) -> Tuple[int, str, str]:
+    capsys.readouterr()
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+# -- two hubs, one registry ------------------------------------------------------------------
+
+def two_hubs(tmp_path: Path, url: str) -> List[HubEnv]:
+    """Two hubs of one net (own state and hosts/ dirs, own lock files) on one PostgreSQL registry."""
+    hubs = []
+    for i in range(2):
+        env = init_hub(tmp_path / f"hub{i}", vpn_subnet="10.77.0.0/24", net="pgnet")
+        registry = pg_registry(url, env.state.lock_file, keep=True)
+        registry.ensure_schema()
+        hubs.append(env._replace(registry=registry, enroller=Enroller(env.config, registry)))
+    return hubs
+
+
+def test_two_hubs_enrolling_at_once_never_share_an_address_or_a_name(tmp_path: Path, database: str) -> None:
+    hubs = two_hubs(tmp_path, database)
+    per_hub, threads_per_hub = 40, 8
+    keys = public_keys(2 * per_hub + 8)
+    token = hubs[0].token(uses=1000).token  # stored in PostgreSQL: both hubs know it
+    results: Dict[str, Tuple[int, dict]] = {}
+    lock = threading.Lock()
+    start = threading.Barrier(2 * threads_per_hub)
+
+    def worker(hub_index: int, thread_index: int) -> None:
+        env = hubs[hub_index]
+        start.wait()
+        for i in range(thread_index, per_hub, threads_per_hub):
+            name = f"h{hub_index}n{i}"
+            answer = env.enroll(token, name, keys[hub_index * per_hub + i])
+            with lock:
+                results[name] = answer
+
+    threads = [threading.Thread(target=worker, args=(h, t)) for h in range(2) for t in range(threads_per_hub)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads)
+    assert {name: status for name, (status, _) in results.items()} == {
+        f"h{h}n{i}": 200 for h in range(2) for i in range(per_hub)}
+    addresses = [answer["address"] for _, answer in results.values()]
+    assert len(set(addresses)) == len(addresses) == 2 * per_hub
+
+    # The same new name from both hubs at once: one wins, the other is told the name is taken.
+    for round_index in range(4):
+        name, barrier, answers = f"race{round_index}", threading.Barrier(2), []
+
+        def race(hub_index: int) -> None:
+            barrier.wait()
+            answers.append(hubs[hub_index].enroll(token, name, keys[2 * per_hub + 2 * round_index + hub_index]))
+
+        racers = [threading.Thread(target=race, args=(h,)) for h in range(2)]
+        for t in racers:
+            t.start()
+        for t in racers:
+            t.join(60)
+        assert sorted(status for status, _ in answers) == [200, 409], answers
+
+    with hubs[1].registry.reading() as view:
+        rows = view.list_nodes()
+        assert view.get_token(hubs[0].enroller._decode(token)).uses_left == 1000 - 2 * per_hub - 4
+    assert len(rows) == 2 * per_hub + 4
+    assert len({r.address_int for r in rows}) == len({r.name for r in rows}) == len(rows)
+    for env in hubs:
+        env.registry.dispose()
+
+
+def test_the_constraints_hold_without_the_write_lock(tmp_path: Path, database: str) -> None:
+    """Two writers that skip the advisory lock (raw transactions on two connections) and try
+    the same address, name or key: the database refuses the second (RegistryConflict)."""
+    first, second = pg_registry(database, tmp_path / "a.lock"), pg_registry(database, tmp_path / "b.lock")
+    first.ensure_schema()
+    node = NodeRow("n1", "10.77.0.2", 0x0A4D0002, "key1", "t" * 64, 1, 1, None)
+    clashes = [NodeRow("n2", "10.77.0.2", 0x0A4D0002, "key2", "t" * 64, 1, 1, None),  # address
+               NodeRow("n1", "10.77.0.3", 0x0A4D0003, "key3", "t" * 64, 1, 1, None),  # name
+               NodeRow("n4", "10.77.0.4", 0x0A4D0004, "key1", "t" * 64, 1, 1, None)]  # key
+    with first._connection() as conn:
+        conn.exec_driver_sql("BEGIN")
+        RegistryTransaction(conn).insert_node(node)
+        conn.exec_driver_sql("COMMIT")
+    for clash in clashes:
+        with pytest.raises(RegistryConflict, match="registry conflict"):
+            with second._connection() as conn:
+                conn.exec_driver_sql("BEGIN")
+                RegistryTransaction(conn).insert_node(clash)
+    with pytest.raises(RegistryConflict):
+        with second.transaction() as tx:
+            tx.insert_token(TokenRow("s" * 64, 1, -1, 1, None, False, 1))  # CHECK uses_left >= 0
+    with second.reading() as view:
+        assert [n.name for n in view.list_nodes()] == ["n1"] and view.count_tokens() == 0
+    first.dispose()
+    second.dispose()
+
+
+def test_a_newer_schema_in_postgresql_is_refused_and_left_alone(tmp_path: Path, database: str,
+                                                                pg: postgres.ThrowawayPostgres) -> None:
+    registry = pg_registry(database, tmp_path / "lock")
+    assert registry.schema_revision() is None
+    assert registry.create() is True and registry.schema_revision() == SCHEMA_REVISION
+    assert registry.create() is False
+    name = database.rsplit("/", 1)[1]
+    with pg.admin(name) as conn:
+        conn.execute("UPDATE alembic_version SET version_num = '9999_future'")
+    with pytest.raises(RegistrySchemaError, match="9999_future.*newer than this tinc-hub knows"):
+        registry.upgrade_schema()
+    assert registry.schema_revision() == "9999_future"
+    registry.dispose()
+
+
+# -- the command line ------------------------------------------------------------------------
+
+@pytest.fixture
+def hub(tmp_path: Path) -> HubEnv:
+    return init_hub(tmp_path, vpn_subnet="10.77.0.0/24", net=MAIN_EXPECTED["net"])
+
+
+def test_registry_option_password_file_and_pgpassword(hub: HubEnv, database: str, password_file: Path,
+                                                      capsys, monkeypatch) -> None:
+    base = ["--state-dir", str(hub.state.root), "--registry", database]
+    code, out, err = cli(capsys, *base, "--registry-password-file", str(password_file), "token", "create", "--json")
+    assert code == 0, err
+    code, out, err = cli(capsys, *base, "--registry-password-file", str(password_file), "token", "list", "--json")
+    assert code == 0 and len(json.loads(out)) == 1
+    # libpq's own PGPASSWORD, and the env twin of --registry
+    monkeypatch.setenv("PGPASSWORD", PASSWORD)
+    monkeypatch.setenv("TINC_HUB_REGISTRY", database)
+    code, out, err = cli(capsys, "--state-dir", str(hub.state.root), "token", "list", "--json")
+    assert code == 0 and len(json.loads(out)) == 1
+    with hub.registry.reading() as view:  # the hub's own SQLite file was not used
+        assert view.count_tokens() == 0
+
+
+def test_a_password_is_never_printed(hub: HubEnv, database: str, tmp_path: Path, capsys) -> None:
+    wrong = tmp_path / "wrong"
+    wrong.write_text(PASSWORD + "-but-wrong\n")
+    for verbose in ([], ["-v"]):
+        code, out, err = cli(capsys, "--state-dir", str(hub.state.root), "--registry", database,
+                             "--registry-password-file", str(wrong), *verbose, "nodes")
+        assert code == 1 and PASSWORD not in out + err
+        assert "password authentication failed" in err and "(hint: is PostgreSQL running" in err
+        if not verbose:
+            assert err.count("\n") == 1
+    with_password = database.replace("hub@", f"hub:{PASSWORD}@")
+    for argv in (["--registry", with_password, "nodes"], ["--registry", database + f"?password={PASSWORD}", "nodes"],
+                 ["registry", "copy", "--to", with_password]):
+        code, out, err = cli(capsys, "--state-dir", str(hub.state.root), *argv)
+        assert code == 1 and PASSWORD not in out + err, err
+        assert "refusing a registry URL that contains a password" in err and "--registry-password-file" in err
+    # the real process: nothing in its argv either (ps), the password only in the file
+    proc = subprocess.run([sys.executable, "-m", "tinc_hub.cli", "--state-dir", str(hub.state.root),
+                           "--registry", with_password, "-v", "nodes"], capture_output=True, text=True,
+                          timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 1 and PASSWORD not in proc.stdout + proc.stderr
+
+
+def test_registry_copy_moves_main_registry_to_postgresql(hub: HubEnv, database: str, password_file: Path,
+                                                         capsys, pg: postgres.ThrowawayPostgres) -> None:
+    for suffix in ("-wal", "-shm"):
+        Path(str(hub.state.registry_file) + suffix).unlink(missing_ok=True)
+    shutil.copyfile(FIXTURES / "registry-main-65e21c3.sqlite3", hub.state.registry_file)
+    state = ["--state-dir", str(hub.state.root)]
+    copy = state + ["registry", "copy", "--to", database, "--to-password-file", str(password_file)]
+
+    # refused while another process holds the SQLite registry open (a running API server)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; f = open(sys.argv[1], 'rb');"
+                               " print('open', flush=True); sys.stdin.read()", str(hub.state.registry_file)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "open\n"
+        code, out, err = cli(capsys, *copy)
+        assert code == 1 and f"process(es) {holder.pid}" in err and "stop the API service first" in err
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
+    assert pg_registry(database, hub.state.lock_file).schema_revision() is None  # nothing written
+
+    code, out, err = cli(capsys, *copy)
+    assert code == 0, err
+    assert "copied 4 token(s) and 3 node(s) (1 revoked), schema 0001" in out and "counts verified" in out
+    assert "restart the API service" in out and PASSWORD not in out + err
+    assert json.loads(hub.state.config_file.read_text())["registry"] == database
+    assert oct(hub.state.config_file.stat().st_mode & 0o777) == "0o600"
+
+    # every later command uses PostgreSQL (hub.json); libpq's PGPASSWORD would do as well
+    code, out, err = cli(capsys, *state, "--registry-password-file", str(password_file), "nodes", "--json")
+    assert code == 0, err
+    assert {n["name"]: n["revoked"] for n in json.loads(out)} == {"alpha": False, "beta": False, "gamma": True}
+    target = pg_registry(database, hub.state.lock_file)
+    with target.reading() as view:
+        assert [t.__dict__ for t in view.list_tokens()] == MAIN_EXPECTED["tokens"]
+        assert [n.__dict__ for n in view.list_nodes()] == MAIN_EXPECTED["nodes"]
+    assert target.schema_revision() == SCHEMA_REVISION
+
+    # the active token enrols through the copied registry; the revoked one still is revoked
+    enroller = Enroller(hub.state.load_config(), target)
+    token = bootstrap.encode_token(bootstrap.Token(
+        hub.config.address, hub.config.api_port, pin_of_cert_file(hub.state.cert_file), hub.config.net,
+        hub.config.name, MAIN_EXPECTED["active_token_secret"]))
+    status, answer = enrol_answer(enroller, "Bearer " + token,
+                                  json.dumps({"name": "zeta", "public_key": rsa_public_pem(7)}).encode())
+    assert (status, answer["address"]) == (200, "10.77.0.5")
+    target.dispose()
+
+    # a second copy into the (now non-empty) target is refused, hub.json untouched
+    other = init_hub(hub.root / "other", vpn_subnet="10.77.0.0/24", net=MAIN_EXPECTED["net"])
+    code, out, err = cli(capsys, "--state-dir", str(other.state.root), "registry", "copy", "--to", database,
+                         "--to-password-file", str(password_file))
+    assert code == 1 and "is not empty: it holds 4 token(s) and 4 node(s)" in err
+    assert "registry" not in json.loads(other.state.config_file.read_text())
+
+
+# -- the real server -------------------------------------------------------------------------
+
+def test_serve_enrols_into_postgresql(tmp_path: Path, database: str, password_file: Path) -> None:
+    port = free_port()
+    env = init_hub(tmp_path, vpn_subnet="10.77.0.0/24", api_port=port)
+    registry = pg_registry(database, env.state.lock_file)
+    registry.ensure_schema()
+    env = env._replace(registry=registry)
+    token = env.token(uses=50).token
+    server = HubProcess(env.state.root, port, env.state.cert_file, tmp_path / "serve.log",
+                        extra=["--registry", database, "--registry-password-file", str(password_file),
+                               "--rate-limit", "off"]).start()
+    try:
+        keys = public_keys(50)
+        replies = enrol_concurrently(server, [Enrolment(token, f"s{i}", keys[i]) for i in range(50)])
+        assert [r.status for r in replies] == [200] * 50
+    finally:
+        server.stop()
+    assert PASSWORD not in server.log_text()
+    with registry.reading() as view:
+        nodes = view.list_nodes()
+    assert len({n.address for n in nodes}) == 50
+    assert {p.name for p in env.config.hosts_dir.iterdir()} == {n.name for n in nodes} | {env.config.name}
+    with Registry(env.state.registry_file, env.state.lock_file).reading() as view:
+        assert view.count_tokens() == view.count_nodes() == 0  # the SQLite file was not used
+    registry.dispose()
