@@ -144,15 +144,15 @@ def test_the_constraints_hold_without_the_write_lock(tmp_path: Path, database: s
     clashes = [NodeRow("n2", "10.77.0.2", 0x0A4D0002, "key2", "t" * 64, 1, 1, None),  # address
                NodeRow("n1", "10.77.0.3", 0x0A4D0003, "key3", "t" * 64, 1, 1, None),  # name
                NodeRow("n4", "10.77.0.4", 0x0A4D0004, "key1", "t" * 64, 1, 1, None)]  # key
-    with first._connection() as conn:
-        conn.exec_driver_sql("BEGIN")
-        RegistryTransaction(conn).insert_node(node)
-        conn.exec_driver_sql("COMMIT")
+    with first._runner() as runner:
+        runner.driver.execute("BEGIN")
+        RegistryTransaction(runner).insert_node(node)
+        runner.driver.execute("COMMIT")
     for clash in clashes:
         with pytest.raises(RegistryConflict, match="registry conflict"):
-            with second._connection() as conn:
-                conn.exec_driver_sql("BEGIN")
-                RegistryTransaction(conn).insert_node(clash)
+            with second._runner() as runner:
+                runner.driver.execute("BEGIN")
+                RegistryTransaction(runner).insert_node(clash)
     with pytest.raises(RegistryConflict):
         with second.transaction() as tx:
             tx.insert_token(TokenRow("s" * 64, 1, -1, 1, None, False, 1))  # CHECK uses_left >= 0

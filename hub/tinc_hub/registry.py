@@ -67,8 +67,12 @@ VERSION_TABLE = "alembic_version"
 BUSY_TIMEOUT_MS = 30_000
 # pg_advisory_xact_lock key of the registry write lock ("tinc-hub" in ASCII, as a bigint).
 WRITE_LOCK_KEY = 0x74696E632D687562
-# serve: connections kept open (opening costs more than a whole enrolment); more wait for one.
-POOL_SIZE = 8
+# serve: connections kept open (opening costs more than a whole enrolment). SQLite: one per
+# API worker thread (anyio's default limit, 40), so that no writer holding the write lock waits
+# for a connection. PostgreSQL: fewer, as every hub's pool counts against max_connections
+# (default 100); a thread past them waits for one.
+SQLITE_POOL_SIZE = 40
+POSTGRES_POOL_SIZE = 16
 
 metadata = sa.MetaData()
 _BigInt = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite: today's INTEGER columns
@@ -187,63 +191,156 @@ def _node_row(r: Any) -> NodeRow:
     return NodeRow(*r)
 
 
+class _Statements:
+    """Every query, built once with bound parameters (see :class:`_Runner`)."""
+
+    P = sa.bindparam
+    token_by_hash = sa.select(*_TOKEN_COLUMNS).where(tokens.c.secret_sha256 == P("sha"))
+    tokens_in_order = sa.select(*_TOKEN_COLUMNS).order_by(tokens.c.created_at, tokens.c.secret_sha256)
+    tokens_by_prefix = (sa.select(*_TOKEN_COLUMNS)
+                        .where(sa.func.substr(tokens.c.secret_sha256, 1, P("length")) == P("prefix"))
+                        .order_by(tokens.c.created_at, tokens.c.secret_sha256))
+    names_by_token = sa.select(nodes.c.token_sha256, nodes.c.name).order_by(nodes.c.address_int)
+    node_by_name = sa.select(*_NODE_COLUMNS).where(nodes.c.name == P("name"))
+    node_by_key = sa.select(*_NODE_COLUMNS).where(nodes.c.public_key == P("key"))
+    nodes_in_order = sa.select(*_NODE_COLUMNS).order_by(nodes.c.address_int)
+    address_ints = sa.select(nodes.c.address_int)
+    count_nodes = sa.select(sa.func.count()).select_from(nodes)
+    count_tokens = sa.select(sa.func.count()).select_from(tokens)
+    insert_token = tokens.insert().values({c.name: sa.bindparam(c.name) for c in _TOKEN_COLUMNS})
+    revoke_token = (tokens.update().where(tokens.c.secret_sha256 == P("sha"), tokens.c.revoked_at.is_(None))
+                    .values(revoked_at=P("now")))
+    spend_token_use = (tokens.update().where(tokens.c.secret_sha256 == P("sha"), tokens.c.uses_left > 0,
+                                             tokens.c.revoked_at.is_(None))
+                       .values(uses_left=tokens.c.uses_left - 1))
+    insert_node = nodes.insert().values({c.name: sa.bindparam(c.name) for c in _NODE_COLUMNS})
+    replace_node_key = (nodes.update().where(nodes.c.name == P("name"))
+                        .values(public_key=P("key"), token_sha256=P("token"), updated_at=P("now")))
+    mark_revoked = (nodes.update().where(nodes.c.name == P("name"), nodes.c.revoked_at.is_(None))
+                    .values(revoked_at=P("now")))
+    delete_node = nodes.delete().where(nodes.c.name == P("name"))
+    write_lock = sa.select(sa.func.pg_advisory_xact_lock(WRITE_LOCK_KEY))
+
+
+Q = _Statements
+
+
+class _Compiled:
+    """One statement compiled for one dialect: its SQL and how to lay out its parameters."""
+
+    __slots__ = ("sql", "compiled", "positions")
+
+    def __init__(self, statement: Any, dialect: Any) -> None:
+        self.compiled = statement.compile(dialect=dialect)
+        self.sql = str(self.compiled)
+        self.positions = tuple(self.compiled.positiontup) if self.compiled.positional else None
+
+    def parameters(self, values: Dict[str, Any]) -> Any:
+        full = self.compiled.construct_params(values)  # adds the literals (e.g. uses_left > 0)
+        return [full[name] for name in self.positions] if self.positions is not None else full
+
+
+class _Runner:
+    """Runs the prebuilt statements on one pooled driver connection. SQLAlchemy builds and
+    compiles each statement once per dialect (cached); the driver runs it. The registry's values
+    are plain ints, strings and booleans that both drivers take and return as they are, and an
+    enrolment runs a dozen statements, for which SQLAlchemy's execution and result layers cost
+    more than SQLite itself (measured: 2.1 ms against 0.7 ms per enrolment)."""
+
+    def __init__(self, pooled: Any, cache: Dict[int, _Compiled], dialect: Any) -> None:
+        self.pooled = pooled  # the pool's proxy: invalidate() drops a broken connection
+        self.driver = pooled.dbapi_connection
+        self._cache = cache
+        self._dialect = dialect
+
+    def _compiled(self, statement: Any) -> _Compiled:
+        found = self._cache.get(id(statement))
+        if found is None:
+            found = self._cache[id(statement)] = _Compiled(statement, self._dialect)
+        return found
+
+    def _run(self, statement: Any, values: Dict[str, Any]) -> Any:
+        compiled = self._compiled(statement)
+        cursor = self.driver.cursor()
+        cursor.execute(compiled.sql, compiled.parameters(values))
+        return cursor
+
+    def rows(self, statement: Any, **values: Any) -> List[tuple]:
+        cursor = self._run(statement, values)
+        try:
+            return cursor.fetchall()
+        finally:
+            cursor.close()
+
+    def first(self, statement: Any, **values: Any) -> Optional[tuple]:
+        rows = self.rows(statement, **values)
+        return rows[0] if rows else None
+
+    def rowcount(self, statement: Any, **values: Any) -> int:
+        cursor = self._run(statement, values)
+        try:
+            return cursor.rowcount
+        finally:
+            cursor.close()
+
+    def many(self, statement: Any, rows: List[Dict[str, Any]]) -> None:
+        compiled = self._compiled(statement)
+        cursor = self.driver.cursor()
+        try:
+            cursor.executemany(compiled.sql, [compiled.parameters(r) for r in rows])
+        finally:
+            cursor.close()
+
+
 class RegistryView:
     """The read queries, over the one connection of a :meth:`Registry.reading` or
     :meth:`Registry.snapshot` block (do not keep it past the block)."""
 
-    def __init__(self, conn: sa.Connection) -> None:
-        self._conn = conn
+    def __init__(self, runner: _Runner) -> None:
+        self._db = runner
 
     # -- tokens ------------------------------------------------------------------------
     def get_token(self, secret_sha256: str) -> Optional[TokenRow]:
-        r = self._conn.execute(sa.select(*_TOKEN_COLUMNS).where(tokens.c.secret_sha256 == secret_sha256)).first()
+        r = self._db.first(Q.token_by_hash, sha=secret_sha256)
         return _token_row(r) if r else None
 
     def list_tokens(self) -> List[TokenRow]:
-        rows = self._conn.execute(sa.select(*_TOKEN_COLUMNS)
-                                  .order_by(tokens.c.created_at, tokens.c.secret_sha256))
-        return [_token_row(r) for r in rows]
+        return [_token_row(r) for r in self._db.rows(Q.tokens_in_order)]
 
     def tokens_with_prefix(self, prefix: str) -> List[TokenRow]:
         """Tokens whose stored hash starts with ``prefix`` (lowercase hex, checked here)."""
         if not prefix or any(c not in "0123456789abcdef" for c in prefix):
             raise ValueError(f"token id prefix must be lowercase hex, not {prefix!r}")
-        rows = self._conn.execute(
-            sa.select(*_TOKEN_COLUMNS)
-            .where(sa.func.substr(tokens.c.secret_sha256, 1, len(prefix)) == prefix)
-            .order_by(tokens.c.created_at, tokens.c.secret_sha256))
-        return [_token_row(r) for r in rows]
+        return [_token_row(r) for r in self._db.rows(Q.tokens_by_prefix, length=len(prefix), prefix=prefix)]
 
     def node_names_by_token(self) -> Dict[str, List[str]]:
         """token hash -> names of the nodes it last enrolled or re-keyed."""
         out: Dict[str, List[str]] = {}
-        for sha, name in self._conn.execute(sa.select(nodes.c.token_sha256, nodes.c.name)
-                                            .order_by(nodes.c.address_int)):
+        for sha, name in self._db.rows(Q.names_by_token):
             out.setdefault(sha, []).append(name)
         return out
 
     # -- nodes -------------------------------------------------------------------------
     def get_node(self, name: str) -> Optional[NodeRow]:
-        r = self._conn.execute(sa.select(*_NODE_COLUMNS).where(nodes.c.name == name)).first()
+        r = self._db.first(Q.node_by_name, name=name)
         return _node_row(r) if r else None
 
     def get_node_by_key(self, public_key: str) -> Optional[NodeRow]:
-        r = self._conn.execute(sa.select(*_NODE_COLUMNS).where(nodes.c.public_key == public_key)).first()
+        r = self._db.first(Q.node_by_key, key=public_key)
         return _node_row(r) if r else None
 
     def list_nodes(self) -> List[NodeRow]:
-        rows = self._conn.execute(sa.select(*_NODE_COLUMNS).order_by(nodes.c.address_int))
-        return [_node_row(r) for r in rows]
+        return [_node_row(r) for r in self._db.rows(Q.nodes_in_order)]
 
     def used_address_ints(self) -> Set[int]:
         """Addresses held by any node row, revoked ones included (they are never reused)."""
-        return set(self._conn.execute(sa.select(nodes.c.address_int)).scalars())
+        return {r[0] for r in self._db.rows(Q.address_ints)}
 
     def count_nodes(self) -> int:
-        return self._conn.execute(sa.select(sa.func.count()).select_from(nodes)).scalar_one()
+        return self._db.rows(Q.count_nodes)[0][0]
 
     def count_tokens(self) -> int:
-        return self._conn.execute(sa.select(sa.func.count()).select_from(tokens)).scalar_one()
+        return self._db.rows(Q.count_tokens)[0][0]
 
 
 class RegistryTransaction(RegistryView):
@@ -252,49 +349,38 @@ class RegistryTransaction(RegistryView):
 
     # -- tokens ------------------------------------------------------------------------
     def insert_token(self, row: TokenRow) -> None:
-        values = dict(row.__dict__, allow_replace=bool(row.allow_replace))
-        self._conn.execute(tokens.insert().values(**values))
-
-    def revoke_token(self, secret_sha256: str, now: int) -> bool:
-        """Set revoked_at (once); False when the token was already revoked or is unknown."""
-        result = self._conn.execute(
-            tokens.update().where(tokens.c.secret_sha256 == secret_sha256, tokens.c.revoked_at.is_(None))
-            .values(revoked_at=now))
-        return result.rowcount == 1
-
-    def spend_token_use(self, secret_sha256: str) -> bool:
-        """Decrement uses_left if positive and not revoked; False when nothing was left."""
-        result = self._conn.execute(
-            tokens.update().where(tokens.c.secret_sha256 == secret_sha256, tokens.c.uses_left > 0,
-                                  tokens.c.revoked_at.is_(None))
-            .values(uses_left=tokens.c.uses_left - 1))
-        return result.rowcount == 1
+        self.insert_tokens([row])
 
     def insert_tokens(self, rows: List[TokenRow]) -> None:
         """Many at once (registry copy)."""
         if rows:
-            self._conn.execute(tokens.insert(), [dict(r.__dict__, allow_replace=bool(r.allow_replace))
-                                                 for r in rows])
+            self._db.many(Q.insert_token, [dict(r.__dict__, allow_replace=bool(r.allow_replace)) for r in rows])
+
+    def revoke_token(self, secret_sha256: str, now: int) -> bool:
+        """Set revoked_at (once); False when the token was already revoked or is unknown."""
+        return self._db.rowcount(Q.revoke_token, sha=secret_sha256, now=now) == 1
+
+    def spend_token_use(self, secret_sha256: str) -> bool:
+        """Decrement uses_left if positive and not revoked; False when nothing was left."""
+        return self._db.rowcount(Q.spend_token_use, sha=secret_sha256) == 1
 
     # -- nodes -------------------------------------------------------------------------
     def insert_node(self, row: NodeRow) -> None:
-        self._conn.execute(nodes.insert().values(**row.__dict__))
+        self.insert_nodes([row])
 
     def insert_nodes(self, rows: List[NodeRow]) -> None:
         """Many at once (registry copy)."""
         if rows:
-            self._conn.execute(nodes.insert(), [r.__dict__ for r in rows])
+            self._db.many(Q.insert_node, [dict(r.__dict__) for r in rows])
 
     def replace_node_key(self, name: str, public_key: str, token_sha256: str, now: int) -> None:
-        self._conn.execute(nodes.update().where(nodes.c.name == name)
-                           .values(public_key=public_key, token_sha256=token_sha256, updated_at=now))
+        self._db.rowcount(Q.replace_node_key, name=name, key=public_key, token=token_sha256, now=now)
 
     def mark_revoked(self, name: str, now: int) -> None:
-        self._conn.execute(nodes.update().where(nodes.c.name == name, nodes.c.revoked_at.is_(None))
-                           .values(revoked_at=now))
+        self._db.rowcount(Q.mark_revoked, name=name, now=now)
 
     def delete_node(self, name: str) -> None:
-        self._conn.execute(nodes.delete().where(nodes.c.name == name))
+        self._db.rowcount(Q.delete_node, name=name)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -326,6 +412,7 @@ class Registry:
         self._thread_lock = threading.Lock()
         self._engine: Optional[sa.Engine] = None
         self._engine_lock = threading.Lock()
+        self._compiled: Dict[int, _Compiled] = {}  # id(statement of Q) -> its SQL for this dialect
 
     @classmethod
     def open(cls, url: "RegistryURL", lock_path: "os.PathLike[str] | str",
@@ -361,8 +448,9 @@ class Registry:
 
     def _make_engine(self) -> sa.Engine:
         """Autocommit at the driver: every transaction is begun explicitly (_begin)."""
+        size = SQLITE_POOL_SIZE if self.dialect == "sqlite" else POSTGRES_POOL_SIZE
         pool: Dict[str, Any] = ({"poolclass": sa.pool.NullPool} if not self.keep_connections else
-                                {"pool_size": POOL_SIZE, "max_overflow": 0, "pool_timeout": BUSY_TIMEOUT_MS / 1000,
+                                {"pool_size": size, "max_overflow": 0, "pool_timeout": BUSY_TIMEOUT_MS / 1000,
                                  "pool_pre_ping": self.dialect == "postgresql"})
         if self.dialect == "sqlite":
             engine = sa.create_engine(self.url.sqlalchemy_url(), isolation_level="AUTOCOMMIT",
@@ -387,25 +475,37 @@ class Registry:
                 yield conn
 
     @contextmanager
-    def _begin(self, write: bool) -> Iterator[sa.Connection]:
+    def _runner(self) -> Iterator[_Runner]:
+        """A pooled driver connection (autocommit) for one block."""
+        with self.url.translate_errors():
+            engine = self.engine
+            pooled = engine.raw_connection()
+            try:
+                yield _Runner(pooled, self._compiled, engine.dialect)
+            finally:
+                pooled.close()
+
+    @contextmanager
+    def _begin(self, write: bool) -> Iterator[_Runner]:
         """One explicit transaction (write: the registry write transaction; else a read-only
         snapshot); COMMIT at the end, ROLLBACK on any exception."""
-        with self._connection() as conn:
+        with self._runner() as runner:
+            driver = runner.driver
             if self.dialect == "sqlite":
-                conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+                driver.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             elif write:
-                conn.exec_driver_sql("BEGIN ISOLATION LEVEL READ COMMITTED")
-                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(WRITE_LOCK_KEY)))
+                driver.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
+                runner.rows(Q.write_lock)
             else:
-                conn.exec_driver_sql("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                driver.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             try:
-                yield conn
-                conn.exec_driver_sql("COMMIT")
+                yield runner
+                driver.execute("COMMIT")
             except BaseException:
                 try:  # a pooled connection must never stay mid-transaction
-                    conn.exec_driver_sql("ROLLBACK")
+                    driver.execute("ROLLBACK")
                 except Exception:
-                    conn.invalidate()
+                    runner.pooled.invalidate()  # the pool opens a new one
                 raise
 
     def create(self) -> bool:
@@ -482,18 +582,18 @@ class Registry:
     def transaction(self) -> Iterator[RegistryTransaction]:
         """Reads and writes in one write transaction (see the module doc), COMMIT at the end,
         ROLLBACK on any exception. Writers hold :meth:`exclusive` around it."""
-        with self._begin(write=True) as conn:
-            yield RegistryTransaction(conn)
+        with self._begin(write=True) as runner:
+            yield RegistryTransaction(runner)
 
     @contextmanager
     def reading(self) -> Iterator[RegistryView]:
         """Reads in autocommit mode: each statement sees the latest commit."""
-        with self._connection() as conn:
-            yield RegistryView(conn)
+        with self._runner() as runner:
+            yield RegistryView(runner)
 
     @contextmanager
     def snapshot(self) -> Iterator[RegistryView]:
         """Reads in one read transaction: every statement sees the same commit. Takes no lock
         that a writer waits for, and is not the registry write lock."""
-        with self._begin(write=False) as conn:
-            yield RegistryView(conn)
+        with self._begin(write=False) as runner:
+            yield RegistryView(runner)

@@ -143,7 +143,10 @@ class RegistryURL:
         from .registry import RegistryConflict, RegistryError, RegistryUnavailable
 
         try:
-            yield
+            try:
+                yield
+            except _driver_errors() as exc:  # raised by the driver itself (registry._begin)
+                raise sqlalchemy.exc.DBAPIError.instance(None, None, exc, _driver_base(exc)) from exc
         except sqlalchemy.exc.IntegrityError as exc:
             raise RegistryConflict(f"registry conflict: {self._clean(exc)}",
                                    "another writer took the same name, address or key; retry") from None
@@ -163,6 +166,20 @@ class RegistryURL:
         if self.password:
             text = text.replace(self.password, "********")
         return text[:500]
+
+
+def _driver_errors() -> Tuple[type, ...]:
+    """The base exception classes of the loaded database drivers."""
+    import sqlite3
+    import sys
+
+    psycopg = sys.modules.get("psycopg")
+    return (sqlite3.Error, psycopg.Error) if psycopg is not None else (sqlite3.Error,)
+
+
+def _driver_base(exc: BaseException) -> type:
+    """The DBAPI Error class ``exc`` derives from (DBAPIError.instance maps its subclasses)."""
+    return next(base for base in _driver_errors() if isinstance(exc, base))
 
 
 def _safe(text: str) -> str:
