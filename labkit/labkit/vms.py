@@ -29,6 +29,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -41,6 +42,7 @@ LOCK_DIR = Path("/run/tinc-lab-vms")
 RUN_PREFIX_RE = re.compile(r"tinclab-([0-9a-f]{8})-")
 MACHINES = ("erebor", "gate", "hobbiton", "bree")   # the Vagrantfile's, in `up` order
 NICE = ["nice", "-n", "10"]
+ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # the project parts a run copies: the Vagrantfile and its scripts, plus the hub's project
 LAB_PARTS = ("Vagrantfile", "vagrant")
 
@@ -219,18 +221,34 @@ class VagrantLab:
 
     def vagrant(self, *args: str, timeout: float = 1200, check: bool = True
                 ) -> subprocess.CompletedProcess:
-        """Run `vagrant ARGS` in the run's project (niced); output also goes to a log file."""
+        """Run `vagrant ARGS` in the run's project (niced); its output also goes to a log
+        file in log_dir, each line with the seconds since the start."""
         cmd = NICE + ["vagrant", "--no-color"] + list(args)
         log_path = self.log_dir / ("vagrant-%s.log" % "-".join(a for a in args[:2]
                                                              if a.isalnum()))
-        try:
-            proc = subprocess.run(cmd, cwd=str(self.project), env=self.env, timeout=timeout,
-                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True)
-        except subprocess.TimeoutExpired as e:
-            raise netlab.CommandError(cmd, None, e.stdout or "", "", "vagrant", timeout)
+        started = time.monotonic()
+        lines = []
         with open(log_path, "a") as log:
-            log.write("$ %s\n%s\n" % (shlex.join(cmd), proc.stdout))
+            log.write("$ %s\n" % shlex.join(cmd))
+            with subprocess.Popen(cmd, cwd=str(self.project), env=self.env, text=True,
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT) as child:
+                timer = threading.Timer(timeout, child.kill)
+                timer.start()
+                try:
+                    for line in child.stdout:
+                        line = ANSI_RE.sub("", line)
+                        if "Progress: " in line:
+                            continue   # box upload: one line per percent
+                        lines.append(line)
+                        log.write("%7.1f %s" % (time.monotonic() - started, line))
+                        log.flush()
+                finally:
+                    timer.cancel()
+                    child.wait()
+        proc = subprocess.CompletedProcess(cmd, child.returncode, "".join(lines))
+        if time.monotonic() - started >= timeout:
+            raise netlab.CommandError(cmd, None, proc.stdout[-6000:], "", "vagrant", timeout)
         if check and proc.returncode != 0:
             raise netlab.CommandError(cmd, proc.returncode, proc.stdout[-6000:], "", "vagrant")
         return proc
