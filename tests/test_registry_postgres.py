@@ -203,6 +203,11 @@ def test_registry_option_password_file_and_pgpassword(hub: HubEnv, database: str
 def test_a_password_is_never_printed(hub: HubEnv, database: str, tmp_path: Path, capsys) -> None:
     wrong = tmp_path / "wrong"
     wrong.write_text(PASSWORD + "-but-wrong\n")
+    wrong.chmod(0o644)
+    code, out, err = cli(capsys, "--state-dir", str(hub.state.root), "--registry", database,
+                         "--registry-password-file", str(wrong), "nodes")
+    assert code == 1 and "is accessible to other users (hint: chmod 600" in err
+    wrong.chmod(0o600)
     for verbose in ([], ["-v"]):
         code, out, err = cli(capsys, "--state-dir", str(hub.state.root), "--registry", database,
                              "--registry-password-file", str(wrong), *verbose, "nodes")
@@ -248,11 +253,16 @@ def test_registry_copy_moves_main_registry_to_postgresql(hub: HubEnv, database: 
     assert code == 0, err
     assert "copied 4 token(s) and 3 node(s) (1 revoked), schema 0001" in out and "counts verified" in out
     assert "restart the API service" in out and PASSWORD not in out + err
-    assert json.loads(hub.state.config_file.read_text())["registry"] == database
+    recorded = json.loads(hub.state.config_file.read_text())
+    assert (recorded["registry"], recorded["registry_password_file"]) == (database, str(password_file))
+    assert PASSWORD not in hub.state.config_file.read_text()
     assert oct(hub.state.config_file.stat().st_mode & 0o777) == "0o600"
 
-    # every later command uses PostgreSQL (hub.json); libpq's PGPASSWORD would do as well
-    code, out, err = cli(capsys, *state, "--registry-password-file", str(password_file), "nodes", "--json")
+    init_hub(hub.root, vpn_subnet="10.77.0.0/24", net=MAIN_EXPECTED["net"])  # init re-run: both kept
+    assert json.loads(hub.state.config_file.read_text()) == recorded
+
+    # every later command uses PostgreSQL and the password file that hub.json names
+    code, out, err = cli(capsys, *state, "nodes", "--json")
     assert code == 0, err
     assert {n["name"]: n["revoked"] for n in json.loads(out)} == {"alpha": False, "beta": False, "gamma": True}
     target = pg_registry(database, hub.state.lock_file)

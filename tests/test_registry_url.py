@@ -58,6 +58,11 @@ def test_refused_forms(text: str, words: str) -> None:
 def test_password_file(tmp_path) -> None:
     path = tmp_path / "pw"
     path.write_text(SECRET + "\nsecond line ignored\n")
+    path.chmod(0o640)
+    with pytest.raises(HubError, match="accessible to other users") as caught:
+        read_password_file(str(path))
+    assert SECRET not in str(caught.value)
+    path.chmod(0o600)
     assert read_password_file(str(path)) == SECRET
     path.write_text("\n")
     with pytest.raises(HubError, match="is empty"):

@@ -286,6 +286,7 @@ def serve(state_dir: StateDir, registry_url: Optional[str] = None,
     sock = bind_listener(listen, port, BACKLOG)
     registry = Registry.for_state(state_dir, registry_url, registry_password_file, keep_connections=True)
     registry.ensure_schema()
+    log.info("registry: %s", registry.describe())
     repaired = reconcile_host_files(config, registry)
     if repaired["written"] or repaired["removed"]:
         log.warning("repaired hosts/ from the registry: rewrote %s, removed %s",

@@ -504,7 +504,9 @@ def cmd_registry_copy(args: argparse.Namespace, state: StateDir) -> int:
     print(f"copied {result.tokens} token(s) and {result.nodes} node(s) ({result.revoked_nodes} revoked),"
           f" schema {result.revision}, from {source.describe()} to {result.target}; counts verified")
     if result.switched:
-        print(f"hub.json now names {result.target}: every tinc-hub command uses it from now on")
+        print(f"hub.json now names {result.target}"
+              + (f" and its password file {args.to_password_file}" if args.to_password_file else "")
+              + ": every tinc-hub command uses it from now on")
         print("next: restart the API service (e.g. 'systemctl restart' its unit, or the"
               f" '{command_prefix(state)} serve' you run) so that it uses it too; keep"
               f" {source.describe()} as a backup")

@@ -157,7 +157,8 @@ class HubInit:
             api_port=req.api_port, vpn_subnet=str(network),
             hub_address=str(network.network_address + 1),
             tinc_dir=os.path.normpath(req.tinc_dir), init=init,
-            registry=old_config.registry if old_config else None)  # kept: 'registry copy' set it
+            registry=old_config.registry if old_config else None,  # kept: 'registry copy' set them
+            registry_password_file=old_config.registry_password_file if old_config else None)
         if req.start and config.init == "systemd":  # refuse what the unit cannot carry, first
             render_unit(config, installed_executable(), str(state.root),
                         bootstrap.service_unit(self.facts, config.net))

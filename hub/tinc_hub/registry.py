@@ -424,11 +424,13 @@ class Registry:
                   keep_connections: bool = False) -> "Registry":
         """The hub's registry: ``url`` (--registry / TINC_HUB_REGISTRY), else the one hub.json
         records, else registry.sqlite3 in the state dir. The password comes from
-        ``password_file`` or libpq's own PGPASSWORD / .pgpass."""
+        ``password_file``, else (with hub.json's registry) the file hub.json names, else libpq's
+        own PGPASSWORD / .pgpass / PGPASSFILE."""
         from .registry_url import RegistryURL, read_password_file
 
         if url is None and state.exists():
-            url = state.load_config().registry
+            config = state.load_config()
+            url, password_file = config.registry, password_file or config.registry_password_file
         if not url:
             return cls(state.registry_file, state.lock_file, keep_connections)
         password = read_password_file(password_file) if password_file else None

@@ -120,7 +120,9 @@ def copy_registry(state: StateDir, source: Registry, to: str, password_file: Opt
                                "hub.json was not changed; empty the target and re-run")
             if switch:
                 config = state.load_config()
-                write_config_atomically(state, replace(config, registry=target_url.display()).to_json())
+                recorded = replace(config, registry=target_url.display(),
+                                   registry_password_file=os.path.abspath(password_file) if password_file else None)
+                write_config_atomically(state, recorded.to_json())
     finally:
         target.dispose()
     return CopyResult(tokens=len(tokens), nodes=len(nodes),

@@ -12,7 +12,9 @@ messages from the database pass through :meth:`RegistryURL.translate_errors`, wh
 into one line and blanks the password should a driver ever echo it.
 """
 
+import os
 import re
+import shlex
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,9 +190,13 @@ def _safe(text: str) -> str:
 
 
 def read_password_file(path: str) -> str:
-    """The first line of FILE (the password); HubError when unreadable or empty."""
+    """The first line of FILE (the password); HubError when unreadable, empty, or readable by
+    other users (as ssh does with a private key)."""
     try:
         with open(path, encoding="utf-8") as f:
+            if os.fstat(f.fileno()).st_mode & 0o077:
+                raise HubError(f"the registry password file {path} is accessible to other users",
+                               f"chmod 600 {shlex.quote(path)}")
             line = f.readline().rstrip("\r\n")
     except OSError as exc:
         raise HubError(f"cannot read the registry password file {path}: {exc.strerror}",

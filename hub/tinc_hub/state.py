@@ -29,6 +29,8 @@ class HubConfig:
     # the registry URL without password (tinc-hub registry copy records it); absent from
     # hub.json (None): registry.sqlite3 in the state dir. --registry overrides it.
     registry: Optional[str] = None
+    # and the file holding its password (never the password itself), if one was given
+    registry_password_file: Optional[str] = None
 
     @property
     def network(self) -> ipaddress.IPv4Network:
@@ -52,8 +54,9 @@ class HubConfig:
 
     def to_json(self) -> str:
         data = asdict(self)
-        if data["registry"] is None:
-            del data["registry"]  # hub.json of a SQLite hub stays as it always was
+        for key in ("registry", "registry_password_file"):
+            if data[key] is None:
+                del data[key]  # hub.json of a SQLite hub stays as it always was
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod
@@ -70,6 +73,8 @@ class HubConfig:
                 tinc_dir=str(data["tinc_dir"]),
                 init=str(data["init"]),
                 registry=str(data["registry"]) if data.get("registry") is not None else None,
+                registry_password_file=(str(data["registry_password_file"])
+                                        if data.get("registry_password_file") is not None else None),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise HubError(f"hub.json is incomplete or malformed ({exc!r})",
