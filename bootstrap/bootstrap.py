@@ -356,14 +356,30 @@ def run_steps(steps: Sequence[Step], dry_run: bool,
 # ---------------------------------------------------------------------------
 # Tokens and TLS pins (the hub makes tokens with encode_token; the node reads them).
 
+class HubEndpoint(NamedTuple):
+    """Where one hub's enrolment API is, the pin of its TLS key, and its tinc name."""
+    host: str
+    port: int
+    pin: str
+    name: str
+
+
+MAX_TOKEN_HUBS = 8  # the first hub and at most 7 others
+
+
 class Token(NamedTuple):
-    """Everything a node needs to enrol: where the hub is, its pin, and the secret."""
+    """Everything a node needs to enrol: where the hub is, its pin, and the secret; with
+    several hubs, the others too (tried in order after the first)."""
     host: str
     port: int
     pin: str
     net: str
     hub: str
     secret: str
+    others: Tuple[HubEndpoint, ...] = ()
+
+    def endpoints(self) -> List[HubEndpoint]:
+        return [HubEndpoint(self.host, self.port, self.pin, self.hub)] + list(self.others)
 
 
 def _b64url_decode(text: str) -> bytes:
@@ -372,9 +388,11 @@ def _b64url_decode(text: str) -> bytes:
 
 def encode_token(token: Token) -> str:
     """Serialise a token as `tinc1.` + base64url(JSON)."""
-    body = json.dumps({"a": token.host, "p": token.port, "k": token.pin, "n": token.net,
-                       "h": token.hub, "s": token.secret}, separators=(",", ":"),
-                      sort_keys=True)
+    fields = {"a": token.host, "p": token.port, "k": token.pin, "n": token.net,
+              "h": token.hub, "s": token.secret}  # type: Dict[str, object]
+    if token.others:
+        fields["x"] = [list(hub) for hub in token.others]
+    body = json.dumps(fields, separators=(",", ":"), sort_keys=True)
     return TOKEN_PREFIX + base64.urlsafe_b64encode(body.encode()).decode().rstrip("=")
 
 
@@ -398,17 +416,30 @@ def decode_token(text: str) -> Token:
     try:
         token = Token(host=fields["a"], port=fields["p"], pin=fields["k"], net=fields["n"],
                       hub=fields["h"], secret=fields["s"])
+        others = fields.get("x", [])
     except KeyError:
         raise bad
-    if not (host_problem(token.host) is None and isinstance(token.port, int)
-            and not isinstance(token.port, bool) and 0 < token.port < 65536
-            and isinstance(token.pin, str) and PIN_RE.fullmatch(token.pin)
+    if not (valid_endpoint(token.endpoints()[0])
             and isinstance(token.net, str) and NET_RE.fullmatch(token.net)
-            and isinstance(token.hub, str) and valid_node_name(token.hub)
             and isinstance(token.secret, str)
-            and 16 <= len(token.secret) <= 256):
+            and 16 <= len(token.secret) <= 256
+            and isinstance(others, list) and 1 + len(others) <= MAX_TOKEN_HUBS
+            and all(isinstance(hub, list) and len(hub) == 4 for hub in others)):
+        raise bad
+    token = token._replace(others=tuple(HubEndpoint(*hub) for hub in others))
+    names = [hub.name for hub in token.endpoints()]
+    if not all(valid_endpoint(hub) for hub in token.others) or len(set(names)) != len(names):
         raise bad
     return token
+
+
+def valid_endpoint(hub: HubEndpoint) -> bool:
+    """A hub endpoint from a token: each field of its type and form."""
+    return (isinstance(hub.host, str) and host_problem(hub.host) is None
+            and isinstance(hub.port, int) and not isinstance(hub.port, bool)
+            and 0 < hub.port < 65536
+            and isinstance(hub.pin, str) and PIN_RE.fullmatch(hub.pin) is not None
+            and isinstance(hub.name, str) and valid_node_name(hub.name))
 
 
 # Strict DER, just enough to find a certificate's SubjectPublicKeyInfo. The pin is only
@@ -1157,7 +1188,17 @@ def _pinned_request(host: str, port: int, pin: str, method: str, path: str,
 
 def enroll(token_text: str, token: Token, host: str, port: int, name: str, public_pem: str,
            timeout: float, sleep: Callable[[float], None] = time.sleep) -> dict:
-    """POST /v1/enroll with retries and backoff until `timeout` seconds have passed."""
+    """POST /v1/enroll to one hub (host, port, the token's pin) until `timeout`."""
+    return enroll_any(token_text, [HubEndpoint(host, port, token.pin, token.hub)], name,
+                      public_pem, timeout, sleep)[1]
+
+
+def enroll_any(token_text: str, hubs: Sequence[HubEndpoint], name: str, public_pem: str,
+               timeout: float, sleep: Callable[[float], None] = time.sleep
+               ) -> Tuple[HubEndpoint, dict]:
+    """POST /v1/enroll to the hubs in order until one enrols this node: (that hub, its answer).
+    A refusal (4xx other than 429) is final: the hubs share one registry. An unreachable hub,
+    429 and 5xx pass to the next hub; after each round, back off until `timeout` seconds."""
     body = json.dumps({"name": name, "public_key": public_pem}).encode()
     headers = {"Authorization": "Bearer " + token_text, "Content-Type": "application/json",
                "User-Agent": "tinc-bootstrap/" + __version__}
@@ -1167,24 +1208,40 @@ def enroll(token_text: str, token: Token, host: str, port: int, name: str, publi
     while True:
         attempt += 1
         retry_after = 0.0
-        try:
-            answer = _pinned_request(host, port, token.pin, "POST", "/v1/enroll", body, headers)
+        reasons = []
+        for hub in hubs:
+            try:
+                answer = _pinned_request(hub.host, hub.port, hub.pin, "POST", "/v1/enroll",
+                                         body, headers)
+            except Unreachable as exc:
+                reasons.append((hub, str(exc)))
+                continue
             if answer.status == 200:
-                return answer.body
+                return hub, answer.body
             message = str(answer.body.get("error") or "HTTP {}".format(answer.status))
             message = "".join(c if c.isprintable() else "?" for c in message[:300])
             if answer.status != 429 and answer.status < 500:
                 raise BootstrapError("the hub refused the enrolment: " + message,
                                      EXIT_REFUSED, _refusal_hint(answer.status))
-            reason = "hub answered {}: {}".format(answer.status, message)
-            retry_after = answer.retry_after
-        except Unreachable as exc:
-            reason = str(exc)
+            reasons.append((hub, "hub answered {}: {}".format(answer.status, message)))
+            retry_after = max(retry_after, answer.retry_after)
+        if len(hubs) == 1:
+            reason = reasons[0][1]
+        else:
+            reason = "; ".join("{} ({}:{}): {}".format(hub.name, hub.host, hub.port, why)
+                               for hub, why in reasons)
         left = deadline - time.monotonic()
         if left <= 0:
-            raise BootstrapError("hub {}:{} unreachable for {:.0f} s ({} attempts): {}".format(
-                host, port, timeout, attempt, reason), EXIT_UNREACHABLE,
-                "check that `tinc-hub serve` runs and that TCP {} is open".format(port))
+            if len(hubs) == 1:
+                raise BootstrapError("hub {}:{} unreachable for {:.0f} s ({} attempts): {}".format(
+                    hubs[0].host, hubs[0].port, timeout, attempt, reason), EXIT_UNREACHABLE,
+                    "check that `tinc-hub serve` runs and that TCP {} is open".format(
+                        hubs[0].port))
+            raise BootstrapError("none of the {} hubs enrolled this node within {:.0f} s ({} "
+                                 "rounds): {}".format(len(hubs), timeout, attempt, reason),
+                                 EXIT_UNREACHABLE,
+                                 "check that `tinc-hub serve` runs on a hub and that its API "
+                                 "port is open")
         wait = delay * random.uniform(0.8, 1.0)
         if retry_after:  # the hub said when (rate limit): not earlier, spread over 20 %
             wait = max(wait, retry_after * random.uniform(1.0, 1.2))
@@ -1507,7 +1564,7 @@ def load_state(tinc_dir: str, net: str) -> Optional[dict]:
     return state if isinstance(state, dict) else None
 
 
-def check_existing_net(tinc_dir: str, net: str, name: str, hub: str) -> None:
+def check_existing_net(tinc_dir: str, net: str, name: str, hubs: Sequence[str]) -> None:
     """Refuse to overwrite a net this tool did not write, or one joined as someone else."""
     conf = os.path.join(net_dir(tinc_dir, net), "tinc.conf")
     state = load_state(tinc_dir, net)
@@ -1521,7 +1578,7 @@ def check_existing_net(tinc_dir: str, net: str, name: str, hub: str) -> None:
                     conf, name), EXIT_USAGE,
                 "move it away, or use --net with another name")
         return
-    if state.get("name") != name or state.get("hub_name") != hub:
+    if state.get("name") != name or state.get("hub_name") not in hubs:
         raise BootstrapError(
             "net {!r} is already joined as {!r} to hub {!r}".format(
                 net, state.get("name"), state.get("hub_name")), EXIT_USAGE,
@@ -1547,9 +1604,10 @@ class NodeJoin:
     """The join as a list of steps (join_steps). Values the hub has not answered yet are
     placeholders, which is what a dry run shows; a real run fills them in as it goes."""
 
-    def __init__(self, opts: JoinOptions, token: Token, host: str, port: int, net: str,
+    def __init__(self, opts: JoinOptions, token: Token, hubs: Sequence[HubEndpoint], net: str,
                  name: str, facts: SystemFacts, init: str) -> None:
-        self.opts, self.token, self.host, self.port = opts, token, host, port
+        self.opts, self.token, self.hubs = opts, token, list(hubs)
+        self.hub = hubs[0] if len(hubs) == 1 else None  # the hub that enrols this node
         self.net, self.name, self.facts, self.init = net, name, facts, init
         self.tinc_dir = opts.tinc_dir
         self.base = net_dir(opts.tinc_dir, net)
@@ -1568,9 +1626,7 @@ class NodeJoin:
         return [
             Step(lambda: "tinc is installed" if self.facts.tinc_installed else "installing tinc",
                  lambda: plan_install(self.facts), self.apply_install),
-            Step(lambda: "node {!r} joins net {!r} via hub {!r} at {}:{}".format(
-                self.name, self.net, self.token.hub, self.host, self.port),
-                 self.plan_conf, self.apply_conf),
+            Step(self.join_title, self.plan_conf, self.apply_conf),
             Step(self.key_title, self.plan_key, self.apply_key),
             Step(lambda: "enrolling with the hub", self.plan_enrol, self.apply_enrol),
             Step(lambda: "", self.plan_files, self.apply_node_files),
@@ -1582,9 +1638,23 @@ class NodeJoin:
     def apply_install(self, plan: Plan) -> None:
         self.facts = apply_install(plan, self.facts, self.opts.root)
 
+    def join_title(self) -> str:
+        first = self.hubs[0]
+        return "node {!r} joins net {!r} via hub {!r} at {}:{}{}".format(
+            self.name, self.net, first.name, first.host, first.port,
+            " (or one of {} more hubs)".format(len(self.hubs) - 1) if len(self.hubs) > 1 else "")
+
+    def hub_name(self) -> str:
+        return self.hub.name if self.hub else "<the hub that answers>"
+
+    def conf_file(self, hub: str) -> FileSpec:
+        return FileSpec(os.path.join(self.base, "tinc.conf"),
+                        render_tinc_conf(self.name, self.net, [hub]))
+
     def plan_conf(self) -> Plan:
-        return Plan(files=(FileSpec(os.path.join(self.base, "tinc.conf"),
-                                    render_tinc_conf(self.name, self.net, [self.token.hub])),))
+        """tinc.conf before the enrolment (`tincd -K` reads Name from it); the node files
+        name the hub that enrolled the node, when that is another one."""
+        return Plan(files=(self.conf_file(self.hubs[0].name),))
 
     def apply_conf(self, plan: Plan) -> None:
         self.changed += apply_files(plan.files)
@@ -1601,16 +1671,19 @@ class NodeJoin:
         self.public_pem = apply_key(plan, self.tinc_dir, self.net, self.name)
 
     def plan_enrol(self) -> Plan:
-        return Plan(actions=("POST https://{}:{}/v1/enroll name={} (public key of hosts/{})"
-                             .format(self.host, self.port, self.name, self.name),))
+        return Plan(actions=tuple(
+            "POST https://{}:{}/v1/enroll name={} (public key of hosts/{}){}".format(
+                hub.host, hub.port, self.name, self.name,
+                "" if i == 0 else ", if the hubs before it do not answer")
+            for i, hub in enumerate(self.hubs)))
 
     def apply_enrol(self, plan: Plan) -> None:
-        answer = enroll(self.opts.token_text, self.token, self.host, self.port, self.name,
-                        self.public_pem, self.opts.timeout)
+        self.hub, answer = enroll_any(self.opts.token_text, self.hubs, self.name,
+                                      self.public_pem, self.opts.timeout)
         address, prefix, hub, hub_host_file = validate_answer(answer, self.name)
-        if hub != self.token.hub:
+        if hub != self.hub.name:
             raise BootstrapError("the hub calls itself {!r}, the token {!r}".format(
-                hub, self.token.hub), EXIT_REFUSED)
+                hub, self.hub.name), EXIT_REFUSED)
         self.address, self.prefix, self.hub_host_file = address, prefix, hub_host_file
         self.hub_vpn = hub_vpn_address(hub_host_file, address, prefix)
         REPORT.step("enrolled: address {}/{}".format(address, prefix))
@@ -1618,14 +1691,17 @@ class NodeJoin:
     def state(self) -> dict:
         """What bootstrap.json records (status, leave, and the next run read it)."""
         return {"net": self.net, "name": self.name, "address": self.address,
-                "prefix": self.prefix, "hub_name": self.token.hub, "hub_host": self.host,
-                "api_port": self.port, "hub_vpn_address": self.hub_vpn, "init": self.init,
+                "prefix": self.prefix, "hub_name": self.hub_name(),
+                "hub_host": self.hub.host if self.hub else "<the hub that answers>",
+                "api_port": self.hub.port if self.hub else "<its API port>",
+                "hub_vpn_address": self.hub_vpn, "init": self.init,
                 "unit": service_unit(self.facts, self.net) if self.init == "systemd" else None}
 
     def plan_files(self) -> Plan:
-        return plan_node_files(self.tinc_dir, self.net, self.name, self.public_pem,
-                               self.address, self.prefix, self.token.hub, self.hub_host_file,
-                               self.state())
+        files = plan_node_files(self.tinc_dir, self.net, self.name, self.public_pem,
+                                self.address, self.prefix, self.hub_name(), self.hub_host_file,
+                                self.state()).files
+        return Plan(files=(self.conf_file(self.hub_name()),) + files)
 
     def apply_node_files(self, plan: Plan) -> None:
         self.changed += apply_files(plan.files)
@@ -1670,7 +1746,10 @@ def join(opts: JoinOptions) -> int:
     """The whole join: check the inputs, then run (or, with --dry-run, print) NodeJoin's
     steps; print the node's VPN address."""
     token = decode_token(opts.token_text)
-    host, port = split_hub(opts.hub, token.port) if opts.hub else (token.host, token.port)
+    hubs = token.endpoints()
+    if opts.hub:  # another address for the first hub (same pin, same name)
+        host, port = split_hub(opts.hub, token.port)
+        hubs[0] = hubs[0]._replace(host=host, port=port)
     net = check_net_name(opts.net or token.net)
     if opts.key_size < 2048:
         raise BootstrapError("--key-size must be at least 2048", EXIT_USAGE)
@@ -1681,11 +1760,13 @@ def join(opts: JoinOptions) -> int:
         facts.os.id or "unknown", facts.os.version, facts.family, facts.init))
     init = resolve_init(opts.init, facts)
     name = opts.name or node_name_from_hostname(socket.gethostname())
-    if not valid_node_name(name) or name == token.hub:
+    if not valid_node_name(name) or name in [hub.name for hub in hubs]:
         raise BootstrapError("invalid node name {!r}".format(name), EXIT_USAGE,
                              "tinc names use only A-Z a-z 0-9 _ ; pass --name")
-    check_existing_net(opts.tinc_dir, net, name, token.hub)
-    job = NodeJoin(opts, token, host, port, net, name, facts, init)
+    check_existing_net(opts.tinc_dir, net, name, [hub.name for hub in hubs])
+    joined = (load_state(opts.tinc_dir, net) or {}).get("hub_name")
+    hubs.sort(key=lambda hub: hub.name != joined)  # a re-run asks the hub it joined first
+    job = NodeJoin(opts, token, hubs, net, name, facts, init)
     run_steps(job.steps(), opts.dry_run)
     if opts.dry_run:
         REPORT.step("dry run: nothing was changed" + (
