@@ -42,6 +42,18 @@ def test_provision_scripts_parse(script):
     assert os.access(script, os.X_OK)
 
 
+def test_build_box_parses_and_refuses_a_bad_setting():
+    """vagrant/build-box (bash; the vagrant group runs it for real) parses, and refuses a
+    mirror URL that could carry shell or mmdebstrap syntax before it builds anything."""
+    script = os.path.join(REPO_ROOT, "vagrant", "build-box")
+    subprocess.run(["bash", "-n", script], check=True)
+    assert os.access(script, os.X_OK)
+    if os.geteuid() == 0:
+        env = dict(os.environ, TINC_BOX_MIRROR="http://deb.example/debian $(touch /tmp/x)")
+        proc = subprocess.run([script], env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 1 and "TINC_BOX_MIRROR" in proc.stderr, proc.stderr
+
+
 @pytest.mark.netlab
 def test_node_provisioning_joins_behind_the_nat(tmp_path):
     """vagrant/node.sh with a token file made by `tinc-hub token create --json`, as the
