@@ -41,11 +41,13 @@ def test_accepted_forms_and_their_display(text: str, display: str) -> None:
     ("postgresql://hub@db/tinc?sslmode=require%27%20host%3Devil", "unsupported or invalid"),
     ("postgresql://hub@db/tinc#frag", "no #fragment"),
     ("postgresql://h'ub@db/tinc", "invalid database user name"),
+    (f"postgresql://hub%3A{SECRET}@db/tinc", "invalid database user name"),
     ("postgresql://hub@db_$x/tinc", "invalid host"),
     ("mysql://hub@db/tinc", "unsupported registry URL scheme"),
     ("sqlite:///relative.sqlite3", "sqlite:////ABSOLUTE/PATH"),
     ("sqlite:////tmp/x.sqlite3?mode=ro", "sqlite:////ABSOLUTE/PATH"),
     ("db.example.org/tinc", "has no scheme"),
+    (f"hub:{SECRET}@db/tinc", "has no scheme"),
 ])
 def test_refused_forms(text: str, words: str) -> None:
     with pytest.raises(HubError) as caught:

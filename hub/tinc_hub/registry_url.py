@@ -63,7 +63,7 @@ class RegistryURL:
         scheme, sep, rest = text.partition("://")
         scheme = scheme.lower()
         if not sep:
-            raise _refuse(f"registry URL {_safe(text)!r} has no scheme")
+            raise _refuse("the registry URL has no scheme")  # not echoed: it may hold a password
         if scheme == "sqlite":
             if not rest.startswith("/") or len(rest) < 2 or "?" in rest or "#" in rest:
                 raise _refuse("a SQLite registry URL is sqlite:////ABSOLUTE/PATH (three slashes, then the path)")
@@ -84,7 +84,7 @@ class RegistryURL:
             raise HubError("refusing a registry URL that contains a password", PASSWORD_HINT)
         user = unquote(userinfo)
         if not _NAME.match(user):
-            raise _refuse(f"invalid database user name {_safe(user)!r}")
+            raise _refuse("invalid database user name in the registry URL (letters, digits, _ . $ -)")
         try:
             port = parts.port
             host = parts.hostname or ""
