@@ -293,15 +293,17 @@ def build_parser() -> Parser:
     p = add_command(registry_cmds, "copy", help="copy every token and node into an empty PostgreSQL registry",
                     description="Copy every token and node (revoked ones too) and the schema version "
                                 "from this hub's registry into an EMPTY registry at --to, under the "
-                                "registry write lock; verify the counts; then record --to in hub.json, "
-                                "so that every later command and the restarted API use it. Stop the "
-                                "API service first: it keeps the old registry open until restarted.")
+                                "registry write lock; read everything back and compare; then record --to "
+                                "(and --to-password-file) in hub.json, so that every later command and the "
+                                "restarted API use it. Stop the API service first: it keeps the old "
+                                "registry open until restarted (the copy refuses while it runs).")
     add_option(p, "--to", env="TINC_HUB_REGISTRY_COPY_TO", required=True, metavar="URL",
                help="the target: postgresql://USER@HOST[:PORT]/DB (no password in it)")
     add_option(p, "--to-password-file", env="TINC_HUB_REGISTRY_COPY_TO_PASSWORD_FILE", metavar="FILE",
                help="file whose first line is the target's password (else libpq's PGPASSWORD, "
                     "~/.pgpass or PGPASSFILE)")
-    add_flag(p, "--no-switch", help="copy and verify only; leave hub.json as it is")
+    add_flag(p, "--no-switch", env="TINC_HUB_REGISTRY_COPY_NO_SWITCH",
+             help="copy and verify only; leave hub.json as it is")
     return parser
 
 
