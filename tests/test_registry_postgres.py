@@ -315,3 +315,20 @@ def test_serve_enrols_into_postgresql(tmp_path: Path, database: str, password_fi
     with Registry(env.state.registry_file, env.state.lock_file).reading() as view:
         assert view.count_tokens() == view.count_nodes() == 0  # the SQLite file was not used
     registry.dispose()
+
+
+def test_registry_copy_no_switch_leaves_hub_json(hub: HubEnv, database: str, password_file: Path,
+                                                 capsys) -> None:
+    hub.token(uses=3)
+    before = hub.state.config_file.read_bytes()
+    state = ["--state-dir", str(hub.state.root), "registry", "copy"]
+    code, out, err = cli(capsys, *state, "--to", "sqlite:////tmp/elsewhere.sqlite3")
+    assert code == 1 and "takes a PostgreSQL URL" in err
+    code, out, err = cli(capsys, *state, "--to", database, "--to-password-file", str(password_file),
+                         "--no-switch")
+    assert code == 0 and "copied 1 token(s) and 0 node(s)" in out and "hub.json unchanged" in out
+    assert hub.state.config_file.read_bytes() == before
+    target = pg_registry(database, hub.state.lock_file)
+    with target.reading() as view, hub.registry.reading() as source:
+        assert view.list_tokens() == source.list_tokens()
+    target.dispose()
