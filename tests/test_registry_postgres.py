@@ -332,3 +332,68 @@ def test_registry_copy_no_switch_leaves_hub_json(hub: HubEnv, database: str, pas
     with target.reading() as view, hub.registry.reading() as source:
         assert view.list_tokens() == source.list_tokens()
     target.dispose()
+
+
+def test_postgresql_down_answers_503_and_the_node_script_waits_for_it(
+        tmp_path: Path, pg: postgres.ThrowawayPostgres, database: str, password_file: Path) -> None:
+    """PostgreSQL stopped under a running hub: POST /v1/enroll answers 503 with Retry-After and
+    one clear line (audit: failed, 503), nothing is written; bootstrap.py's own client keeps
+    retrying and enrols once PostgreSQL is back."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    from labkit import netlab
+
+    port = free_port()
+    env = init_hub(tmp_path, vpn_subnet="10.77.0.0/24", api_port=port)
+    registry = pg_registry(database, env.state.lock_file)
+    registry.ensure_schema()
+    env = env._replace(registry=registry)
+    issued = env.token(uses=2)
+    server = HubProcess(env.state.root, port, env.state.cert_file, tmp_path / "serve.log",
+                        extra=["--registry", database, "--registry-password-file", str(password_file),
+                               "--rate-limit", "off"]).start()
+    hosts_before = sorted(p.name for p in env.config.hosts_dir.iterdir())
+    result: Dict[str, object] = {}
+    try:
+        pg.stop_server()
+        try:
+            context = ssl.create_default_context()
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+            request = urllib.request.Request(
+                f"https://127.0.0.1:{port}/v1/enroll", method="POST",
+                data=json.dumps({"name": "down", "public_key": rsa_public_pem(21)}).encode(),
+                headers={"Authorization": "Bearer " + issued.token,
+                         "Content-Type": "application/json"})
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, context=context, timeout=30)
+            assert refused.value.code == 503
+            assert refused.value.headers["Retry-After"] == "5"
+            assert "cannot reach its registry" in json.loads(refused.value.read())["error"]
+            assert sorted(p.name for p in env.config.hosts_dir.iterdir()) == hosts_before
+
+            def node() -> None:  # the node script's client, started while PostgreSQL is down
+                try:
+                    result["answer"] = bootstrap.enroll(
+                        issued.token, bootstrap.decode_token(issued.token), "127.0.0.1", port,
+                        "waiter", rsa_public_pem(22), timeout=60)
+                except Exception as exc:  # reported below
+                    result["error"] = exc
+
+            waiter = threading.Thread(target=node)
+            waiter.start()
+            netlab.wait_until(lambda: server.log_text().count("status=503") >= 2, 30,
+                              what="the node's first attempt answered 503")
+        finally:
+            pg.start_server()
+        waiter.join(timeout=90)
+        assert "error" not in result, result.get("error")
+        assert result["answer"]["name"] == "waiter"
+    finally:
+        server.stop()
+    log = server.log_text()
+    assert "result=failed status=503" in log and PASSWORD not in log
+    with registry.reading() as view:
+        assert [n.name for n in view.list_nodes()] == ["waiter"]
+    registry.dispose()

@@ -35,6 +35,7 @@ log = logging.getLogger("tinc_hub.serve")
 access_log = logging.getLogger("tinc_hub.access")
 
 BODY_TIMEOUT = 10.0
+REGISTRY_RETRY_AFTER = 5  # seconds a client waits after a 503 (the registry is unreachable)
 BACKLOG = 4096
 
 
@@ -122,7 +123,8 @@ def create_app(config: HubConfig, registry: Registry, batcher: ReloadBatcher,
             await batcher.reload()  # answer only after the SIGHUP that covers this node
         elif outcome.status == 200:
             await batcher.settled()  # a replay racing its first request's SIGHUP
-        return JSONResponse(outcome.body, status_code=outcome.status)
+        headers = {"Retry-After": str(REGISTRY_RETRY_AFTER)} if outcome.status == 503 else None
+        return JSONResponse(outcome.body, status_code=outcome.status, headers=headers)
 
     async def get_healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok", "net": config.net, "hub": config.name})

@@ -32,8 +32,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from bootstrap import bootstrap
 from .hostfiles import host_file_in_place, render_node_host_file, write_if_changed
-from .registry import (NodeRow, Registry, RegistryConflict, RegistryTransaction, RegistryView, TokenRow,
-                       token_id)
+from .registry import (NodeRow, Registry, RegistryConflict, RegistryTransaction, RegistryUnavailable,
+                       RegistryView, TokenRow, token_id)
 from .state import HubConfig
 from .tokens import hash_secret
 
@@ -200,6 +200,10 @@ class Enroller:
         except EnrollError as exc:
             audit_log.warning("%s", audit_line("refused", exc.status, attempt, exc.message))
             return EnrollOutcome(exc.status, {"error": exc.message}, False)
+        except RegistryUnavailable as exc:  # PostgreSQL down: the client retries (Retry-After)
+            audit_log.error("%s", audit_line("failed", 503, attempt, str(exc)))
+            return EnrollOutcome(503, {"error": "the hub cannot reach its registry; nothing was"
+                                                " changed, retry later"}, False)
         except Exception as exc:
             audit_log.error("%s", audit_line("failed", 500, attempt, type(exc).__name__))
             raise

@@ -63,6 +63,11 @@ def openapi_schema() -> Dict[str, Any]:
                                     headers={"Retry-After": {
                                         "description": "Seconds to wait before retrying",
                                         "schema": {"type": "integer"}}}),
+                        "503": dict(_error_response("The hub cannot reach its registry (PostgreSQL"
+                                                    " down or unreachable); nothing was changed"),
+                                    headers={"Retry-After": {
+                                        "description": "Seconds to wait before retrying",
+                                        "schema": {"type": "integer"}}}),
                     },
                 }
             },
