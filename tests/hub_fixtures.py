@@ -119,3 +119,30 @@ def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:
             return True
         time.sleep(interval)
     return predicate()
+
+
+MAIN_REGISTRY_FIXTURE = Path(__file__).parent / "fixtures" / "registry" / "registry-main-65e21c3"
+
+
+def install_main_registry(state: StateDir) -> dict:
+    """Put a copy of the registry written by main's code (fixtures/registry) in place of the
+    state dir's registry.sqlite3; return what it holds (its .json).
+
+    Its tokens were made with tinc-hub's default TTL of 1 h on the day the file was made: so
+    that their status does not depend on when the test runs, every token's expiry is moved by
+    the same amount, to a day from now, in the copy and in the returned expectation alike
+    (the upgrade is then checked against exactly what the copy held)."""
+    import json
+    import shutil
+
+    expected = json.loads(MAIN_REGISTRY_FIXTURE.with_suffix(".json").read_text())
+    for suffix in ("-wal", "-shm"):
+        Path(str(state.registry_file) + suffix).unlink(missing_ok=True)
+    shutil.copyfile(MAIN_REGISTRY_FIXTURE.with_suffix(".sqlite3"), state.registry_file)
+    shift = int(time.time()) + 86400 - min(t["expires_at"] for t in expected["tokens"])
+    with closing(sqlite3.connect(state.registry_file)) as conn:
+        conn.execute("UPDATE tokens SET expires_at = expires_at + ?", (shift,))
+        conn.commit()
+    for token in expected["tokens"]:
+        token["expires_at"] += shift
+    return expected

@@ -90,20 +90,27 @@ def test_decode_token_refuses_cleanly(text: str) -> None:
     assert NAME.fullmatch(token.hub) and token.pin.startswith("sha256//")
 
 
+HOSTS = st.one_of(
+    st.from_regex(r"[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?(\.[a-z]([a-z0-9-]{0,8}[a-z0-9])?){0,3}",
+                  fullmatch=True),
+    st.ip_addresses(v=4).map(str))
+PINS = st.from_regex(r"sha256//[A-Za-z0-9+/]{43}=", fullmatch=True)
+HUB_NAMES = st.from_regex(r"[A-Za-z0-9_]{1,64}", fullmatch=True)
+OTHER_HUBS = st.lists(st.builds(bootstrap.HubEndpoint, host=HOSTS, port=st.integers(1, 65535),
+                                pin=PINS, name=HUB_NAMES),
+                      max_size=bootstrap.MAX_TOKEN_HUBS - 1, unique_by=lambda hub: hub.name)
+
+
 @settings(max_examples=200, deadline=None)
-@given(st.builds(bootstrap.Token,
-                 host=st.one_of(
-                     st.from_regex(r"[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?(\.[a-z]([a-z0-9-]{0,8}[a-z0-9])?){0,3}",
-                                   fullmatch=True),
-                     st.ip_addresses(v=4).map(str)),
-                 port=st.integers(1, 65535),
-                 pin=st.from_regex(r"sha256//[A-Za-z0-9+/]{43}=", fullmatch=True),
+@given(st.builds(bootstrap.Token, host=HOSTS, port=st.integers(1, 65535), pin=PINS,
                  net=st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,20}", fullmatch=True),
-                 hub=st.from_regex(r"[A-Za-z0-9_]{1,64}", fullmatch=True),
-                 secret=st.from_regex(r"[A-Za-z0-9_-]{16,64}", fullmatch=True)))
+                 hub=HUB_NAMES, secret=st.from_regex(r"[A-Za-z0-9_-]{16,64}", fullmatch=True),
+                 others=OTHER_HUBS.map(tuple)))
 def test_token_round_trip(token: bootstrap.Token) -> None:
+    """Every well-formed token, with up to 7 other hubs, reads back as it was written."""
     assume(bootstrap.NET_RE.fullmatch(token.net))
-    assume(bootstrap.host_problem(token.host) is None)
+    assume(all(bootstrap.host_problem(hub.host) is None for hub in token.endpoints()))
+    assume(token.hub not in [hub.name for hub in token.others])
     assert bootstrap.decode_token(bootstrap.encode_token(token)) == token
 
 

@@ -5,7 +5,6 @@ lost; a registry of a NEWER schema is refused with one line and left byte for by
 
 import hashlib
 import json
-import shutil
 import sqlite3
 import time
 from contextlib import closing
@@ -20,10 +19,9 @@ from tinc_hub.migrations import head_revision, script_directory
 from tinc_hub.registry import SCHEMA_REVISION, Registry
 from tinc_hub.tls import pin_of_cert_file
 from tinc_hub.tokens import hash_secret, new_secret
-from hub_fixtures import HubEnv, init_hub, rsa_public_pem
+from hub_fixtures import HubEnv, init_hub, install_main_registry, rsa_public_pem
 
 FIXTURES = Path(__file__).parent / "fixtures" / "registry"
-MAIN_REGISTRY = FIXTURES / "registry-main-65e21c3.sqlite3"
 MAIN_EXPECTED = json.loads((FIXTURES / "registry-main-65e21c3.json").read_text())
 
 
@@ -54,11 +52,10 @@ def table_shape(path: Path) -> List[tuple]:
 
 @pytest.fixture
 def main_hub(tmp_path: Path) -> HubEnv:
-    """A hub whose registry.sqlite3 is a copy of the fixture written by main's code."""
+    """A hub whose registry.sqlite3 is a copy of the fixture written by main's code (token
+    expiries moved to a day from now, in MAIN_EXPECTED too: install_main_registry)."""
     env = init_hub(tmp_path, net=MAIN_EXPECTED["net"])
-    for suffix in ("-wal", "-shm"):
-        Path(str(env.state.registry_file) + suffix).unlink(missing_ok=True)
-    shutil.copyfile(MAIN_REGISTRY, env.state.registry_file)
+    MAIN_EXPECTED.update(install_main_registry(env.state))
     return env
 
 

@@ -6,7 +6,6 @@ holding a password refused, ``registry copy`` from main's SQLite registry, and t
 ``tinc-hub serve`` enrolling into PostgreSQL."""
 
 import json
-import shutil
 import subprocess
 import sys
 import threading
@@ -23,7 +22,7 @@ from tinc_hub.registry import (SCHEMA_REVISION, NodeRow, Registry, RegistryConfl
                                RegistrySchemaError, RegistryTransaction, TokenRow)
 from tinc_hub.registry_url import RegistryURL
 from tinc_hub.tls import pin_of_cert_file
-from hub_fixtures import HubEnv, enrol_answer, init_hub, rsa_public_pem
+from hub_fixtures import HubEnv, enrol_answer, init_hub, install_main_registry, rsa_public_pem
 from labkit import postgres
 from labkit.loopback_hub import Enrolment, HubProcess, enrol_concurrently, free_port, public_keys
 
@@ -230,9 +229,7 @@ def test_a_password_is_never_printed(hub: HubEnv, database: str, tmp_path: Path,
 
 def test_registry_copy_moves_main_registry_to_postgresql(hub: HubEnv, database: str, password_file: Path,
                                                          capsys, pg: postgres.ThrowawayPostgres) -> None:
-    for suffix in ("-wal", "-shm"):
-        Path(str(hub.state.registry_file) + suffix).unlink(missing_ok=True)
-    shutil.copyfile(FIXTURES / "registry-main-65e21c3.sqlite3", hub.state.registry_file)
+    MAIN_EXPECTED.update(install_main_registry(hub.state))  # token expiries: a day from now
     state = ["--state-dir", str(hub.state.root)]
     copy = state + ["registry", "copy", "--to", database, "--to-password-file", str(password_file)]
 
