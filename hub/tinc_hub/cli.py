@@ -120,6 +120,14 @@ def add_common(parser: argparse.ArgumentParser, top: bool) -> None:
                             help=argparse.SUPPRESS)
 
 
+def add_actions(parser: argparse.ArgumentParser, dest: str,
+                metavar: str = "ACTION") -> "argparse._SubParsersAction[Parser]":
+    """The required subcommands of a command (one must be given)."""
+    actions = parser.add_subparsers(dest=dest, metavar=metavar, parser_class=Parser)
+    actions.required = True
+    return actions
+
+
 def add_command(commands: "argparse._SubParsersAction[Parser]", name: str, help: str,
                 description: Optional[str] = None) -> argparse.ArgumentParser:
     """A subcommand with the options every command takes (add_common)."""
@@ -194,8 +202,7 @@ def build_parser() -> Parser:
     parser = Parser(prog=PROG, description="Hub of a self-enrolling tinc 1.0 VPN.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     add_common(parser, top=True)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    commands.required = True
+    commands = add_actions(parser, "command", "COMMAND")
 
     p = add_command(commands, "init", help="set up tinc, the boot service and the hub state",
                             description="Install tinc if missing, write the hub's tinc net, generate "
@@ -219,8 +226,7 @@ def build_parser() -> Parser:
     add_flag(p, "--no-start", help=argparse.SUPPRESS)  # tests: no boot registration, no tincd start
 
     p = add_command(commands, "token", help="manage enrolment tokens")
-    token_cmds = p.add_subparsers(dest="token_command", metavar="ACTION", parser_class=Parser)
-    token_cmds.required = True
+    token_cmds = add_actions(p, "token_command")
     p = add_command(token_cmds, "create", help="make a token and print the node's one-liner",
                               description="Make an enrolment token (shown once; only its hash is "
                                           "stored) and print the command to run on a node.")
@@ -288,8 +294,7 @@ def build_parser() -> Parser:
                                        "node, so the machine cannot enrol again under another name")
 
     p = add_command(commands, "registry", help="the registry database (copy to PostgreSQL)")
-    registry_cmds = p.add_subparsers(dest="registry_command", metavar="ACTION", parser_class=Parser)
-    registry_cmds.required = True
+    registry_cmds = add_actions(p, "registry_command")
     p = add_command(registry_cmds, "copy", help="copy every token and node into an empty PostgreSQL registry",
                     description="Copy every token and node (revoked ones too) and the schema version "
                                 "from this hub's registry into an EMPTY registry at --to, under the "
