@@ -51,7 +51,9 @@ from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Set
 
 import sqlalchemy as sa
 
-from .errors import HubError
+# the errors and the lock key live below this module (callers may import them from here too)
+from .registry_contract import (WRITE_LOCK_KEY, RegistryConflict, RegistryError,  # noqa: F401
+                                RegistrySchemaError, RegistryUnavailable)
 
 if TYPE_CHECKING:
     from .registry_url import RegistryURL
@@ -65,8 +67,6 @@ SCHEMA_REVISION = "0001"
 VERSION_TABLE = "alembic_version"
 
 BUSY_TIMEOUT_MS = 30_000
-# pg_advisory_xact_lock key of the registry write lock ("tinc-hub" in ASCII, as a bigint).
-WRITE_LOCK_KEY = 0x74696E632D687562
 # serve: connections kept open (opening costs more than a whole enrolment). SQLite: one per
 # API worker thread (anyio's default limit, 40), so that no writer holding the write lock waits
 # for a connection. PostgreSQL: fewer, as every hub's pool counts against max_connections
@@ -102,20 +102,6 @@ nodes = sa.Table(
 )
 
 
-class RegistryError(HubError):
-    """A registry failure the CLI shows as one line with a hint."""
-
-
-class RegistryConflict(RegistryError):
-    """A write broke a constraint (a name, address or key taken meanwhile)."""
-
-
-class RegistryUnavailable(RegistryError):
-    """The database cannot be reached or used (PostgreSQL down, file unreadable, locked)."""
-
-
-class RegistrySchemaError(RegistryError):
-    """The registry's schema is newer than this tinc-hub knows, or not a registry at all."""
 
 
 def token_id(secret_sha256: str) -> str:

@@ -142,7 +142,7 @@ class RegistryURL:
         """Database errors as RegistryError lines (conflict, unavailable, other)."""
         import sqlalchemy.exc
 
-        from .registry import RegistryConflict, RegistryError, RegistryUnavailable
+        from .registry_contract import RegistryConflict, RegistryError, RegistryUnavailable
 
         try:
             try:

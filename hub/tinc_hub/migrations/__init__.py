@@ -35,7 +35,7 @@ def upgrade_to_head(conn: Any, where: str) -> List[str]:
     from alembic.runtime.migration import MigrationContext
     from alembic.util import CommandError
 
-    from ..registry import WRITE_LOCK_KEY, RegistrySchemaError
+    from ..registry_contract import WRITE_LOCK_KEY, RegistrySchemaError
 
     script = script_directory()
     head = script.get_current_head()
