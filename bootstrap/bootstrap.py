@@ -779,11 +779,6 @@ def plan_install(facts: SystemFacts) -> Plan:
         "install tinc 1.0 (tincd) yourself, then run this again")
 
 
-def ensure_tinc(facts: SystemFacts, root: str = "/") -> SystemFacts:
-    """Install tinc when missing; return the facts read afterwards (unit files, tincd)."""
-    return apply_install(plan_install(facts), facts, root)
-
-
 def apply_install(plan: Plan, facts: SystemFacts, root: str = "/") -> SystemFacts:
     """Run plan_install's commands; return the facts read afterwards."""
     if not plan.commands:
@@ -926,11 +921,6 @@ def has_key(tinc_dir: str, net: str) -> bool:
     return os.path.exists(os.path.join(net_dir(tinc_dir, net), "rsa_key.priv"))
 
 
-def ensure_key(tinc_dir: str, net: str, name: str, size: int) -> str:
-    """The node's public key PEM; generated with `tincd -K` only when there is no key yet."""
-    return apply_key(plan_key(tinc_dir, net, size, has_key(tinc_dir, net)), tinc_dir, net, name)
-
-
 def apply_key(plan: Plan, tinc_dir: str, net: str, name: str) -> str:
     """Run plan_key's command; return the public key PEM from hosts/NAME."""
     base = net_dir(tinc_dir, net)
@@ -1016,13 +1006,6 @@ def apply_boot(plan: Plan) -> List[str]:
     return changed
 
 
-def register_boot(net: str, init: str, facts: SystemFacts,
-                  tinc_dir: str = DEFAULT_TINC_DIR) -> List[str]:
-    """Make NET's tincd start at boot; only enable units that are not enabled yet. Returns
-    what changed."""
-    return apply_boot(read_boot_plan(net, init, facts, tinc_dir))
-
-
 def wait_for_exit(pid: int, timeout: float = 15.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -1086,16 +1069,9 @@ def apply_start(plan: Plan, state: TincdState) -> str:
     return "restarted" if state.active else "started"
 
 
-def ensure_running(net: str, init: str, facts: SystemFacts, restart: bool = False,
-                   tinc_dir: str = DEFAULT_TINC_DIR) -> str:
-    """Start tincd for NET if it is not running; restart it when asked. Returns what it did."""
-    state = read_tincd_state(net, init, facts)
-    return apply_start(plan_start(net, init, facts, state, restart, tinc_dir), state)
-
-
 def stop_and_unregister(net: str, init: str, facts: SystemFacts,
                         tinc_dir: str = DEFAULT_TINC_DIR) -> None:
-    """Undo register_boot and stop tincd for NET."""
+    """Undo apply_boot and stop tincd for NET."""
     if init == "systemd":
         unit = service_unit(facts, net)
         run(["systemctl", "disable", "--now", unit], check=False)
