@@ -311,6 +311,8 @@ def test_rotating_forwarded_headers_does_not_escape_the_rate_limit(make_hub, key
     expected = [200] * LIMIT + [429] * EXTRA
     assert [r.status for r in plain] == expected, plain
     assert [r.status for r in rotated] == expected, rotated
+    # the access line is written after the reply is sent: wait for the last one, then read
+    assert wait_until(lambda: access_lines(hub, "POST /v1/enroll 429") == EXTRA, 10), hub.log.read_text()
     assert all("too many enrolment attempts from 127.0.0.1;" in r.body["error"]
                for r in rotated if r.status == 429)
     assert "198.51.100." not in hub.log.read_text(), "a forged address reached the log"
@@ -324,8 +326,14 @@ def test_rotating_forwarded_headers_does_not_escape_the_rate_limit(make_hub, key
     proxied = make_hub(*rate, "--trusted-proxy", "127.0.0.1")
     spread = post_sequence(proxied, keys, LIMIT + EXTRA, "via", forged)
     assert [r.status for r in spread] == [200] * (LIMIT + EXTRA), spread
-    log = proxied.log.read_text()
-    assert "198.51.100.7 via 127.0.0.1 POST /v1/enroll 200" in log
+    assert wait_until(lambda: access_lines(proxied, "POST /v1/enroll 200") == LIMIT + EXTRA, 10)
+    assert "198.51.100.7 via 127.0.0.1 POST /v1/enroll 200" in proxied.log.read_text()
+
+
+def access_lines(hub: Hub, request_and_status: str) -> int:
+    """How many access-log lines of the hub end with this request and status."""
+    return sum(1 for line in hub.log.read_text().splitlines()
+               if " tinc_hub.access " in line and request_and_status in line)
 
 
 def socket_inodes(pid: int) -> set:
