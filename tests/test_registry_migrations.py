@@ -74,7 +74,8 @@ def test_registry_written_by_main_is_upgraded_in_place_with_nothing_lost(main_hu
         tokens = [t.__dict__ for t in view.list_tokens()]
         nodes = [n.__dict__ for n in view.list_nodes()]
     assert tokens == MAIN_EXPECTED["tokens"]
-    assert nodes == MAIN_EXPECTED["nodes"]
+    # revision 0002 adds kind and credential_sha256: every node of main is a node, without one
+    assert nodes == [dict(n, kind="node", credential_sha256=None) for n in MAIN_EXPECTED["nodes"]]
     listed = {row["id"]: row["status"] for row in json.loads(out)}
     assert sorted(listed.values()) == ["active", "active", "active", "revoked"]
     assert sql(path, "PRAGMA journal_mode") == [("wal",)]
@@ -126,7 +127,7 @@ def test_first_release_registry_gains_revoked_at_and_a_version(tmp_path: Path) -
         conn.execute("INSERT INTO nodes VALUES ('n1', '10.1.0.2', 167837698, 'k', ?, ?, ?, NULL)", (sha, now, now))
     registry = Registry(path, tmp_path / "lock")
     assert registry.schema_revision() == "legacy"
-    assert registry.upgrade_schema() == [SCHEMA_REVISION]
+    assert registry.upgrade_schema() == ["0001", "0002"]
     assert registry.upgrade_schema() == []  # current: nothing to do
     with registry.reading() as view:
         token = view.get_token(sha)

@@ -63,7 +63,7 @@ TOKEN_ID_CHARS = 10
 MIN_TOKEN_ID_PREFIX = 6
 
 # The Alembic head revision of tinc_hub/migrations (tests/test_registry_migrations.py checks it).
-SCHEMA_REVISION = "0001"
+SCHEMA_REVISION = "0002"
 VERSION_TABLE = "alembic_version"
 
 BUSY_TIMEOUT_MS = 30_000
@@ -99,9 +99,30 @@ nodes = sa.Table(
     sa.Column("enrolled_at", _BigInt, nullable=False),
     sa.Column("updated_at", _BigInt, nullable=False),
     sa.Column("revoked_at", _BigInt),
+    sa.Column("kind", sa.Text, nullable=False, server_default="node"),  # 'node' or 'hub'
+    sa.Column("credential_sha256", sa.Text),
 )
 
+hubs = sa.Table(
+    "hubs", metadata,
+    sa.Column("name", sa.Text, sa.ForeignKey("nodes.name"), primary_key=True),
+    sa.Column("public_address", sa.Text, nullable=False),
+    sa.Column("tinc_port", sa.Integer, nullable=False),
+    sa.Column("api_port", sa.Integer, nullable=False),
+    sa.Column("tls_pin", sa.Text, nullable=False),
+    sa.Column("joined_at", _BigInt, nullable=False),
+    sa.Column("removed_at", _BigInt),
+)
 
+settings = sa.Table(
+    "settings", metadata,
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
+NODE, HUB = "node", "hub"  # nodes.kind
+# the PostgreSQL channel every write transaction notifies (at its commit)
+CHANGES_CHANNEL = "tinc_hub_changes"
 
 
 def token_id(secret_sha256: str) -> str:
@@ -152,10 +173,31 @@ class NodeRow:
     enrolled_at: int
     updated_at: int
     revoked_at: Optional[int]
+    kind: str = NODE
+    credential_sha256: Optional[str] = None  # never shown; POST /v1/sync compares with it
 
     @property
     def revoked(self) -> bool:
         return self.revoked_at is not None
+
+
+@dataclass(frozen=True)
+class HubRow:
+    """A hub: its tinc identity (its row of ``nodes``) and where it is."""
+    name: str
+    address: str  # VPN address
+    address_int: int
+    public_key: str
+    public_address: str  # host name or IPv4 address nodes and hubs connect to
+    tinc_port: int
+    api_port: int
+    tls_pin: str
+    joined_at: int
+    removed_at: Optional[int] = None
+
+    @property
+    def removed(self) -> bool:
+        return self.removed_at is not None
 
 
 def iso_utc(timestamp: Optional[int]) -> Optional[str]:
@@ -167,6 +209,9 @@ def iso_utc(timestamp: Optional[int]) -> Optional[str]:
 
 _TOKEN_COLUMNS = [tokens.c[name] for name in TokenRow.__dataclass_fields__]
 _NODE_COLUMNS = [nodes.c[name] for name in NodeRow.__dataclass_fields__]
+_HUB_COLUMNS = [nodes.c.name, nodes.c.address, nodes.c.address_int, nodes.c.public_key,
+                hubs.c.public_address, hubs.c.tinc_port, hubs.c.api_port, hubs.c.tls_pin,
+                hubs.c.joined_at, hubs.c.removed_at]
 
 
 def _token_row(r: Any) -> TokenRow:
@@ -186,12 +231,35 @@ class _Statements:
     tokens_by_prefix = (sa.select(*_TOKEN_COLUMNS)
                         .where(sa.func.substr(tokens.c.secret_sha256, 1, P("length")) == P("prefix"))
                         .order_by(tokens.c.created_at, tokens.c.secret_sha256))
-    names_by_token = sa.select(nodes.c.token_sha256, nodes.c.name).order_by(nodes.c.address_int)
-    node_by_name = sa.select(*_NODE_COLUMNS).where(nodes.c.name == P("name"))
-    node_by_key = sa.select(*_NODE_COLUMNS).where(nodes.c.public_key == P("key"))
-    nodes_in_order = sa.select(*_NODE_COLUMNS).order_by(nodes.c.address_int)
-    address_ints = sa.select(nodes.c.address_int)
-    count_nodes = sa.select(sa.func.count()).select_from(nodes)
+    is_node = nodes.c.kind == NODE
+    names_by_token = (sa.select(nodes.c.token_sha256, nodes.c.name).where(is_node)
+                      .order_by(nodes.c.address_int))
+    node_by_name = sa.select(*_NODE_COLUMNS).where(nodes.c.name == P("name"))  # hubs too
+    node_by_key = sa.select(*_NODE_COLUMNS).where(nodes.c.public_key == P("key"))  # hubs too
+    nodes_in_order = sa.select(*_NODE_COLUMNS).where(is_node).order_by(nodes.c.address_int)
+    rows_in_order = sa.select(*_NODE_COLUMNS).order_by(nodes.c.address_int)  # hubs too (copy)
+    address_ints = sa.select(nodes.c.address_int)  # hubs too: an address is never handed out twice
+    count_nodes = sa.select(sa.func.count()).select_from(nodes).where(is_node)
+    hubs_in_order = (sa.select(*_HUB_COLUMNS).select_from(nodes.join(hubs, nodes.c.name == hubs.c.name))
+                     .order_by(hubs.c.joined_at, nodes.c.name))
+    insert_hub = hubs.insert().values({c.name: sa.bindparam(c.name) for c in hubs.c})
+    update_hub = (hubs.update().where(hubs.c.name == P("name"))
+                  .values(public_address=P("public_address"), tinc_port=P("tinc_port"),
+                          api_port=P("api_port"), tls_pin=P("tls_pin")))
+    update_hub_key = (nodes.update().where(nodes.c.name == P("name"), nodes.c.kind == HUB)
+                      .values(public_key=P("key"), updated_at=P("now")))
+    remove_hub = (hubs.update().where(hubs.c.name == P("name"), hubs.c.removed_at.is_(None))
+                  .values(removed_at=P("now")))
+    revoke_hub_row = (nodes.update().where(nodes.c.name == P("name"), nodes.c.kind == HUB,
+                                           nodes.c.revoked_at.is_(None))
+                      .values(revoked_at=P("now")))
+    all_settings = sa.select(settings.c.key, settings.c.value)
+    setting = sa.select(settings.c.value).where(settings.c.key == P("key"))
+    insert_setting = settings.insert().values(key=P("key"), value=P("value"))
+    update_setting = settings.update().where(settings.c.key == P("key")).values(value=P("value"))
+    credential_of = sa.select(nodes.c.credential_sha256).where(nodes.c.name == P("name"), is_node)
+    set_credential = (nodes.update().where(nodes.c.name == P("name"), nodes.c.kind == NODE)
+                      .values(credential_sha256=P("sha")))
     count_tokens = sa.select(sa.func.count()).select_from(tokens)
     insert_token = tokens.insert().values({c.name: sa.bindparam(c.name) for c in _TOKEN_COLUMNS})
     revoke_token = (tokens.update().where(tokens.c.secret_sha256 == P("sha"), tokens.c.revoked_at.is_(None))
@@ -202,10 +270,12 @@ class _Statements:
     insert_node = nodes.insert().values({c.name: sa.bindparam(c.name) for c in _NODE_COLUMNS})
     replace_node_key = (nodes.update().where(nodes.c.name == P("name"))
                         .values(public_key=P("key"), token_sha256=P("token"), updated_at=P("now")))
-    mark_revoked = (nodes.update().where(nodes.c.name == P("name"), nodes.c.revoked_at.is_(None))
+    mark_revoked = (nodes.update().where(nodes.c.name == P("name"), nodes.c.kind == NODE,
+                                         nodes.c.revoked_at.is_(None))
                     .values(revoked_at=P("now")))
-    delete_node = nodes.delete().where(nodes.c.name == P("name"))
+    delete_node = nodes.delete().where(nodes.c.name == P("name"), nodes.c.kind == NODE)
     write_lock = sa.select(sa.func.pg_advisory_xact_lock(WRITE_LOCK_KEY))
+    notify_changes = sa.select(sa.func.pg_notify(CHANGES_CHANNEL, ""))
 
 
 Q = _Statements
@@ -325,6 +395,29 @@ class RegistryView:
     def count_nodes(self) -> int:
         return self._db.rows(Q.count_nodes)[0][0]
 
+    def list_rows(self) -> List[NodeRow]:
+        """Every row of ``nodes``: the nodes and the hubs (registry copy)."""
+        return [_node_row(r) for r in self._db.rows(Q.rows_in_order)]
+
+    def node_credential(self, name: str) -> Optional[str]:
+        """The sha256 of node ``name``'s credential (None: no such node, or none issued)."""
+        r = self._db.first(Q.credential_of, name=name)
+        return r[0] if r else None
+
+    # -- hubs and settings -------------------------------------------------------------
+    def list_hubs(self) -> List[HubRow]:
+        """Every hub, removed ones too, in the order they joined."""
+        return [HubRow(*r) for r in self._db.rows(Q.hubs_in_order)]
+
+    def settings(self) -> Dict[str, str]:
+        """net, vpn_subnet (once a hub recorded them) and generation."""
+        return dict(self._db.rows(Q.all_settings))
+
+    def generation(self) -> int:
+        """Bumped by every write transaction (hubs follow the registry by it)."""
+        r = self._db.first(Q.setting, key="generation")
+        return int(r[0]) if r else 0
+
     def count_tokens(self) -> int:
         return self._db.rows(Q.count_tokens)[0][0]
 
@@ -367,6 +460,43 @@ class RegistryTransaction(RegistryView):
 
     def delete_node(self, name: str) -> None:
         self._db.rowcount(Q.delete_node, name=name)
+
+    def set_credential(self, name: str, credential_sha256: str) -> None:
+        self._db.rowcount(Q.set_credential, name=name, sha=credential_sha256)
+
+    # -- hubs and settings -------------------------------------------------------------
+    def insert_hub(self, hub: HubRow, now: int) -> None:
+        """A new hub: its ``nodes`` row (kind hub) and its ``hubs`` row."""
+        self.insert_nodes([NodeRow(name=hub.name, address=hub.address, address_int=hub.address_int,
+                                   public_key=hub.public_key, token_sha256="", enrolled_at=now,
+                                   updated_at=now, revoked_at=None, kind=HUB)])
+        self.insert_hub_rows([hub])
+
+    def insert_hub_rows(self, rows: List[HubRow]) -> None:
+        """``hubs`` rows of hubs whose ``nodes`` rows exist (registry copy)."""
+        if rows:
+            self._db.many(Q.insert_hub, [{c.name: getattr(r, c.name) for c in hubs.c} for r in rows])
+
+    def update_hub(self, hub: HubRow, now: int) -> None:
+        """Record a hub's new public address, ports, pin or key (a re-run of its init)."""
+        self._db.rowcount(Q.update_hub, name=hub.name, public_address=hub.public_address,
+                          tinc_port=hub.tinc_port, api_port=hub.api_port, tls_pin=hub.tls_pin)
+        self._db.rowcount(Q.update_hub_key, name=hub.name, key=hub.public_key, now=now)
+
+    def remove_hub(self, name: str, now: int) -> bool:
+        """Retire a hub (its name, address and key stay taken); False if already removed."""
+        done = self._db.rowcount(Q.remove_hub, name=name, now=now) == 1
+        self._db.rowcount(Q.revoke_hub_row, name=name, now=now)
+        return done
+
+    def put_setting(self, key: str, value: str) -> None:
+        if self._db.first(Q.setting, key=key) is None:
+            self._db.rowcount(Q.insert_setting, key=key, value=value)
+        else:
+            self._db.rowcount(Q.update_setting, key=key, value=value)
+
+    def bump_generation(self) -> None:
+        self.put_setting("generation", str(self.generation() + 1))
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -571,7 +701,11 @@ class Registry:
         """Reads and writes in one write transaction (see the module doc), COMMIT at the end,
         ROLLBACK on any exception. Writers hold :meth:`exclusive` around it."""
         with self._begin(write=True) as runner:
-            yield RegistryTransaction(runner)
+            tx = RegistryTransaction(runner)
+            yield tx
+            tx.bump_generation()
+            if self.dialect == "postgresql":
+                runner.rows(Q.notify_changes)  # delivered to listeners at COMMIT
 
     @contextmanager
     def reading(self) -> Iterator[RegistryView]:

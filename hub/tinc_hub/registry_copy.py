@@ -1,6 +1,6 @@
 """``tinc-hub registry copy --to postgresql://…``: move a single hub's registry onto PostgreSQL.
 
-Every token and node (revoked ones too) is copied in one transaction of the target, under this
+Every token, node and hub (revoked and removed ones too) and the settings are copied in one transaction of the target, under this
 hub's registry write lock (no local enrolment, token or revocation can land meanwhile), into a
 target that must be empty (no registry tables, or a registry schema without rows). The target
 gets the same schema revision (Alembic, migrated to this code's head like the source). After the
@@ -15,10 +15,10 @@ the old file after the copy.
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from .errors import HubError
-from .registry import SCHEMA_REVISION, NodeRow, Registry, TokenRow
+from .registry import SCHEMA_REVISION, HubRow, NodeRow, Registry, TokenRow
 from .registry_url import RegistryURL, read_password_file
 from .state import StateDir
 
@@ -59,9 +59,20 @@ def processes_using(path: Path) -> List[int]:
     return pids
 
 
-def _read_all(registry: Registry) -> "tuple[List[TokenRow], List[NodeRow]]":
+@dataclass(frozen=True)
+class Contents:
+    """Everything a registry holds (nodes: every row of ``nodes``, the hubs' too)."""
+    tokens: List[TokenRow]
+    nodes: List[NodeRow]
+    hubs: List[HubRow]
+    settings: Dict[str, str]  # without the generation counter
+
+
+def _read_all(registry: Registry) -> Contents:
     with registry.snapshot() as view:
-        return view.list_tokens(), view.list_nodes()
+        settings = view.settings()
+        settings.pop("generation", None)
+        return Contents(view.list_tokens(), view.list_rows(), view.list_hubs(), settings)
 
 
 def write_config_atomically(state: StateDir, text: str) -> None:
@@ -103,19 +114,23 @@ def copy_registry(state: StateDir, source: Registry, to: str, password_file: Opt
                                    " (the API server?): enrolments it takes after the copy would be lost",
                                    "stop the API service first, then re-run; or pass --no-switch")
             _refuse_non_empty(target)
-            tokens, nodes = _read_all(source)
+            source_contents = _read_all(source)
+            tokens, nodes = source_contents.tokens, source_contents.nodes
             target.create()  # the schema, by the same migrations (no-op if already there)
             with target.transaction() as tx:
-                if tx.count_tokens() or tx.count_nodes():  # again, under the target's write lock
+                if tx.count_tokens() or tx.count_nodes() or tx.list_hubs():  # again, under the target's write lock
                     raise HubError(f"{target.describe()} is not empty (filled meanwhile)",
                                    "copy only into an empty registry")
                 tx.insert_tokens(tokens)
                 tx.insert_nodes(nodes)
-            copied_tokens, copied_nodes = _read_all(target)
+                tx.insert_hub_rows(source_contents.hubs)
+                for key, value in sorted(source_contents.settings.items()):
+                    tx.put_setting(key, value)
+            copied = _read_all(target)
             revision = target.schema_revision()
-            if (copied_tokens, copied_nodes) != (tokens, nodes) or revision != SCHEMA_REVISION:
-                raise HubError(f"verification failed: {target.describe()} holds {len(copied_tokens)} token(s)"
-                               f" and {len(copied_nodes)} node(s) at schema {revision!r}, the source"
+            if copied != source_contents or revision != SCHEMA_REVISION:
+                raise HubError(f"verification failed: {target.describe()} holds {len(copied.tokens)} token(s)"
+                               f" and {len(copied.nodes)} node(s) at schema {revision!r}, the source"
                                f" {len(tokens)} and {len(nodes)} at {SCHEMA_REVISION!r}",
                                "hub.json was not changed; empty the target and re-run")
             if switch:
@@ -125,6 +140,7 @@ def copy_registry(state: StateDir, source: Registry, to: str, password_file: Opt
                 write_config_atomically(state, recorded.to_json())
     finally:
         target.dispose()
+    nodes = [n for n in nodes if n.kind == "node"]
     return CopyResult(tokens=len(tokens), nodes=len(nodes),
                       revoked_nodes=sum(1 for n in nodes if n.revoked), revision=str(revision),
                       target=target_url.display(), switched=switch)
