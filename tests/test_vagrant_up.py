@@ -2,11 +2,13 @@
 built box, the walkthrough's topology, pings over the VPN, re-provisioning, a reboot and a
 destroy that leaves nothing behind. The slow group `vagrant` (select with -m vagrant).
 
-The tests share one run of the lab (module fixture) and go in file order: up, provision
-again, reload a node, destroy."""
+The tests share one run of the lab (module fixture) and go in file order: up, the
+management network's isolation, provision again, reload a node, destroy."""
 
+import ipaddress
 import os
 import re
+import shlex
 import time
 
 import pytest
@@ -99,6 +101,64 @@ def test_up_boots_four_machines_that_ping_over_the_vpn(lab_run):
     print("vagrant RSS per VM (MiB):", {k: v // 1024 for k, v in sorted(rss.items())})
 
 
+def probe(lab, source, targets):
+    """From `source`, for each (label, address[, interface]) of targets: does it answer a
+    ping, and (IPv4) does its ssh port accept a TCP connection? Returns {label: (ping, tcp)}.
+    One ssh session; each probe bounded (ping 2 x 1 s, TCP 8 s)."""
+    lines = []
+    for label, address, *interface in targets:
+        ip = ipaddress.ip_address(address)   # only addresses reach the shell, quoted
+        if ip.version == 6:
+            target = shlex.quote("%s%%%s" % (ip, interface[0]))
+            lines.append("ping -6 -c 2 -W 1 %s >/dev/null 2>&1 && p=yes || p=no; t=-" % target)
+        else:
+            lines.append("ping -c 2 -W 1 %s >/dev/null 2>&1 && p=yes || p=no; "
+                         "timeout 8 bash -c 'exec 3<>\"/dev/tcp/$1/22\"' _ %s 2>/dev/null "
+                         "&& t=yes || t=no" % (ip, ip))
+        lines.append("echo %s $p $t" % shlex.quote(label))
+    out = lab.ssh(source, "\n".join(lines), timeout=180).stdout
+    results = {}
+    for line in out.splitlines():
+        label, ping, tcp = line.split()
+        results[label] = (ping == "yes", {"yes": True, "no": False, "-": None}[tcp])
+    assert sorted(results) == sorted(label for label, *_ in targets), out
+    return results
+
+
+def test_management_network_joins_each_vm_to_the_host_only(lab_run):
+    """Vagrant's management network (ssh from the host) reaches every VM, and no VM reaches
+    another over it: the nodes reach the hub only through gate, as in the walkthrough."""
+    lab = lab_run.lab
+    bridge, isolated = lab.management_bridge()
+    assert isolated, bridge
+    ports = lab.management_ports()
+    assert len(ports) == 4 and all(ports.values()), ports   # the kernel isolates each VM port
+    for machine in vms.MACHINES:   # the host reaches every VM: `vagrant ssh` works
+        hostname = lab.vagrant("ssh", machine, "-c", "hostname", timeout=180).stdout
+        assert machine in hostname.split(), hostname
+    mgmt = {m: lab.management_interface(m) for m in vms.MACHINES}
+    assert all(i.link_local for i in mgmt.values()), mgmt
+    host = str(lab.management_subnet.network_address + 1)
+    for source in ("hobbiton", "erebor"):
+        own = mgmt[source]
+        others = [m for m in vms.MACHINES if m != source]
+        targets = [("host", host), ("self", own.address), ("self6", own.link_local, own.ifname)]
+        targets += [(m, mgmt[m].address) for m in others]
+        targets += [(m + "6", mgmt[m].link_local, own.ifname) for m in others]
+        results = probe(lab, source, targets)
+        # the probes work: the host answers a ping, the VM's own sshd accepts a connection
+        assert results["host"][0] and results["self"] == (True, True), results
+        assert results["self6"][0], results
+        # and no other VM answers on the management network, IPv4 or IPv6 link-local
+        for machine in others:
+            assert results[machine] == (False, False), (source, machine, results)
+            assert not results[machine + "6"][0], (source, machine, results)
+    # the VPN still works (the nodes' pings go hub-wards through gate)
+    hobbiton, _ = vpn_address(lab, "hobbiton")
+    assert wait_ping(lab, "bree", hobbiton, 30)
+    assert wait_ping(lab, "hobbiton", HUB_VPN, 30)
+
+
 def test_provision_again_changes_nothing_on_the_vpn(lab_run):
     lab = lab_run.lab
     before = {m: vpn_address(lab, m) for m in ("hobbiton", "bree")}
@@ -122,6 +182,8 @@ def test_reload_of_a_node_brings_its_vpn_back_by_itself(lab_run):
     lab_run.timings["vagrant reload hobbiton"] = time.monotonic() - started
     assert vpn_address(lab, "hobbiton")[0] == address
     assert wait_ping(lab, "bree", address, 60)
+    ports = lab.management_ports()   # hobbiton's new tap device is isolated as well
+    assert len(ports) == 4 and all(ports.values()), ports
 
 
 def test_destroy_leaves_nothing_behind(lab_run):

@@ -22,6 +22,7 @@ folder).
 
 import fcntl
 import ipaddress
+import json
 import os
 import re
 import secrets
@@ -32,7 +33,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from xml.etree import ElementTree
 
 from labkit import netlab, nspawn
 
@@ -191,6 +193,37 @@ def free_management_net() -> str:
     raise RuntimeError("no free 192.168.130-249.0/24 network for the VMs' management network")
 
 
+class ManagementInterface(NamedTuple):
+    """A VM's interface on Vagrant's management network, as the guest itself reports it."""
+    ifname: str
+    address: str               # IPv4, inside the run's management subnet
+    link_local: Optional[str]  # its IPv6 link-local address, if the guest has one
+
+
+def parse_management_interface(ip_addr_output: str, subnet: ipaddress.IPv4Network
+                               ) -> ManagementInterface:
+    """The interface holding an address of subnet in `ip -o addr show` output (strict: one
+    such address, else ValueError)."""
+    found = []
+    for line in ip_addr_output.splitlines():
+        words = line.split()
+        if len(words) >= 4 and words[2] == "inet":
+            address = ipaddress.ip_interface(words[3]).ip
+            if address in subnet:
+                found.append((words[1], str(address)))
+    if len(found) != 1:
+        raise ValueError("expected one address in %s, found %r" % (subnet, found))
+    ifname, address = found[0]
+    link_local = None
+    for line in ip_addr_output.splitlines():
+        words = line.split()
+        if len(words) >= 4 and words[1] == ifname and words[2] == "inet6":
+            candidate = ipaddress.ip_interface(words[3]).ip
+            if candidate.is_link_local:
+                link_local = str(candidate)
+    return ManagementInterface(ifname, address, link_local)
+
+
 class VagrantLab:
     """One run of the Vagrantfile's lab on libvirt, in a private copy of the project."""
 
@@ -286,6 +319,36 @@ class VagrantLab:
     def forget_ssh_config(self) -> None:
         """After a reload the management address may change: ask Vagrant again next time."""
         self._ssh_config = None
+
+    @property
+    def management_network(self) -> str:
+        """The libvirt network of Vagrant's ssh (the Vagrantfile's MGMT_NET_NAME)."""
+        return self.prefix + "mgmt"
+
+    @property
+    def management_subnet(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(self.env["TINC_LAB_MGMT_NET"])
+
+    def management_bridge(self) -> Tuple[str, bool]:
+        """The management network's bridge, and whether its libvirt definition isolates every
+        port (`<port isolated='yes'/>`)."""
+        root = ElementTree.fromstring(virsh("net-dumpxml", self.management_network))
+        isolated = [port.get("isolated") for port in root.findall("port")] == ["yes"]
+        return root.find("bridge").get("name"), isolated
+
+    def management_ports(self) -> Dict[str, bool]:
+        """Each port (a VM's tap device) of the management bridge, with whether the kernel
+        isolates it from the other ports (`bridge -d -j link show`)."""
+        bridge, _ = self.management_bridge()
+        out = subprocess.run(["bridge", "-d", "-j", "link", "show"], capture_output=True,
+                             text=True, check=True).stdout
+        return {port["ifname"]: port.get("isolated") is True for port in json.loads(out)
+                if port.get("master") == bridge}
+
+    def management_interface(self, machine: str) -> ManagementInterface:
+        """The machine's interface on the management network, from `ip -o addr show` in it."""
+        out = self.ssh(machine, "ip -o addr show").stdout
+        return parse_management_interface(out, self.management_subnet)
 
     def rss_kib(self) -> Dict[str, int]:
         """Resident memory of each running VM's QEMU process, by domain name."""
