@@ -22,6 +22,9 @@ uses the real paths (/etc/tinc/NET ...) as on a real machine.
       |  LAN 198.51.100.0/24 (bridge br-lan in the router namespace, one veth per node)
     node1 198.51.100.2, node2 198.51.100.3, ... (default route via 198.51.100.1)
 
+With ``hub_names=[...]`` the public segment is a bridge (pub0 in the router) with one port
+per hub, hubs at 192.0.2.1, .2, ... (labkit.multihub builds on it).
+
 Nothing is connected to the root namespace. ``Topology.close()`` kills every process in every
 namespace it made and deletes the namespaces (which destroys their veths). Live topologies are
 also closed at interpreter exit (``remove_at_exit``: the one at-exit list, nspawn uses it too).
@@ -669,20 +672,28 @@ def record_timing(label, seconds):
 
 
 class NatTopology(Topology):
-    hub = None
+    hub = None  # the first (or only) hub
+    hubs = ()  # every hub, in order (several with build_nat_topology(hub_names=...))
     router = None
     nodes = ()
+    public_ports = {}  # hub name -> its port on the router's public bridge (several hubs)
 
 
 def build_nat_topology(n_nodes=2, node_names=None, hub_name="hub", prefix=None,
-                       private_etc=True):
-    """Hub on the 'public' segment, nodes behind a masquerading router. See module doc."""
+                       private_etc=True, hub_names=None):
+    """Hub on the 'public' segment, nodes behind a masquerading router. See module doc.
+    With `hub_names` (several hubs) the router's pub0 is a bridge with one veth port per hub
+    (pubh1, pubh2, ...; topo.public_ports) and hub i (0-based) is 192.0.2.<i+1>."""
     names = list(node_names) if node_names else ["node%d" % (i + 1) for i in range(n_nodes)]
     if len(names) > 250:
         raise ValueError("too many nodes")
+    hub_list = list(hub_names) if hub_names else [hub_name]
+    if not 1 <= len(hub_list) <= 200:
+        raise ValueError("between 1 and 200 hubs")
     topo = NatTopology(prefix, private_etc)
     try:
-        hub = topo.hub = topo.add_host(hub_name)
+        topo.hubs = [topo.add_host(h) for h in hub_list]
+        hub = topo.hub = topo.hubs[0]
         rtr = topo.router = topo.add_host("router")
         topo.nodes = [topo.add_host(n) for n in names]
         R = rtr.netns
@@ -690,13 +701,26 @@ def build_nat_topology(n_nodes=2, node_names=None, hub_name="hub", prefix=None,
         def ipn(ns, *args):
             run_root(["ip", "-n", ns] + list(args))
 
-        # public segment: router pub0 <-> hub eth0
-        ipn(R, "link", "add", "pub0", "type", "veth", "peer", "name", "eth0", "netns", hub.netns)
+        if hub_names is None:  # public segment: router pub0 <-> hub eth0
+            ipn(R, "link", "add", "pub0", "type", "veth", "peer", "name", "eth0", "netns",
+                hub.netns)
+        else:  # public segment: bridge pub0 in the router, one port per hub
+            ipn(R, "link", "add", "pub0", "type", "bridge")
+            topo.public_ports = {}
+            for i, h in enumerate(topo.hubs):
+                port = "pubh%d" % (i + 1)
+                ipn(R, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns",
+                    h.netns)
+                ipn(R, "link", "set", port, "master", "pub0")
+                ipn(R, "link", "set", port, "up")
+                topo.public_ports[h.name] = port
         ipn(R, "addr", "add", "%s/24" % ROUTER_PUBLIC, "dev", "pub0")
         ipn(R, "link", "set", "pub0", "up")
-        ipn(hub.netns, "addr", "add", "%s/24" % HUB_PUBLIC, "dev", "eth0")
-        ipn(hub.netns, "link", "set", "eth0", "up")
-        hub.addresses["public"] = HUB_PUBLIC
+        for i, h in enumerate(topo.hubs):
+            address = str(PUBLIC_NET.network_address + 1 + i)
+            ipn(h.netns, "addr", "add", "%s/24" % address, "dev", "eth0")
+            ipn(h.netns, "link", "set", "eth0", "up")
+            h.addresses["public"] = address
         rtr.addresses.update(public=ROUTER_PUBLIC, lan=ROUTER_LAN)
         # LAN: bridge in the router namespace, one veth per node
         ipn(R, "link", "add", "br-lan", "type", "bridge")
@@ -706,7 +730,7 @@ def build_nat_topology(n_nodes=2, node_names=None, hub_name="hub", prefix=None,
             connect_lan_node(R, node, i)
         # forwarding only inside the router namespace
         # (/proc/sys/net shows the namespace of the process reading it; no procps needed)
-        for h in [hub] + list(topo.nodes):
+        for h in list(topo.hubs) + list(topo.nodes):
             h.sysctl("net.ipv4.ip_forward", 0)
         rtr.sysctl("net.ipv4.ip_forward", 1)
         rtr.run("for f in /proc/sys/net/bridge/bridge-nf-call-*; do [ -w \"$f\" ] && echo 0 > \"$f\"; done; true")
