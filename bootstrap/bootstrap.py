@@ -26,6 +26,7 @@ It needs only Python >= 3.6 and its standard library; `distro` is used when impo
 import argparse
 import base64
 import errno
+import fcntl
 import hashlib
 import http.client
 import ipaddress
@@ -826,16 +827,33 @@ def render_host_file(lines: Sequence[str], public_pem: str) -> str:
     return (head + "\n\n" if head else "") + public_pem.strip() + "\n"
 
 
-def render_tinc_up(address: str, prefix: int) -> str:
+def render_tinc_up(address: str, prefix: int, also: Optional[Sequence[str]] = None) -> str:
+    """tinc-up: the VPN address on the interface; with `also` (a node's sync launcher, see
+    sync_script_command), that command too, shell-quoted. The hub passes no `also`."""
     return ("#!/bin/sh\n# Written by tinc-bootstrap: give the VPN interface its address.\n"
             "ip addr replace {}/{} dev \"$INTERFACE\"\n"
-            "ip link set \"$INTERFACE\" up\n").format(address, prefix)
+            "ip link set \"$INTERFACE\" up\n").format(address, prefix) + _script_line(
+                also, "keep this node's list of hubs in step (detached from tincd)")
 
 
-def render_tinc_down(address: str, prefix: int) -> str:
+def render_tinc_down(address: str, prefix: int, also: Optional[Sequence[str]] = None) -> str:
     return ("#!/bin/sh\n# Written by tinc-bootstrap.\n"
             "ip addr del {}/{} dev \"$INTERFACE\" 2>/dev/null\n"
-            "ip link set \"$INTERFACE\" down\n").format(address, prefix)
+            "ip link set \"$INTERFACE\" down\n").format(address, prefix) + _script_line(
+                also, "stop the sync loop started by tinc-up")
+
+
+SCRIPT_WORD_RE = re.compile(r"[^\x00-\x1f\x7f]{1,4096}")
+
+
+def _script_line(cmd: Optional[Sequence[str]], comment: str) -> str:
+    """A comment and cmd as one shell line (every word checked, then single-quoted); tincd
+    goes on whatever the command does (`|| :`)."""
+    if not cmd:
+        return ""
+    if not all(isinstance(word, str) and SCRIPT_WORD_RE.fullmatch(word) for word in cmd):
+        raise ValueError("a control character or an empty word in {!r}".format(list(cmd)))
+    return "# {}\n{} || :\n".format(comment, shell_join(cmd))
 
 
 PEM_LABELS = ("RSA PUBLIC KEY", "PUBLIC KEY")  # the public key blocks tinc 1.0 and the hub read
@@ -1118,6 +1136,24 @@ class Unreachable(Exception):
 def _pinned_request(host: str, port: int, pin: str, method: str, path: str,
                     body: Optional[bytes], headers: Dict[str, str],
                     timeout: float = 15.0) -> HubAnswer:
+    """One request over pinned TLS; its JSON answer (an object; anything else becomes an
+    `error`)."""
+    status, raw, retry_after = _pinned_exchange(host, port, pin, method, path, body, headers,
+                                                timeout)
+    try:
+        parsed = json.loads(raw.decode("utf-8")) if raw else {}
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: "[[[[..."
+        parsed = {"error": "non-JSON answer (HTTP {})".format(status)}
+    if not isinstance(parsed, dict):
+        parsed = {"error": "unexpected answer"}
+    return HubAnswer(status, parsed, retry_after)
+
+
+def _pinned_exchange(host: str, port: int, pin: str, method: str, path: str,
+                     body: Optional[bytes], headers: Dict[str, str],
+                     timeout: float = 15.0) -> Tuple[int, bytes, float]:
+    """(HTTP status, body of at most MAX_ANSWER bytes, Retry-After seconds) of one request to
+    host:port, sent only after the TLS key of the peer matched `pin`."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     # The hub's certificate is self-signed: trust comes from the pin checked below,
     # before a single byte (and so before the token) is sent.
@@ -1151,13 +1187,7 @@ def _pinned_request(host: str, port: int, pin: str, method: str, path: str,
             raise Unreachable("connection to {}:{} failed: {}".format(host, port, exc))
         if len(raw) > MAX_ANSWER:
             raise BootstrapError("the hub's answer is too large", EXIT_REFUSED)
-        try:
-            parsed = json.loads(raw.decode("utf-8")) if raw else {}
-        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: "[[[[..."
-            parsed = {"error": "non-JSON answer (HTTP {})".format(response.status)}
-        if not isinstance(parsed, dict):
-            parsed = {"error": "unexpected answer"}
-        return HubAnswer(response.status, parsed, parse_retry_after(response.getheader("Retry-After")))
+        return response.status, raw, parse_retry_after(response.getheader("Retry-After"))
     finally:
         conn.close()
 
@@ -1170,12 +1200,16 @@ def enroll(token_text: str, token: Token, host: str, port: int, name: str, publi
 
 
 def enroll_any(token_text: str, hubs: Sequence[HubEndpoint], name: str, public_pem: str,
-               timeout: float, sleep: Callable[[float], None] = time.sleep
-               ) -> Tuple[HubEndpoint, dict]:
+               timeout: float, sleep: Callable[[float], None] = time.sleep,
+               credential: Optional[str] = None) -> Tuple[HubEndpoint, dict]:
     """POST /v1/enroll to the hubs in order until one enrols this node: (that hub, its answer).
     A refusal (4xx other than 429) is final: the hubs share one registry. An unreachable hub,
-    429 and 5xx pass to the next hub; after each round, back off until `timeout` seconds."""
-    body = json.dumps({"name": name, "public_key": public_pem}).encode()
+    429 and 5xx pass to the next hub; after each round, back off until `timeout` seconds.
+    `credential`: the node's current sync credential, sent so that a replay needs no new one."""
+    fields = {"name": name, "public_key": public_pem}
+    if credential:
+        fields["credential"] = credential
+    body = json.dumps(fields).encode()
     headers = {"Authorization": "Bearer " + token_text, "Content-Type": "application/json",
                "User-Agent": "tinc-bootstrap/" + __version__}
     deadline = time.monotonic() + timeout
@@ -1378,12 +1412,23 @@ def validate_answer(answer: dict, name: str) -> Tuple[str, int, str, str]:
     except ValueError as exc:
         raise BootstrapError("the hub's host file is refused: {}".format(exc), EXIT_REFUSED,
                              "hub and bootstrap versions may differ")
+    problem = hub_vpn_problem(host_file, address, prefix)
+    if problem:
+        raise BootstrapError(problem, EXIT_REFUSED)
+    return address, prefix, hub, host_file
+
+
+def hub_vpn_problem(host_file: str, address: str, prefix: int) -> Optional[str]:
+    """Why the hub's VPN address (its /32 Subnet in a rebuilt host file) is not another host
+    of this node's VPN; None when it is."""
+    node = ipaddress.IPv4Address(address)
+    network = ipaddress.IPv4Network("{}/{}".format(address, prefix), strict=False)
     hub_vpn = ipaddress.IPv4Address(hub_vpn_address(host_file, address, prefix))
     if hub_vpn not in network or hub_vpn in (node, network.network_address,
                                              network.broadcast_address):
-        raise BootstrapError("the hub's VPN address {} is not another host of the VPN {}".format(
-            hub_vpn, network), EXIT_REFUSED)
-    return address, prefix, hub, host_file
+        return "the hub's VPN address {} is not another host of the VPN {}".format(
+            hub_vpn, network)
+    return None
 
 
 # ---------------------------------------------------------------------------
@@ -1497,6 +1542,556 @@ def hub_vpn_address(host_file: str, address: str, prefix: int) -> str:
 
 
 # ---------------------------------------------------------------------------
+# Several hubs: the list of hubs in the hub's answers, the node's sync credential, and
+# `bootstrap.py sync`, which keeps hosts/<hub> and tinc.conf's ConnectTo lines in step.
+
+MAX_HUBS = 32  # each is a meta connection from every node, plus one RSA key to check per answer
+HUBS_FILE = "hubs.json"  # the hubs this node knows: API endpoints and pins (0600)
+CREDENTIAL_FILE = "credential"  # the node's sync credential (0600)
+SCRIPT_FILE = "bootstrap.py"  # this script, installed in the net dir for tinc-up/tinc-down
+CREDENTIAL_RE = re.compile(r"[0-9a-f]{64}")
+NODE_KEEPALIVE = ("PingInterval = 5", "PingTimeout = 3", "MaxTimeout = 30")
+SYNC_INTERVAL_MIN, SYNC_INTERVAL_MAX = 10, 3600  # the bounds put on the hub's `interval`
+SYNC_RETRY_MAX = 60.0  # the longest wait between two rounds while no hub answers
+SCRIPT_SHEBANG = b"#!/usr/bin/env python3\n"
+_OWN_FILE = os.path.abspath(globals().get("__file__") or "<stdin>")
+
+
+class HubInfo(NamedTuple):
+    """One hub of an answer's `hubs`: its name, its host file (rebuilt), its API endpoint."""
+    name: str
+    host_file: str
+    api: HubEndpoint
+
+
+def validate_hubs(value: object, node_name: str, address: str, prefix: int) -> List[HubInfo]:
+    """The `hubs` of an enrolment or sync answer, checked: a list of 1 to MAX_HUBS objects,
+    each with a valid name (distinct, not this node's), an `api` endpoint checked like a
+    token's, and a host file that rebuild_hub_host_file accepts (kept rebuilt) whose /32 is
+    another host of this node's VPN, distinct per hub. Keys this version does not know are
+    ignored (later versions may add some). ValueError says what is wrong."""
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_HUBS:
+        raise ValueError("`hubs` must be a list of 1 to {} hubs".format(MAX_HUBS))
+    hubs, names, addresses = [], set(), set()  # type: List[HubInfo], set, set
+    for index, item in enumerate(value, 1):
+        if not isinstance(item, dict):
+            raise ValueError("hub #{} is not an object".format(index))
+        name, api, text = item.get("name"), item.get("api"), item.get("host_file")
+        if not isinstance(name, str) or not valid_node_name(name):
+            raise ValueError("hub #{} has no valid name".format(index))
+        if name.lower() == node_name.lower():
+            raise ValueError("hub {} has this node's name".format(name))
+        if name.lower() in names:
+            raise ValueError("hub {} is listed twice".format(name))
+        if not isinstance(api, dict):
+            raise ValueError("hub {}: `api` is not an object".format(name))
+        endpoint = HubEndpoint(api.get("host"), api.get("port"), api.get("pin"), name)
+        if not valid_endpoint(endpoint):
+            raise ValueError("hub {}: `api` needs a host name or IP address, a port and a pin "
+                             "(sha256//...)".format(name))
+        if not isinstance(text, str):
+            raise ValueError("hub {}: `host_file` is not a string".format(name))
+        try:
+            host_file = rebuild_hub_host_file(text)
+        except ValueError as exc:
+            raise ValueError("hub {}: host file refused: {}".format(name, exc))
+        problem = hub_vpn_problem(host_file, address, prefix)
+        if problem:
+            raise ValueError("hub {}: {}".format(name, problem))
+        hub_vpn = hub_vpn_address(host_file, address, prefix)
+        if hub_vpn in addresses:
+            raise ValueError("hub {}: VPN address {} is another hub's".format(name, hub_vpn))
+        names.add(name.lower())
+        addresses.add(hub_vpn)
+        hubs.append(HubInfo(name, host_file, endpoint))
+    return hubs
+
+
+def valid_credential(value: object) -> bool:
+    """A node credential as the hub issues it: 64 lowercase hex digits."""
+    return isinstance(value, str) and CREDENTIAL_RE.fullmatch(value) is not None
+
+
+def remember_secret(secret: Optional[str]) -> None:
+    """Mask `secret` in every later log and stderr line (redact)."""
+    if secret and secret not in _SECRETS:
+        _SECRETS.append(secret)
+
+
+def render_node_tinc_conf(name: str, net: str, hubs: Sequence[str]) -> str:
+    """A node's tinc.conf with several hubs: ConnectTo every hub (sorted: the bytes do not
+    depend on which hub answered) and the keepalive that notices a dead hub in seconds."""
+    return render_tinc_conf(name, net, sorted(hubs), extra=NODE_KEEPALIVE)
+
+
+def render_hubs_record(hub_net: str, hubs: Sequence[HubEndpoint]) -> str:
+    """hubs.json: the hub's net name and each hub's API endpoint and pin, in the order to ask."""
+    return json.dumps({"net": hub_net, "hubs": [
+        {"name": hub.name, "host": hub.host, "port": hub.port, "pin": hub.pin} for hub in hubs]},
+        indent=2, sort_keys=True) + "\n"
+
+
+def parse_hubs_record(text: str) -> Tuple[str, List[HubEndpoint]]:
+    """(hub net, endpoints) from hubs.json; ValueError unless every field is as written."""
+    try:
+        record = json.loads(text)
+    except (ValueError, RecursionError):
+        raise ValueError("not JSON")
+    if not isinstance(record, dict) or not isinstance(record.get("net"), str) \
+            or not NET_RE.fullmatch(record["net"]) or not isinstance(record.get("hubs"), list) \
+            or not 1 <= len(record["hubs"]) <= MAX_HUBS:
+        raise ValueError("not a record of hubs")
+    hubs = []
+    for item in record["hubs"]:
+        if not isinstance(item, dict) or set(item) != {"name", "host", "port", "pin"}:
+            raise ValueError("a hub entry is not {name, host, port, pin}")
+        hub = HubEndpoint(item["host"], item["port"], item["pin"], item["name"])
+        if not valid_endpoint(hub):
+            raise ValueError("a hub entry is malformed")
+        hubs.append(hub)
+    if len({hub.name.lower() for hub in hubs}) != len(hubs):
+        raise ValueError("a hub is listed twice")
+    return record["net"], hubs
+
+
+def plan_hub_files(tinc_dir: str, net: str, name: str, hub_net: str, hubs: Sequence[HubInfo],
+                   known: Sequence[str], current: Dict[str, Optional[str]],
+                   only_changed: bool) -> Plan:
+    """hosts/<hub> of every hub, tinc.conf naming them all, hubs.json; and `rm` of the host
+    file of every hub in `known` (hubs this script wrote) that is no longer listed and whose
+    file is there (`current`: path -> text now, None when missing). With `only_changed`,
+    only the files whose text differs from `current`. Pure."""
+    base = net_dir(tinc_dir, net)
+    listed = [hub.name for hub in hubs]
+    files = [FileSpec(os.path.join(base, "hosts", hub.name), hub.host_file.rstrip("\n") + "\n")
+             for hub in hubs]
+    files.append(FileSpec(os.path.join(base, "tinc.conf"),
+                          render_node_tinc_conf(name, net, listed)))
+    files.append(FileSpec(os.path.join(base, HUBS_FILE),
+                          render_hubs_record(hub_net, [hub.api for hub in hubs]), 0o600))
+    if only_changed:
+        files = [spec for spec in files if current.get(spec.path) != spec.content]
+    keep = {hub.lower() for hub in listed} | {name.lower()}
+    gone = sorted({hub for hub in known if valid_node_name(hub) and hub.lower() not in keep})
+    commands = tuple(("rm", "-f", "--", os.path.join(base, "hosts", hub)) for hub in gone
+                     if current.get(os.path.join(base, "hosts", hub)) is not None)
+    return Plan(files=tuple(files), commands=commands)
+
+
+def read_texts(paths: Sequence[str]) -> Dict[str, Optional[str]]:
+    """path -> its text now (None when missing): the facts plan_hub_files compares with."""
+    texts = {}  # type: Dict[str, Optional[str]]
+    for path in paths:
+        try:
+            texts[path] = read_text(path)
+        except (OSError, UnicodeDecodeError):
+            texts[path] = ""  # unreadable: differs from anything we write, so it is rewritten
+    return texts
+
+
+def hub_file_paths(tinc_dir: str, net: str, names: Sequence[str]) -> List[str]:
+    """The files plan_hub_files may touch for these hub names (for read_texts)."""
+    base = net_dir(tinc_dir, net)
+    return ([os.path.join(base, "hosts", hub) for hub in names if valid_node_name(hub)]
+            + [os.path.join(base, "tinc.conf"), os.path.join(base, HUBS_FILE)])
+
+
+def sync_script_command(python: str, script: str, net: str, tinc_dir: str,
+                        action: str) -> List[str]:
+    """The line tinc-up (`--daemon`) or tinc-down (`--stop`) runs."""
+    cmd = [python, script, "sync", "--net", net]
+    if os.path.normpath(tinc_dir) != DEFAULT_TINC_DIR:
+        cmd += ["--tinc-dir", tinc_dir]
+    return cmd + [action]
+
+
+def sync_python() -> str:
+    """The interpreter tinc-up runs the sync loop with: this one (an absolute path)."""
+    exe = sys.executable or ""
+    return exe if os.path.isabs(exe) and SCRIPT_WORD_RE.fullmatch(exe) else "python3"
+
+
+def own_script_source() -> Optional[bytes]:
+    """This script's bytes, when it runs from a file (None when piped into `python3 -`)."""
+    try:
+        with open(_OWN_FILE, "rb") as handle:
+            data = handle.read(MAX_ANSWER + 1)
+    except OSError:
+        return None
+    try:
+        return check_script_source(data)
+    except ValueError:
+        return None
+
+
+def check_script_source(data: bytes) -> bytes:
+    """data, if it is a Python script of this kind (shebang, UTF-8, compiles, < 1 MiB)."""
+    if len(data) > MAX_ANSWER or not data.startswith(SCRIPT_SHEBANG):
+        raise ValueError("not a python3 script")
+    try:
+        compile(data.decode("utf-8"), SCRIPT_FILE, "exec")
+    except (UnicodeDecodeError, SyntaxError, ValueError) as exc:
+        raise ValueError("it does not compile ({})".format(type(exc).__name__))
+    return data
+
+
+def fetch_script(hubs: Sequence[HubEndpoint]) -> bytes:
+    """bootstrap.py from the first hub that serves it (GET /bootstrap.py, pinned TLS)."""
+    reasons = []
+    for hub in hubs:
+        try:
+            status, raw, _ = _pinned_exchange(hub.host, hub.port, hub.pin, "GET", "/bootstrap.py",
+                                              None, {"User-Agent": "tinc-bootstrap/" + __version__})
+            if status != 200:
+                raise ValueError("HTTP {}".format(status))
+            return check_script_source(raw)
+        except (Unreachable, BootstrapError, ValueError) as exc:
+            reasons.append("{}: {}".format(hub.name, exc))
+    raise BootstrapError("cannot fetch bootstrap.py for the sync loop ({})".format(
+        "; ".join(reasons)), EXIT_UNREACHABLE, "run this again, or run bootstrap.py from a file")
+
+
+class net_lock:
+    """flock on the net directory: join and sync never write its files at the same time."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.fd = -1
+
+    def __enter__(self) -> "net_lock":
+        self.fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+
+class NodeRecord(NamedTuple):
+    """What sync needs of a joined node, read from its net dir (read_node_record)."""
+    net: str
+    name: str
+    address: str
+    prefix: int
+    hub_net: str
+    hubs: Tuple[HubEndpoint, ...]
+    known: Tuple[str, ...]  # hubs whose host file this script wrote
+    credential: Optional[str]
+
+
+def read_node_record(tinc_dir: str, net: str) -> NodeRecord:
+    """The NodeRecord of net; BootstrapError (usage) when a file is missing or damaged."""
+    base = net_dir(tinc_dir, net)
+    rerun = "re-run the one-liner (bootstrap.py with a token from a hub of this version)"
+    state = load_state(tinc_dir, net) or {}
+    name, address, prefix = state.get("name"), state.get("address"), state.get("prefix")
+    try:
+        ipaddress.IPv4Address(address)
+        valid = isinstance(name, str) and valid_node_name(name) and isinstance(prefix, int) \
+            and not isinstance(prefix, bool) and 1 <= prefix <= 30
+    except ValueError:
+        valid = False
+    if not valid:
+        raise BootstrapError("{} is missing or damaged".format(os.path.join(base, STATE_FILE)),
+                             EXIT_USAGE, rerun)
+    text = read_text(os.path.join(base, HUBS_FILE))
+    if text is None:
+        raise BootstrapError("this node has no list of hubs ({} is missing)".format(
+            os.path.join(base, HUBS_FILE)), EXIT_USAGE, rerun)
+    try:
+        hub_net, hubs = parse_hubs_record(text)
+    except ValueError as exc:
+        raise BootstrapError("{} is damaged: {}".format(os.path.join(base, HUBS_FILE), exc),
+                             EXIT_USAGE, rerun)
+    credential = (read_text(os.path.join(base, CREDENTIAL_FILE)) or "").strip()
+    legacy = state.get("hub_name")
+    known = [hub.name for hub in hubs] + ([legacy] if isinstance(legacy, str)
+                                          and valid_node_name(legacy) else [])
+    return NodeRecord(net, name, address, prefix, hub_net, tuple(hubs), tuple(known),
+                      credential if valid_credential(credential) else None)
+
+
+class SyncRefused(BootstrapError):
+    """A hub refused this node's sync: 401 (credential not accepted) or 403 (revoked)."""
+
+    def __init__(self, status: int, message: str, hint: str) -> None:
+        super().__init__(message, EXIT_REFUSED, hint)
+        self.status = status
+
+
+class SyncUnreachable(BootstrapError):
+    """No hub gave a usable answer this round (worth retrying)."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message, EXIT_UNREACHABLE,
+                         "the sync loop retries by itself; check the hubs' API port")
+        self.retry_after = retry_after
+
+
+class SyncAnswer(NamedTuple):
+    hub: HubEndpoint  # the hub that answered
+    hubs: List[HubInfo]
+    interval: int
+
+
+def validate_sync_answer(answer: dict, record: NodeRecord, asked: str) -> Tuple[List[HubInfo], int]:
+    """(hubs, interval) of a POST /v1/sync answer, checked as strictly as an enrolment answer:
+    this node's name, net, address and prefix, the hub that answered among the hubs, and an
+    integer interval (bounded to SYNC_INTERVAL_MIN..MAX). ValueError says what is wrong."""
+    if answer.get("name") != record.name or answer.get("net") != record.hub_net:
+        raise ValueError("it is not about this node (name {}, net {})".format(
+            record.name, record.hub_net))
+    if answer.get("address") != record.address or answer.get("prefix") != record.prefix:
+        raise ValueError("it gives this node another VPN address than {}/{} (re-run the "
+                         "one-liner)".format(record.address, record.prefix))
+    hubs = validate_hubs(answer.get("hubs"), record.name, record.address, record.prefix)
+    if asked not in [hub.name for hub in hubs]:
+        raise ValueError("the hub that answered ({}) is not in its list of hubs".format(asked))
+    interval = answer.get("interval")
+    if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
+        raise ValueError("`interval` is not a positive integer")
+    return hubs, min(max(interval, SYNC_INTERVAL_MIN), SYNC_INTERVAL_MAX)
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    return "".join(c if c.isprintable() else "?" for c in text[:limit])
+
+
+def request_sync(record: NodeRecord, timeout: float = 15.0) -> SyncAnswer:
+    """POST /v1/sync to the known hubs in order (pinned TLS, never without the pin) until one
+    gives a valid answer. 401 and 403 are final (the hubs share one registry); anything else
+    (no connection, wrong pin, 429, 5xx, a malformed answer) passes to the next hub."""
+    if record.credential is None:
+        raise BootstrapError("this node has no sync credential", EXIT_USAGE,
+                             "re-run the one-liner (bootstrap.py with a token) to get one")
+    body = json.dumps({"name": record.name, "credential": record.credential}).encode()
+    headers = {"Content-Type": "application/json", "User-Agent": "tinc-bootstrap/" + __version__}
+    reasons, retry_after = [], 0.0
+    for hub in record.hubs:
+        try:
+            answer = _pinned_request(hub.host, hub.port, hub.pin, "POST", "/v1/sync", body,
+                                     headers, timeout)
+        except (Unreachable, BootstrapError) as exc:  # BootstrapError: wrong pin, too large
+            reasons.append("{}: {}".format(hub.name, exc))
+            continue
+        if answer.status == 200:
+            try:
+                hubs, interval = validate_sync_answer(answer.body, record, hub.name)
+            except ValueError as exc:
+                reasons.append("{}: answer refused: {}".format(hub.name, exc))
+                continue
+            return SyncAnswer(hub, hubs, interval)
+        message = _one_line(str(answer.body.get("error") or "HTTP {}".format(answer.status)))
+        if answer.status == 401:
+            raise SyncRefused(401, "hub {} does not accept this node's credential: {}".format(
+                hub.name, message), "re-run the one-liner (bootstrap.py with a token) on this "
+                "node: it gets a new credential")
+        if answer.status == 403:
+            raise SyncRefused(403, "hub {} refuses this node: {}".format(hub.name, message),
+                              "this node was revoked (tinc-hub revoke); sync stops")
+        reasons.append("{}: HTTP {}: {}".format(hub.name, answer.status, message))
+        retry_after = max(retry_after, answer.retry_after)
+    raise SyncUnreachable("no hub answered: " + "; ".join(reasons), retry_after)
+
+
+def plan_sync(tinc_dir: str, record: NodeRecord, answer: SyncAnswer,
+              current: Dict[str, Optional[str]], tincd_running: bool) -> Plan:
+    """What one sync round changes (pure): the hub files that differ, the `rm` of hubs no
+    longer listed, and a SIGHUP to tincd (`tincd -kHUP`: it re-reads tinc.conf's ConnectTo
+    and the host files) when tinc.conf or a host file changed and tincd runs."""
+    files = plan_hub_files(tinc_dir, record.net, record.name, record.hub_net, answer.hubs,
+                           record.known, current, only_changed=True)
+    tinc_changed = bool(files.commands) or any(
+        not spec.path.endswith(os.sep + HUBS_FILE) for spec in files.files)
+    hup = ((tuple(tincd_base(record.net, tinc_dir) + ["-kHUP"]),)
+           if tinc_changed and tincd_running else ())
+    return Plan(files=files.files, commands=files.commands + hup)
+
+
+class _SigtermDeferred:
+    """SIGTERM (tinc-down's --stop) waits while a round writes files, then ends the process."""
+
+    def __enter__(self) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def __exit__(self, *exc: object) -> None:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+def sync_round(tinc_dir: str, net: str) -> Tuple[SyncAnswer, List[str]]:
+    """One round: ask the hubs, then (under the net lock) write what changed, remove what is
+    gone, SIGHUP tincd if its files changed. Returns the answer and what changed."""
+    record = read_node_record(tinc_dir, net)
+    remember_secret(record.credential)
+    answer = request_sync(record)
+    base = net_dir(tinc_dir, net)
+    with net_lock(base), _SigtermDeferred():
+        record = read_node_record(tinc_dir, net)  # a join may have written meanwhile
+        names = list(record.known) + [hub.name for hub in answer.hubs]
+        plan = plan_sync(tinc_dir, record, answer, read_texts(hub_file_paths(tinc_dir, net, names)),
+                         pid_from_file(net) is not None)
+        text = describe_plan(plan)
+        if text:
+            REPORT.debug("sync plan:\n" + text)
+        changed = apply_files(plan.files)
+        for cmd in plan.commands:
+            run(cmd, check=cmd[0] == "rm", timeout=30)
+            changed.append(cmd[-1] if cmd[0] == "rm" else "SIGHUP tincd")
+    return answer, changed
+
+
+def sleep_until_due(seconds: float, sleep: Callable[[float], None] = time.sleep) -> None:
+    """Wait `seconds`, in steps of at most 5 s, and stop early when the wall clock is past the
+    due time: after a suspend (the monotonic clock stood still) the next round runs at once."""
+    due_wall, due_mono = time.time() + seconds, time.monotonic() + seconds
+    while True:
+        left = min(due_wall - time.time(), due_mono - time.monotonic())
+        if left <= 0:
+            return
+        sleep(min(left, 5.0))
+
+
+def sync_pid_path(net: str) -> str:
+    """The sync loop's pid file (flock-ed while it runs): /run/tinc-bootstrap-sync.NET.pid."""
+    run_dir = "/run" if os.path.isdir("/run") else "/var/run"
+    return os.path.join(run_dir, "tinc-bootstrap-sync.{}.pid".format(check_net_name(net)))
+
+
+def acquire_sync_pid_file(net: str) -> Optional[int]:
+    """An fd holding the lock of net's sync pid file (our pid written in it), or None when
+    another sync loop holds it."""
+    fd = os.open(sync_pid_path(net), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+            return None
+        raise
+    os.ftruncate(fd, 0)
+    os.write(fd, "{}\n".format(os.getpid()).encode())
+    return fd
+
+
+def sync_loop_pid(net: str) -> Optional[int]:
+    """The pid of net's running sync loop (it holds the pid file's lock), else None."""
+    try:
+        fd = os.open(sync_pid_path(net), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return None  # nobody holds it
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                return None
+        for _ in range(40):  # the loop writes its pid right after locking
+            text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            if text.isdigit():
+                return int(text)
+            time.sleep(0.05)
+        return None
+    finally:
+        os.close(fd)
+
+
+def launch_sync_loop(tinc_dir: str, net: str, log: Optional[str]) -> int:
+    """tinc-up's `sync --daemon`: start the sync loop detached (own session, no fd of tincd's
+    but /dev/null on 0-2, cwd /) unless one runs; return at once."""
+    if sync_loop_pid(net) is not None:
+        return EXIT_OK
+    if own_script_source() is None:
+        raise BootstrapError("sync --daemon needs bootstrap.py as a file", EXIT_USAGE,
+                             "run it as tinc-up does: python3 /etc/tinc/NET/bootstrap.py ...")
+    cmd = [sync_python(), _OWN_FILE, "sync", "--net", net, "--log", log or ""]
+    if os.path.normpath(tinc_dir) != DEFAULT_TINC_DIR:
+        cmd += ["--tinc-dir", tinc_dir]
+    subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True, cwd="/")
+    return EXIT_OK
+
+
+def stop_sync_loop(net: str, timeout: float = 5.0) -> int:
+    """tinc-down's `sync --stop`: SIGTERM net's sync loop and wait (at most `timeout`) for
+    its lock to be free."""
+    pid = sync_loop_pid(net)
+    if pid is None:
+        return EXIT_OK
+    cmdline = (read_text("/proc/{}/cmdline".format(pid)) or "").split("\0")
+    if "sync" not in cmdline:
+        raise BootstrapError("pid {} holds {} but is no sync loop".format(pid, sync_pid_path(net)),
+                             EXIT_ERROR)
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return EXIT_OK
+    deadline = time.monotonic() + timeout
+    while sync_loop_pid(net) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return EXIT_OK
+
+
+def sync_once(tinc_dir: str, net: str) -> int:
+    """`sync --once`: one round; a line saying what changed."""
+    answer, changed = sync_round(tinc_dir, net)
+    REPORT.step("in step with {} hub(s) via {}: {}".format(
+        len(answer.hubs), answer.hub.name, "changed " + ", ".join(changed) if changed
+        else "nothing changed"))
+    return EXIT_OK
+
+
+def sync_loop(tinc_dir: str, net: str, sleep: Callable[[float], None] = time.sleep) -> int:
+    """`sync`: a round at once, then one every `interval` s of the last answer (times 0.8 to
+    1.0, so nodes spread out), at once after a suspend; while no hub answers, retries after
+    5, 10, 20... up to SYNC_RETRY_MAX s (or the hub's Retry-After). A 401 is logged and retried
+    every interval (a re-run of the one-liner brings a new credential); 403 (revoked) and a
+    missing or damaged record stop the loop. One loop per net (the pid file's lock)."""
+    lock = acquire_sync_pid_file(net)
+    if lock is None:
+        REPORT.debug("sync: a sync loop for net {} runs already".format(net))
+        return EXIT_OK
+    REPORT.step("sync loop for net {} started (pid {})".format(net, os.getpid()))
+    interval, failures, last_problem = SYNC_INTERVAL_MIN * 6, 0, ""
+    while True:
+        problem = ""
+        try:
+            answer, changed = sync_round(tinc_dir, net)
+            interval, failures = answer.interval, 0
+            if changed:
+                REPORT.step("sync: via {}: changed {}".format(answer.hub.name, ", ".join(changed)))
+            wait = interval * random.uniform(0.8, 1.0)
+        except SyncRefused as exc:
+            if exc.status == 403:
+                REPORT.step("sync: error: {} (hint: {}); stopping".format(exc, exc.hint))
+                return exc.code
+            problem = "sync: error: {} (hint: {})".format(exc, exc.hint)
+            wait = interval * random.uniform(0.8, 1.0)
+        except SyncUnreachable as exc:
+            failures += 1
+            problem = "sync: {}; retrying".format(exc)
+            wait = max(min(SYNC_RETRY_MAX, 5.0 * 2 ** min(failures - 1, 10)) * random.uniform(0.8, 1.0),
+                       exc.retry_after)
+        except BootstrapError as exc:
+            if not isinstance(exc, CommandError):
+                REPORT.step("sync: error: {} (hint: {}); stopping".format(exc, exc.hint))
+                return exc.code
+            problem = "sync: {}".format(exc)
+            wait = interval
+        except Exception as exc:  # a bug must not end the loop for good; logged, retried
+            import traceback
+            REPORT.debug(traceback.format_exc())
+            problem = "sync: unexpected error: {}: {}".format(type(exc).__name__, exc)
+            wait = interval
+        if problem and problem != last_problem:
+            REPORT.step(problem)
+        elif not problem and last_problem:
+            REPORT.step("sync: in step again")
+        last_problem = problem
+        sleep_until_due(wait, sleep)
+
+
+# ---------------------------------------------------------------------------
 # The node's commands: join, status, leave.
 
 class JoinOptions(NamedTuple):
@@ -1554,7 +2149,12 @@ def check_existing_net(tinc_dir: str, net: str, name: str, hubs: Sequence[str]) 
                     conf, name), EXIT_USAGE,
                 "move it away, or use --net with another name")
         return
-    if state.get("name") != name or state.get("hub_name") not in hubs:
+    try:
+        recorded = [hub.name for hub in parse_hubs_record(
+            read_text(os.path.join(net_dir(tinc_dir, net), HUBS_FILE)) or "")[1]]
+    except ValueError:
+        recorded = []
+    if state.get("name") != name or not set([state.get("hub_name")] + recorded) & set(hubs):
         raise BootstrapError(
             "net {!r} is already joined as {!r} to hub {!r}".format(
                 net, state.get("name"), state.get("hub_name")), EXIT_USAGE,
@@ -1574,6 +2174,33 @@ def plan_node_files(tinc_dir: str, net: str, name: str, public_pem: str, address
         FileSpec(os.path.join(base, STATE_FILE),
                  json.dumps(state, indent=2, sort_keys=True) + "\n"),
     ))
+
+
+def plan_joined_files(tinc_dir: str, net: str, name: str, public_pem: str, address: str,
+                      prefix: object, hub_net: str, hubs: Sequence[HubInfo], state: dict,
+                      credential: Optional[str], python: str, known: Sequence[str],
+                      current: Dict[str, Optional[str]]) -> Plan:
+    """The node's files after an enrolment that listed the hubs (pure): its host file, the
+    hub files (plan_hub_files: every hub's host file, tinc.conf with a ConnectTo per hub and
+    the keepalive, hubs.json), tinc-up/tinc-down that start/stop the sync loop, bootstrap.json,
+    the credential (0600) when the hub issued one, and this script for tinc-up."""
+    base = net_dir(tinc_dir, net)
+    script = os.path.join(base, SCRIPT_FILE)
+    hub_files = plan_hub_files(tinc_dir, net, name, hub_net, hubs, known, current,
+                               only_changed=False)
+    files = [FileSpec(os.path.join(base, "hosts", name),
+                      render_host_file(["Subnet = {}/32".format(address)], public_pem))]
+    files += hub_files.files
+    files += [
+        FileSpec(os.path.join(base, "tinc-up"), render_tinc_up(address, prefix, sync_script_command(
+            python, script, net, tinc_dir, "--daemon")), 0o755),
+        FileSpec(os.path.join(base, "tinc-down"), render_tinc_down(address, prefix, sync_script_command(
+            python, script, net, tinc_dir, "--stop")), 0o755),
+        FileSpec(os.path.join(base, STATE_FILE), json.dumps(state, indent=2, sort_keys=True) + "\n")]
+    if credential:
+        files.append(FileSpec(os.path.join(base, CREDENTIAL_FILE), credential + "\n", 0o600))
+    return Plan(files=tuple(files), commands=hub_files.commands,
+                actions=("install this script as {} (mode 0755), run by tinc-up".format(script),))
 
 
 class NodeJoin:
@@ -1596,6 +2223,14 @@ class NodeJoin:
         self.changed = []  # type: List[str]
         self.config_changed = True  # a dry run cannot know: it shows the restart
         self.tincd = TincdState()  # read when the start step is planned
+        # several hubs: the answer's list (None: an older hub, which sends none), the hub's
+        # net name, the credential it issued, the one this node has
+        self.hub_list = None  # type: Optional[List[HubInfo]]
+        self.hub_net = token.net
+        self.new_credential = None  # type: Optional[str]
+        credential = (read_text(os.path.join(self.base, CREDENTIAL_FILE)) or "").strip()
+        self.credential = credential if valid_credential(credential) else None
+        remember_secret(self.credential)
 
     # -- the steps, in order
     def steps(self) -> List[Step]:
@@ -1628,8 +2263,13 @@ class NodeJoin:
                         render_tinc_conf(self.name, self.net, [hub]))
 
     def plan_conf(self) -> Plan:
-        """tinc.conf before the enrolment (`tincd -K` reads Name from it); the node files
-        name the hub that enrolled the node, when that is another one."""
+        """tinc.conf before the enrolment (`tincd -K` reads Name from it): kept when this
+        script wrote it for this node (a re-run changes nothing); the node files step writes
+        the final one."""
+        text = read_text(os.path.join(self.base, "tinc.conf"))
+        if text is not None and text.startswith(TINC_CONF_MARKER) and \
+                "\nName = {}\n".format(self.name) in text:
+            return Plan()
         return Plan(files=(self.conf_file(self.hubs[0].name),))
 
     def apply_conf(self, plan: Plan) -> None:
@@ -1655,14 +2295,42 @@ class NodeJoin:
 
     def apply_enrol(self, plan: Plan) -> None:
         self.hub, answer = enroll_any(self.opts.token_text, self.hubs, self.name,
-                                      self.public_pem, self.opts.timeout)
+                                      self.public_pem, self.opts.timeout,
+                                      credential=self.credential)
         address, prefix, hub, hub_host_file = validate_answer(answer, self.name)
         if hub != self.hub.name:
             raise BootstrapError("the hub calls itself {!r}, the token {!r}".format(
                 hub, self.hub.name), EXIT_REFUSED)
+        if "hubs" in answer:
+            self.accept_hubs(answer, address, prefix)
         self.address, self.prefix, self.hub_host_file = address, prefix, hub_host_file
         self.hub_vpn = hub_vpn_address(hub_host_file, address, prefix)
-        REPORT.step("enrolled: address {}/{}".format(address, prefix))
+        REPORT.step("enrolled: address {}/{}{}".format(address, prefix, "" if self.hub_list is None
+                                                       else ", {} hub(s)".format(len(self.hub_list))))
+
+    def accept_hubs(self, answer: dict, address: str, prefix: int) -> None:
+        """The answer's `hubs` and `credential` (validate_hubs); the hub that answered must be
+        listed, and is asked first by sync."""
+        hint = "hub and bootstrap versions may differ"
+        try:
+            hubs = validate_hubs(answer["hubs"], self.name, address, prefix)
+        except ValueError as exc:
+            raise BootstrapError("the hub's list of hubs is refused: {}".format(exc),
+                                 EXIT_REFUSED, hint)
+        if self.hub.name not in [hub.name for hub in hubs]:
+            raise BootstrapError("hub {} is not in its own list of hubs".format(self.hub.name),
+                                 EXIT_REFUSED, hint)
+        credential = answer.get("credential")
+        if credential is not None and not valid_credential(credential):
+            raise BootstrapError("the hub's credential is malformed", EXIT_REFUSED, hint)
+        if credential is None and self.credential is None:
+            REPORT.step("warning: the hub issued no sync credential; `sync` cannot run until "
+                        "this is re-run")
+        remember_secret(credential)
+        net = answer.get("net")
+        self.hub_net = net if isinstance(net, str) and NET_RE.fullmatch(net) else self.token.net
+        self.new_credential = credential
+        self.hub_list = sorted(hubs, key=lambda hub: hub.name != self.hub.name)
 
     def state(self) -> dict:
         """What bootstrap.json records (status, leave, and the next run read it)."""
@@ -1673,15 +2341,50 @@ class NodeJoin:
                 "hub_vpn_address": self.hub_vpn, "init": self.init,
                 "unit": service_unit(self.facts, self.net) if self.init == "systemd" else None}
 
+    def planned_hubs(self) -> Optional[List[HubInfo]]:
+        """The hubs the files are written for: the answer's; in a dry run the token's (with
+        placeholder host files); None for an older hub (one hub, as before)."""
+        if self.hub_list is not None or not self.opts.dry_run:
+            return self.hub_list
+        return [HubInfo(hub.name, "<host file of hub {}>".format(hub.name), hub)
+                for hub in self.hubs]
+
     def plan_files(self) -> Plan:
-        files = plan_node_files(self.tinc_dir, self.net, self.name, self.public_pem,
-                                self.address, self.prefix, self.hub_name(), self.hub_host_file,
-                                self.state()).files
-        return Plan(files=(self.conf_file(self.hub_name()),) + files)
+        hubs = self.planned_hubs()
+        if hubs is None:
+            files = plan_node_files(self.tinc_dir, self.net, self.name, self.public_pem,
+                                    self.address, self.prefix, self.hub_name(),
+                                    self.hub_host_file, self.state()).files
+            return Plan(files=(self.conf_file(self.hub_name()),) + files)
+        known = [hub.name for hub in self.hubs]
+        try:
+            known += [hub.name for hub in parse_hubs_record(
+                read_text(os.path.join(self.base, HUBS_FILE)) or "")[1]]
+        except ValueError:
+            pass
+        legacy = (load_state(self.tinc_dir, self.net) or {}).get("hub_name")
+        if isinstance(legacy, str):
+            known.append(legacy)
+        credential = self.new_credential or (None if not self.opts.dry_run
+                                             else "<credential, when the hub issues one>")
+        return plan_joined_files(
+            self.tinc_dir, self.net, self.name, self.public_pem, self.address, self.prefix,
+            self.hub_net, hubs, self.state(), credential, sync_python(), known,
+            read_texts(hub_file_paths(self.tinc_dir, self.net, known)))
 
     def apply_node_files(self, plan: Plan) -> None:
-        self.changed += apply_files(plan.files)
-        self.config_changed = any(not p.endswith(STATE_FILE) for p in self.changed)
+        with net_lock(self.base):
+            self.changed += apply_files(plan.files)
+            for cmd in plan.commands:
+                run(cmd)
+                self.changed.append(cmd[-1])
+            if plan.actions:  # the script for tinc-up's sync loop
+                hubs = [self.hub] + [hub.api for hub in self.hub_list or () if hub.name != self.hub.name]
+                source = own_script_source() or fetch_script(hubs)
+                if write_atomic(os.path.join(self.base, SCRIPT_FILE), source, 0o755):
+                    self.changed.append(os.path.join(self.base, SCRIPT_FILE))
+        quiet = (STATE_FILE, HUBS_FILE, CREDENTIAL_FILE, SCRIPT_FILE)
+        self.config_changed = any(os.path.basename(p) not in quiet for p in self.changed)
 
     def boot_title(self) -> str:
         return "boot: " + {"systemd": "systemd unit " + service_unit(self.facts, self.net),
@@ -1696,10 +2399,19 @@ class NodeJoin:
 
     def plan_start(self) -> Plan:
         self.tincd = read_tincd_state(self.net, self.start_how(), self.facts)
-        return plan_start(self.net, self.start_how(), self.facts, self.tincd,
+        plan = plan_start(self.net, self.start_how(), self.facts, self.tincd,
                           self.config_changed, self.tinc_dir)
+        if self.planned_hubs() is not None and not plan.commands and \
+                sync_loop_pid(self.net) is None:  # tincd runs on: its tinc-up ran earlier
+            plan = plan._replace(commands=(tuple(sync_script_command(
+                sync_python(), os.path.join(self.base, SCRIPT_FILE), self.net, self.tinc_dir,
+                "--daemon")),))
+        return plan
 
     def apply_start(self, plan: Plan) -> None:
+        if plan.commands and plan.commands[0][-1] == "--daemon":
+            run(plan.commands[0], timeout=60)
+            plan = Plan()
         action = apply_start(plan, self.tincd)
         REPORT.step("tincd {}; waiting for the hub at {} over the VPN".format(
             action, self.hub_vpn))
@@ -1882,6 +2594,19 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     if command == "status":
         parser.add_argument("--json", action="store_true", default=_env_flag("JSON"),
                             help="machine-readable output (env TINC_BOOTSTRAP_JSON)")
+    if command == "sync":
+        parser.description = ("Keep this node's hubs in step: ask the hubs it knows (pinned "
+                              "TLS) for the current list, rewrite hosts/<hub> and tinc.conf's "
+                              "ConnectTo lines when they change, SIGHUP tincd. Without "
+                              "--once: a loop (tinc-up starts it with --daemon, tinc-down "
+                              "stops it with --stop).")
+        mode = parser.add_mutually_exclusive_group()
+        mode.add_argument("--once", action="store_true", default=_env_flag("SYNC_ONCE"),
+                          help="one round, then exit (env TINC_BOOTSTRAP_SYNC_ONCE)")
+        mode.add_argument("--daemon", action="store_true",
+                          help="start the loop detached unless it runs (what tinc-up does)")
+        mode.add_argument("--stop", action="store_true",
+                          help="stop the loop (what tinc-down does)")
     return parser
 
 
@@ -1919,12 +2644,26 @@ def read_token(args: argparse.Namespace, env_token: Optional[str]) -> str:
     return token
 
 
+def sync_command(args: argparse.Namespace) -> int:
+    """`bootstrap.py sync [--once|--daemon|--stop]` (root only)."""
+    if os.geteuid() != 0:
+        raise BootstrapError("this must run as root", EXIT_USAGE, "use sudo")
+    if args.stop:  # tinc-down: the net dir may be half gone; the name is enough
+        return stop_sync_loop(check_net_name(args.net or ""))
+    net = pick_net(args.tinc_dir, args.net)
+    if args.daemon:
+        return launch_sync_loop(args.tinc_dir, net, args.log)
+    if args.once:
+        return sync_once(args.tinc_dir, net)
+    return sync_loop(args.tinc_dir, net)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     # First of all: the token leaves our environment, so that no child process (apt, yum,
     # tincd and the tinc-up it runs) inherits it.
     env_token = os.environ.pop("TINC_BOOTSTRAP_TOKEN", None)
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and argv[0] in ("join", "status", "leave") else "join"
+    command = argv.pop(0) if argv and argv[0] in ("join", "status", "leave", "sync") else "join"
     verbose = "-v" in argv or "--verbose" in argv or _env_flag("VERBOSE")
     global REPORT
     try:
@@ -1941,6 +2680,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return status(args.tinc_dir, args.net, args.json)
         if command == "leave":
             return leave(args.tinc_dir, args.net)
+        if command == "sync":
+            return sync_command(args)
         opts = JoinOptions(read_token(args, env_token), args.hub, args.name, args.net, args.init,
                            args.key_size, args.timeout, args.dry_run, args.tinc_dir, args.root,
                            args.log)
