@@ -2301,7 +2301,7 @@ class NodeJoin:
         if hub != self.hub.name:
             raise BootstrapError("the hub calls itself {!r}, the token {!r}".format(
                 hub, self.hub.name), EXIT_REFUSED)
-        if "hubs" in answer:
+        if answer.get("hubs") != [] and "hubs" in answer:  # [] from a hub not yet serving
             self.accept_hubs(answer, address, prefix)
         self.address, self.prefix, self.hub_host_file = address, prefix, hub_host_file
         self.hub_vpn = hub_vpn_address(hub_host_file, address, prefix)

@@ -1,0 +1,279 @@
+"""The node side of "nodes stay in step" (issue 11): the enrolment answer's `hubs`, the sync
+credential, hubs.json, `bootstrap.py sync` and its loop started by tinc-up.
+
+First the pure parts against hostile input (hypothesis), then the real thing: a real hub
+(`tinc-hub init` + `serve`) and a real node (bootstrap.py, tincd) in network namespaces
+(labkit.netlab)."""
+
+import json
+import os
+import shlex
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hub_fixtures import rsa_public_pem
+from support import bootstrap
+
+NODE = "hobbiton"
+ADDRESS, PREFIX = "10.0.0.5", 24
+PIN = "sha256//" + "A" * 43 + "="
+PIN2 = "sha256//" + "B" * 43 + "="
+
+
+def host_file(index: int, extra: str = "") -> str:
+    return ("Address = 192.0.2.{0}\nPort = 655\nSubnet = 10.0.0.{0}/32\nSubnet = 10.0.0.0/24\n"
+            "{1}\n{2}").format(index, extra, rsa_public_pem(index))
+
+
+def hub(index: int, name=None, **changes) -> dict:
+    entry = {"name": "hub{}".format(index) if name is None else name, "host_file": host_file(index),
+             "api": {"host": "192.0.2.{}".format(index), "port": 8655, "pin": PIN}}
+    entry.update(changes)
+    return entry
+
+
+def refusal(value) -> str:
+    with pytest.raises(ValueError) as err:
+        bootstrap.validate_hubs(value, NODE, ADDRESS, PREFIX)
+    return str(err.value)
+
+
+# --------------------------------------------------------------------------- validate_hubs
+
+def test_hubs_accepted_are_rebuilt_and_in_order():
+    hubs = bootstrap.validate_hubs([hub(2), hub(1)], NODE, ADDRESS, PREFIX)
+    assert [h.name for h in hubs] == ["hub2", "hub1"]
+    assert hubs[0].host_file == host_file(2).replace("\n\n\n", "\n\n")
+    assert hubs[1].api == bootstrap.HubEndpoint("192.0.2.1", 8655, PIN, "hub1")
+
+
+@pytest.mark.parametrize("value, why", [
+    (None, "list of 1 to"), ({}, "list of 1 to"), ([], "list of 1 to"),
+    ("hub1", "list of 1 to"),
+    ([hub(1)] * 2, "listed twice"),
+    ([hub(1), hub(2, name="HUB1")], "listed twice"),
+    ([hub(1, name=NODE)], "this node's name"),
+    ([hub(1, name="Hobbiton")], "this node's name"),
+    (["hub1"], "not an object"), ([[1, 2]], "not an object"), ([None], "not an object"),
+    ([hub(1, name="../etc")], "no valid name"), ([hub(1, name="")], "no valid name"),
+    ([hub(1, name=7)], "no valid name"), ([hub(1, name="a" * 65)], "no valid name"),
+    ([hub(1, api=None)], "`api` is not an object"),
+    ([hub(1, api={"host": "192.0.2.1", "port": 8655, "pin": "sha256//short="})], "pin"),
+    ([hub(1, api={"host": "192.0.2.1", "port": 8655, "pin": PIN + "\n"})], "pin"),
+    ([hub(1, api={"host": "192.0.2.1", "port": "8655", "pin": PIN})], "pin"),
+    ([hub(1, api={"host": "192.0.2.1", "port": True, "pin": PIN})], "pin"),
+    ([hub(1, api={"host": "192.0.2.1", "port": 70000, "pin": PIN})], "pin"),
+    ([hub(1, api={"host": "127.1", "port": 8655, "pin": PIN})], "pin"),
+    ([hub(1, api={"host": "a b", "port": 8655, "pin": PIN})], "pin"),
+    ([hub(1, api={"port": 8655, "pin": PIN})], "pin"),
+    ([hub(1, host_file=None)], "not a string"),
+    ([hub(1, host_file=host_file(1, "PublicKeyFile = /etc/shadow"))], "host file refused"),
+    ([hub(1, host_file=host_file(1, "Address = 192.0.2.9\nScript = x"))], "host file refused"),
+    ([hub(1, host_file=host_file(1) + "\nPort = 1")], "host file refused"),
+    ([hub(1, host_file=host_file(1).replace("10.0.0.1/32", "10.0.0.5/32"))],
+     "not another host"),  # the node's own address
+    ([hub(1, host_file=host_file(1).replace("10.0.0.1/32", "10.9.0.1/32"))], "not another host"),
+    ([hub(1), hub(2, host_file=host_file(1))], "another hub's"),
+    ([hub(i) for i in range(1, 34)], "list of 1 to 32"),
+])
+def test_hostile_hub_lists_are_refused(value, why):
+    assert why in refusal(value)
+
+
+def test_a_thousand_hubs_are_refused_before_any_is_parsed():
+    assert "list of 1 to" in refusal([{"name": "h%d" % i} for i in range(1000)])
+
+
+def test_unknown_keys_of_a_hub_are_ignored():
+    assert bootstrap.validate_hubs([hub(1, weight=3, later={"x": 1})], NODE, ADDRESS, PREFIX)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["name", "host_file", "api", "host", "port", "pin", "x"]) | st.text(max_size=5),
+        inner, max_size=5),
+    max_leaves=25)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(value=json_values)
+def test_any_json_is_a_list_of_hubs_or_a_value_error(value):
+    try:
+        hubs = bootstrap.validate_hubs(value, NODE, ADDRESS, PREFIX)
+    except ValueError:
+        return
+    assert all(bootstrap.valid_endpoint(h.api) for h in hubs)
+
+
+@settings(max_examples=200, deadline=None)
+@given(index=st.integers(0, 3), field=st.sampled_from(["name", "host", "port", "pin"]),
+       junk=st.one_of(st.text(max_size=30), st.integers(), st.none(), st.lists(st.integers())))
+def test_a_mutated_hub_is_refused_or_still_valid(index, field, junk):
+    hubs = [hub(i + 1) for i in range(4)]
+    if field == "name":
+        hubs[index]["name"] = junk
+    else:
+        hubs[index]["api"][field] = junk
+    try:
+        accepted = bootstrap.validate_hubs(hubs, NODE, ADDRESS, PREFIX)
+    except ValueError:
+        return
+    for h in accepted:  # whatever passed is exactly what the strict checks allow
+        assert bootstrap.valid_endpoint(h.api) and bootstrap.valid_node_name(h.name)
+        assert "/" not in h.name and "\n" not in h.api.host
+
+
+# --------------------------------------------------------------------------- hubs.json
+
+@settings(max_examples=100, deadline=None)
+@given(count=st.integers(1, 5), port=st.integers(1, 65535))
+def test_hubs_record_round_trip(count, port):
+    hubs = [bootstrap.HubEndpoint("192.0.2.%d" % i, port, PIN, "h%d" % i) for i in range(count)]
+    text = bootstrap.render_hubs_record("middle-earth", hubs)
+    assert bootstrap.parse_hubs_record(text) == ("middle-earth", hubs)
+
+
+@pytest.mark.parametrize("record", [
+    "", "[]", "{", '{"net": "n", "hubs": []}', '{"net": "../x", "hubs": [{}]}',
+    json.dumps({"net": "n", "hubs": [{"name": "../../etc/passwd", "host": "h", "port": 1,
+                                      "pin": PIN}]}),
+    json.dumps({"net": "n", "hubs": [{"name": "a", "host": "h", "port": 1, "pin": PIN,
+                                      "extra": 1}]}),
+    json.dumps({"net": "n", "hubs": [{"name": "a", "host": "h", "port": 1, "pin": PIN}] * 2}),
+    "[" * 100000,
+])
+def test_damaged_hubs_record_is_refused(record):
+    with pytest.raises(ValueError):
+        bootstrap.parse_hubs_record(record)
+
+
+# --------------------------------------------------------------------------- files and plans
+
+def test_tinc_up_and_down_quote_every_word_and_the_hub_output_is_unchanged():
+    hub_up = bootstrap.render_tinc_up("10.0.0.5", 24)
+    assert hub_up == ("#!/bin/sh\n# Written by tinc-bootstrap: give the VPN interface its "
+                      "address.\nip addr replace 10.0.0.5/24 dev \"$INTERFACE\"\n"
+                      "ip link set \"$INTERFACE\" up\n")  # the hub's bytes, as before
+    cmd = bootstrap.sync_script_command("/usr/bin/python3", "/etc/tinc/it's net/bootstrap.py",
+                                        "net", "/etc/tinc/it's net/..", "--daemon")
+    up = bootstrap.render_tinc_up("10.0.0.5", 24, cmd)
+    assert up.startswith(hub_up)
+    line = up.splitlines()[-1]
+    assert line.endswith(" || :") and shlex.split(line[:-len(" || :")]) == cmd
+    assert bootstrap.render_tinc_down("10.0.0.5", 24, cmd[:-1] + ["--stop"]).startswith(
+        bootstrap.render_tinc_down("10.0.0.5", 24))
+    for bad in ("a\nb", "a\rb", "", "a\x00b"):
+        with pytest.raises(ValueError):
+            bootstrap.render_tinc_up("10.0.0.5", 24, ["python3", bad])
+
+
+@settings(max_examples=200, deadline=None)
+@given(words=st.lists(st.text(alphabet=st.characters(blacklist_categories=("Cc", "Cs")),
+                              min_size=1, max_size=30), min_size=1, max_size=5))
+def test_script_line_round_trips_through_the_shell_parser(words):
+    up = bootstrap.render_tinc_up("10.0.0.5", 24, words)
+    assert shlex.split(up.splitlines()[-1][:-len(" || :")]) == words
+
+
+def conf(hubs):
+    return bootstrap.render_node_tinc_conf(NODE, "net", hubs)
+
+
+def test_node_tinc_conf_names_every_hub_sorted_with_keepalive():
+    text = conf(["rivendell", "erebor"])
+    assert text.splitlines()[1:] == [
+        "Name = hobbiton", "AddressFamily = ipv4", "Interface = net", "PingInterval = 5",
+        "PingTimeout = 3", "MaxTimeout = 30", "ConnectTo = erebor", "ConnectTo = rivendell"]
+    assert conf(["erebor", "rivendell"]) == text  # the bytes do not depend on who answered
+
+
+def test_sync_plan_writes_only_what_changed_removes_only_recorded_hubs_and_hups():
+    hubs = bootstrap.validate_hubs([hub(1), hub(2)], NODE, ADDRESS, PREFIX)
+    record = bootstrap.NodeRecord("net", NODE, ADDRESS, PREFIX, "net",
+                                  tuple(h.api for h in hubs), ("hub1", "old", "hub2"), "0" * 64)
+    answer = bootstrap.SyncAnswer(hubs[0].api, hubs, 30)
+    base = "/etc/tinc/net"
+    same = {os.path.join(base, "hosts", h.name): h.host_file for h in hubs}
+    same[base + "/tinc.conf"] = conf(["hub1", "hub2"])
+    same[base + "/hubs.json"] = bootstrap.render_hubs_record("net", [h.api for h in hubs])
+    assert bootstrap.plan_sync("/etc/tinc", record, answer, same, True) == bootstrap.Plan()
+    # a recorded hub gone: its file removed, tincd HUPed; a stranger's file is never touched
+    gone = dict(same, **{base + "/hosts/old": "x", base + "/hosts/stranger": "y"})
+    plan = bootstrap.plan_sync("/etc/tinc", record, answer, gone, True)
+    assert plan.files == () and plan.commands == (
+        ("rm", "-f", "--", base + "/hosts/old"), ("tincd", "-n", "net", "-kHUP"))
+    # an address changed: that file only; no HUP when tincd does not run
+    moved = dict(same, **{base + "/hosts/hub2": "Address = 192.0.2.99\n"})
+    plan = bootstrap.plan_sync("/etc/tinc", record, answer, moved, False)
+    assert [f.path for f in plan.files] == [base + "/hosts/hub2"] and plan.commands == ()
+    # only hubs.json changed (a new API port): written, no HUP
+    record_only = dict(same, **{base + "/hubs.json": "{}"})
+    plan = bootstrap.plan_sync("/etc/tinc", record, answer, record_only, True)
+    assert [(f.path, f.mode) for f in plan.files] == [(base + "/hubs.json", 0o600)]
+    assert plan.commands == ()
+    # a recorded name that is the node's own, or not a tinc name, is never removed
+    record = record._replace(known=(NODE, "../../passwd", "hub1"))
+    plan = bootstrap.plan_sync("/etc/tinc", record, answer,
+                               dict(same, **{base + "/hosts/" + NODE: "mine"}), True)
+    assert plan == bootstrap.Plan()
+
+
+def sync_answer(**changes) -> dict:
+    answer = {"net": "net", "name": NODE, "address": ADDRESS, "prefix": PREFIX,
+              "hubs": [hub(1), hub(2)], "interval": 30}
+    answer.update(changes)
+    return answer
+
+
+RECORD = bootstrap.NodeRecord("net", NODE, ADDRESS, PREFIX, "net", (), (), "0" * 64)
+
+
+@pytest.mark.parametrize("changes, why", [
+    ({"name": "other"}, "not about this node"), ({"net": "other"}, "not about this node"),
+    ({"address": "10.0.0.6"}, "another VPN address"), ({"prefix": 16}, "another VPN address"),
+    ({"interval": "30"}, "interval"), ({"interval": True}, "interval"), ({"interval": 0}, "interval"),
+    ({"interval": None}, "interval"), ({"hubs": [hub(2)]}, "not in its list"),
+    ({"hubs": [hub(1)] * 2}, "listed twice"),
+])
+def test_sync_answer_is_checked_like_an_enrolment_answer(changes, why):
+    with pytest.raises(ValueError) as err:
+        bootstrap.validate_sync_answer(sync_answer(**changes), RECORD, "hub1")
+    assert why in str(err.value)
+
+
+def test_sync_interval_is_bounded():
+    for sent, kept in ((1, 10), (30, 30), (10 ** 9, 3600)):
+        assert bootstrap.validate_sync_answer(sync_answer(interval=sent), RECORD, "hub1")[1] == kept
+
+
+def test_sleep_until_due_stops_early_when_the_wall_clock_jumped(monkeypatch):
+    """After a suspend, time.time() is past the due time while the monotonic clock stood
+    still: the next round runs at once instead of after the whole interval."""
+    naps = []
+    real_time = bootstrap.time.time
+
+    def nap(seconds):
+        naps.append(seconds)
+        monkeypatch.setattr(bootstrap.time, "time", lambda: real_time() + 86400)
+
+    bootstrap.sleep_until_due(3600, nap)
+    assert naps == [5.0]
+
+
+def test_check_script_source():
+    assert bootstrap.own_script_source() is not None  # the tests import it from its file
+    with open(bootstrap.__file__, "rb") as handle:
+        assert bootstrap.check_script_source(handle.read())
+    for bad in (b"", b"<html>", bootstrap.SCRIPT_SHEBANG + b"def (:\n",
+                bootstrap.SCRIPT_SHEBANG + b"\xff\n", bootstrap.SCRIPT_SHEBANG + b"#" * (1 << 20)):
+        with pytest.raises(ValueError):
+            bootstrap.check_script_source(bad)
+
+
+def test_credential_form():
+    assert bootstrap.valid_credential("0123456789abcdef" * 4)
+    for bad in ("0123456789ABCDEF" * 4, "0" * 63, "0" * 65, "0" * 63 + "\n", 7, None, "g" * 64):
+        assert not bootstrap.valid_credential(bad)
