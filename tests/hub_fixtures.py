@@ -55,11 +55,13 @@ class HubEnv(NamedTuple):
         return create_token(self.config, self.registry, pin_of_cert_file(self.state.cert_file),
                             uses=uses, ttl=ttl, name=name, allow_replace=replace, now=now)
 
-    def enroll(self, token: str, name: str, key: str) -> Tuple[int, dict]:
+    def enroll(self, token: str, name: str, key: str, credential: Optional[str] = None) -> Tuple[int, dict]:
         import json
 
-        return enrol_answer(self.enroller, "Bearer " + token,
-                            json.dumps({"name": name, "public_key": key}).encode())
+        fields = {"name": name, "public_key": key}
+        if credential is not None:
+            fields["credential"] = credential
+        return enrol_answer(self.enroller, "Bearer " + token, json.dumps(fields).encode())
 
     def hosts_snapshot(self) -> Dict[str, Tuple[bytes, int]]:
         """Every file under the hub's tinc net dir: bytes and mtime."""
@@ -100,7 +102,8 @@ def dump_registry(registry: Registry) -> List[tuple]:
     """Every row of every table, in a stable order (to prove a request changed nothing)."""
     with closing(sqlite3.connect(registry.db_path)) as conn:
         out: List[tuple] = []
-        for table, order in (("tokens", "secret_sha256"), ("nodes", "name")):
+        for table, order in (("tokens", "secret_sha256"), ("nodes", "name"), ("hubs", "name"),
+                             ("settings", "key")):
             out.extend((table,) + tuple(r) for r in conn.execute(f"SELECT * FROM {table} ORDER BY {order}"))
         return out
 

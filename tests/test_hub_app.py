@@ -3,6 +3,7 @@ timeouts, reload before the answer, and a hub-side fault as a JSON 500."""
 
 import asyncio
 import json
+import shutil
 from typing import Dict, List, Optional, Tuple
 
 from tinc_hub import app as app_mod
@@ -104,7 +105,8 @@ def test_routes(hub: HubEnv) -> None:
 
 def test_hub_fault_is_json_500_without_details(hub: HubEnv) -> None:
     asgi, _ = make(hub)
-    hub.config.hub_host_file.unlink()  # the hub's own host file is gone: a hub fault
+    shutil.rmtree(hub.config.hosts_dir)  # the hub's hosts/ is not a directory: a hub fault
+    hub.config.hosts_dir.write_text("")
     raw = json.dumps({"name": "n1", "public_key": rsa_public_pem(1)}).encode()
     status, _, body = call(asgi, "POST", "/v1/enroll", [raw],
                            {"authorization": "Bearer " + hub.token().token})

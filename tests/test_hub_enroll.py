@@ -176,16 +176,25 @@ def test_spki_key_is_stored_as_pkcs1(hub: HubEnv) -> None:
 
 def test_replay_same_answer_no_use_spent_even_when_spent_or_expired(hub: HubEnv) -> None:
     token = hub.token(uses=1)
-    first = hub.enroll(token.token, "node_r", rsa_public_pem(4))
-    assert first[0] == 200
+    status, first = hub.enroll(token.token, "node_r", rsa_public_pem(4))
+    assert status == 200
+    credential = first.pop("credential")  # issued with every answer that is not a clean replay
     mtime = (hub.config.hosts_dir / "node_r").stat().st_mtime_ns
     rows = dump_registry(hub.registry)
-    assert hub.enroll(token.token, "node_r", rsa_public_pem(4)) == first  # token now spent
+    # the node's replay carries its credential: the same answer, nothing written
+    assert hub.enroll(token.token, "node_r", rsa_public_pem(4), credential) == (200, first)  # token spent
     assert dump_registry(hub.registry) == rows
     assert (hub.config.hosts_dir / "node_r").stat().st_mtime_ns == mtime
     # Expire the token: the replay still answers the same.
     write_registry_sql(hub, "UPDATE tokens SET expires_at = 1")
-    assert hub.enroll(token.token, "node_r", rsa_public_pem(4)) == first
+    assert hub.enroll(token.token, "node_r", rsa_public_pem(4), credential) == (200, first)
+    # without the credential (a node that lost it, or joined before credentials): a new one,
+    # and the old one is worth nothing from then on; no token use spent, no host file touched
+    status, again = hub.enroll(token.token, "node_r", rsa_public_pem(4))
+    assert status == 200 and again.pop("credential") != credential and again == first
+    assert (hub.config.hosts_dir / "node_r").stat().st_mtime_ns == mtime
+    with hub.registry.reading() as view:
+        assert [t.uses_left for t in view.list_tokens()] == [0]
     # The replay does not let a spent token enrol anything new.
     assert hub.enroll(token.token, "node_s", rsa_public_pem(5))[0] == 401
 

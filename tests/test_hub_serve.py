@@ -87,10 +87,13 @@ def test_enrol_with_the_node_client_then_replay(server: Server) -> None:
     assert (prefix, hub) == (24, "hub1")
     assert host_file == server.env.config.hub_host_file.read_text()
     assert (server.env.config.hosts_dir / "real_node").read_text().startswith(f"Subnet = {address}/32\n")
-    # The same request again through requests (verifying against the cert file): same answer.
+    # The same request again through requests (verifying against the cert file), with the
+    # credential the first answer issued: the same answer, without a new credential.
+    credential = answer.pop("credential")
     again = requests.post(server.url + "/v1/enroll", verify=server.cert, timeout=20,
                           headers={"Authorization": "Bearer " + issued.token},
-                          json={"name": "real_node", "public_key": rsa_public_pem(1)})
+                          json={"name": "real_node", "public_key": rsa_public_pem(1),
+                                "credential": credential})
     assert again.status_code == 200 and again.json() == answer
     # A wrong pin is refused by the node before it sends the token.
     with pytest.raises(bootstrap.BootstrapError):

@@ -22,11 +22,13 @@ from .connection_caps import (DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_P
                               CappedListener, ConnectionCaps)
 from .enroll import MAX_BODY_BYTES, Attempt, Enroller, audit_line, audit_log
 from .errors import HubError
-from .hostfiles import reconcile_host_files
+from .node_sync import MAX_SYNC_BODY_BYTES, SyncHandler
 from .http_timeouts import HANDSHAKE_TIMEOUT, HeaderTimeoutH11Protocol
 from .openapi import openapi_schema
 from .ratelimit import DEFAULT_RATE_LIMIT, RateLimit, RateLimiter, parse_rate_limit, retry_after_header
 from .registry import Registry
+from .registry_follower import RegistryFollower, read_public_key
+from .roster import hub_row, register_hub
 from .reload import ReloadBatcher, send_sighup
 from .state import HubConfig, StateDir
 from .tls import pin_of_cert_file
@@ -86,6 +88,7 @@ def create_app(config: HubConfig, registry: Registry, batcher: ReloadBatcher,
     ``rate_limiter`` limits POST /v1/enroll per client address (None: no limit); the client
     address is the TCP peer, or what a ``trusted_proxies`` peer says in X-Forwarded-For."""
     enroller = Enroller(config, registry)
+    syncer = SyncHandler(config, registry)
     if bootstrap_source is None:
         try:
             bootstrap_source = script_source()
@@ -126,6 +129,18 @@ def create_app(config: HubConfig, registry: Registry, batcher: ReloadBatcher,
         headers = {"Retry-After": str(REGISTRY_RETRY_AFTER)} if outcome.status == 503 else None
         return JSONResponse(outcome.body, status_code=outcome.status, headers=headers)
 
+    async def post_sync(request: Request) -> Response:
+        client = client_address(request.scope, trusted_proxies)
+        try:
+            body = await read_capped_body(request, MAX_SYNC_BODY_BYTES)
+        except BodyError as exc:
+            return error_response(exc.status, exc.message, close=True)
+        except ClientDisconnect:
+            return error_response(400, "client disconnected", close=True)
+        outcome = await run_in_threadpool(syncer.process, body, client)
+        headers = {"Retry-After": str(REGISTRY_RETRY_AFTER)} if outcome.status == 503 else None
+        return JSONResponse(outcome.body, status_code=outcome.status, headers=headers)
+
     async def get_healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok", "net": config.net, "hub": config.name})
 
@@ -145,6 +160,7 @@ def create_app(config: HubConfig, registry: Registry, batcher: ReloadBatcher,
         routes=[
             Route("/bootstrap.py", get_bootstrap, methods=["GET"]),
             Route("/v1/enroll", post_enroll, methods=["POST"]),
+            Route("/v1/sync", post_sync, methods=["POST"]),
             Route("/healthz", get_healthz, methods=["GET"]),
             Route("/openapi.json", get_openapi, methods=["GET"]),
         ],
@@ -289,11 +305,12 @@ def serve(state_dir: StateDir, registry_url: Optional[str] = None,
     registry = Registry.for_state(state_dir, registry_url, registry_password_file, keep_connections=True)
     registry.ensure_schema()
     log.info("registry: %s", registry.describe())
-    repaired = reconcile_host_files(config, registry)
-    if repaired["written"] or repaired["removed"]:
-        log.warning("repaired hosts/ from the registry: rewrote %s, removed %s",
-                    repaired["written"] or "none", repaired["removed"] or "none")
-        send_sighup(config.net, config.tinc_dir)
+    # this hub's place in the registry (a hub of an older tinc-hub records itself here)
+    register_hub(registry, hub_row(config, read_public_key(config.net_dir), pin), config.net,
+                 config.vpn_subnet)
+    follower = RegistryFollower(config, registry, lambda: send_sighup(config.net, config.tinc_dir))
+    follower.catch_up()  # hosts/ and tinc.conf as the registry says, before the first answer
+    follower.start()
     caps = connection_caps(max_connections, max_connections_per_address, trusted_proxies,
                            raise_open_file_limit())
     sock.caps = caps
@@ -329,6 +346,7 @@ def serve(state_dir: StateDir, registry_url: Optional[str] = None,
     try:
         asyncio.run(_serve(server, sock))
     finally:
+        follower.stop()
         sock.close()
     return 0 if server.started else 1
 

@@ -209,10 +209,13 @@ def build_parser() -> Parser:
                                         "its key (never regenerated), register it for boot, start "
                                         "tincd, and create the state dir (hub.json, registry, TLS cert). "
                                         "Re-running with the same arguments changes nothing.")
-    add_option(p, "--net", required=True, help="tinc net name (directory under the tinc dir)")
+    add_option(p, "--net", help="tinc net name (directory under the tinc dir); a hub joining a"
+                                " net (--registry of its other hubs) takes the registry's")
     add_option(p, "--name", required=True, help="the hub's tinc node name ([A-Za-z0-9_])")
     add_option(p, "--address", required=True, help="public host name or IPv4 address nodes connect to")
-    add_option(p, "--vpn-subnet", required=True, help="VPN IPv4 prefix; the hub takes its first address")
+    add_option(p, "--vpn-subnet", help="VPN IPv4 prefix; the first hub takes its first address,"
+                                       " a hub joining the net the registry's prefix and its lowest"
+                                       " free address")
     add_option(p, "--tinc-port", type=int, default=DEFAULT_TINC_PORT, old_env="TINC_HUB_PORT",
                help="tinc port")
     add_deprecated_alias(p, "--port", "--tinc-port", type=int, old_env="TINC_HUB_PORT")
@@ -293,6 +296,19 @@ def build_parser() -> Parser:
     add_flag(p, "--revoke-token", help="also revoke the token that enrolled (or last re-keyed) the "
                                        "node, so the machine cannot enrol again under another name")
 
+    p = add_command(commands, "hubs", help="list the hubs of the net",
+                    description="Every hub recorded in the registry: name, VPN address, public address,"
+                                " tinc and API ports, TLS pin, joined, removed.")
+    add_flag(p, "--json", help="print JSON")
+    p = add_command(commands, "hub", help="manage the hubs of the net (remove one)")
+    hub_cmds = add_actions(p, "hub_command")
+    p = add_command(hub_cmds, "remove", help="retire a hub: the other hubs and the nodes drop it",
+                    description="Mark hub NAME removed in the registry. Every other hub removes its host"
+                                " file and ConnectTo line within seconds, nodes at their next sync; its"
+                                " name, VPN address and key are never reused. Run it on another hub;"
+                                " then stop the removed machine's tincd and API.")
+    p.add_argument("hub", metavar="NAME", help="hub name (see 'tinc-hub hubs')")
+
     p = add_command(commands, "registry", help="the registry database (copy to PostgreSQL)")
     registry_cmds = add_actions(p, "registry_command")
     p = add_command(registry_cmds, "copy", help="copy every token and node into an empty PostgreSQL registry",
@@ -320,7 +336,8 @@ def cmd_init(args: argparse.Namespace, state: StateDir) -> int:
     request = InitRequest(
         net=args.net, name=args.name, address=args.address, vpn_subnet=args.vpn_subnet,
         port=args.tinc_port, api_port=args.api_port, key_size=args.key_size, init=args.init,
-        tinc_dir=args.tinc_dir, start=not args.no_start)
+        tinc_dir=args.tinc_dir, start=not args.no_start, registry=args.registry,
+        registry_password_file=args.registry_password_file)
     if args.dry_run:
         dry_run_init(state, request)
         print(f"{PROG}: dry run: nothing was changed", file=sys.stderr)
@@ -469,6 +486,7 @@ def cmd_revoke(args: argparse.Namespace, state: StateDir) -> int:
     from .hostfiles import remove_if_present
     from .registry import iso_utc
     from .reload import send_sighup
+    from .roster import hub_kind_guard
 
     config = state.load_config()
     registry = _registry(state, args)
@@ -479,6 +497,7 @@ def cmd_revoke(args: argparse.Namespace, state: StateDir) -> int:
             if node is None:
                 raise HubError(f"no enrolled node named {args.node!r}",
                                "see 'tinc-hub nodes'; a host file tinc-hub did not write must be removed by hand")
+            hub_kind_guard(node.kind, node.name)
             tx.mark_revoked(node.name, now)
             if args.release:
                 tx.delete_node(node.name)
@@ -500,6 +519,36 @@ def cmd_revoke(args: argparse.Namespace, state: StateDir) -> int:
     if not signalled:
         print(f"{PROG}: warning: could not SIGHUP tincd of net {config.net!r}: "
               "the node stays connected until tincd reloads (hint: is tincd running?)", file=sys.stderr)
+    return EXIT_OK
+
+
+def hub_listing(hub: Any) -> Dict[str, Any]:
+    from .registry import iso_utc
+
+    return {"name": hub.name, "address": hub.address, "public_address": hub.public_address,
+            "tinc_port": hub.tinc_port, "api_port": hub.api_port, "pin": hub.tls_pin,
+            "joined_at": iso_utc(hub.joined_at), "removed": hub.removed,
+            "removed_at": iso_utc(hub.removed_at)}
+
+
+def cmd_hubs(args: argparse.Namespace, state: StateDir) -> int:
+    registry = _registry(state, args)
+    with registry.reading() as view:
+        rows = [hub_listing(h) for h in view.list_hubs()]
+    return print_rows(rows, args.json, "no hub recorded yet (a hub records itself at init and serve)",
+                      ("NAME", "ADDRESS", "PUBLIC", "TINC", "API", "JOINED", "REMOVED"),
+                      lambda r: (r["name"], r["address"], r["public_address"], str(r["tinc_port"]),
+                                 str(r["api_port"]), r["joined_at"], r["removed_at"] or "-"))
+
+
+def cmd_hub_remove(args: argparse.Namespace, state: StateDir) -> int:
+    from .roster import remove_hub
+
+    config = state.load_config()
+    hub = remove_hub(_registry(state, args), args.hub, config.name)
+    print(f"hub {hub.name} ({hub.address}, {hub.public_address}) removed; the other hubs drop it within"
+          " seconds, nodes at their next sync")
+    print(f"next: stop tincd and the API on {hub.public_address}")
     return EXIT_OK
 
 
@@ -541,6 +590,10 @@ def dispatch(args: argparse.Namespace) -> int:
         return cmd_revoke(args, state)
     if args.command == "registry":
         return cmd_registry_copy(args, state)
+    if args.command == "hubs":
+        return cmd_hubs(args, state)
+    if args.command == "hub":
+        return cmd_hub_remove(args, state)
     raise UsageError(f"unknown command {args.command!r}")
 
 

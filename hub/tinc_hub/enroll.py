@@ -16,15 +16,18 @@ registry before the write lock is taken; only a new enrolment or a re-key waits 
 (and is checked again under it). Each answer leaves one audit line (``tinc_hub.audit``).
 """
 
+import hashlib
+import hmac
 import ipaddress
 import json
 import logging
 import os
 import re
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, NamedTuple, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Set, Tuple
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -32,8 +35,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from bootstrap import bootstrap
 from .hostfiles import host_file_in_place, render_node_host_file, write_if_changed
-from .registry import (NodeRow, Registry, RegistryConflict, RegistryTransaction, RegistryUnavailable,
-                       RegistryView, TokenRow, token_id)
+from .registry import (HUB, HubRow, NodeRow, Registry, RegistryConflict, RegistryTransaction,
+                       RegistryUnavailable, RegistryView, TokenRow, token_id)
+from .roster import hubs_for_nodes
 from .state import HubConfig
 from .tokens import hash_secret
 
@@ -171,6 +175,34 @@ def parse_body(body: bytes) -> Dict[str, Any]:
     return data
 
 
+CREDENTIAL_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def new_credential() -> str:
+    """A node credential: 32 random bytes as lowercase hex (the hub keeps only its sha256)."""
+    return secrets.token_hex(32)
+
+
+def credential_hash(credential: str) -> str:
+    return hashlib.sha256(credential.encode("ascii")).hexdigest()
+
+
+def parse_credential(value: Any) -> Optional[str]:
+    """The optional ``credential`` field of a request: absent (None) or 64 lowercase hex."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not CREDENTIAL_RE.fullmatch(value):
+        raise EnrollError(400, "field 'credential' must be 64 lowercase hex digits")
+    return value
+
+
+def credential_matches(credential: Optional[str], stored_sha256: Optional[str]) -> bool:
+    """True when ``credential`` is the one whose hash the registry holds (constant time)."""
+    if credential is None or stored_sha256 is None:
+        return False
+    return hmac.compare_digest(credential_hash(credential), stored_sha256)
+
+
 def allocate_address(network: ipaddress.IPv4Network, reserved: Set[int]) -> Optional[ipaddress.IPv4Address]:
     """Lowest host address of ``network`` not in ``reserved`` (network and broadcast excluded)."""
     first = int(network.network_address) + 1
@@ -250,6 +282,8 @@ class Enroller:
         now = int(self.clock())
         token = self._check_known(view.get_token(token_hash))
         node = view.get_node(name)
+        if node is not None and node.kind == HUB:
+            raise EnrollError(409, f"{name!r} is the name of a hub of this net; choose another name")
         if node is not None and node.revoked:
             raise EnrollError(403, f"node {name!r} has been revoked")
         if node is not None and node.public_key == public_key:
@@ -269,15 +303,24 @@ class Enroller:
                                    f" (ask the hub admin for a token made with --name {name} --replace)")
         return None
 
-    def _answer(self, node: NodeRow) -> Dict[str, Any]:
-        return {
+    def _answer(self, node: NodeRow, hubs: List[HubRow], credential: Optional[str]) -> Dict[str, Any]:
+        """The enrolment answer (docs/DESIGN.md, "API contract for nodes")."""
+        listed = hubs_for_nodes(hubs, self.network, first=self.config.name)
+        if listed and listed[0]["name"] == self.config.name:
+            own = listed[0]["host_file"]
+        else:  # this hub is not in the registry yet (never served): alone in its net
+            own = self.config.hub_host_file.read_text(encoding="utf-8")
+        answer = {
             "net": self.config.net,
             "name": node.name,
             "address": node.address,
             "prefix": self.config.prefix,
-            "hub": {"name": self.config.name,
-                    "host_file": self.config.hub_host_file.read_text(encoding="utf-8")},
+            "hub": {"name": self.config.name, "host_file": own},
+            "hubs": listed,
         }
+        if credential is not None:
+            answer["credential"] = credential
+        return answer
 
     def _process(self, authorization: Optional[str], body: bytes,
                  attempt: Attempt) -> Tuple[EnrollOutcome, str]:
@@ -290,20 +333,29 @@ class Enroller:
         attempt.name = data["name"]
         name = validate_name(data["name"], self.config.name)
         public_key = normalise_public_key(data["public_key"])
+        credential = parse_credential(data.get("credential"))
 
-        # Pre-check without the write lock: refusals and replays never wait for writers.
+        # Pre-check without the write lock: refusals and replays never wait for writers. A
+        # replay without the node's valid credential is answered with a new one (a write).
         with self.registry.snapshot() as view:
             replay = self._decide(view, token_hash, name, public_key)
+            hubs = view.list_hubs()
         if replay is not None:
             attempt.address = replay.address
-            if host_file_in_place(self.config.hosts_dir / replay.name,
-                                  render_node_host_file(replay.address, replay.public_key)):
-                return EnrollOutcome(200, self._answer(replay), False), "replay"
+            if credential_matches(credential, replay.credential_sha256) and host_file_in_place(
+                    self.config.hosts_dir / replay.name,
+                    render_node_host_file(replay.address, replay.public_key)):
+                return EnrollOutcome(200, self._answer(replay, hubs, None), False), "replay"
 
         with self.registry.exclusive():
             try:
                 with self.registry.transaction() as tx:
                     node, result = self._enrol_in_transaction(tx, token_hash, name, public_key)
+                    issued = None
+                    if not credential_matches(credential, node.credential_sha256):
+                        issued = new_credential()
+                        tx.set_credential(node.name, credential_hash(issued))
+                    hubs = tx.list_hubs()
             except RegistryConflict as exc:  # unreachable under the write lock; stay a clean 409
                 raise EnrollError(409, f"conflict with an existing enrolment ({exc.message})") from None
             attempt.address = node.address
@@ -314,7 +366,7 @@ class Enroller:
             changed = write_if_changed(path, render_node_host_file(node.address, node.public_key))
             if changed and is_new:
                 date_like_tincd_start(path, self.config.net)
-        return EnrollOutcome(200, self._answer(node), changed), result
+        return EnrollOutcome(200, self._answer(node, hubs, issued), changed), result
 
     def _enrol_in_transaction(self, tx: RegistryTransaction, token_hash: str, name: str,
                               public_key: str) -> Tuple[NodeRow, str]:

@@ -8,9 +8,9 @@ with the same arguments changes nothing (same bytes, same mtimes).
 import ipaddress
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -19,27 +19,29 @@ from bootstrap import bootstrap
 from .errors import HubError
 from .service import UNIT_NAME, apply_service, installed_executable, read_service_plan, render_unit
 from .liveness import render_host_script
-from .registry import Registry
+from .registry import SCHEMA_REVISION, HubRow, Registry
+from .roster import (HUB_CONF_MARKER, NetSettings, active_hubs, check_settings, hub_host_files_for,
+                     hub_row, lowest_free_address, read_net_settings, register_hub, render_hub_tinc_conf)
 from .state import DEFAULT_TINC_PORT, HubConfig, StateDir
 from .tls import ensure_cert, pin_of_cert_file
 
 log = logging.getLogger("tinc_hub.init")
 
-HUB_CONF_MARKER = "# Written by tinc-hub init; re-running it rewrites this file."
-
 
 @dataclass(frozen=True)
 class InitRequest:
-    net: str
+    net: Optional[str]  # None: the registry's (a hub joining a net)
     name: str
     address: str
-    vpn_subnet: str
+    vpn_subnet: Optional[str]  # None: the registry's
     port: int = DEFAULT_TINC_PORT
     api_port: int = bootstrap.DEFAULT_API_PORT
     key_size: int = bootstrap.DEFAULT_KEY_SIZE
     init: str = "auto"
     tinc_dir: str = bootstrap.DEFAULT_TINC_DIR
     start: bool = True  # False: hidden --no-start (tests): no boot registration, no tincd start
+    registry: Optional[str] = None  # --registry URL (else hub.json's, else the SQLite file)
+    registry_password_file: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -85,26 +87,18 @@ def validate_request(req: InitRequest) -> ipaddress.IPv4Network:
     return network
 
 
-def render_hub_tinc_conf(name: str, net: str, port: int) -> str:
-    return bootstrap.render_tinc_conf(name, net, extra=[f"Port = {port}", "TunnelServer = yes"],
-                                      marker=HUB_CONF_MARKER)
-
-
 def render_hub_host_file(config: HubConfig, public_pem: str) -> str:
-    return bootstrap.render_host_file([
-        f"Address = {config.address}",
-        f"Port = {config.port}",
-        f"Subnet = {config.hub_address}/32",
-        f"Subnet = {config.network}",
-    ], public_pem)
+    """The host file of a hub alone in its net (what nodes keep of any hub)."""
+    return hub_host_files_for(config.name, [hub_row(config, public_pem, "")], config.network)[config.name]
 
 
-def check_existing(state: StateDir, new: HubConfig, registry: Registry) -> Optional[HubConfig]:
+def check_existing(state: StateDir, new: HubConfig, registry: Registry,
+                   tinc_conf: str) -> Optional[HubConfig]:
     """Compare with an earlier init; refuse unsafe changes. Returns the old config, if any."""
     conf_path = Path(new.tinc_dir) / new.net / "tinc.conf"
     if not state.exists():
         text = bootstrap.read_text(str(conf_path))
-        if text is not None and text != render_hub_tinc_conf(new.name, new.net, new.port):
+        if text is not None and text != tinc_conf:
             if text.startswith(HUB_CONF_MARKER):
                 raise HubError(f"{conf_path} was written by an earlier 'tinc-hub init' with other"
                                f" arguments, but {state.config_file} does not exist",
@@ -142,27 +136,51 @@ class HubInit:
     dry run prints the plans that a real run applies. Checks come first, in __init__."""
 
     def __init__(self, state: StateDir, req: InitRequest, dry_run: bool = False) -> None:
+        # --registry, else hub.json's registry, else the SQLite file
+        self.registry = Registry.for_state(state, req.registry, req.registry_password_file)
+        self.old_config = old_config = state.load_config() if state.exists() else None
+        self.net_settings, self.hubs = self.read_registry(dry_run)
+        req = self.settle_net(req, old_config)
         network = validate_request(req)
         self.state, self.req, self.dry_run = state, req, dry_run
         self.facts = bootstrap.detect_system()
-        self.registry = Registry.for_state(state)  # hub.json's registry, else the SQLite file
-        old_config = state.load_config() if state.exists() else None
         old_init = old_config.init if old_config else None
         if req.start:
             init = bootstrap.resolve_init(req.init, self.facts)  # PID 1 and family, not tinc
         else:
             init = old_init or "none"  # hidden --no-start (tests) never changes the boot choice
+        known = {h.name: h for h in self.hubs}.get(req.name)
+        others = [h for h in active_hubs(self.hubs) if h.name != req.name]
+        # a hub keeps its address; the first hub of a net takes the first one; a hub joining
+        # a net the lowest free one (allocated again under the write lock at registration)
+        self.joining = known is None and bool(others) and old_config is None
+        if known is not None:
+            hub_address = known.address
+        elif old_config is not None:
+            hub_address = old_config.hub_address
+        elif self.joining:
+            hub_address = self.preview_address(network) or str(network.network_address + 1)
+        else:
+            hub_address = str(network.network_address + 1)
+        if req.registry is not None:
+            registry_url, password_file = self.registry.describe(), (
+                os.path.abspath(req.registry_password_file) if req.registry_password_file else None)
+            if self.registry.dialect == "sqlite":
+                registry_url, password_file = None, None  # the state dir's file (or given path)
+                if self.registry.db_path != state.registry_file:
+                    registry_url = req.registry
+        else:  # kept: 'registry copy' set them
+            registry_url = old_config.registry if old_config else None
+            password_file = old_config.registry_password_file if old_config else None
         self.config = config = HubConfig(
             net=req.net, name=req.name, address=req.address.strip(), port=req.port,
-            api_port=req.api_port, vpn_subnet=str(network),
-            hub_address=str(network.network_address + 1),
+            api_port=req.api_port, vpn_subnet=str(network), hub_address=hub_address,
             tinc_dir=os.path.normpath(req.tinc_dir), init=init,
-            registry=old_config.registry if old_config else None,  # kept: 'registry copy' set them
-            registry_password_file=old_config.registry_password_file if old_config else None)
+            registry=registry_url, registry_password_file=password_file)
         if req.start and config.init == "systemd":  # refuse what the unit cannot carry, first
             render_unit(config, installed_executable(), str(state.root),
                         bootstrap.service_unit(self.facts, config.net))
-        old = check_existing(state, config, self.registry)
+        old = check_existing(state, config, self.registry, self.tinc_conf())
         self.notes: List[str] = []
         if old is not None and old.api_port != config.api_port:
             self.notes.append(f"API port changed from {old.api_port}: tokens made before still name the old port")
@@ -175,6 +193,53 @@ class HubInit:
         self.tincd = "not started (--no-start)"
         self.api_service: Optional[str] = None
 
+    def read_registry(self, dry_run: bool) -> "tuple[Optional[NetSettings], List[HubRow]]":
+        """The net's settings and hubs, when the registry exists (else None and none). A dry
+        run does not upgrade an older registry (it reads no hubs from it)."""
+        if self.registry.dialect == "sqlite" or not self.registry.exists():
+            # a SQLite registry serves one hub: nothing to join. Not opened either: opening a
+            # WAL database touches its directory, and a re-run of init changes nothing.
+            return None, []
+        if self.registry.schema_revision() != SCHEMA_REVISION:
+            if dry_run:
+                return None, []
+            self.registry.upgrade_schema()
+        with self.registry.snapshot() as view:
+            return read_net_settings(view), view.list_hubs()
+
+    def settle_net(self, req: InitRequest, old: Optional[HubConfig]) -> InitRequest:
+        """--net and --vpn-subnet: given, or the registry's (a hub joining), or hub.json's."""
+        found = self.net_settings
+        if found is not None:
+            net, subnet = req.net or found.net, req.vpn_subnet or found.vpn_subnet
+            check_settings(found, net, str(ipaddress.IPv4Network(subnet, strict=False))
+                           if _is_network(subnet) else subnet, self.registry.describe())
+            return replace(req, net=net, vpn_subnet=subnet)
+        if old is not None:
+            return replace(req, net=req.net or old.net, vpn_subnet=req.vpn_subnet or old.vpn_subnet)
+        if req.net is None or req.vpn_subnet is None:
+            raise HubError(f"registry {self.registry.describe()} holds no net yet: --net and"
+                           " --vpn-subnet are needed for the first hub",
+                           "give them, or the --registry of the net this hub joins")
+        return req
+
+    def preview_address(self, network: ipaddress.IPv4Network) -> Optional[str]:
+        with self.registry.reading() as view:
+            return lowest_free_address(network, view.used_address_ints())
+
+    def other_hubs(self) -> List[HubRow]:
+        return [h for h in active_hubs(self.hubs) if h.name != self.config.name]
+
+    def tinc_conf(self) -> str:
+        config = self.config
+        return render_hub_tinc_conf(config.name, config.net, config.port,
+                                    [h.name for h in self.other_hubs()])
+
+    def hub_files(self) -> Dict[str, str]:
+        """hosts/ files of every hub as this hub sees them (itself included)."""
+        me = hub_row(self.config, self.public_pem, "")
+        return hub_host_files_for(self.config.name, self.other_hubs() + [me], self.config.network)
+
     def steps(self) -> List[bootstrap.Step]:
         config, start = self.config, self.req.start
         steps = [
@@ -184,7 +249,9 @@ class HubInit:
             bootstrap.Step(lambda: f"tinc net {config.net!r} in {config.net_dir}",
                            self.plan_conf, self.apply_files),
             bootstrap.Step(lambda: "tinc key", self.plan_key, self.apply_key),
-            bootstrap.Step(lambda: "hub host file, tinc-up/down, host-up/down",
+            bootstrap.Step(lambda: f"this hub in the registry {self.registry.describe()}",
+                           self.plan_register, self.apply_register),
+            bootstrap.Step(lambda: "hub host files, tinc-up/down, host-up/down",
                            self.plan_hub_files, self.apply_files),
             bootstrap.Step(lambda: f"hub state in {self.state.root}", self.plan_state,
                            self.apply_state),
@@ -210,10 +277,43 @@ class HubInit:
         self.changed += bootstrap.apply_files(plan.files)
 
     def plan_conf(self) -> bootstrap.Plan:
-        config = self.config
         return bootstrap.Plan(files=(bootstrap.FileSpec(
-            str(config.net_dir / "tinc.conf"),
-            render_hub_tinc_conf(config.name, config.net, config.port)),))
+            str(self.config.net_dir / "tinc.conf"), self.tinc_conf()),))
+
+    def plan_register(self) -> bootstrap.Plan:
+        config, state = self.config, self.state
+        how = (f"the lowest free VPN address (now {config.hub_address})" if self.joining
+               else f"VPN address {config.hub_address}")
+        registry = str(self.registry.db_path) if self.registry.db_path else self.registry.describe()
+        return bootstrap.Plan(actions=(
+            f"directory {state.root} with mode 0700; registry {registry} and its"
+            f" lock {state.lock_file}, created when missing",
+            f"TLS key {state.key_file} and certificate {state.cert_file} for {config.address},"
+            " made when missing, re-issued for a new address",
+            f"hub {config.name!r} of net {config.net!r} ({config.vpn_subnet}) recorded with {how},"
+            f" its tinc key, {config.address}:{config.port}, API port {config.api_port} and TLS pin",
+        ))
+
+    def apply_register(self, plan: bootstrap.Plan) -> None:
+        state, config = self.state, self.config
+        state.root.mkdir(parents=True, exist_ok=True)
+        if (state.root.stat().st_mode & 0o777) != 0o700:
+            os.chmod(state.root, 0o700)
+        created = self.registry.create()
+        if created:
+            self.changed.append(self.registry.describe())
+        renewed = ensure_cert(state.cert_file, state.key_file, config.name, config.address)
+        if renewed:
+            self.changed.append(str(state.cert_file))
+        if (self.registry.dialect == "sqlite" and not created and not renewed
+                and self.old_config == config):
+            return  # a re-run: nothing to record ('serve' records this hub at start too)
+        row = register_hub(self.registry, hub_row(config, self.public_pem, pin_of_cert_file(state.cert_file)),
+                           config.net, config.vpn_subnet, allocate=self.joining)
+        if row.address != config.hub_address:
+            self.config = replace(config, hub_address=row.address)
+        with self.registry.snapshot() as view:
+            self.hubs = view.list_hubs()
 
     def plan_key(self) -> bootstrap.Plan:
         config = self.config
@@ -240,9 +340,10 @@ class HubInit:
 
     def plan_hub_files(self) -> bootstrap.Plan:
         config, net_dir = self.config, self.config.net_dir
-        return bootstrap.Plan(files=tuple(self.event_scripts()) + (
-            bootstrap.FileSpec(str(config.hub_host_file),
-                               render_hub_host_file(config, self.public_pem)),
+        hub_files = tuple(bootstrap.FileSpec(str(config.hosts_dir / name), text)
+                          for name, text in sorted(self.hub_files().items()))
+        return bootstrap.Plan(files=tuple(self.event_scripts()) + hub_files + (
+            bootstrap.FileSpec(str(net_dir / "tinc.conf"), self.tinc_conf()),
             bootstrap.FileSpec(str(net_dir / "tinc-up"),
                                bootstrap.render_tinc_up(config.hub_address, config.prefix), 0o755),
             bootstrap.FileSpec(str(net_dir / "tinc-down"),
@@ -253,22 +354,9 @@ class HubInit:
     def plan_state(self) -> bootstrap.Plan:
         state, config = self.state, self.config
         return bootstrap.Plan(
-            files=(bootstrap.FileSpec(str(state.config_file), config.to_json(), 0o600),),
-            actions=(f"directory {state.root} with mode 0700",
-                     f"registry {state.registry_file} and its lock {state.lock_file},"
-                     " created when missing",
-                     f"TLS key {state.key_file} and certificate {state.cert_file} for"
-                     f" {config.address}, made when missing, re-issued for a new address"))
+            files=(bootstrap.FileSpec(str(state.config_file), config.to_json(), 0o600),))
 
     def apply_state(self, plan: bootstrap.Plan) -> None:
-        state, config = self.state, self.config
-        state.root.mkdir(parents=True, exist_ok=True)
-        if (state.root.stat().st_mode & 0o777) != 0o700:
-            os.chmod(state.root, 0o700)
-        if self.registry.create():
-            self.changed.append(str(state.registry_file))
-        if ensure_cert(state.cert_file, state.key_file, config.name, config.address):
-            self.changed.append(str(state.cert_file))
         self.changed += bootstrap.apply_files(plan.files)
 
     def apply_boot(self, plan: bootstrap.Plan) -> None:
@@ -327,3 +415,11 @@ def rsa_key_bits(public_pem: str) -> Optional[int]:
     except (ValueError, TypeError, UnicodeEncodeError):
         return None
     return key.key_size if isinstance(key, rsa.RSAPublicKey) else None
+
+
+def _is_network(text: str) -> bool:
+    try:
+        ipaddress.IPv4Network(text, strict=False)
+    except ValueError:
+        return False
+    return True

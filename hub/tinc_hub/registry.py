@@ -247,7 +247,8 @@ class _Statements:
                   .values(public_address=P("public_address"), tinc_port=P("tinc_port"),
                           api_port=P("api_port"), tls_pin=P("tls_pin")))
     update_hub_key = (nodes.update().where(nodes.c.name == P("name"), nodes.c.kind == HUB)
-                      .values(public_key=P("key"), updated_at=P("now")))
+                      .values(public_key=P("key"), address=P("address"), address_int=P("address_int"),
+                              updated_at=P("now")))
     remove_hub = (hubs.update().where(hubs.c.name == P("name"), hubs.c.removed_at.is_(None))
                   .values(removed_at=P("now")))
     revoke_hub_row = (nodes.update().where(nodes.c.name == P("name"), nodes.c.kind == HUB,
@@ -478,10 +479,12 @@ class RegistryTransaction(RegistryView):
             self._db.many(Q.insert_hub, [{c.name: getattr(r, c.name) for c in hubs.c} for r in rows])
 
     def update_hub(self, hub: HubRow, now: int) -> None:
-        """Record a hub's new public address, ports, pin or key (a re-run of its init)."""
+        """Record a hub's new public address, ports, pin, key or VPN address (a re-run of its
+        init; the VPN address only while it is alone in a net without nodes)."""
         self._db.rowcount(Q.update_hub, name=hub.name, public_address=hub.public_address,
                           tinc_port=hub.tinc_port, api_port=hub.api_port, tls_pin=hub.tls_pin)
-        self._db.rowcount(Q.update_hub_key, name=hub.name, key=hub.public_key, now=now)
+        self._db.rowcount(Q.update_hub_key, name=hub.name, key=hub.public_key, address=hub.address,
+                          address_int=hub.address_int, now=now)
 
     def remove_hub(self, name: str, now: int) -> bool:
         """Retire a hub (its name, address and key stay taken); False if already removed."""

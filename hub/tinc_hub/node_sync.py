@@ -1,0 +1,91 @@
+"""``POST /v1/sync``: a node asks which hubs the net has now (pure handler, no sockets).
+
+The node proves who it is with the credential it got at enrolment (the registry keeps only
+its sha256); an unknown name and a wrong credential get the same 401, so the endpoint tells
+nothing about which names exist. A revoked node learns that it was revoked (403) once its
+credential matched. The answer is the enrolment answer's ``hubs`` list with the node's own
+address (docs/DESIGN.md, "API contract for nodes").
+"""
+
+import json
+import logging
+from typing import Any, Dict, NamedTuple, Optional
+
+from bootstrap import bootstrap
+from .enroll import CREDENTIAL_RE, credential_matches, log_value
+from .registry import NODE, Registry, RegistryUnavailable
+from .roster import hubs_for_nodes
+from .state import HubConfig
+
+MAX_SYNC_BODY_BYTES = 4096
+SYNC_INTERVAL = 30  # s between a node's syncs (the node adds jitter)
+
+audit_log = logging.getLogger("tinc_hub.audit")
+
+
+class SyncOutcome(NamedTuple):
+    status: int
+    body: Dict[str, Any]
+
+
+def sync_audit_line(result: str, status: int, name: Any, client: str, reason: Optional[str] = None) -> str:
+    fields = [("result", result), ("status", str(status)), ("name", name), ("client", client)]
+    if reason is not None:
+        fields.append(("reason", reason))
+    return "sync " + " ".join(f"{key}={log_value(value)}" for key, value in fields)
+
+
+class SyncHandler:
+    """Answers ``POST /v1/sync`` from the registry."""
+
+    def __init__(self, config: HubConfig, registry: Registry) -> None:
+        self.config, self.registry = config, registry
+
+    def process(self, body: bytes, client: str = "-") -> SyncOutcome:
+        name: Any = None
+        try:
+            name, credential = self._parse(body)
+            with self.registry.snapshot() as view:
+                node = view.get_node(name)
+                hubs = view.list_hubs()
+        except _Refusal as refusal:
+            audit_log.warning("%s", sync_audit_line("refused", refusal.status, name, client, refusal.message))
+            return SyncOutcome(refusal.status, {"error": refusal.message})
+        except RegistryUnavailable as exc:
+            audit_log.error("%s", sync_audit_line("failed", 503, name, client, str(exc)))
+            return SyncOutcome(503, {"error": "the hub cannot reach its registry; retry later"})
+        if node is None or node.kind != NODE or not credential_matches(credential, node.credential_sha256):
+            audit_log.warning("%s", sync_audit_line("refused", 401, name, client, "unknown name or credential"))
+            return SyncOutcome(401, {"error": "unknown node name or wrong credential (re-run the"
+                                              " one-liner with a token to get a new credential)"})
+        if node.revoked:
+            audit_log.warning("%s", sync_audit_line("refused", 403, name, client, "node revoked"))
+            return SyncOutcome(403, {"error": f"node {name!r} has been revoked"})
+        audit_log.info("%s", sync_audit_line("ok", 200, name, client))
+        return SyncOutcome(200, {"net": self.config.net, "name": node.name, "address": node.address,
+                                 "prefix": self.config.prefix,
+                                 "hubs": hubs_for_nodes(hubs, self.config.network, first=self.config.name),
+                                 "interval": SYNC_INTERVAL})
+
+    @staticmethod
+    def _parse(body: bytes) -> "tuple[str, str]":
+        if len(body) > MAX_SYNC_BODY_BYTES:
+            raise _Refusal(413, f"request body larger than {MAX_SYNC_BODY_BYTES} bytes")
+        try:
+            data = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise _Refusal(400, "request body must be a JSON object") from None
+        if not isinstance(data, dict):
+            raise _Refusal(400, "request body must be a JSON object")
+        name, credential = data.get("name"), data.get("credential")
+        if not isinstance(name, str) or not bootstrap.valid_node_name(name):
+            raise _Refusal(400, "field 'name' must be a node name")
+        if not isinstance(credential, str) or not CREDENTIAL_RE.fullmatch(credential):
+            raise _Refusal(400, "field 'credential' must be 64 lowercase hex digits")
+        return name, credential
+
+
+class _Refusal(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message

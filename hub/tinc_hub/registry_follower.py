@@ -1,0 +1,157 @@
+"""Keep this hub's tinc files in step with the registry that several hubs share.
+
+:func:`mirror_registry` makes ``hosts/`` and ``tinc.conf`` say what the registry says, as this
+hub sees it (roster.py renders the hub files per viewing hub): every active hub's file and a
+``ConnectTo`` for each other hub, every active node's file; the files of revoked nodes and
+removed hubs are removed (never a file of a name the registry does not know). A file is
+written only when its bytes change (tinc 1.0 drops, on SIGHUP, the connection of every host
+whose file is newer), and the caller SIGHUPs tincd once when anything changed.
+
+:class:`RegistryFollower` (a thread of ``tinc-hub serve``) calls it whenever the registry's
+generation (bumped by every write transaction of any hub) moves: at once on a PostgreSQL
+notification (``LISTEN tinc_hub_changes``), else by polling the generation every
+``POLL_INTERVAL`` s, and once at start, so a hub that was down catches up when it starts.
+"""
+
+import logging
+import threading
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+from .hostfiles import reconcile_host_files, remove_if_present, write_if_changed
+from .registry import CHANGES_CHANNEL, Registry, RegistryError
+from .roster import active_hubs, hub_host_files_for, render_hub_tinc_conf
+from .state import HubConfig
+
+log = logging.getLogger("tinc_hub.follow")
+
+POLL_INTERVAL = 1.0  # s between generation reads when no notification comes (SQLite, PG down)
+RETRY_INTERVAL = 5.0  # s before reconnecting the PostgreSQL listener after an error
+
+
+def mirror_registry(config: HubConfig, registry: Registry) -> Dict[str, List[str]]:
+    """Bring hosts/ and tinc.conf in line with the registry; returns what was written and
+    removed (tincd needs a SIGHUP when either is not empty)."""
+    with registry.snapshot() as view:
+        hubs = view.list_hubs()
+    written: List[str] = []
+    removed: List[str] = []
+    with registry.exclusive():
+        for name, text in sorted(hub_host_files_for(config.name, hubs, config.network).items()):
+            if write_if_changed(config.hosts_dir / name, text):
+                written.append(name)
+        for hub in hubs:
+            if hub.removed and hub.name != config.name and remove_if_present(config.hosts_dir / hub.name):
+                removed.append(hub.name)
+        others = [h.name for h in active_hubs(hubs) if h.name != config.name]
+        if any(h.name == config.name for h in hubs):  # never before this hub recorded itself
+            conf = render_hub_tinc_conf(config.name, config.net, config.port, others)
+            if write_if_changed(config.net_dir / "tinc.conf", conf):
+                written.append("tinc.conf")
+    nodes = reconcile_host_files(config, registry)
+    return {"written": written + nodes["written"], "removed": removed + nodes["removed"]}
+
+
+class RegistryFollower:
+    """Runs :func:`mirror_registry` whenever the registry changed, in a daemon thread."""
+
+    def __init__(self, config: HubConfig, registry: Registry, sighup: Callable[[], bool],
+                 poll_interval: float = POLL_INTERVAL) -> None:
+        self.config, self.registry, self.sighup = config, registry, sighup
+        self.poll_interval = poll_interval
+        self.generation: Optional[int] = None  # the generation last mirrored
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="registry-follower", daemon=True)
+        self._listener = None  # a psycopg connection LISTENing, PostgreSQL only
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def catch_up(self) -> bool:
+        """Mirror when the generation moved; True when files changed."""
+        with self.registry.reading() as view:
+            generation = view.generation()
+        if generation == self.generation:
+            return False
+        done = mirror_registry(self.config, self.registry)
+        self.generation = generation
+        if done["written"] or done["removed"]:
+            log.info("followed the registry (generation %d): wrote %s, removed %s", generation,
+                     ", ".join(done["written"]) or "nothing", ", ".join(done["removed"]) or "nothing")
+            self.sighup()
+            return True
+        return False
+
+    def _run(self) -> None:
+        failing = False
+        while not self._stop.is_set():
+            try:
+                self.catch_up()
+                if failing:
+                    log.info("following the registry again")
+                failing = False
+                self._wait_for_change()
+            except RegistryError as exc:
+                if not failing:
+                    log.warning("cannot follow the registry: %s (retrying every %.0f s)", exc, RETRY_INTERVAL)
+                failing = True
+                self._close_listener()
+                self._stop.wait(RETRY_INTERVAL)
+            except Exception as exc:  # the follower must outlive any one failure
+                log.error("registry follower: %s: %s", type(exc).__name__, exc)
+                self._close_listener()
+                self._stop.wait(RETRY_INTERVAL)
+        self._close_listener()
+
+    def _wait_for_change(self) -> None:
+        """Until a notification arrives or the poll interval passed."""
+        if self.registry.dialect != "postgresql":
+            self._stop.wait(self.poll_interval)
+            return
+        listener = self._listen()
+        if listener is None:
+            self._stop.wait(self.poll_interval)
+            return
+        try:
+            for _ in listener.notifies(timeout=self.poll_interval, stop_after=1):
+                break
+        except Exception as exc:
+            log.debug("listener lost: %s", exc)
+            self._close_listener()
+
+    def _listen(self):  # -> Optional[psycopg.Connection]
+        if self._listener is not None:
+            return self._listener
+        try:
+            with self.registry.url.translate_errors():
+                pooled = self.registry.engine.raw_connection()
+                pooled.detach()  # ours alone: it stays in LISTEN mode
+                conn = pooled.dbapi_connection
+                conn.autocommit = True
+                conn.execute(f"LISTEN {CHANGES_CHANNEL}")
+        except RegistryError as exc:
+            log.debug("cannot LISTEN: %s", exc)
+            return None
+        self._listener = conn
+        return conn
+
+    def _close_listener(self) -> None:
+        if self._listener is not None:
+            try:
+                self._listener.close()
+            except Exception:
+                pass
+            self._listener = None
+
+
+def read_public_key(net_dir: Path) -> str:
+    """The hub's tinc public key (PKCS#1 PEM, what tinc 1.0 reads) from its rsa_key.priv."""
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key((net_dir / "rsa_key.priv").read_bytes(), password=None)
+    return key.public_key().public_bytes(serialization.Encoding.PEM,
+                                         serialization.PublicFormat.PKCS1).decode("ascii")
