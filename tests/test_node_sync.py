@@ -277,3 +277,232 @@ def test_credential_form():
     assert bootstrap.valid_credential("0123456789abcdef" * 4)
     for bad in ("0123456789ABCDEF" * 4, "0" * 63, "0" * 65, "0" * 63 + "\n", 7, None, "g" * 64):
         assert not bootstrap.valid_credential(bad)
+
+
+# =========================================================================================
+# The real thing: a real hub and real nodes in namespaces (labkit.netlab), in file order.
+
+from labkit import netlab  # noqa: E402
+
+NET = "syncnet"
+HUB = "erebor"
+SHIRE, BREE = "shire", "bree"  # shire runs bootstrap.py from its file, bree from a pipe
+NETDIR = "/etc/tinc/" + NET
+PIDFILE = "/run/tinc-bootstrap-sync.%s.pid" % NET
+LOG = "/var/log/tinc-bootstrap.log"
+
+
+class Lab:
+    def __init__(self, topo, hub):
+        self.topo, self.hub = topo, hub
+        self.nodes = {n.name: n for n in topo.nodes}
+        self.tokens = {}
+
+    def netlab_diagnostics(self):
+        return self.topo.diagnostics()
+
+
+@pytest.fixture(scope="module")
+def lab():
+    if not netlab.TINC_HUB.exists():
+        pytest.fail("%s missing: run tests/setup-env" % netlab.TINC_HUB)
+    topo = netlab.build_nat_topology(node_names=[SHIRE, BREE], hub_name="hub")
+    try:
+        hub = netlab.HubDriver(topo.hub, NET, HUB)
+        hub.init(key_size=2048, init="none")
+        hub.serve()
+        yield Lab(topo, hub)
+    finally:
+        topo.close()
+
+
+def sync_loop_pids(node):
+    """Pids of the node's sync loops (processes running `bootstrap.py sync --net NET`)."""
+    found = []
+    for pid in node.pids():
+        try:
+            with open("/proc/%d/cmdline" % pid, "rb") as handle:
+                words = handle.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "sync" in words and NET in words and "--daemon" not in words and "--stop" not in words:
+            found.append(pid)
+    return found
+
+
+def loop_locked(node):
+    """True when the sync pid file is locked (util-linux flock, from outside the loop)."""
+    return node.run(["flock", "-n", "-s", PIDFILE, "true"], check=False).returncode == 1
+
+
+def snapshot(node):
+    """Every file under the net dir: bytes and mtime (ns)."""
+    return node.snapshot(NETDIR)
+
+
+def join(lab, name, piped=False, **kw):
+    token = lab.tokens.setdefault(name, lab.hub.token_create("--name", name)["token"])
+    argv = netlab.bootstrap_argv(name=name, key_size=2048, init="none", timeout=60,
+                                 python="/usr/bin/python3")
+    env = {"TINC_BOOTSTRAP_TOKEN": token}
+    node = lab.nodes[name]
+    if piped:  # as `curl ... | python3 -`: the script has no file
+        with open(netlab.BOOTSTRAP_PY) as handle:
+            source = handle.read()
+        return node.run(["/usr/bin/python3", "-"] + argv[2:], env=env, input=source,
+                        timeout=180, check=False, **kw)
+    return node.run(argv, env=env, timeout=180, check=False, **kw)
+
+
+def sync_once(node):
+    return node.run(["/usr/bin/python3", NETDIR + "/bootstrap.py", "sync", "--once"],
+                    check=False, timeout=60)
+
+
+@pytest.mark.netlab
+def test_join_gets_a_credential_every_hub_file_and_a_running_sync_loop(lab):
+    node = lab.nodes[SHIRE]
+    done = join(lab, SHIRE)
+    assert done.returncode == 0, done.stdout + done.stderr
+    credential = node.read_file(NETDIR + "/credential").strip()
+    assert bootstrap.valid_credential(credential)
+    mode = lambda path: int(node.run(["stat", "-c", "%a %U", path]).stdout.split()[0], 8)  # noqa
+    assert mode(NETDIR + "/credential") == 0o600 and mode(NETDIR + "/hubs.json") == 0o600
+    hub_net, hubs = bootstrap.parse_hubs_record(node.read_file(NETDIR + "/hubs.json"))
+    assert hub_net == NET and [h.name for h in hubs] == [HUB]
+    assert hubs[0].host == netlab.HUB_PUBLIC and hubs[0].pin == netlab.decode_token(
+        lab.tokens[SHIRE])["k"]
+    conf = node.read_file(NETDIR + "/tinc.conf")
+    for line in ("ConnectTo = " + HUB, "PingInterval = 5", "PingTimeout = 3", "MaxTimeout = 30"):
+        assert line + "\n" in conf, conf
+    assert node.read_bytes(NETDIR + "/bootstrap.py") == netlab.BOOTSTRAP_PY.read_bytes()
+    assert mode(NETDIR + "/bootstrap.py") == 0o755
+    up = node.read_file(NETDIR + "/tinc-up").splitlines()[-1]
+    assert shlex.split(up[:-len(" || :")]) == [
+        "/usr/bin/python3", NETDIR + "/bootstrap.py", "sync", "--net", NET, "--daemon"]
+    # started by tinc-up, detached: wait for it (tinc-up returns before the loop locks)
+    assert netlab.wait_until(lambda: loop_locked(node) and sync_loop_pids(node), 10), \
+        node.run(["cat", LOG], check=False).stdout
+    pid = sync_loop_pids(node)[0]
+    assert int(node.read_file(PIDFILE).strip()) == pid
+    assert os.getsid(pid) == pid  # its own session: nothing ties it to tincd's terminal
+    fds = os.listdir("/proc/%d/fd" % pid)
+    targets = [os.readlink("/proc/%d/fd/%s" % (pid, fd)) for fd in fds]
+    assert not any("tun" in t for t in targets), targets  # holds no fd of tincd's
+    assert credential not in node.read_file(LOG)
+
+
+@pytest.mark.netlab
+def test_a_replay_with_the_credential_gets_none_and_changes_nothing(lab):
+    node = lab.nodes[SHIRE]
+    before, tincd, loops = snapshot(node), lab.nodes[SHIRE].read_pidfile(
+        bootstrap.pid_file_paths(NET)[0]), sync_loop_pids(node)
+    done = join(lab, SHIRE)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert snapshot(node) == before  # the same credential (no new one), same bytes and mtimes
+    assert node.read_pidfile(bootstrap.pid_file_paths(NET)[0]) == tincd
+    assert sync_loop_pids(node) == loops and len(loops) == 1
+
+
+@pytest.mark.netlab
+def test_sync_once_changes_nothing_when_nothing_changed(lab):
+    node = lab.nodes[SHIRE]
+    before, tincd = snapshot(node), node.read_pidfile(bootstrap.pid_file_paths(NET)[0])
+    done = sync_once(node)
+    assert done.returncode == 0 and "nothing changed" in done.stderr, done.stderr
+    assert snapshot(node) == before
+    assert node.read_pidfile(bootstrap.pid_file_paths(NET)[0]) == tincd
+
+
+@pytest.mark.netlab
+def test_sync_once_repairs_a_hub_file_and_removes_only_hubs_it_recorded(lab):
+    node = lab.nodes[SHIRE]
+    hub_file = node.read_file(NETDIR + "/hosts/" + HUB)
+    record = json.loads(node.read_file(NETDIR + "/hubs.json"))
+    record["hubs"].append({"name": "oldhub", "host": "192.0.2.77", "port": 8655,
+                           "pin": record["hubs"][0]["pin"]})
+    node.write_file(NETDIR + "/hubs.json", json.dumps(record), mode=0o600)
+    node.write_file(NETDIR + "/hosts/oldhub", "Address = 192.0.2.77\n")
+    node.write_file(NETDIR + "/hosts/stranger", "Address = 192.0.2.78\n")
+    node.write_file(NETDIR + "/hosts/" + HUB, hub_file.replace(netlab.HUB_PUBLIC, "192.0.2.99"))
+    tincd = node.read_pidfile(bootstrap.pid_file_paths(NET)[0])
+    done = sync_once(node)
+    assert done.returncode == 0, done.stderr
+    assert "SIGHUP tincd" in done.stderr and "oldhub" in done.stderr, done.stderr
+    assert node.read_file(NETDIR + "/hosts/" + HUB) == hub_file
+    assert not node.exists(NETDIR + "/hosts/oldhub")
+    assert node.read_file(NETDIR + "/hosts/stranger") == "Address = 192.0.2.78\n"
+    assert [h["name"] for h in json.loads(node.read_file(NETDIR + "/hubs.json"))["hubs"]] == [HUB]
+    assert node.read_pidfile(bootstrap.pid_file_paths(NET)[0]) == tincd  # HUP, no restart
+    hub_vpn = lab.hub.vpn_address()
+    assert node.wait_ping(hub_vpn, 30), "the VPN did not come back after the SIGHUP"
+    node.run(["rm", "-f", NETDIR + "/hosts/stranger"])
+
+
+@pytest.mark.netlab
+def test_a_piped_join_installs_the_hubs_script(lab):
+    node = lab.nodes[BREE]
+    done = join(lab, BREE, piped=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert node.read_bytes(NETDIR + "/bootstrap.py") == netlab.BOOTSTRAP_PY.read_bytes()
+    assert netlab.wait_until(lambda: loop_locked(node), 10)
+
+
+@pytest.mark.netlab
+def test_the_loop_stops_with_tincd_and_comes_back_once(lab):
+    node = lab.nodes[SHIRE]
+    loops = sync_loop_pids(node)
+    assert len(loops) == 1
+    tincd = netlab.tincd_pid(node, NET)
+    node.run(["tincd", "-n", NET, "-k"])
+    assert netlab.wait_until(lambda: not sync_loop_pids(node) and not loop_locked(node), 10), \
+        "the sync loop outlived tincd -k (tinc-down)"
+    assert netlab.wait_until(lambda: not netlab.pid_alive(tincd), 10)
+    netlab.start_tincd(node, NET, port=0)
+    assert netlab.wait_until(lambda: len(sync_loop_pids(node)) == 1 and loop_locked(node), 10)
+    first = sync_loop_pids(node)
+    # tincd killed hard (no tinc-down) and started again, the launcher run by hand twice:
+    # tinc-up finds the loop running and starts no second one
+    tincd = netlab.tincd_pid(node, NET)
+    os.kill(tincd, 9)
+    assert netlab.wait_until(lambda: not netlab.pid_alive(tincd), 10)
+    # a zombie until its reaper runs: tincd's kill(pid, 0) would take it for a running tincd
+    node.run(["rm", "-f", bootstrap.pid_file_paths(NET)[0]])
+    netlab.start_tincd(node, NET, port=0)
+    for _ in range(2):
+        node.run(["/usr/bin/python3", NETDIR + "/bootstrap.py", "sync", "--net", NET, "--daemon"])
+    assert sync_loop_pids(node) == first
+    netlab.stop_tincd(node, NET)
+    assert netlab.wait_until(lambda: not sync_loop_pids(node), 10)
+    netlab.start_tincd(node, NET, port=0)
+    assert netlab.wait_until(lambda: len(sync_loop_pids(node)) == 1 and loop_locked(node), 10)
+
+
+@pytest.mark.netlab
+def test_a_wrong_credential_gets_401_with_the_hint(lab):
+    node = lab.nodes[SHIRE]
+    good = node.read_file(NETDIR + "/credential")
+    node.write_file(NETDIR + "/credential", "0" * 64 + "\n", mode=0o600)
+    try:
+        done = sync_once(node)
+        assert done.returncode == bootstrap.EXIT_REFUSED, done.stderr
+        assert "re-run the one-liner" in done.stderr and "0" * 64 not in done.stderr, done.stderr
+    finally:
+        node.write_file(NETDIR + "/credential", good, mode=0o600)
+    assert sync_once(node).returncode == 0
+
+
+@pytest.mark.netlab
+def test_a_revoked_nodes_sync_stops_with_403(lab):
+    node = lab.nodes[BREE]
+    assert netlab.wait_until(lambda: len(sync_loop_pids(node)) == 1, 10)
+    lab.hub.cli("revoke", BREE)
+    done = sync_once(node)
+    assert done.returncode == bootstrap.EXIT_REFUSED and "revoked" in done.stderr, done.stderr
+    # a loop asks at once when it starts (tincd restarted): it meets the 403 and stops
+    netlab.stop_tincd(node, NET)
+    assert netlab.wait_until(lambda: not sync_loop_pids(node), 10)
+    netlab.start_tincd(node, NET, port=0)
+    assert netlab.wait_until(lambda: "stopping" in node.read_file(LOG), 30), node.read_file(LOG)
+    assert netlab.wait_until(lambda: not sync_loop_pids(node) and not loop_locked(node), 10)
+    assert "revoked" in node.read_file(LOG)
