@@ -104,7 +104,8 @@ def dump_registry(registry: Registry) -> List[tuple]:
         out: List[tuple] = []
         for table, order in (("tokens", "secret_sha256"), ("nodes", "name"), ("hubs", "name"),
                              ("settings", "key")):
-            out.extend((table,) + tuple(r) for r in conn.execute(f"SELECT * FROM {table} ORDER BY {order}"))
+            if conn.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (table,)).fetchone():
+                out.extend((table,) + tuple(r) for r in conn.execute(f"SELECT * FROM {table} ORDER BY {order}"))
         return out
 
 

@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import shlex
+import shutil
 import socket
 import sqlite3
 import threading
@@ -157,7 +158,9 @@ def test_serve_schema_upgrade_is_idempotent_and_keeps_rows(hub: HubEnv) -> None:
     before = dump_registry(hub.registry)
     hub.registry.ensure_schema()  # what `serve` runs at start
     after = dump_registry(hub.registry)
-    assert after == [row + (None,) if row[0] == "tokens" else row for row in before]
+    # tokens gain revoked_at (0001), nodes kind and credential_sha256 (0002); then settings
+    expected = [row + (None,) if row[0] == "tokens" else row + ("node", None) for row in before]
+    assert after == expected + [("settings", "generation", "0")]
     mtime = hub.state.registry_file.stat().st_mtime_ns
     assert hub.registry.upgrade_schema() == []  # current: only read
     assert hub.state.registry_file.stat().st_mtime_ns == mtime
@@ -390,7 +393,8 @@ def served(tmp_path: Path):
 def test_spent_expired_revoked_tokens_and_replays_answered_while_the_write_lock_is_held(served) -> None:
     env, server = served
     spent = env.token().token
-    assert enrol_concurrently(server, [Enrolment(spent, "replayed", rsa_public_pem(1))])[0].status == 200
+    first = enrol_concurrently(server, [Enrolment(spent, "replayed", rsa_public_pem(1))])[0]
+    assert first.status == 200
     expired = env.token(ttl=60, now=time.time() - 120).token
     revoked = env.token(uses=5)
     assert revoked.id in [row[1][:TOKEN_ID_CHARS] for row in dump_registry(env.registry) if row[0] == "tokens"]
@@ -401,7 +405,8 @@ def test_spent_expired_revoked_tokens_and_replays_answered_while_the_write_lock_
                Enrolment(expired, "other2", rsa_public_pem(3)),
                Enrolment(revoked.token, "other3", rsa_public_pem(4)),
                Enrolment(printed(env, new_secret()), "other4", rsa_public_pem(5))]
-    replay = Enrolment(spent, "replayed", rsa_public_pem(1))
+    # the node's replay carries the credential its first answer issued: no write, no lock
+    replay = Enrolment(spent, "replayed", rsa_public_pem(1), first.body["credential"])
 
     fd = os.open(env.state.lock_file, os.O_RDWR)
     released = False
@@ -475,7 +480,8 @@ def test_internal_error_line_stays_one_line_whatever_the_path(served) -> None:
     /v1/enroll%0A reaches the handler. With the hub broken (its own host file gone: a 500),
     the error line (request.url.path, which urlsplit strips of newlines) stays one line."""
     env, server = served
-    env.config.hub_host_file.unlink()
+    shutil.rmtree(env.config.hosts_dir)  # hosts/ is not a directory: a hub fault
+    env.config.hosts_dir.write_text("")
     body = json.dumps({"name": "broken", "public_key": rsa_public_pem(1)}).encode()
     head = ("POST /v1/enroll%0A HTTP/1.1\r\nHost: h\r\n"
             f"Authorization: Bearer {env.token().token}\r\nContent-Length: {len(body)}\r\n"
@@ -487,4 +493,4 @@ def test_internal_error_line_stays_one_line_whatever_the_path(served) -> None:
     assert answer.startswith(b"HTTP/1.1 500 "), answer
     assert wait_until(lambda: "internal error on POST" in server.log_text(), 5)
     lines = [line for line in server.log_text().splitlines() if "internal error on POST" in line]
-    assert len(lines) == 1 and "POST /v1/enroll: FileNotFoundError: " in lines[0], lines
+    assert len(lines) == 1 and "POST /v1/enroll: NotADirectoryError: " in lines[0], lines

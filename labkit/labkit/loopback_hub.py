@@ -203,6 +203,7 @@ class Enrolment(NamedTuple):
     token: str
     name: str
     public_key: str
+    credential: Optional[str] = None  # the node's credential, sent when set (a clean replay)
 
 
 class Reply(NamedTuple):
@@ -218,7 +219,10 @@ async def post_enroll(port: int, context: ssl.SSLContext, item: Enrolment,
                       source: Optional[str] = None) -> Reply:
     """One POST /v1/enroll on its own TLS connection (as bootstrap.py does), with extra
     request ``headers``, from the loopback address ``source`` (e.g. 127.0.0.3) if given."""
-    body = json.dumps({"name": item.name, "public_key": item.public_key}).encode()
+    fields = {"name": item.name, "public_key": item.public_key}
+    if item.credential is not None:
+        fields["credential"] = item.credential
+    body = json.dumps(fields).encode()
     extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
     head = (f"POST /v1/enroll HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
             f"Authorization: Bearer {item.token}\r\nContent-Type: application/json\r\n"
