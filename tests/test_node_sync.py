@@ -287,6 +287,7 @@ from labkit import netlab  # noqa: E402
 NET = "syncnet"
 HUB = "erebor"
 SHIRE, BREE = "shire", "bree"  # shire runs bootstrap.py from its file, bree from a pipe
+DALE = "dale"  # joined by the bootstrap.py of before issue 11, then re-runs today's
 NETDIR = "/etc/tinc/" + NET
 PIDFILE = "/run/tinc-bootstrap-sync.%s.pid" % NET
 LOG = "/var/log/tinc-bootstrap.log"
@@ -306,7 +307,7 @@ class Lab:
 def lab():
     if not netlab.TINC_HUB.exists():
         pytest.fail("%s missing: run tests/setup-env" % netlab.TINC_HUB)
-    topo = netlab.build_nat_topology(node_names=[SHIRE, BREE], hub_name="hub")
+    topo = netlab.build_nat_topology(node_names=[SHIRE, BREE, DALE], hub_name="hub")
     try:
         hub = netlab.HubDriver(topo.hub, NET, HUB)
         hub.init(key_size=2048, init="none")
@@ -340,15 +341,16 @@ def snapshot(node):
     return node.snapshot(NETDIR)
 
 
-def join(lab, name, piped=False, **kw):
+def join(lab, name, piped=False, source=None, **kw):
     token = lab.tokens.setdefault(name, lab.hub.token_create("--name", name)["token"])
     argv = netlab.bootstrap_argv(name=name, key_size=2048, init="none", timeout=60,
                                  python="/usr/bin/python3")
     env = {"TINC_BOOTSTRAP_TOKEN": token}
     node = lab.nodes[name]
     if piped:  # as `curl ... | python3 -`: the script has no file
-        with open(netlab.BOOTSTRAP_PY) as handle:
-            source = handle.read()
+        if source is None:
+            with open(netlab.BOOTSTRAP_PY) as handle:
+                source = handle.read()
         return node.run(["/usr/bin/python3", "-"] + argv[2:], env=env, input=source,
                         timeout=180, check=False, **kw)
     return node.run(argv, env=env, timeout=180, check=False, **kw)
@@ -446,6 +448,29 @@ def test_a_piped_join_installs_the_hubs_script(lab):
     assert done.returncode == 0, done.stdout + done.stderr
     assert node.read_bytes(NETDIR + "/bootstrap.py") == netlab.BOOTSTRAP_PY.read_bytes()
     assert netlab.wait_until(lambda: loop_locked(node), 10)
+
+
+# bootstrap.py as main had it before the node side of issue 11 (commit 000bee2)
+OLD_SCRIPT = os.path.join(os.path.dirname(__file__), "fixtures", "node", "bootstrap-000bee2.py")
+
+
+@pytest.mark.netlab
+def test_a_node_joined_before_gets_sync_by_re_running_the_one_liner_with_its_old_token(lab):
+    node = lab.nodes[DALE]
+    with open(OLD_SCRIPT) as handle:
+        old = handle.read()
+    assert "def sync_loop" not in old
+    done = join(lab, DALE, piped=True, source=old)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not node.exists(NETDIR + "/credential") and "sync" not in node.read_file(NETDIR + "/tinc-up")
+    tincd = netlab.tincd_pid(node, NET)
+    done = join(lab, DALE, piped=True)  # the same (spent) token: a replay
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert bootstrap.valid_credential(node.read_file(NETDIR + "/credential").strip())
+    assert "PingInterval = 5" in node.read_file(NETDIR + "/tinc.conf")
+    assert netlab.tincd_pid(node, NET) != tincd  # tinc.conf gained the keepalive: restarted
+    assert netlab.wait_until(lambda: len(sync_loop_pids(node)) == 1 and loop_locked(node), 10)
+    assert sync_once(node).returncode == 0
 
 
 @pytest.mark.netlab
