@@ -105,6 +105,13 @@ def hub_has_nodes(lab: multihub.MultiHubLab, hub: str, nodes: List[str]) -> bool
     return all(n in files for n in nodes)
 
 
+def assert_erebor_relays(lab: multihub.MultiHubLab) -> None:
+    """hobbiton -> bree runs through erebor (nodes prefer the lowest-named reachable hub),
+    so that erebor's death is the failure that matters."""
+    counts = lab.relayed_packets(HOBBITON, lab.addresses[BREE], count=30)
+    assert counts[EREBOR] >= 55 and counts[RIVENDELL] < 20, counts
+
+
 def measure_outage(lab: multihub.MultiHubLab, event_action, bound: float, span: float = 3.0):
     """Ping hobbiton -> bree every 0.1 s, run event_action(), wait until replies flow again
     steadily for `span` s (at most `bound` s); the outage in seconds (None: no recovery)."""
@@ -162,6 +169,7 @@ def test_two_hubs_every_node_reaches_every_node_and_every_hub(lab):
             assert_pings(lab.host(hub), lab.addresses[dst])
     assert_pings(lab.host(EREBOR), vpn[RIVENDELL])
     timing("ping matrix of 3 nodes and 2 hubs", time.monotonic() - started)
+    assert_erebor_relays(lab)
 
 
 # ------------------------------------------------------------------ erebor dies, twice
@@ -173,6 +181,7 @@ def test_hub_killed_traffic_continues_and_a_node_joins_through_the_other_hub(lab
     fields = netlab.decode_token(token)
     assert fields["a"] == erebor.address
     assert [x[0] for x in fields.get("x", [])] == [lab.hub(RIVENDELL).address], fields
+    assert_erebor_relays(lab)
     gap = measure_outage(lab, erebor.kill_hard, bound=30)
     assert gap is not None, "hobbiton -> bree never recovered after erebor was killed"
     timing("node<->node outage, erebor's processes killed (research ~0 s)", gap)
@@ -200,6 +209,7 @@ def test_hub_cut_off_silently_traffic_recovers_and_a_node_joins_through_the_othe
     nodes = joined(lab)
     wait_all_connected(lab, nodes, [EREBOR, RIVENDELL], REJOIN_S, "before the cut")
     token = erebor.token_create()["token"]
+    assert_erebor_relays(lab)  # traffic went back to the returned erebor
 
     def silent_death():
         lab.set_link(EREBOR, False)  # no FIN, no RST reaches anyone
@@ -228,7 +238,7 @@ def curl_enroll(node: netlab.Host, hub: multihub.HubInNamespace, token: str, nam
                 public_key: str) -> Dict[str, object]:
     """POST /v1/enroll with curl from `node` (pinned TLS; the token goes in on stdin, never
     in argv); {status, headers, body}."""
-    pin = netlab.decode_token(token)["p"]
+    pin = netlab.decode_token(token)["k"]
     body = json.dumps({"name": name, "public_key": public_key})
     node.write_file("/run/enroll-body.json", body, 0o600)
     config = 'header = "Authorization: Bearer %s"\n' % token
@@ -259,13 +269,17 @@ def test_registry_down_vpn_carries_on_and_enrolment_resumes(lab):
         assert answer["headers"].get("retry-after", "").isdigit(), answer
         assert "\n" not in str(answer["body"].get("error", "")) and answer["body"].get("error")
         bootstrap = netlab.start_bootstrap(lab.host(GONDOR), token, name=GONDOR, timeout=120)
-        assert not netlab.wait_until(lambda: bootstrap.poll() is not None, 8, 0.2), \
-            "bootstrap.py gave up while PostgreSQL was down:\n" + bootstrap.output()
+        # it is told 503 + Retry-After and waits: two rounds (>= 5 s) with PostgreSQL down
+        netlab.wait_until(lambda: bootstrap.output().count("retrying in") >= 2
+                          or bootstrap.poll() is not None, 30, 0.2)
+        assert bootstrap.poll() is None and bootstrap.output().count("retrying in") >= 2, \
+            "bootstrap.py did not keep retrying while PostgreSQL was down:\n" + bootstrap.output()
         # the VPN carried traffic all along
         replies = [t for t in pinger.replies() if t >= down_at]
         assert replies and time.time() - replies[-1] < 1.0
         gap = multihub.largest_gap(replies)
-        timing("largest ping gap while PostgreSQL was down (~10 s window)", gap)
+        timing("PostgreSQL down: window with pings", replies[-1] - down_at)
+        timing("PostgreSQL down: largest ping gap in it", gap)
         assert gap < 1.0, "node<->node traffic stalled %.1f s with PostgreSQL down" % gap
         up_at = time.monotonic()
         lab.start_registry()
@@ -303,15 +317,16 @@ def test_revocation_on_one_hub_cuts_the_node_off_on_every_hub(lab):
     took = multihub.wait_for(lambda: not any(DALE in lab.hub(h).host_files() for h in vpn),
                              IN_STEP_S, "hosts/dale to go from every hub")
     timing("revoke on rivendell -> hosts/dale gone from every hub (<= 5 s)", took)
-    # cut off through every hub: nothing answers dale any more
+    # cut off through every hub: nothing answers dale any more (each figure: when the first
+    # of the failing pings was sent, counted from the revoke)
     cut = []
     for dst in list(vpn.values()) + [lab.addresses[HOBBITON]]:
-        if dale.ping(dst, 1, 1):
-            first_fail = dale.wait_no_ping(dst, timeout=10)
-            assert first_fail is not None, "dale still reaches %s after revocation" % dst
-        cut.append(time.monotonic() - started)
-    timing("revoke -> dale cut off from both hubs and hobbiton", max(cut))
-    assert max(cut) <= 10.0
+        probe = time.monotonic()
+        first_fail = 0.0 if not dale.ping(dst, 1, 1) else dale.wait_no_ping(dst, timeout=10)
+        assert first_fail is not None, "dale still reaches %s after revocation" % dst
+        cut.append(probe - started + first_fail)
+    timing("revoke on rivendell -> dale cut off from both hubs and hobbiton (<= 5 s)", max(cut))
+    assert max(cut) <= 5.0, cut
     assert not lab.host(HOBBITON).ping(lab.addresses[DALE], 2, 1)
 
 
@@ -398,7 +413,11 @@ def test_500_enrolments_over_two_hubs_at_once(loopback_pair):
 
     def hosts_equal_registry(server: HubProcess) -> bool:
         hosts = server.state_dir.parent / "tinc" / LOOPBACK_NET / "hosts"
-        files = {p.name: p.read_text() for p in hosts.iterdir() if p.name not in (EREBOR, RIVENDELL)}
+        try:  # the hub may be renaming a file into place right now: then look again
+            files = {p.name: p.read_text() for p in hosts.iterdir()
+                     if p.name not in (EREBOR, RIVENDELL) and not p.name.startswith(".")}
+        except FileNotFoundError:
+            return False
         return files == expected
     took = multihub.wait_for(lambda: all(hosts_equal_registry(s) for s in loopback_pair),
                              IN_STEP_S, "both hubs' hosts/ to equal the registry")

@@ -275,6 +275,17 @@ class MultiHubLab:
                                   "dport", "=", ":655"], check=False)
         return cp.returncode == 0 and bool(cp.stdout.strip())
 
+    def relayed_packets(self, src: str, dst_address: str, count: int = 30) -> Dict[str, int]:
+        """hub name -> packets its public interface received while node `src` pinged
+        `dst_address` `count` times: the hub relaying node<->node traffic shows about
+        2 * count (request in from src, reply in from dst), a standby hub only keepalives."""
+        hubs = [h for h in self.hubs.values() if h.serve_proc is not None]
+        before = {h.name: h.host.rx_packets("eth0") for h in hubs}
+        replied = self.host(src).ping(dst_address, count=count, timeout=1, interval=0.02)
+        if not replied:
+            raise AssertionError("%s -> %s: no reply" % (src, dst_address))
+        return {h.name: h.host.rx_packets("eth0") - before[h.name] for h in hubs}
+
     # -- failures --------------------------------------------------------------------------
     def set_link(self, hub: str, up: bool) -> None:
         """Set the router's bridge port of `hub` down (its link cut: nothing reaches it and
