@@ -268,3 +268,20 @@ def test_hub_remove_retires_a_hub_everywhere(net: Dict, capsys) -> None:
     assert answer["address"] == "10.78.0.3"
     assert enrol(Enroller(rivendell.config, rivendell.registry()), token_of(rivendell, capsys),
                  "erebor", rsa_public_pem(5))[0] == 409
+
+
+def test_a_hub_may_move_when_another_hub_can_tell_the_nodes(net: Dict, capsys) -> None:
+    erebor, rivendell = net["erebor"], net["rivendell"]
+    enroller = Enroller(rivendell.config, rivendell.registry())
+    status, answer = enrol(enroller, token_of(rivendell, capsys), "bree", rsa_public_pem(6))
+    assert status == 200
+    code, out, err = rivendell.init(capsys, net["url"], net["password_file"], "--address", "198.51.100.7")
+    assert code == 0 and "follow the new address and port by themselves" in out, err
+    assert rivendell.config.address == "198.51.100.7"
+    mirror_registry(erebor.config, erebor.registry())
+    assert "Address = 198.51.100.7\n" in erebor.file("hosts/rivendell")
+    synced = SyncHandler(erebor.config, erebor.registry()).process(
+        json.dumps({"name": "bree", "credential": answer["credential"]}).encode())
+    moved = {h["name"]: h for h in synced.body["hubs"]}["rivendell"]
+    assert moved["api"]["host"] == "198.51.100.7" and "Address = 198.51.100.7\n" in moved["host_file"]
+    assert moved["api"]["pin"] == pin_of_cert_file(rivendell.state.cert_file)  # same TLS key

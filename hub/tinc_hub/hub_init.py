@@ -93,8 +93,10 @@ def render_hub_host_file(config: HubConfig, public_pem: str) -> str:
 
 
 def check_existing(state: StateDir, new: HubConfig, registry: Registry,
-                   tinc_conf: str) -> Optional[HubConfig]:
-    """Compare with an earlier init; refuse unsafe changes. Returns the old config, if any."""
+                   tinc_conf: str, other_hubs: int = 0) -> Optional[HubConfig]:
+    """Compare with an earlier init; refuse unsafe changes. Returns the old config, if any.
+    With other hubs in the net, the public address and tinc port may change: nodes learn the
+    new ones from another hub at their next sync."""
     conf_path = Path(new.tinc_dir) / new.net / "tinc.conf"
     if not state.exists():
         text = bootstrap.read_text(str(conf_path))
@@ -120,6 +122,8 @@ def check_existing(state: StateDir, new: HubConfig, registry: Registry,
         with registry.reading() as view:
             nodes = view.count_nodes()
     for field in ("vpn_subnet", "address", "port"):
+        if field != "vpn_subnet" and other_hubs:
+            continue
         if getattr(old, field) != getattr(new, field) and nodes:
             raise HubError(
                 f"refusing to change {field} from {getattr(old, field)!r} to {getattr(new, field)!r}:"
@@ -180,12 +184,16 @@ class HubInit:
         if req.start and config.init == "systemd":  # refuse what the unit cannot carry, first
             render_unit(config, installed_executable(), str(state.root),
                         bootstrap.service_unit(self.facts, config.net))
-        old = check_existing(state, config, self.registry, self.tinc_conf())
+        old = check_existing(state, config, self.registry, self.tinc_conf(), len(others))
         self.notes: List[str] = []
         if old is not None and old.api_port != config.api_port:
             self.notes.append(f"API port changed from {old.api_port}: tokens made before still name the old port")
         if old is not None and old.address != config.address:
             self.notes.append(f"address changed from {old.address!r}: tokens made before still name the old one")
+        if old is not None and (old.address, old.port) != (config.address, config.port) and others:
+            self.notes.append("the other hubs and the nodes follow the new address and port by themselves"
+                              " (nodes at their next sync, within 2 minutes; a node that joined before"
+                              " sync existed: re-run its one-liner)")
         self.changed: List[str] = []
         self.public_pem = "<public key>"  # until the key step (a dry run keeps it)
         self.tinc_changed = True  # a dry run cannot know: it shows the restart
