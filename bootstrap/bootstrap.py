@@ -1607,6 +1607,15 @@ def validate_hubs(value: object, node_name: str, address: str, prefix: int) -> L
     return hubs
 
 
+def read_private(path: str) -> Optional[str]:
+    """The text of a root-only file (credential, hubs.json); None when missing or unreadable
+    (a dry run as another user)."""
+    try:
+        return read_text(path)
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 def valid_credential(value: object) -> bool:
     """A node credential as the hub issues it: 64 lowercase hex digits."""
     return isinstance(value, str) and CREDENTIAL_RE.fullmatch(value) is not None
@@ -1794,7 +1803,7 @@ def read_node_record(tinc_dir: str, net: str) -> NodeRecord:
     if not valid:
         raise BootstrapError("{} is missing or damaged".format(os.path.join(base, STATE_FILE)),
                              EXIT_USAGE, rerun)
-    text = read_text(os.path.join(base, HUBS_FILE))
+    text = read_private(os.path.join(base, HUBS_FILE))
     if text is None:
         raise BootstrapError("this node has no list of hubs ({} is missing)".format(
             os.path.join(base, HUBS_FILE)), EXIT_USAGE, rerun)
@@ -1803,7 +1812,7 @@ def read_node_record(tinc_dir: str, net: str) -> NodeRecord:
     except ValueError as exc:
         raise BootstrapError("{} is damaged: {}".format(os.path.join(base, HUBS_FILE), exc),
                              EXIT_USAGE, rerun)
-    credential = (read_text(os.path.join(base, CREDENTIAL_FILE)) or "").strip()
+    credential = (read_private(os.path.join(base, CREDENTIAL_FILE)) or "").strip()
     legacy = state.get("hub_name")
     known = [hub.name for hub in hubs] + ([legacy] if isinstance(legacy, str)
                                           and valid_node_name(legacy) else [])
@@ -2001,7 +2010,7 @@ def launch_sync_loop(tinc_dir: str, net: str, log: Optional[str]) -> int:
     but /dev/null on 0-2, cwd /) unless one runs; return at once."""
     if sync_loop_pid(net) is not None:
         return EXIT_OK
-    if own_script_source() is None:
+    if not os.path.isfile(_OWN_FILE):
         raise BootstrapError("sync --daemon needs bootstrap.py as a file", EXIT_USAGE,
                              "run it as tinc-up does: python3 /etc/tinc/NET/bootstrap.py ...")
     cmd = [sync_python(), _OWN_FILE, "sync", "--net", net, "--log", log or ""]
@@ -2151,7 +2160,7 @@ def check_existing_net(tinc_dir: str, net: str, name: str, hubs: Sequence[str]) 
         return
     try:
         recorded = [hub.name for hub in parse_hubs_record(
-            read_text(os.path.join(net_dir(tinc_dir, net), HUBS_FILE)) or "")[1]]
+            read_private(os.path.join(net_dir(tinc_dir, net), HUBS_FILE)) or "")[1]]
     except ValueError:
         recorded = []
     if state.get("name") != name or not set([state.get("hub_name")] + recorded) & set(hubs):
@@ -2228,7 +2237,7 @@ class NodeJoin:
         self.hub_list = None  # type: Optional[List[HubInfo]]
         self.hub_net = token.net
         self.new_credential = None  # type: Optional[str]
-        credential = (read_text(os.path.join(self.base, CREDENTIAL_FILE)) or "").strip()
+        credential = (read_private(os.path.join(self.base, CREDENTIAL_FILE)) or "").strip()
         self.credential = credential if valid_credential(credential) else None
         remember_secret(self.credential)
 
@@ -2359,7 +2368,7 @@ class NodeJoin:
         known = [hub.name for hub in self.hubs]
         try:
             known += [hub.name for hub in parse_hubs_record(
-                read_text(os.path.join(self.base, HUBS_FILE)) or "")[1]]
+                read_private(os.path.join(self.base, HUBS_FILE)) or "")[1]]
         except ValueError:
             pass
         legacy = (load_state(self.tinc_dir, self.net) or {}).get("hub_name")

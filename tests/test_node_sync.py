@@ -504,6 +504,34 @@ def test_the_loop_stops_with_tincd_and_comes_back_once(lab):
 
 
 @pytest.mark.netlab
+def test_sync_and_its_loop_run_under_python36(lab):
+    """The installed script as a node with only Python 3.6 runs it: one round, and the loop
+    launched by `--daemon` (what tinc-up runs) keeps running."""
+    from test_old_python import FLOOR, oldest_python
+
+    python, version = oldest_python()
+    assert version == FLOOR, "no Python 3.6 here (%s is %d.%d)" % ((python,) + version)
+    node = lab.nodes[SHIRE]
+    script = NETDIR + "/bootstrap.py"
+    done = node.run([python, script, "sync", "--once"], check=False, timeout=60)
+    assert done.returncode == 0 and "nothing changed" in done.stderr, done.stderr
+    node.run([python, script, "sync", "--net", NET, "--stop"])
+    assert netlab.wait_until(lambda: not sync_loop_pids(node), 10)
+    hub_file = node.read_file(NETDIR + "/hosts/" + HUB)
+    node.write_file(NETDIR + "/hosts/" + HUB, hub_file.replace("Port = ", "Port = 1"))
+    node.run([python, script, "sync", "--net", NET, "--daemon"])
+    assert netlab.wait_until(lambda: len(sync_loop_pids(node)) == 1 and loop_locked(node), 10)
+    pid = sync_loop_pids(node)[0]
+    assert os.readlink("/proc/%d/exe" % pid) == os.path.realpath(python)
+    # its first round, at once, repairs the hub's file and SIGHUPs tincd
+    assert netlab.wait_until(lambda: node.read_file(NETDIR + "/hosts/" + HUB) == hub_file, 20), \
+        node.read_file(LOG)
+    assert netlab.wait_until(lambda: "changed %s/hosts/%s, SIGHUP tincd" % (NETDIR, HUB)
+                             in node.read_file(LOG), 10), node.read_file(LOG)
+    assert netlab.pid_alive(pid)
+
+
+@pytest.mark.netlab
 def test_a_wrong_credential_gets_401_with_the_hint(lab):
     node = lab.nodes[SHIRE]
     good = node.read_file(NETDIR + "/credential")
