@@ -185,7 +185,7 @@ def test_hub_killed_traffic_continues_and_a_node_joins_through_the_other_hub(lab
     gap = measure_outage(lab, erebor.kill_hard, bound=30)
     assert gap is not None, "hobbiton -> bree never recovered after erebor was killed"
     timing("node<->node outage, erebor's processes killed (research ~0 s)", gap)
-    assert gap < 3.0, "outage %.1f s when erebor's processes were killed" % gap
+    assert gap < 1.5, "outage %.1f s when erebor's processes were killed (research: 0 s)" % gap
     started = time.monotonic()
     lab.enrol(ESGAROTH, token)
     timing("join with an erebor-first token while erebor is down", time.monotonic() - started)
@@ -217,7 +217,8 @@ def test_hub_cut_off_silently_traffic_recovers_and_a_node_joins_through_the_othe
     gap = measure_outage(lab, silent_death, bound=40)
     assert gap is not None, "hobbiton -> bree never recovered after erebor was cut off"
     timing("node<->node outage, erebor cut off (research <= ~11 s at 5/3)", gap)
-    assert gap <= 15.0, "outage %.1f s when erebor was cut off (issue: <= 15 s)" % gap
+    assert gap <= 12.0, ("outage %.1f s when erebor was cut off (research: <= PingInterval 5 + "
+                         "2 * PingTimeout 3 = 11 s; issue: <= 15 s)" % gap)
     started = time.monotonic()
     lab.enrol(FANGORN, token)
     timing("join with an erebor-first token while erebor is silent", time.monotonic() - started)
@@ -425,3 +426,32 @@ def test_500_enrolments_over_two_hubs_at_once(loopback_pair):
     listed = json.loads(multihub.hub_cli(loopback_pair[1].state_dir, "nodes", "--json"))
     listed = listed["nodes"] if isinstance(listed, dict) and "nodes" in listed else listed
     assert sorted(n["name"] for n in listed) == sorted(expected)
+
+
+@netlab_only
+def test_removed_hub_leaves_every_hub_and_node(lab):
+    """`tinc-hub hub remove` on erebor retires lothlorien (stopped first, as its help says):
+    the other hubs drop it within 5 s, nodes at their next sync; traffic carries on."""
+    if LOTHLORIEN not in lab.hubs:
+        pytest.skip("lothlorien did not join (see the test before)")
+    nodes = joined(lab, DALE)
+    lab.hub(LOTHLORIEN).kill_hard()
+    started = time.monotonic()
+    lab.hub(EREBOR).cli("hub", "remove", LOTHLORIEN)
+    listed = lab.hub(RIVENDELL).hubs()
+    current = {h["name"] for h in listed if not h.get("removed") and not h.get("removed_at")}
+    assert current == {EREBOR, RIVENDELL}, listed
+    took = multihub.wait_for(
+        lambda: all(LOTHLORIEN not in lab.hub(h).host_files()
+                    and LOTHLORIEN not in lab.hub(h).connect_to() for h in (EREBOR, RIVENDELL)),
+        IN_STEP_S, "erebor and rivendell to drop lothlorien")
+    timing("hub remove -> gone from the other hubs' hosts/ and ConnectTo", took)
+    took = multihub.wait_for(
+        lambda: all(LOTHLORIEN not in lab.node_connect_to(n) for n in nodes), NODE_SYNC_S,
+        "every node to drop ConnectTo lothlorien", interval=1.0)
+    timing("hub remove -> ConnectTo gone on every node (<= 120 s)", took)
+    for node in nodes:
+        assert LOTHLORIEN not in lab.node_host_files(node), node
+        assert sorted(lab.node_connect_to(node)) == [EREBOR, RIVENDELL], node
+    assert_pings(lab.host(HOBBITON), lab.addresses[BREE])
+    assert time.monotonic() - started < NODE_SYNC_S + 30
