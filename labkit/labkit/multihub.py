@@ -58,11 +58,13 @@ class Pinger:
         return [float(m.group(1)) for m in
                 re.finditer(r"^\[(\d+\.\d+)\] \d+ bytes from", self.proc.output(), re.M)]
 
-    def replying_since(self, since: float, span: float) -> bool:
-        """True when replies cover [since, now] with no hole wider than 1 s and the newest
-        is at least `span` s after `since` (traffic flows again, steadily)."""
-        got = [t for t in self.replies() if t >= since]
-        return bool(got) and got[-1] - max(since, got[0]) >= span and largest_gap(got) < 1.0
+    def flowing(self, event: float, span: float) -> bool:
+        """True when at least `span` s have passed since `event` (epoch) and the last `span`
+        s are covered with replies, none missing for 1 s (traffic flows again, steadily)."""
+        now = time.time()
+        got = [t for t in self.replies() if t >= now - span - 0.3]
+        return (now - event >= span and bool(got) and got[0] <= now - span + 0.5
+                and now - got[-1] < 0.5 and largest_gap(got) < 1.0)
 
     def stop(self) -> List[float]:
         if self.proc.poll() is None:
