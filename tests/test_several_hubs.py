@@ -8,7 +8,7 @@ carries node<->node traffic: the lowest-named one) killed, then cut off silently
 with the outage measured, a node joining through rivendell with a token made before, and
 erebor's return; PostgreSQL stopped under a running VPN; revocation through every hub; a third
 hub joining, then retired (`tinc-hub hub remove`), nodes following both changes by themselves.
-Apart (no namespaces): 500 enrolments over two loopback hubs at once.
+First and apart (no namespaces): 500 enrolments over two loopback hubs at once.
 
 Each test records what it measured (`netlab timings` at the end of the run).
 """
@@ -127,6 +127,76 @@ def measure_outage(lab: multihub.MultiHubLab, event_action, bound: float, span: 
     finally:
         replies = pinger.stop()
     return multihub.outage(replies, event, until)
+
+
+# ------------------------------------------------------------------ 500 enrolments
+# (first in the file: it runs before the namespace lab exists, so the two do not load the
+# 2 cores together)
+
+@pytest.fixture
+def loopback_pair(pg, tmp_path: Path) -> Iterator[List[HubProcess]]:
+    """erebor (makes the net) and rivendell (joins) on 127.0.0.1, each with its own state and
+    hosts/, on one new registry database; serving with the rate limit off (one source)."""
+    database = "reg_" + secrets.token_hex(6)
+    pg.create_database(database, user=multihub.REGISTRY_USER)
+    url = pg.socket_url(database, multihub.REGISTRY_USER)
+    servers = []
+    try:
+        for i, name in enumerate((EREBOR, RIVENDELL)):
+            port, root = free_port(), tmp_path / name
+            making = {"net": LOOPBACK_NET, "vpn_subnet": LOOPBACK_SUBNET} if i == 0 else {}
+            state = multihub.init_loopback_hub(root, url, name, port, free_port(), **making)
+            server = HubProcess(state, port, StateDir(state).cert_file,
+                                tmp_path / (name + ".serve.log"), extra=["--rate-limit", "off"])
+            servers.append(server.start())
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+        pg.drop_database(database)
+
+
+async def _enrol_split(servers: List[HubProcess], items: List[Enrolment]) -> list:
+    """Enrolment i goes to servers[i % 2], all at once."""
+    return list(await asyncio.gather(*(
+        post_enroll(servers[i % 2].port, servers[i % 2].ssl_context(), item, 120)
+        for i, item in enumerate(items))))
+
+
+def test_500_enrolments_over_two_hubs_at_once(loopback_pair):
+    count = 500
+    keys = public_keys(count)  # made before the clock starts
+    token = create_token(loopback_pair[0].state_dir, uses=count)  # erebor's token, used on both
+    items = [Enrolment(token, "n%03d" % i, keys[i]) for i in range(count)]
+    raise_fd_limit(count + 256)
+    started = time.monotonic()
+    replies = asyncio.run(_enrol_split(loopback_pair, items))
+    timing("500 enrolments over two hubs at once", time.monotonic() - started)
+    statuses: Dict[int, int] = {}
+    for r in replies:
+        statuses[r.status] = statuses.get(r.status, 0) + 1
+    assert statuses == {200: count}, [r for r in replies if r.status != 200][:3]
+    addresses = [r.body["address"] for r in replies]
+    assert multihub.vpn_addresses_unique(addresses, LOOPBACK_SUBNET)
+    for i, r in enumerate(replies):  # each answer lists both hubs, the answering one first
+        assert [h["name"] for h in r.body["hubs"]] == [(EREBOR, RIVENDELL)[i % 2],
+                                                       (RIVENDELL, EREBOR)[i % 2]], r.body
+    expected = {"n%03d" % i: render_node_host_file(addresses[i], keys[i]) for i in range(count)}
+
+    def hosts_equal_registry(server: HubProcess) -> bool:
+        hosts = server.state_dir.parent / "tinc" / LOOPBACK_NET / "hosts"
+        try:  # the hub may be renaming a file into place right now: then look again
+            files = {p.name: p.read_text() for p in hosts.iterdir()
+                     if p.name not in (EREBOR, RIVENDELL) and not p.name.startswith(".")}
+        except FileNotFoundError:
+            return False
+        return files == expected
+    took = multihub.wait_for(lambda: all(hosts_equal_registry(s) for s in loopback_pair),
+                             IN_STEP_S, "both hubs' hosts/ to equal the registry")
+    timing("500 enrolments -> both hubs' hosts/ equal the registry", took)
+    listed = json.loads(multihub.hub_cli(loopback_pair[1].state_dir, "nodes", "--json"))
+    listed = listed["nodes"] if isinstance(listed, dict) and "nodes" in listed else listed
+    assert sorted(n["name"] for n in listed) == sorted(expected)
 
 
 # ------------------------------------------------------------------------ two hubs
@@ -353,74 +423,6 @@ def test_third_hub_joins_and_every_node_follows(lab):
     timing("lothlorien -> every node connected to it", time.monotonic() - added)
     for node in nodes:
         assert_pings(lab.host(LOTHLORIEN), lab.addresses[node])
-
-
-# ------------------------------------------------------------------ 500 enrolments
-
-@pytest.fixture
-def loopback_pair(pg, tmp_path: Path) -> Iterator[List[HubProcess]]:
-    """erebor (makes the net) and rivendell (joins) on 127.0.0.1, each with its own state and
-    hosts/, on one new registry database; serving with the rate limit off (one source)."""
-    database = "reg_" + secrets.token_hex(6)
-    pg.create_database(database, user=multihub.REGISTRY_USER)
-    url = pg.socket_url(database, multihub.REGISTRY_USER)
-    servers = []
-    try:
-        for i, name in enumerate((EREBOR, RIVENDELL)):
-            port, root = free_port(), tmp_path / name
-            making = {"net": LOOPBACK_NET, "vpn_subnet": LOOPBACK_SUBNET} if i == 0 else {}
-            state = multihub.init_loopback_hub(root, url, name, port, free_port(), **making)
-            server = HubProcess(state, port, StateDir(state).cert_file,
-                                tmp_path / (name + ".serve.log"), extra=["--rate-limit", "off"])
-            servers.append(server.start())
-        yield servers
-    finally:
-        for server in servers:
-            server.stop()
-        pg.drop_database(database)
-
-
-async def _enrol_split(servers: List[HubProcess], items: List[Enrolment]) -> list:
-    """Enrolment i goes to servers[i % 2], all at once."""
-    return list(await asyncio.gather(*(
-        post_enroll(servers[i % 2].port, servers[i % 2].ssl_context(), item, 120)
-        for i, item in enumerate(items))))
-
-
-def test_500_enrolments_over_two_hubs_at_once(loopback_pair):
-    count = 500
-    keys = public_keys(count)  # made before the clock starts
-    token = create_token(loopback_pair[0].state_dir, uses=count)  # erebor's token, used on both
-    items = [Enrolment(token, "n%03d" % i, keys[i]) for i in range(count)]
-    raise_fd_limit(count + 256)
-    started = time.monotonic()
-    replies = asyncio.run(_enrol_split(loopback_pair, items))
-    timing("500 enrolments over two hubs at once", time.monotonic() - started)
-    statuses: Dict[int, int] = {}
-    for r in replies:
-        statuses[r.status] = statuses.get(r.status, 0) + 1
-    assert statuses == {200: count}, [r for r in replies if r.status != 200][:3]
-    addresses = [r.body["address"] for r in replies]
-    assert multihub.vpn_addresses_unique(addresses, LOOPBACK_SUBNET)
-    for i, r in enumerate(replies):  # each answer lists both hubs, the answering one first
-        assert [h["name"] for h in r.body["hubs"]] == [(EREBOR, RIVENDELL)[i % 2],
-                                                       (RIVENDELL, EREBOR)[i % 2]], r.body
-    expected = {"n%03d" % i: render_node_host_file(addresses[i], keys[i]) for i in range(count)}
-
-    def hosts_equal_registry(server: HubProcess) -> bool:
-        hosts = server.state_dir.parent / "tinc" / LOOPBACK_NET / "hosts"
-        try:  # the hub may be renaming a file into place right now: then look again
-            files = {p.name: p.read_text() for p in hosts.iterdir()
-                     if p.name not in (EREBOR, RIVENDELL) and not p.name.startswith(".")}
-        except FileNotFoundError:
-            return False
-        return files == expected
-    took = multihub.wait_for(lambda: all(hosts_equal_registry(s) for s in loopback_pair),
-                             IN_STEP_S, "both hubs' hosts/ to equal the registry")
-    timing("500 enrolments -> both hubs' hosts/ equal the registry", took)
-    listed = json.loads(multihub.hub_cli(loopback_pair[1].state_dir, "nodes", "--json"))
-    listed = listed["nodes"] if isinstance(listed, dict) and "nodes" in listed else listed
-    assert sorted(n["name"] for n in listed) == sorted(expected)
 
 
 @netlab_only
