@@ -2060,6 +2060,10 @@ def sync_loop(tinc_dir: str, net: str, sleep: Callable[[float], None] = time.sle
     if lock is None:
         REPORT.debug("sync: a sync loop for net {} runs already".format(net))
         return EXIT_OK
+    # --stop's SIGTERM must end the loop, whatever disposition and mask tincd's script
+    # runner left us (an ignored signal stays ignored across exec, a blocked one blocked)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     REPORT.step("sync loop for net {} started (pid {})".format(net, os.getpid()))
     interval, failures, last_problem = SYNC_INTERVAL_MIN * 6, 0, ""
     while True:
@@ -2508,7 +2512,8 @@ def pick_net(tinc_dir: str, net: Optional[str]) -> str:
 
 
 def status(tinc_dir: str, net: Optional[str], as_json: bool) -> int:
-    """Print net, name, address, service state and whether the hub answers over the VPN."""
+    """Print net, name, address, service state, whether the hub answers over the VPN, and
+    the sync loop's state (running, stopped, or off: no list of hubs)."""
     net = pick_net(tinc_dir, net)
     state = load_state(tinc_dir, net) or {}
     facts = detect_system("/")
@@ -2517,13 +2522,16 @@ def status(tinc_dir: str, net: Optional[str], as_json: bool) -> int:
     else:
         service = "running" if pid_from_file(net) else "stopped"
     reachable = bool(state.get("hub_vpn_address")) and ping(state["hub_vpn_address"], 2.0)
+    sync = ("off" if not os.path.exists(os.path.join(net_dir(tinc_dir, net), HUBS_FILE))
+            else "running" if sync_loop_pid(net) is not None else "stopped")
     report = {"net": net, "name": state.get("name"), "address": state.get("address"),
               "prefix": state.get("prefix"), "hub": state.get("hub_name"),
-              "init": state.get("init"), "service": service, "hub_reachable": reachable}
+              "init": state.get("init"), "service": service, "hub_reachable": reachable,
+              "sync": sync}
     if as_json:
         print(json.dumps(report, sort_keys=True))
     else:
-        for key in ("net", "name", "address", "hub", "init", "service", "hub_reachable"):
+        for key in ("net", "name", "address", "hub", "init", "service", "hub_reachable", "sync"):
             print("{:<14} {}".format(key + ":", report[key]))
     return EXIT_OK if reachable else EXIT_VPN_DOWN
 

@@ -228,7 +228,7 @@ def test_status_reports_net_address_service_and_hub(enrolled):
     assert rc == 0, err
     assert report == {"net": NET, "name": A, "address": enrolled.addr[A], "prefix": 24,
                       "hub": HUB, "init": "none", "service": "running",
-                      "hub_reachable": True}
+                      "hub_reachable": True, "sync": "running"}
 
 
 def test_leave_stops_unregisters_and_removes(enrolled):

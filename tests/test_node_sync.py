@@ -391,7 +391,13 @@ def test_join_gets_a_credential_every_hub_file_and_a_running_sync_loop(lab):
     fds = os.listdir("/proc/%d/fd" % pid)
     targets = [os.readlink("/proc/%d/fd/%s" % (pid, fd)) for fd in fds]
     assert not any("tun" in t for t in targets), targets  # holds no fd of tincd's
+    with open("/proc/%d/status" % pid) as handle:
+        masks = dict(line.split(":\t", 1) for line in handle.read().splitlines() if ":\t" in line)
+    sigterm = 1 << (15 - 1)
+    assert not int(masks["SigBlk"], 16) & sigterm and not int(masks["SigIgn"], 16) & sigterm
     assert credential not in node.read_file(LOG)
+    status = node.run(["/usr/bin/python3", NETDIR + "/bootstrap.py", "status", "--json"])
+    assert json.loads(status.stdout)["sync"] == "running"
 
 
 @pytest.mark.netlab
@@ -559,3 +565,6 @@ def test_a_revoked_nodes_sync_stops_with_403(lab):
     assert netlab.wait_until(lambda: "stopping" in node.read_file(LOG), 30), node.read_file(LOG)
     assert netlab.wait_until(lambda: not sync_loop_pids(node) and not loop_locked(node), 10)
     assert "revoked" in node.read_file(LOG)
+    status = node.run(["/usr/bin/python3", NETDIR + "/bootstrap.py", "status", "--json"],
+                      check=False)
+    assert json.loads(status.stdout)["sync"] == "stopped"
