@@ -9,7 +9,7 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple
 import pytest
 
 from bootstrap import bootstrap
-from tinc_hub.enroll import MAX_BODY_BYTES, Enroller
+from tinc_hub.enroll import credential_hash, MAX_BODY_BYTES, Enroller
 from tinc_hub.hostfiles import reconcile_host_files
 from tinc_hub.registry import Registry
 from hub_fixtures import (HUB_NAME, HubEnv, dump_registry, ec_public_pem, enrol_answer,  # noqa: F401
@@ -187,14 +187,22 @@ def test_replay_same_answer_no_use_spent_even_when_spent_or_expired(hub: HubEnv)
     assert (hub.config.hosts_dir / "node_r").stat().st_mtime_ns == mtime
     # Expire the token: the replay still answers the same.
     write_registry_sql(hub, "UPDATE tokens SET expires_at = 1")
+    rows = dump_registry(hub.registry)
     assert hub.enroll(token.token, "node_r", rsa_public_pem(4), credential) == (200, first)
-    # without the credential (a node that lost it, or joined before credentials): a new one,
-    # and the old one is worth nothing from then on; no token use spent, no host file touched
-    status, again = hub.enroll(token.token, "node_r", rsa_public_pem(4))
-    assert status == 200 and again.pop("credential") != credential and again == first
+    # without the credential, with the (unbound, shared) token: the same answer, no new
+    # credential (a holder of a fleet token must not cut its siblings off from sync)
+    assert hub.enroll(token.token, "node_r", rsa_public_pem(4)) == (200, first)
+    assert dump_registry(hub.registry) == rows
+    # with a valid token bound to this name (the admin's answer to a lost credential): a new
+    # one, and the old one is worth nothing from then on; no use spent, no host file touched
+    bound = hub.token(name="node_r")
+    status, again = hub.enroll(bound.token, "node_r", rsa_public_pem(4))
+    renewed = again.pop("credential")
+    assert status == 200 and renewed != credential and again == first
     assert (hub.config.hosts_dir / "node_r").stat().st_mtime_ns == mtime
     with hub.registry.reading() as view:
-        assert [t.uses_left for t in view.list_tokens()] == [0]
+        assert sorted(t.uses_left for t in view.list_tokens()) == [0, 1]
+        assert view.get_node("node_r").credential_sha256 == credential_hash(renewed)
     # The replay does not let a spent token enrol anything new.
     assert hub.enroll(token.token, "node_s", rsa_public_pem(5))[0] == 401
 

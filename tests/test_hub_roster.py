@@ -187,10 +187,13 @@ def test_answers_name_every_hub_and_sync_checks_the_credential(net: Dict, capsys
     for bad in (b"", b"[]", b'{"name": "bree"}', json.dumps({"name": "bree", "credential": credential.upper()}).encode(),
                 json.dumps({"name": "a b", "credential": credential}).encode(), b"{" * 5000):
         assert sync.process(bad).status in (400, 413), bad
-    # a replay with the credential gets none back; one without gets a new one, the old is void
+    # a replay with the credential gets none back, nor one with the shared token without it;
+    # with a token bound to the name a new one, and the old is void
     status, again = enrol(enroller, token, "bree", rsa_public_pem(1), credential)
     assert status == 200 and "credential" not in again
-    status, renewed = enrol(enroller, token, "bree", rsa_public_pem(1))
+    status, again = enrol(enroller, token, "bree", rsa_public_pem(1))
+    assert status == 200 and "credential" not in again
+    status, renewed = enrol(enroller, token_of(erebor, capsys, "--name", "bree"), "bree", rsa_public_pem(1))
     assert sync.process(json.dumps({"name": "bree", "credential": credential}).encode()).status == 401
     assert sync.process(json.dumps({"name": "bree", "credential": renewed["credential"]}).encode()).status == 200
 
@@ -285,3 +288,29 @@ def test_a_hub_may_move_when_another_hub_can_tell_the_nodes(net: Dict, capsys) -
     moved = {h["name"]: h for h in synced.body["hubs"]}["rivendell"]
     assert moved["api"]["host"] == "198.51.100.7" and "Address = 198.51.100.7\n" in moved["host_file"]
     assert moved["api"]["pin"] == pin_of_cert_file(rivendell.state.cert_file)  # same TLS key
+
+
+def test_a_second_machine_with_a_hubs_name_cannot_take_its_place(net: Dict, tmp_path: Path, capsys) -> None:
+    impostor = Hub(tmp_path / "impostor", "erebor", "192.0.2.66")
+    code, _, err = impostor.init(capsys, net["url"], net["password_file"])
+    assert code == 1 and "recorded" in err and "with another tinc key" in err, err
+    with net["erebor"].registry().reading() as view:
+        assert {h.name: h.public_address for h in view.list_hubs()} == {"erebor": "192.0.2.1",
+                                                                      "rivendell": "192.0.2.2"}
+
+
+def test_an_unsound_hub_row_never_reaches_a_tinc_file_or_a_node(net: Dict, capsys) -> None:
+    """The registry is shared: a row written by hand (or by a broken hub) with a newline in its
+    public address would add lines to every hub's host file. It is left out, with a warning."""
+    erebor, rivendell = net["erebor"], net["rivendell"]
+    registry = erebor.registry()
+    with registry.exclusive(), registry.transaction() as tx:
+        tx._db.driver.execute("UPDATE hubs SET public_address = %s WHERE name = 'rivendell'",
+                              ("192.0.2.2\nSubnet = 0.0.0.0/0",))
+    done = mirror_registry(erebor.config, registry)
+    assert "rivendell" not in done["written"] and not (erebor.config.hosts_dir / "rivendell").exists()
+    assert "ConnectTo" not in erebor.file("tinc.conf") and "0.0.0.0/0" not in erebor.file("hosts/erebor")
+    assert bootstrap.decode_token(token_of(erebor, capsys)).others == ()
+    status, answer = enrol(Enroller(erebor.config, registry), token_of(erebor, capsys), "bree", rsa_public_pem(7))
+    assert status == 200 and [h["name"] for h in answer["hubs"]] == ["erebor"]
+    assert bootstrap.validate_answer(answer, "bree")

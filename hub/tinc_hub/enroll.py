@@ -196,11 +196,34 @@ def parse_credential(value: Any) -> Optional[str]:
     return value
 
 
+_NO_CREDENTIAL = "0" * 64  # compared against when there is none: the same work either way
+
+
 def credential_matches(credential: Optional[str], stored_sha256: Optional[str]) -> bool:
-    """True when ``credential`` is the one whose hash the registry holds (constant time)."""
-    if credential is None or stored_sha256 is None:
+    """True when ``credential`` is the one whose hash the registry holds (constant time, and
+    the same work whether or not there is one)."""
+    if credential is None:
         return False
-    return hmac.compare_digest(credential_hash(credential), stored_sha256)
+    return hmac.compare_digest(credential_hash(credential), stored_sha256 or _NO_CREDENTIAL) \
+        and stored_sha256 is not None
+
+
+def credential_to_issue(result: str, node: NodeRow, credential: Optional[str],
+                        token: Optional[TokenRow], now: int) -> bool:
+    """Does this successful answer carry a new credential? A new enrolment and a re-key: yes. A
+    replay: only when the node has none yet (it joined before credentials), or with a valid
+    token bound to this very name (the admin's way to give a node that lost its credential a
+    new one). A replay with a shared fleet token never replaces a node's credential: any
+    holder of that token knows every sibling's name and public key, and could otherwise cut
+    the siblings off from sync."""
+    if result in ("new", "rekeyed"):
+        return True
+    if credential_matches(credential, node.credential_sha256):
+        return False
+    if node.credential_sha256 is None:
+        return True
+    return (token is not None and token.bound_name == node.name and not token.revoked
+            and now < token.expires_at)
 
 
 def allocate_address(network: ipaddress.IPv4Network, reserved: Set[int]) -> Optional[ipaddress.IPv4Address]:
@@ -336,15 +359,16 @@ class Enroller:
         credential = parse_credential(data.get("credential"))
 
         # Pre-check without the write lock: refusals and replays never wait for writers. A
-        # replay without the node's valid credential is answered with a new one (a write).
+        # replay that is to carry a new credential (credential_to_issue) is a write.
         with self.registry.snapshot() as view:
             replay = self._decide(view, token_hash, name, public_key)
             hubs = view.list_hubs()
+            token = view.get_token(token_hash)
         if replay is not None:
             attempt.address = replay.address
-            if credential_matches(credential, replay.credential_sha256) and host_file_in_place(
-                    self.config.hosts_dir / replay.name,
-                    render_node_host_file(replay.address, replay.public_key)):
+            if not credential_to_issue("replay", replay, credential, token, int(self.clock())) \
+                    and host_file_in_place(self.config.hosts_dir / replay.name,
+                                           render_node_host_file(replay.address, replay.public_key)):
                 return EnrollOutcome(200, self._answer(replay, hubs, None), False), "replay"
 
         with self.registry.exclusive():
@@ -352,7 +376,8 @@ class Enroller:
                 with self.registry.transaction() as tx:
                     node, result = self._enrol_in_transaction(tx, token_hash, name, public_key)
                     issued = None
-                    if not credential_matches(credential, node.credential_sha256):
+                    if credential_to_issue(result, node, credential, tx.get_token(token_hash),
+                                           int(self.clock())):
                         issued = new_credential()
                         tx.set_credential(node.name, credential_hash(issued))
                     hubs = tx.list_hubs()

@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional
 
 from .hostfiles import reconcile_host_files, remove_if_present, write_if_changed
 from .registry import CHANGES_CHANNEL, Registry, RegistryError
-from .roster import active_hubs, hub_host_files_for, render_hub_tinc_conf
+from .roster import hub_host_files_for, render_hub_tinc_conf, usable_hubs
 from .state import HubConfig
 
 log = logging.getLogger("tinc_hub.follow")
@@ -43,7 +43,7 @@ def mirror_registry(config: HubConfig, registry: Registry) -> Dict[str, List[str
         for hub in hubs:
             if hub.removed and hub.name != config.name and remove_if_present(config.hosts_dir / hub.name):
                 removed.append(hub.name)
-        others = [h.name for h in active_hubs(hubs) if h.name != config.name]
+        others = [h.name for h in usable_hubs(hubs, config.network) if h.name != config.name]
         if any(h.name == config.name for h in hubs):  # never before this hub recorded itself
             conf = render_hub_tinc_conf(config.name, config.net, config.port, others)
             if write_if_changed(config.net_dir / "tinc.conf", conf):

@@ -11,6 +11,7 @@ always wrote). Nodes get each hub's file without a weight (they do not use it).
 """
 
 import ipaddress
+import logging
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Optional, Sequence
@@ -19,6 +20,8 @@ from bootstrap import bootstrap
 from .errors import HubError
 from .registry import HUB, HubRow, Registry, RegistryConflict, RegistryView
 from .state import HubConfig
+
+log = logging.getLogger("tinc_hub.roster")
 
 OWN_PREFIX_WEIGHT = 20  # a hub's own claim on the VPN prefix, when there are several hubs
 OTHER_PREFIX_WEIGHT = 10  # its copies of the other hubs' claims: preferred
@@ -44,8 +47,44 @@ def read_net_settings(view: RegistryView) -> Optional[NetSettings]:
     return NetSettings(values["net"], values["vpn_subnet"])
 
 
+def hub_row_problem(hub: HubRow, network: ipaddress.IPv4Network) -> Optional[str]:
+    """Why a hub row cannot go into a tinc file or an answer (None: it can). The registry is
+    shared by every hub: a row is checked as strictly as the init that wrote it."""
+    if not bootstrap.valid_node_name(hub.name):
+        return "invalid name"
+    problem = bootstrap.host_problem(hub.public_address)
+    if problem:
+        return f"public address: {problem}"
+    for port in (hub.tinc_port, hub.api_port):
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+            return "invalid port"
+    if not bootstrap.PIN_RE.fullmatch(hub.tls_pin or ""):
+        return "invalid TLS pin"
+    if not bootstrap.PUBLIC_KEY_PEM_RE.fullmatch(hub.public_key.strip()):
+        return "invalid public key"
+    try:
+        inside = ipaddress.IPv4Address(hub.address) in network
+    except ValueError:
+        inside = False
+    if not inside or str(ipaddress.IPv4Address(hub.address)) != hub.address:
+        return "VPN address outside the VPN"
+    return None
+
+
 def active_hubs(hubs: Sequence[HubRow]) -> List[HubRow]:
     return [hub for hub in hubs if not hub.removed]
+
+
+def usable_hubs(hubs: Sequence[HubRow], network: ipaddress.IPv4Network) -> List[HubRow]:
+    """Active hubs whose rows are sound (an unsound one is logged and left out)."""
+    usable = []
+    for hub in active_hubs(hubs):
+        problem = hub_row_problem(hub, network)
+        if problem:
+            log.warning("hub %r of the registry is left out: %s", hub.name, problem)
+        else:
+            usable.append(hub)
+    return usable
 
 
 # -- rendering (pure) ---------------------------------------------------------------------------
@@ -60,8 +99,10 @@ def render_hub_host_file(hub: HubRow, network: ipaddress.IPv4Network,
 
 def hub_host_files_for(viewer: str, hubs: Sequence[HubRow],
                        network: ipaddress.IPv4Network) -> Dict[str, str]:
-    """name -> content of the hub host files in ``viewer``'s hosts/ (active hubs only)."""
-    present = active_hubs(hubs)
+    """name -> content of the hub host files in ``viewer``'s hosts/ (active hubs only; the
+    other hubs' rows checked, the viewer's own comes from its checked init)."""
+    present = [hub for hub in active_hubs(hubs) if hub.name == viewer] + \
+        usable_hubs([hub for hub in hubs if hub.name != viewer], network)
     several = len(present) > 1
     files = {}
     for hub in present:
@@ -88,7 +129,7 @@ def hubs_for_nodes(hubs: Sequence[HubRow], network: ipaddress.IPv4Network,
                    first: Optional[str] = None) -> List[Dict[str, Any]]:
     """The ``hubs`` list of an enrolment or sync answer: every active hub (``first`` at the
     head), its host file as nodes keep it, and its API endpoint and pin."""
-    present = sorted(active_hubs(hubs), key=lambda h: (h.name != first, h.joined_at, h.name))
+    present = sorted(usable_hubs(hubs, network), key=lambda h: (h.name != first, h.joined_at, h.name))
     return [{"name": hub.name, "host_file": render_hub_host_file(hub, network),
              "api": {"host": hub.public_address, "port": hub.api_port, "pin": hub.tls_pin}}
             for hub in present]
@@ -132,6 +173,7 @@ def register_hub(registry: Registry, hub: HubRow, net: str, vpn_subnet: str,
     with registry.snapshot() as view:
         settings = read_net_settings(view)
         known = {h.name: h for h in view.list_hubs()}.get(hub.name)
+    _refuse_another_key(known, hub, where)
     if known is not None and _same_place(known, hub) and settings == NetSettings(net, vpn_subnet):
         return known
     now = int(clock())
@@ -148,6 +190,7 @@ def register_hub(registry: Registry, hub: HubRow, net: str, vpn_subnet: str,
                     tx.put_setting("net", net)
                     tx.put_setting("vpn_subnet", vpn_subnet)
                 known = {h.name: h for h in hubs}.get(hub.name)
+                _refuse_another_key(known, hub, where)
                 if known is not None:
                     if known.removed:
                         raise HubError(f"hub {hub.name!r} was removed from the net",
@@ -173,6 +216,15 @@ def register_hub(registry: Registry, hub: HubRow, net: str, vpn_subnet: str,
         except RegistryConflict as exc:
             raise HubError(f"cannot record hub {hub.name!r} in {where}: {exc.message}",
                            "its VPN address or tinc key is already used by another node or hub") from None
+
+
+def _refuse_another_key(known: Optional[HubRow], hub: HubRow, where: str) -> None:
+    """A hub's tinc key never changes (init never regenerates it): a recorded hub with
+    another key is another machine given the same --name, which must not take its place."""
+    if known is not None and known.public_key.strip() != hub.public_key.strip():
+        raise HubError(f"hub {hub.name!r} is recorded in {where} with another tinc key"
+                       " (another machine with the same --name?)",
+                       "give this hub another --name; a hub's tinc key never changes")
 
 
 def _same_place(known: HubRow, hub: HubRow) -> bool:

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from bootstrap import bootstrap
 from .errors import HubError
-from .roster import active_hubs
+from .roster import usable_hubs
 from .registry import MIN_TOKEN_ID_PREFIX, Registry, RegistryView, TokenRow, iso_utc, token_id
 from .state import HubConfig
 
@@ -150,7 +150,7 @@ def create_token(config: HubConfig, registry: Registry, pin: str, uses: int = 1,
         raise HubError("--replace needs --name", "a replace token re-keys only the one node it names")
     created = int(now if now is not None else time.time())
     with registry.exclusive(), registry.transaction() as tx:
-        hubs = active_hubs(tx.list_hubs())
+        hubs = usable_hubs(tx.list_hubs(), config.network)
         if name is not None and any(h.name.lower() == name.lower() for h in hubs):
             raise HubError(f"{name!r} is the name of a hub of this net")
         for _ in range(8):  # a clash of 40-bit ids is rare; draw another secret
@@ -165,10 +165,6 @@ def create_token(config: HubConfig, registry: Registry, pin: str, uses: int = 1,
         # the other hubs, in the order they joined: the node tries them when this one fails
         others = tuple(bootstrap.HubEndpoint(h.public_address, h.api_port, h.tls_pin, h.name)
                        for h in hubs if h.name != config.name)[:bootstrap.MAX_TOKEN_HUBS - 1]
-        for hub in others:
-            if not bootstrap.valid_endpoint(hub):
-                raise HubError(f"hub {hub.name!r} of the registry has an endpoint a node would refuse"
-                               f" ({hub.host!r}:{hub.port!r})", f"re-run 'tinc-hub init' on {hub.name}")
         token = bootstrap.encode_token(bootstrap.Token(config.address, config.api_port, pin, config.net,
                                                        config.name, secret, others))
         if not TOKEN_TEXT_RE.fullmatch(token):
