@@ -2016,8 +2016,11 @@ def launch_sync_loop(tinc_dir: str, net: str, log: Optional[str]) -> int:
     cmd = [sync_python(), _OWN_FILE, "sync", "--net", net, "--log", log or ""]
     if os.path.normpath(tinc_dir) != DEFAULT_TINC_DIR:
         cmd += ["--tinc-dir", tinc_dir]
+    env = {key: value for key, value in os.environ.items()  # the command line says it all
+           if not key.startswith("TINC_BOOTSTRAP_")}
     subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                     stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True, cwd="/")
+                     stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True, cwd="/",
+                     env=env)
     return EXIT_OK
 
 
@@ -2545,6 +2548,7 @@ def leave(tinc_dir: str, net: Optional[str]) -> int:
     REPORT.step("stopping tincd of {!r} and removing its boot registration ({})".format(
         net, init))
     stop_and_unregister(net, init, facts, tinc_dir)
+    stop_sync_loop(net)  # tinc-down stopped it, unless tincd was not running
     shutil.rmtree(net_dir(tinc_dir, net))
     REPORT.step("removed {}; on the hub run `tinc-hub revoke {}`".format(
         net_dir(tinc_dir, net), state.get("name")))
@@ -2618,8 +2622,8 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                               "--once: a loop (tinc-up starts it with --daemon, tinc-down "
                               "stops it with --stop).")
         mode = parser.add_mutually_exclusive_group()
-        mode.add_argument("--once", action="store_true", default=_env_flag("SYNC_ONCE"),
-                          help="one round, then exit (env TINC_BOOTSTRAP_SYNC_ONCE)")
+        mode.add_argument("--once", action="store_true", default=_env_flag("ONCE"),
+                          help="one round, then exit (env TINC_BOOTSTRAP_ONCE)")
         mode.add_argument("--daemon", action="store_true",
                           help="start the loop detached unless it runs (what tinc-up does)")
         mode.add_argument("--stop", action="store_true",

@@ -503,6 +503,9 @@ def test_the_loop_stops_with_tincd_and_comes_back_once(lab):
     for _ in range(2):
         node.run(["/usr/bin/python3", NETDIR + "/bootstrap.py", "sync", "--net", NET, "--daemon"])
     assert sync_loop_pids(node) == first
+    # tincd writes its pidfile before it handles SIGTERM (a SIGTERM then kills it without
+    # tinc-down): stop it only once it is up, i.e. the hub answers over the VPN
+    assert node.wait_ping(lab.hub.vpn_address(), 30)
     netlab.stop_tincd(node, NET)
     assert netlab.wait_until(lambda: not sync_loop_pids(node), 10)
     netlab.start_tincd(node, NET, port=0)
@@ -559,7 +562,7 @@ def test_a_revoked_nodes_sync_stops_with_403(lab):
     done = sync_once(node)
     assert done.returncode == bootstrap.EXIT_REFUSED and "revoked" in done.stderr, done.stderr
     # a loop asks at once when it starts (tincd restarted): it meets the 403 and stops
-    netlab.stop_tincd(node, NET)
+    netlab.stop_tincd(node, NET)  # tincd is long up: it runs tinc-down
     assert netlab.wait_until(lambda: not sync_loop_pids(node), 10)
     netlab.start_tincd(node, NET, port=0)
     assert netlab.wait_until(lambda: "stopping" in node.read_file(LOG), 30), node.read_file(LOG)
