@@ -199,9 +199,16 @@ class Container:
     """A booted Debian tree in the network namespace of a netlab Host."""
 
     def __init__(self, name: str, spec: RootfsSpec, host: "netlab.Host", workdir: Path,
-                 hostname: Optional[str] = None) -> None:
+                 hostname: Optional[str] = None, binds: Sequence[Tuple[str, str]] = ()) -> None:
+        """binds: (host directory, path inside) pairs bind-mounted read-write at every boot
+        (e.g. a labkit.postgres socket dir); plain absolute paths only (nspawn's --bind
+        syntax gives ':' and ',' a meaning)."""
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]{0,62}", name):
             raise ValueError("bad machine name %r" % name)
+        for path in (p for pair in binds for p in pair):
+            if not re.fullmatch(r"(/[A-Za-z0-9_.+-]+)+", path) or "/../" in path + "/":
+                raise ValueError("bad bind path %r" % path)
+        self.binds = list(binds)
         self.name = name
         self.spec = spec
         self.host = host
@@ -259,6 +266,7 @@ class Container:
                 "--network-namespace-path=/run/netns/" + self.host.netns,
                 "--bind=/dev/net/tun", "--capability=CAP_NET_ADMIN", "--console=read-only",
                 "--resolv-conf=off", "--timezone=off", "--link-journal=no", "-b"]
+        cmd[-1:-1] = ["--bind=%s:%s" % pair for pair in self.binds]
         self._init_pid = None
         self.boot_started = time.monotonic()
         with open(log, "wb") as out:
