@@ -571,3 +571,97 @@ def test_a_revoked_nodes_sync_stops_with_403(lab):
     status = node.run(["/usr/bin/python3", NETDIR + "/bootstrap.py", "status", "--json"],
                       check=False)
     assert json.loads(status.stdout)["sync"] == "stopped"
+
+
+# =========================================================================================
+# Booted machines (labkit.nspawn, group `boot`): the loop under systemd and SysV init, and
+# across a reboot, with the installed hub and the printed one-liner.
+
+from labkit import nspawn  # noqa: E402
+
+BOOT_NET = "middle-earth"
+BOOT_HUB, BOOT_SYSTEMD, BOOT_SYSV = "erebor", "hobbiton", "bree"
+BOOT_UNIT = "tinc@%s.service" % BOOT_NET
+BOOT_NETDIR = "/etc/tinc/" + BOOT_NET
+
+
+@pytest.fixture(scope="module")
+def booted():
+    topo = netlab.build_nat_topology(node_names=[BOOT_SYSTEMD, BOOT_SYSV], hub_name="hub")
+    made = []
+    try:
+        work = topo.workdir
+        hub = nspawn.Container(topo.prefix + "-hub", nspawn.systemd_hub_spec(work), topo.hub,
+                               work, hostname=BOOT_HUB)
+        sd_node = nspawn.Container(topo.prefix + "-sd", nspawn.systemd_node_spec(),
+                                   topo.nodes[0], work)
+        sv_node = nspawn.Container(topo.prefix + "-sv", nspawn.sysv_node_spec(),
+                                   topo.nodes[1], work)
+        for container in (hub, sd_node, sv_node):
+            made.append(container)
+            container.create()
+        nspawn.stage_hub_project(hub)
+        for container in made:
+            container.start()
+        for container in made:
+            container.wait_ready(90)
+        nspawn.install_hub(hub, timeout=180)
+        hub.run(["tinc-hub", "init", "--net", BOOT_NET, "--name", BOOT_HUB, "--address",
+                 netlab.HUB_PUBLIC, "--vpn-subnet", "10.0.0.0/24", "--key-size", "2048"],
+                timeout=180)
+        netlab.wait_until(lambda: hub.run(["curl", "-fsk", "https://127.0.0.1:8655/healthz"],
+                                          check=False).returncode == 0, 30, 0.2,
+                          what="tinc-hub.service answering /healthz")
+        yield {"hub": hub, "systemd": sd_node, "sysv": sv_node}
+    finally:
+        errors = []
+        for container in reversed(made):
+            try:
+                container.destroy()
+            except Exception as exc:
+                errors.append("%s: %s" % (container.name, exc))
+        topo.close()
+        if errors:
+            raise RuntimeError("container cleanup: " + "; ".join(errors))
+
+
+def container_loops(node):
+    """Pids of the sync loop of BOOT_NET in a container."""
+    out = node.run(["pgrep", "-f", "bootstrap.py sync --net %s --log" % BOOT_NET],
+                   check=False).stdout
+    return [int(pid) for pid in out.split()]
+
+
+def one_liner(hub, extra=""):
+    out = hub.run(["tinc-hub", "token", "create"]).stdout.splitlines()
+    return out[out.index("run on the node as root:") + 1] + " --key-size 2048" + extra
+
+
+@pytest.mark.netlab
+@pytest.mark.boot
+@pytest.mark.parametrize("which, extra", [("systemd", ""), ("sysv", " --init rc.local")])
+def test_the_loop_runs_under_each_init_and_repairs_after_a_reboot(booted, which, extra):
+    node = booted[which]
+    proc = node.run(["sh", "-c", one_liner(booted["hub"], extra)], check=False, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert netlab.wait_until(lambda: len(container_loops(node)) == 1, 20), \
+        node.run(["cat", LOG], check=False).stdout
+    pid = container_loops(node)[0]
+    if which == "systemd":  # started by tinc-up: in tincd's unit, stopped with it
+        cgroup = node.run(["cat", "/proc/%d/cgroup" % pid]).stdout
+        assert BOOT_UNIT in cgroup, cgroup
+    # stopped with tinc-down, a hub file damaged while the machine is off: after the reboot
+    # the loop, started again by tinc-up, repairs it and the VPN comes back by itself
+    hub_file = node.run(["cat", BOOT_NETDIR + "/hosts/" + BOOT_HUB]).stdout
+    node.poweroff()
+    node.write_file(BOOT_NETDIR + "/hosts/" + BOOT_HUB,
+                    hub_file.replace("Port = 655", "Port = 1655"))
+    node.start()
+    seconds = node.wait_ping("10.0.0.1", 90)
+    assert seconds is not None, node.run(["cat", LOG], check=False).stdout
+    netlab.record_timing("node sync: reboot with a damaged hub file -> VPN back (%s)" % which,
+                         seconds)
+    assert node.run(["cat", BOOT_NETDIR + "/hosts/" + BOOT_HUB]).stdout == hub_file
+    assert netlab.wait_until(lambda: len(container_loops(node)) == 1, 20)
+    assert "changed %s/hosts/%s, SIGHUP tincd" % (BOOT_NETDIR, BOOT_HUB) in node.run(
+        ["cat", LOG]).stdout
