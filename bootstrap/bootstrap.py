@@ -2514,6 +2514,23 @@ def pick_net(tinc_dir: str, net: Optional[str]) -> str:
     return nets[0]
 
 
+def hub_vpn_addresses(tinc_dir: str, net: str, state: dict) -> List[str]:
+    """The VPN addresses of the hubs to ping, the joined hub's first: with several hubs, any
+    hub answering means the VPN is up (the one it joined through may be gone)."""
+    addresses = [state["hub_vpn_address"]] if state.get("hub_vpn_address") else []
+    try:
+        hubs = parse_hubs_record(read_private(os.path.join(net_dir(tinc_dir, net), HUBS_FILE))
+                                 or "")[1]
+    except ValueError:
+        hubs = []
+    for hub in hubs:
+        text = read_private(os.path.join(net_dir(tinc_dir, net), "hosts", hub.name)) or ""
+        for subnet in host_file_subnets(text):
+            if subnet.endswith("/32") and subnet[:-3] not in addresses:
+                addresses.append(subnet[:-3])
+    return addresses
+
+
 def status(tinc_dir: str, net: Optional[str], as_json: bool) -> int:
     """Print net, name, address, service state, whether the hub answers over the VPN, and
     the sync loop's state (running, stopped, or off: no list of hubs)."""
@@ -2524,7 +2541,7 @@ def status(tinc_dir: str, net: Optional[str], as_json: bool) -> int:
         service = systemctl_state("is-active", state.get("unit") or service_unit(facts, net))
     else:
         service = "running" if pid_from_file(net) else "stopped"
-    reachable = bool(state.get("hub_vpn_address")) and ping(state["hub_vpn_address"], 2.0)
+    reachable = any(ping(address, 2.0) for address in hub_vpn_addresses(tinc_dir, net, state))
     sync = ("off" if not os.path.exists(os.path.join(net_dir(tinc_dir, net), HUBS_FILE))
             else "running" if sync_loop_pid(net) is not None else "stopped")
     report = {"net": net, "name": state.get("name"), "address": state.get("address"),

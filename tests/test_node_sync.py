@@ -273,6 +273,20 @@ def test_check_script_source():
             bootstrap.check_script_source(bad)
 
 
+def test_status_pings_every_known_hub_the_joined_one_first(tmp_path):
+    hubs = bootstrap.validate_hubs([hub(3), hub(2)], NODE, ADDRESS, PREFIX)
+    base = tmp_path / "net"
+    (base / "hosts").mkdir(parents=True)
+    (base / "hubs.json").write_text(bootstrap.render_hubs_record("net", [h.api for h in hubs]))
+    for h in hubs:
+        (base / "hosts" / h.name).write_text(h.host_file)
+    state = {"hub_vpn_address": "10.0.0.2"}
+    assert bootstrap.hub_vpn_addresses(str(tmp_path), "net", state) == [
+        "10.0.0.2", "10.0.0.3"]
+    (base / "hubs.json").write_text("damaged")
+    assert bootstrap.hub_vpn_addresses(str(tmp_path), "net", state) == ["10.0.0.2"]
+
+
 def test_credential_form():
     assert bootstrap.valid_credential("0123456789abcdef" * 4)
     for bad in ("0123456789ABCDEF" * 4, "0" * 63, "0" * 65, "0" * 63 + "\n", 7, None, "g" * 64):
