@@ -287,6 +287,90 @@ def test_status_pings_every_known_hub_the_joined_one_first(tmp_path):
     assert bootstrap.hub_vpn_addresses(str(tmp_path), "net", state) == ["10.0.0.2"]
 
 
+class LoopbackHub:
+    """A real HTTPS server on 127.0.0.1 (self-signed key) that records every request body
+    and answers POST /v1/sync with a given status and JSON."""
+
+    def __init__(self, directory, status=200, answer=None):
+        import http.server
+        import ssl
+        import threading
+
+        from support import make_self_signed_cert
+        cert, key = make_self_signed_cert(directory)
+        self.bodies, self.status, self.answer = [], status, answer or {}
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                outer.bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
+                data = json.dumps(outer.answer).encode()
+                self.send_response(outer.status)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(str(cert), str(key))
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        der = ssl.PEM_cert_to_DER_cert(cert.read_text())
+        self.pin = bootstrap.spki_pin_from_cert_der(der)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def closed_port():
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_sync_request_goes_only_to_pinned_hubs_in_order(tmp_path):
+    """A hub whose key does not match its pin never sees the credential; a closed port and a
+    429 pass to the next hub; the first valid answer wins; 401 and 403 end the round."""
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir(), (tmp_path / "c").mkdir()
+    impostor = LoopbackHub(tmp_path / "a", answer={"hubs": []})
+    busy = LoopbackHub(tmp_path / "b", status=429, answer={"error": "slow down"})
+    good = LoopbackHub(tmp_path / "c")
+    try:
+        endpoints = (bootstrap.HubEndpoint("127.0.0.1", closed_port(), PIN, "hub1"),
+                     bootstrap.HubEndpoint("127.0.0.1", impostor.port, busy.pin, "hub2"),
+                     bootstrap.HubEndpoint("127.0.0.1", busy.port, busy.pin, "hub3"),
+                     bootstrap.HubEndpoint("127.0.0.1", good.port, good.pin, "hub4"))
+        credential = "ab" * 32
+        record = bootstrap.NodeRecord("net", NODE, ADDRESS, PREFIX, "net", endpoints, (),
+                                      credential)
+        good.answer = sync_answer(hubs=[hub(4), hub(1)])
+        answer = bootstrap.request_sync(record, timeout=5)
+        assert answer.hub.name == "hub4" and [h.name for h in answer.hubs] == ["hub4", "hub1"]
+        assert impostor.bodies == []  # the pin is checked before a byte is sent
+        assert [json.loads(b) for b in busy.bodies + good.bodies] == [
+            {"name": NODE, "credential": credential}] * 2
+        good.answer = sync_answer(hubs=[hub(1)])  # the answering hub not listed: refused
+        with pytest.raises(bootstrap.SyncUnreachable) as err:
+            bootstrap.request_sync(record, timeout=5)
+        assert "does not match the pin" in str(err.value) and "hub4: answer refused" in str(err.value)
+        for status, word in ((401, "re-run the one-liner"), (403, "revoked")):
+            good.status, good.answer = status, {"error": "no\x1b[31m"}
+            with pytest.raises(bootstrap.SyncRefused) as refused:
+                bootstrap.request_sync(record, timeout=5)
+            assert refused.value.status == status and word in refused.value.hint
+            assert "\x1b" not in str(refused.value)
+    finally:
+        for server in (impostor, busy, good):
+            server.close()
+
+
 def test_credential_form():
     assert bootstrap.valid_credential("0123456789abcdef" * 4)
     for bad in ("0123456789ABCDEF" * 4, "0" * 63, "0" * 65, "0" * 63 + "\n", 7, None, "g" * 64):
