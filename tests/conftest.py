@@ -95,3 +95,13 @@ def nat_topology():
         yield topo
     finally:
         topo.close()
+
+
+@pytest.fixture(scope="module")
+def pg():
+    """A throwaway PostgreSQL cluster (labkit.postgres) shared by a module, removed after it.
+    Modules that use it skip themselves with postgres.unavailable_reason()."""
+    from labkit import postgres
+
+    with postgres.ThrowawayPostgres() as server:
+        yield server

@@ -46,10 +46,12 @@ class Hub:
         return self
 
     def registry_nodes(self) -> Dict[str, tuple]:
-        """name -> (address, public key, revoked) straight from SQLite (read-only)."""
+        """name -> (address, public key, revoked) of every node (not the hubs) straight from
+        SQLite (read-only)."""
         conn = sqlite3.connect(f"file:{self.env.state.registry_file}?mode=ro", uri=True, timeout=30)
         try:
-            rows = conn.execute("SELECT name, address, public_key, revoked_at FROM nodes").fetchall()
+            rows = conn.execute("SELECT name, address, public_key, revoked_at FROM nodes"
+                                " WHERE kind = 'node'").fetchall()
         finally:
             conn.close()
         return {r[0]: (r[1], r[2], r[3] is not None) for r in rows}

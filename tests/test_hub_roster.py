@@ -18,7 +18,6 @@ from tinc_hub.enroll import Enroller
 from tinc_hub.node_sync import SyncHandler
 from tinc_hub.registry import Registry
 from tinc_hub.registry_follower import RegistryFollower, mirror_registry
-from tinc_hub.registry_url import RegistryURL
 from tinc_hub.state import StateDir
 from tinc_hub.tls import pin_of_cert_file
 from hub_fixtures import enrol_answer, rsa_public_pem
@@ -29,12 +28,6 @@ SUBNET = "10.78.0.0/24"
 
 pytestmark = pytest.mark.skipif(postgres.unavailable_reason() is not None,
                                 reason=str(postgres.unavailable_reason()))
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[postgres.ThrowawayPostgres]:
-    with postgres.ThrowawayPostgres() as server:
-        yield server
 
 
 class Hub:
@@ -302,7 +295,7 @@ def test_a_second_machine_with_a_hubs_name_cannot_take_its_place(net: Dict, tmp_
 def test_an_unsound_hub_row_never_reaches_a_tinc_file_or_a_node(net: Dict, capsys) -> None:
     """The registry is shared: a row written by hand (or by a broken hub) with a newline in its
     public address would add lines to every hub's host file. It is left out, with a warning."""
-    erebor, rivendell = net["erebor"], net["rivendell"]
+    erebor = net["erebor"]
     registry = erebor.registry()
     with registry.exclusive(), registry.transaction() as tx:
         tx._db.driver.execute("UPDATE hubs SET public_address = %s WHERE name = 'rivendell'",

@@ -34,12 +34,6 @@ pytestmark = pytest.mark.skipif(postgres.unavailable_reason() is not None,
                                 reason=str(postgres.unavailable_reason()))
 
 
-@pytest.fixture(scope="module")
-def pg() -> Iterator[postgres.ThrowawayPostgres]:
-    with postgres.ThrowawayPostgres() as server:
-        yield server
-
-
 @pytest.fixture
 def database(pg: postgres.ThrowawayPostgres) -> Iterator[str]:
     """A new empty database owned by the role ``hub`` (password PASSWORD); its TCP URL."""

@@ -55,12 +55,6 @@ def timing(label: str, seconds: float) -> float:
 
 
 @pytest.fixture(scope="module")
-def pg() -> Iterator[postgres.ThrowawayPostgres]:
-    with postgres.ThrowawayPostgres() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def lab(pg) -> Iterator[multihub.MultiHubLab]:
     """erebor (makes the net) and rivendell (joins through the registry) serving; hobbiton
     and dale enrolled through erebor, bree through rivendell. lothlorien's host is wired

@@ -160,15 +160,21 @@ def normalise_public_key(pem: Any) -> str:
                             serialization.PublicFormat.PKCS1).decode("ascii")
 
 
-def parse_body(body: bytes) -> Dict[str, Any]:
-    if len(body) > MAX_BODY_BYTES:
-        raise EnrollError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
+def parse_json_object(body: bytes, limit: int) -> Dict[str, Any]:
+    """A request body that must be one JSON object of at most ``limit`` bytes (EnrollError)."""
+    if len(body) > limit:
+        raise EnrollError(413, f"request body larger than {limit} bytes")
     try:
         data = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise EnrollError(400, "request body must be a JSON object") from None
     if not isinstance(data, dict):
         raise EnrollError(400, "request body must be a JSON object")
+    return data
+
+
+def parse_body(body: bytes) -> Dict[str, Any]:
+    data = parse_json_object(body, MAX_BODY_BYTES)
     for field in ("name", "public_key"):
         if field not in data:
             raise EnrollError(400, f"missing field '{field}'")

@@ -7,12 +7,11 @@ credential matched. The answer is the enrolment answer's ``hubs`` list with the 
 address (docs/DESIGN.md, "API contract for nodes").
 """
 
-import json
 import logging
 from typing import Any, Dict, NamedTuple, Optional
 
 from bootstrap import bootstrap
-from .enroll import CREDENTIAL_RE, credential_matches, log_value
+from .enroll import CREDENTIAL_RE, EnrollError, credential_matches, log_value, parse_json_object
 from .registry import NODE, Registry, RegistryUnavailable
 from .roster import hubs_for_nodes
 from .state import HubConfig
@@ -48,7 +47,7 @@ class SyncHandler:
             with self.registry.snapshot() as view:
                 node = view.get_node(name)
                 hubs = view.list_hubs()
-        except _Refusal as refusal:
+        except EnrollError as refusal:
             audit_log.warning("%s", sync_audit_line("refused", refusal.status, name, client, refusal.message))
             return SyncOutcome(refusal.status, {"error": refusal.message})
         except RegistryUnavailable as exc:
@@ -69,23 +68,10 @@ class SyncHandler:
 
     @staticmethod
     def _parse(body: bytes) -> "tuple[str, str]":
-        if len(body) > MAX_SYNC_BODY_BYTES:
-            raise _Refusal(413, f"request body larger than {MAX_SYNC_BODY_BYTES} bytes")
-        try:
-            data = json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            raise _Refusal(400, "request body must be a JSON object") from None
-        if not isinstance(data, dict):
-            raise _Refusal(400, "request body must be a JSON object")
+        data = parse_json_object(body, MAX_SYNC_BODY_BYTES)
         name, credential = data.get("name"), data.get("credential")
         if not isinstance(name, str) or not bootstrap.valid_node_name(name):
-            raise _Refusal(400, "field 'name' must be a node name")
+            raise EnrollError(400, "field 'name' must be a node name")
         if not isinstance(credential, str) or not CREDENTIAL_RE.fullmatch(credential):
-            raise _Refusal(400, "field 'credential' must be 64 lowercase hex digits")
+            raise EnrollError(400, "field 'credential' must be 64 lowercase hex digits")
         return name, credential
-
-
-class _Refusal(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status, self.message = status, message
