@@ -1970,13 +1970,21 @@ def acquire_sync_pid_file(net: str) -> Optional[int]:
     """An fd holding the lock of net's sync pid file (our pid written in it), or None when
     another sync loop holds it."""
     fd = os.open(sync_pid_path(net), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+    deadline = time.monotonic() + 3.0
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                os.close(fd)
+                raise
+        # a loop holds the lock for its life; sync_loop_pid (status, tinc-up's launcher)
+        # only for an instant: try again for a while before concluding that a loop runs
+        if time.monotonic() >= deadline:
+            os.close(fd)
             return None
-        raise
+        time.sleep(0.05)
     os.ftruncate(fd, 0)
     os.write(fd, "{}\n".format(os.getpid()).encode())
     return fd

@@ -434,6 +434,12 @@ def loop_locked(node):
     return node.run(["flock", "-n", "-s", PIDFILE, "true"], check=False).returncode == 1
 
 
+def node_story(node):
+    """The node's log and processes, for a failure message."""
+    ps = node.run(["ps", "-eo", "pid,ppid,stat,args"], check=False).stdout
+    return "log:\n%s\nprocesses:\n%s" % (node.run(["cat", LOG], check=False).stdout, ps)
+
+
 def snapshot(node):
     """Every file under the net dir: bytes and mtime (ns)."""
     return node.snapshot(NETDIR)
@@ -551,7 +557,7 @@ def test_a_piped_join_installs_the_hubs_script(lab):
     done = join(lab, BREE, piped=True)
     assert done.returncode == 0, done.stdout + done.stderr
     assert node.read_bytes(NETDIR + "/bootstrap.py") == netlab.BOOTSTRAP_PY.read_bytes()
-    assert netlab.wait_until(lambda: loop_locked(node), 10)
+    assert netlab.wait_until(lambda: loop_locked(node), 10), node_story(node)
 
 
 # bootstrap.py as main had it before the node side of issue 11 (commit 000bee2)
@@ -608,6 +614,20 @@ def test_the_loop_stops_with_tincd_and_comes_back_once(lab):
     assert netlab.wait_until(lambda: not sync_loop_pids(node), 10)
     netlab.start_tincd(node, NET, port=0)
     assert netlab.wait_until(lambda: len(sync_loop_pids(node)) == 1 and loop_locked(node), 10)
+
+
+@pytest.mark.netlab
+def test_a_probe_of_the_lock_does_not_make_a_starting_loop_give_up(lab):
+    """status and tinc-up's launcher look at the pid file's lock (a shared flock for an
+    instant): a loop starting at that moment waits for it instead of taking it for a loop."""
+    node = lab.nodes[SHIRE]
+    script = NETDIR + "/bootstrap.py"
+    node.run(["/usr/bin/python3", script, "sync", "--net", NET, "--stop"])
+    assert netlab.wait_until(lambda: not sync_loop_pids(node), 10)
+    node.run(["sh", "-c", "flock -s %s sleep 1 & sleep 0.3; /usr/bin/python3 %s sync --net %s "
+              "--daemon; wait" % (PIDFILE, script, NET)])
+    assert netlab.wait_until(lambda: len(sync_loop_pids(node)) == 1 and loop_locked(node), 10), \
+        node_story(node)
 
 
 @pytest.mark.netlab
