@@ -178,8 +178,12 @@ def test_replay_same_answer_no_use_spent_even_when_spent_or_expired(hub: HubEnv)
     token = hub.token(uses=1)
     status, first = hub.enroll(token.token, "node_r", rsa_public_pem(4))
     assert status == 200
-    credential = first.pop("credential")  # issued with every answer that is not a clean replay
+    credential = first.pop("credential")  # issued with every new enrolment
     mtime = (hub.config.hosts_dir / "node_r").stat().st_mtime_ns
+    # the first replay showing it records that the node has it (once); later ones write nothing
+    assert hub.enroll(token.token, "node_r", rsa_public_pem(4), credential) == (200, first)
+    with hub.registry.reading() as view:
+        assert view.get_node("node_r").credential_used_at is not None
     rows = dump_registry(hub.registry)
     # the node's replay carries its credential: the same answer, nothing written
     assert hub.enroll(token.token, "node_r", rsa_public_pem(4), credential) == (200, first)  # token spent

@@ -74,8 +74,8 @@ def test_registry_written_by_main_is_upgraded_in_place_with_nothing_lost(main_hu
         tokens = [t.__dict__ for t in view.list_tokens()]
         nodes = [n.__dict__ for n in view.list_nodes()]
     assert tokens == MAIN_EXPECTED["tokens"]
-    # revision 0002 adds kind and credential_sha256: every node of main is a node, without one
-    assert nodes == [dict(n, kind="node", credential_sha256=None) for n in MAIN_EXPECTED["nodes"]]
+    # revision 0002 adds kind, credential_sha256 and credential_used_at: every node of main is a node, without one
+    assert nodes == [dict(n, kind="node", credential_sha256=None, credential_used_at=None) for n in MAIN_EXPECTED["nodes"]]
     listed = {row["id"]: row["status"] for row in json.loads(out)}
     assert sorted(listed.values()) == ["active", "active", "active", "revoked"]
     assert sql(path, "PRAGMA journal_mode") == [("wal",)]

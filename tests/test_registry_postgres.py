@@ -259,7 +259,8 @@ def test_registry_copy_moves_main_registry_to_postgresql(hub: HubEnv, database: 
     target = pg_registry(database, hub.state.lock_file)
     with target.reading() as view:
         assert [t.__dict__ for t in view.list_tokens()] == MAIN_EXPECTED["tokens"]
-        assert [n.__dict__ for n in view.list_nodes()] == [dict(n, kind="node", credential_sha256=None)
+        assert [n.__dict__ for n in view.list_nodes()] == [dict(n, kind="node", credential_sha256=None,
+                                                                 credential_used_at=None)
                                                             for n in MAIN_EXPECTED["nodes"]]
     assert target.schema_revision() == SCHEMA_REVISION
 

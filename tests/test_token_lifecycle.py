@@ -158,8 +158,8 @@ def test_serve_schema_upgrade_is_idempotent_and_keeps_rows(hub: HubEnv) -> None:
     before = dump_registry(hub.registry)
     hub.registry.ensure_schema()  # what `serve` runs at start
     after = dump_registry(hub.registry)
-    # tokens gain revoked_at (0001), nodes kind and credential_sha256 (0002); then settings
-    expected = [row + (None,) if row[0] == "tokens" else row + ("node", None) for row in before]
+    # tokens gain revoked_at (0001), nodes kind and the credential columns (0002); then settings
+    expected = [row + (None,) if row[0] == "tokens" else row + ("node", None, None) for row in before]
     assert after == expected + [("settings", "generation", "0")]
     mtime = hub.state.registry_file.stat().st_mtime_ns
     assert hub.registry.upgrade_schema() == []  # current: only read
@@ -405,8 +405,10 @@ def test_spent_expired_revoked_tokens_and_replays_answered_while_the_write_lock_
                Enrolment(expired, "other2", rsa_public_pem(3)),
                Enrolment(revoked.token, "other3", rsa_public_pem(4)),
                Enrolment(printed(env, new_secret()), "other4", rsa_public_pem(5))]
-    # the node's replay carries the credential its first answer issued: no write, no lock
+    # the node's replay carries the credential its first answer issued; once the hub has
+    # recorded that the node has it (its first showing), a replay writes nothing, takes no lock
     replay = Enrolment(spent, "replayed", rsa_public_pem(1), first.body["credential"])
+    assert enrol_concurrently(server, [replay])[0].status == 200
 
     fd = os.open(env.state.lock_file, os.O_RDWR)
     released = False

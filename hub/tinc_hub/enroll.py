@@ -217,16 +217,17 @@ def credential_matches(credential: Optional[str], stored_sha256: Optional[str]) 
 def credential_to_issue(result: str, node: NodeRow, credential: Optional[str],
                         token: Optional[TokenRow], now: int) -> bool:
     """Does this successful answer carry a new credential? A new enrolment and a re-key: yes. A
-    replay: only when the node has none yet (it joined before credentials), or with a valid
-    token bound to this very name (the admin's way to give a node that lost its credential a
-    new one). A replay with a shared fleet token never replaces a node's credential: any
+    replay: when the node has none, or may never have received the one issued (it was never
+    shown: the answer that carried it may have been lost), or with a valid token bound to
+    this very name (the admin's way to give a node that lost its credential a new one). A
+    replay with a shared fleet token never replaces a credential the node has used: any
     holder of that token knows every sibling's name and public key, and could otherwise cut
     the siblings off from sync."""
     if result in ("new", "rekeyed"):
         return True
     if credential_matches(credential, node.credential_sha256):
         return False
-    if node.credential_sha256 is None:
+    if node.credential_sha256 is None or node.credential_used_at is None:
         return True
     return (token is not None and token.bound_name == node.name and not token.revoked
             and now < token.expires_at)
@@ -372,8 +373,10 @@ class Enroller:
             token = view.get_token(token_hash)
         if replay is not None:
             attempt.address = replay.address
+            shown_first = credential_matches(credential, replay.credential_sha256) \
+                and replay.credential_used_at is None  # recorded once: a write
             if not credential_to_issue("replay", replay, credential, token, int(self.clock())) \
-                    and host_file_in_place(self.config.hosts_dir / replay.name,
+                    and not shown_first and host_file_in_place(self.config.hosts_dir / replay.name,
                                            render_node_host_file(replay.address, replay.public_key)):
                 return EnrollOutcome(200, self._answer(replay, hubs, None), False), "replay"
 
@@ -386,6 +389,8 @@ class Enroller:
                                            int(self.clock())):
                         issued = new_credential()
                         tx.set_credential(node.name, credential_hash(issued))
+                    elif credential is not None and credential_matches(credential, node.credential_sha256):
+                        tx.mark_credential_used(node.name, credential_hash(credential), int(self.clock()))
                     hubs = tx.list_hubs()
             except RegistryConflict as exc:  # unreachable under the write lock; stay a clean 409
                 raise EnrollError(409, f"conflict with an existing enrolment ({exc.message})") from None

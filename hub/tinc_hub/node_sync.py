@@ -8,10 +8,12 @@ address (docs/DESIGN.md, "API contract for nodes").
 """
 
 import logging
+import time
 from typing import Any, Dict, NamedTuple, Optional
 
 from bootstrap import bootstrap
-from .enroll import CREDENTIAL_RE, EnrollError, credential_matches, log_value, parse_json_object
+from .enroll import (CREDENTIAL_RE, EnrollError, credential_hash, credential_matches, log_value,
+                     parse_json_object)
 from .registry import NODE, Registry, RegistryUnavailable
 from .roster import hubs_for_nodes
 from .state import HubConfig
@@ -60,11 +62,20 @@ class SyncHandler:
         if node.revoked:
             audit_log.warning("%s", sync_audit_line("refused", 403, name, client, "node revoked"))
             return SyncOutcome(403, {"error": f"node {name!r} has been revoked"})
+        if node.credential_used_at is None:  # the node has it: from now on a replay with a
+            self._mark_used(node.name, credential)  # shared token cannot replace it
         audit_log.info("%s", sync_audit_line("ok", 200, name, client))
         return SyncOutcome(200, {"net": self.config.net, "name": node.name, "address": node.address,
                                  "prefix": self.config.prefix,
                                  "hubs": hubs_for_nodes(hubs, self.config.network, first=self.config.name),
                                  "interval": SYNC_INTERVAL})
+
+    def _mark_used(self, name: str, credential: str) -> None:
+        try:
+            with self.registry.exclusive(), self.registry.transaction() as tx:
+                tx.mark_credential_used(name, credential_hash(credential), int(time.time()))
+        except RegistryUnavailable:
+            pass  # recorded at a later sync
 
     @staticmethod
     def _parse(body: bytes) -> "tuple[str, str]":

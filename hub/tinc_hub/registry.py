@@ -101,6 +101,7 @@ nodes = sa.Table(
     sa.Column("revoked_at", _BigInt),
     sa.Column("kind", sa.Text, nullable=False, server_default="node"),  # 'node' or 'hub'
     sa.Column("credential_sha256", sa.Text),
+    sa.Column("credential_used_at", _BigInt),
 )
 
 hubs = sa.Table(
@@ -175,6 +176,7 @@ class NodeRow:
     revoked_at: Optional[int]
     kind: str = NODE
     credential_sha256: Optional[str] = None  # never shown; POST /v1/sync compares with it
+    credential_used_at: Optional[int] = None  # first shown by the node (None: maybe never received)
 
     @property
     def revoked(self) -> bool:
@@ -260,7 +262,11 @@ class _Statements:
     update_setting = settings.update().where(settings.c.key == P("key")).values(value=P("value"))
     credential_of = sa.select(nodes.c.credential_sha256).where(nodes.c.name == P("name"), is_node)
     set_credential = (nodes.update().where(nodes.c.name == P("name"), nodes.c.kind == NODE)
-                      .values(credential_sha256=P("sha")))
+                      .values(credential_sha256=P("sha"), credential_used_at=None))
+    mark_credential_used = (nodes.update().where(nodes.c.name == P("name"), nodes.c.kind == NODE,
+                                                 nodes.c.credential_sha256 == P("sha"),
+                                                 nodes.c.credential_used_at.is_(None))
+                            .values(credential_used_at=P("now")))
     count_tokens = sa.select(sa.func.count()).select_from(tokens)
     insert_token = tokens.insert().values({c.name: sa.bindparam(c.name) for c in _TOKEN_COLUMNS})
     revoke_token = (tokens.update().where(tokens.c.secret_sha256 == P("sha"), tokens.c.revoked_at.is_(None))
@@ -463,7 +469,12 @@ class RegistryTransaction(RegistryView):
         self._db.rowcount(Q.delete_node, name=name)
 
     def set_credential(self, name: str, credential_sha256: str) -> None:
+        """A newly issued credential (not used yet)."""
         self._db.rowcount(Q.set_credential, name=name, sha=credential_sha256)
+
+    def mark_credential_used(self, name: str, credential_sha256: str, now: int) -> None:
+        """The node showed this credential: it has it (only the first time is recorded)."""
+        self._db.rowcount(Q.mark_credential_used, name=name, sha=credential_sha256, now=now)
 
     # -- hubs and settings -------------------------------------------------------------
     def insert_hub(self, hub: HubRow, now: int) -> None:

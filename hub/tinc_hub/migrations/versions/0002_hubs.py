@@ -4,7 +4,8 @@
 - ``nodes.kind``: 'node' (every existing row) or 'hub'. Hubs sit in ``nodes`` so that its
   UNIQUE constraints (name, address, address_int, public_key) hold across hubs and nodes.
 - ``nodes.credential_sha256``: sha256 of the node credential (``POST /v1/sync``); NULL until
-  the node gets one.
+  the node gets one. ``nodes.credential_used_at``: when the node first showed it (a sync or a
+  replay carrying it); NULL while the node may never have received it.
 - ``hubs``: what only a hub has (public address, tinc and API ports, TLS pin, removal time).
 - ``settings``: ``net`` and ``vpn_subnet`` (written by the first hub that runs this code; a
   hub with other values refuses the registry), ``generation`` (bumped by every write
@@ -28,6 +29,7 @@ BigInt = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 def upgrade() -> None:
     op.add_column("nodes", sa.Column("kind", sa.Text, nullable=False, server_default="node"))
     op.add_column("nodes", sa.Column("credential_sha256", sa.Text))
+    op.add_column("nodes", sa.Column("credential_used_at", BigInt))
     op.create_table(
         "hubs",
         sa.Column("name", sa.Text, sa.ForeignKey("nodes.name", name="hubs_name_is_a_node"),
