@@ -89,7 +89,8 @@ def test_a_second_hub_joins_with_registry_name_and_address(net: Dict, capsys) ->
     assert (config.net, config.vpn_subnet, config.hub_address) == ("pgnet", SUBNET, "10.78.0.2")
     assert config.registry == net["url"] and PASSWORD not in rivendell.state.config_file.read_text()
     # its files as it sees the net: a ConnectTo erebor, keepalives, the relay weights
-    conf = rivendell.file("tinc.conf")
+    assert "ConnectTo" not in rivendell.file("tinc.conf")  # init's file; the API keeps conf.d/
+    conf = rivendell.file("conf.d/hubs.conf")
     assert "ConnectTo = erebor\n" in conf and "PingInterval = 5\n" in conf and "PingTimeout = 3\n" in conf
     assert weights(rivendell.file("hosts/rivendell")) == ["Subnet = 10.78.0.2/32", f"Subnet = {SUBNET}#20"]
     assert weights(rivendell.file("hosts/erebor")) == ["Subnet = 10.78.0.1/32", f"Subnet = {SUBNET}#10"]
@@ -109,10 +110,10 @@ def test_a_second_hub_joins_with_registry_name_and_address(net: Dict, capsys) ->
     code, out, err = rivendell.init(capsys, net["url"], net["password_file"])
     assert code == 0 and "changed: nothing" in out, err
     assert {p: p.stat().st_mtime_ns for p in (rivendell.root / "tinc").rglob("*") if p.is_file()} == before
-    assert "ConnectTo" not in erebor.file("tinc.conf")
+    assert not (erebor.config.net_dir / "conf.d/hubs.conf").exists()
     done = mirror_registry(erebor.config, erebor.registry())
-    assert sorted(done["written"]) == ["erebor", "rivendell", "tinc.conf"] and not done["removed"]
-    assert "ConnectTo = rivendell\n" in erebor.file("tinc.conf")
+    assert sorted(done["written"]) == ["conf.d/hubs.conf", "erebor", "rivendell"] and not done["removed"]
+    assert "ConnectTo = rivendell\n" in erebor.file("conf.d/hubs.conf")
     assert weights(erebor.file("hosts/erebor"))[1] == f"Subnet = {SUBNET}#20"
     assert weights(erebor.file("hosts/rivendell"))[1] == f"Subnet = {SUBNET}#10"
     assert mirror_registry(erebor.config, erebor.registry()) == {"written": [], "removed": []}
@@ -249,8 +250,8 @@ def test_hub_remove_retires_a_hub_everywhere(net: Dict, capsys) -> None:
     assert rivendell.cli(capsys, "hub", "remove", "erebor")[2].count("already removed") == 1
     # rivendell alone again: no ConnectTo, no weights, erebor's file gone
     done = mirror_registry(rivendell.config, rivendell.registry())
-    assert done["removed"] == ["erebor"] and "tinc.conf" in done["written"]
-    assert "ConnectTo" not in rivendell.file("tinc.conf")
+    assert done["removed"] == ["erebor", "conf.d/hubs.conf"]
+    assert not (rivendell.config.net_dir / "conf.d/hubs.conf").exists()
     assert weights(rivendell.file("hosts/rivendell"))[1] == f"Subnet = {SUBNET}"
     assert not (rivendell.config.hosts_dir / "erebor").exists()
     # the last hub cannot be removed; a token names no removed hub; nodes never get erebor
@@ -302,7 +303,8 @@ def test_an_unsound_hub_row_never_reaches_a_tinc_file_or_a_node(net: Dict, capsy
                               ("192.0.2.2\nSubnet = 0.0.0.0/0",))
     done = mirror_registry(erebor.config, registry)
     assert "rivendell" not in done["written"] and not (erebor.config.hosts_dir / "rivendell").exists()
-    assert "ConnectTo" not in erebor.file("tinc.conf") and "0.0.0.0/0" not in erebor.file("hosts/erebor")
+    assert not (erebor.config.net_dir / "conf.d/hubs.conf").exists()
+    assert "0.0.0.0/0" not in erebor.file("hosts/erebor")
     assert bootstrap.decode_token(token_of(erebor, capsys)).others == ()
     status, answer = enrol(Enroller(erebor.config, registry), token_of(erebor, capsys), "bree", rsa_public_pem(7))
     assert status == 200 and [h["name"] for h in answer["hubs"]] == ["erebor"]

@@ -20,8 +20,9 @@ from .errors import HubError
 from .service import UNIT_NAME, apply_service, installed_executable, read_service_plan, render_unit
 from .liveness import render_host_script
 from .registry import SCHEMA_REVISION, HubRow, Registry
-from .roster import (HUB_CONF_MARKER, NetSettings, active_hubs, check_settings, hub_host_files_for,
-                     hub_row, lowest_free_address, read_net_settings, register_hub, render_hub_tinc_conf)
+from .roster import (HUB_CONF_MARKER, HUB_PEERS_FILE, NetSettings, active_hubs, check_settings,
+                     hub_host_files_for, hub_row, lowest_free_address, read_net_settings,
+                     register_hub, render_hub_peers_conf, render_hub_tinc_conf)
 from .state import DEFAULT_TINC_PORT, HubConfig, StateDir
 from .tls import ensure_cert, pin_of_cert_file
 
@@ -240,8 +241,7 @@ class HubInit:
 
     def tinc_conf(self) -> str:
         config = self.config
-        return render_hub_tinc_conf(config.name, config.net, config.port,
-                                    [h.name for h in self.other_hubs()])
+        return render_hub_tinc_conf(config.name, config.net, config.port)
 
     def hub_files(self) -> Dict[str, str]:
         """hosts/ files of every hub as this hub sees them (itself included)."""
@@ -259,8 +259,8 @@ class HubInit:
             bootstrap.Step(lambda: "tinc key", self.plan_key, self.apply_key),
             bootstrap.Step(lambda: f"this hub in the registry {self.registry.describe()}",
                            self.plan_register, self.apply_register),
-            bootstrap.Step(lambda: "hub host files, tinc-up/down, host-up/down",
-                           self.plan_hub_files, self.apply_files),
+            bootstrap.Step(lambda: "hub host files, conf.d, tinc-up/down, host-up/down",
+                           self.plan_hub_files, self.apply_hub_files),
             bootstrap.Step(lambda: f"hub state in {self.state.root}", self.plan_state,
                            self.apply_state),
         ]
@@ -278,6 +278,13 @@ class HubInit:
 
     def apply_install(self, plan: bootstrap.Plan) -> None:
         self.facts = bootstrap.apply_install(plan, self.facts)
+
+    def apply_hub_files(self, plan: bootstrap.Plan) -> None:
+        peers_dir = self.config.net_dir / Path(HUB_PEERS_FILE).parent
+        if not peers_dir.is_dir():
+            peers_dir.mkdir(parents=True)
+            self.changed.append(str(peers_dir))
+        self.apply_files(plan)
 
     def apply_files(self, plan: bootstrap.Plan) -> None:
         for spec in plan.files:
@@ -350,8 +357,13 @@ class HubInit:
         config, net_dir = self.config, self.config.net_dir
         hub_files = tuple(bootstrap.FileSpec(str(config.hosts_dir / name), text)
                           for name, text in sorted(self.hub_files().items()))
-        return bootstrap.Plan(files=tuple(self.event_scripts()) + hub_files + (
-            bootstrap.FileSpec(str(net_dir / "tinc.conf"), self.tinc_conf()),
+        peers = render_hub_peers_conf([h.name for h in self.other_hubs()])
+        if peers is not None:
+            hub_files += (bootstrap.FileSpec(str(net_dir / HUB_PEERS_FILE), peers),)
+        peers_dir = net_dir / Path(HUB_PEERS_FILE).parent
+        return bootstrap.Plan(actions=(
+            f"directory {peers_dir} (the other hubs' ConnectTo, kept by the API), made when missing",),
+            files=tuple(self.event_scripts()) + hub_files + (
             bootstrap.FileSpec(str(net_dir / "tinc-up"),
                                bootstrap.render_tinc_up(config.hub_address, config.prefix), 0o755),
             bootstrap.FileSpec(str(net_dir / "tinc-down"),

@@ -1,8 +1,8 @@
 """Keep this hub's tinc files in step with the registry that several hubs share.
 
-:func:`mirror_registry` makes ``hosts/`` and ``tinc.conf`` say what the registry says, as this
-hub sees it (roster.py renders the hub files per viewing hub): every active hub's file and a
-``ConnectTo`` for each other hub, every active node's file; the files of revoked nodes and
+:func:`mirror_registry` makes ``hosts/`` and ``conf.d/hubs.conf`` say what the registry says,
+as this hub sees it (roster.py renders the hub files per viewing hub): every active hub's file
+and a ``ConnectTo`` for each other hub, every active node's file; the files of revoked nodes and
 removed hubs are removed (never a file of a name the registry does not know). A file is
 written only when its bytes change (tinc 1.0 drops, on SIGHUP, the connection of every host
 whose file is newer), and the caller SIGHUPs tincd once when anything changed.
@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional
 
 from .hostfiles import reconcile_host_files, remove_if_present, write_if_changed
 from .registry import CHANGES_CHANNEL, Registry, RegistryError
-from .roster import hub_host_files_for, render_hub_tinc_conf, usable_hubs
+from .roster import HUB_PEERS_FILE, hub_host_files_for, render_hub_peers_conf, usable_hubs
 from .state import HubConfig
 
 log = logging.getLogger("tinc_hub.follow")
@@ -30,7 +30,7 @@ RETRY_INTERVAL = 5.0  # s before reconnecting the PostgreSQL listener after an e
 
 
 def mirror_registry(config: HubConfig, registry: Registry) -> Dict[str, List[str]]:
-    """Bring hosts/ and tinc.conf in line with the registry; returns what was written and
+    """Bring hosts/ and conf.d/hubs.conf in line with the registry; returns what was written and
     removed (tincd needs a SIGHUP when either is not empty)."""
     with registry.snapshot() as view:
         hubs = view.list_hubs()
@@ -45,9 +45,12 @@ def mirror_registry(config: HubConfig, registry: Registry) -> Dict[str, List[str
                 removed.append(hub.name)
         others = [h.name for h in usable_hubs(hubs, config.network) if h.name != config.name]
         if any(h.name == config.name for h in hubs):  # never before this hub recorded itself
-            conf = render_hub_tinc_conf(config.name, config.net, config.port, others)
-            if write_if_changed(config.net_dir / "tinc.conf", conf):
-                written.append("tinc.conf")
+            peers, path = render_hub_peers_conf(others), config.net_dir / HUB_PEERS_FILE
+            if peers is None:
+                if remove_if_present(path):
+                    removed.append(HUB_PEERS_FILE)
+            elif path.parent.mkdir(parents=True, exist_ok=True) or write_if_changed(path, peers):
+                written.append(HUB_PEERS_FILE)
     nodes = reconcile_host_files(config, registry)
     return {"written": written + nodes["written"], "removed": removed + nodes["removed"]}
 

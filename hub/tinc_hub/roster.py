@@ -116,13 +116,26 @@ def hub_host_files_for(viewer: str, hubs: Sequence[HubRow],
 HUB_CONF_MARKER = "# Written by tinc-hub init; re-running it rewrites this file."
 
 
-def render_hub_tinc_conf(name: str, net: str, port: int, other_hubs: Sequence[str] = ()) -> str:
-    """The hub's tinc.conf: a tunnel server; with other hubs, a ConnectTo each and keepalives."""
-    extra = [f"Port = {port}", "TunnelServer = yes"]
-    if other_hubs:
-        extra += [f"PingInterval = {PING_INTERVAL}", f"PingTimeout = {PING_TIMEOUT}"]
-    return bootstrap.render_tinc_conf(name, net, connect_to=sorted(other_hubs), extra=extra,
+def render_hub_tinc_conf(name: str, net: str, port: int) -> str:
+    """The hub's tinc.conf (written by init only): a tunnel server."""
+    return bootstrap.render_tinc_conf(name, net, extra=[f"Port = {port}", "TunnelServer = yes"],
                                       marker=HUB_CONF_MARKER)
+
+
+# What changes with the other hubs lives in conf.d/ (tinc 1.0 reads conf.d/*.conf after
+# tinc.conf, at start and on SIGHUP): the API writes it, under its sandbox, without being able
+# to write tinc.conf, tinc-up or the key.
+HUB_PEERS_FILE = "conf.d/hubs.conf"
+PEERS_MARKER = "# Written by tinc-hub from the registry: the other hubs of the net."
+
+
+def render_hub_peers_conf(other_hubs: Sequence[str]) -> Optional[str]:
+    """conf.d/hubs.conf: a ConnectTo each other hub and keepalives; None when alone."""
+    if not other_hubs:
+        return None
+    lines = [PEERS_MARKER, f"PingInterval = {PING_INTERVAL}", f"PingTimeout = {PING_TIMEOUT}"]
+    lines += [f"ConnectTo = {name}" for name in sorted(other_hubs)]
+    return "\n".join(lines) + "\n"
 
 
 def hubs_for_nodes(hubs: Sequence[HubRow], network: ipaddress.IPv4Network,

@@ -145,6 +145,7 @@ def render_unit(config: HubConfig, executable: str, state_dir: str, tinc_unit: s
     executable = checked_path(executable, "tinc-hub executable")
     state_dir = checked_path(os.path.abspath(state_dir), "state directory")  # init's cwd
     hosts_dir = checked_path(str(config.hosts_dir), "tinc hosts directory")
+    peers_dir = checked_path(str(config.net_dir / "conf.d"), "tinc conf.d directory")
     command = [executable]
     if state_dir != DEFAULT_STATE_DIR:
         command += ["--state-dir", state_dir]
@@ -169,12 +170,13 @@ def render_unit(config: HubConfig, executable: str, state_dir: str, tinc_unit: s
         "# Descriptors for serve's connection caps (--max-connections 4096 plus a reserve),",
         "# whatever the distribution's DefaultLimitNOFILE is.",
         f"LimitNOFILE={OPEN_FILE_LIMIT}",
-        "# Sandbox: the API writes only its state directory (registry, WAL, lock) and the",
-        "# net's hosts/ (node host files); it signals root's tincd, which needs no capability.",
+        "# Sandbox: the API writes only its state directory (registry, WAL, lock), the net's",
+        "# hosts/ (host files) and conf.d/ (the other hubs' ConnectTo); it signals root's",
+        "# tincd, which needs no capability.",
         f"CapabilityBoundingSet={capabilities}",
         # A user namespace would void CAP_NET_BIND_SERVICE (it counts in the host's namespace).
         *([] if capabilities else ["PrivateUsers=yes"]),
-        "ReadWritePaths=" + " ".join(path_list_word(p) for p in (state_dir, hosts_dir)),
+        "ReadWritePaths=" + " ".join(path_list_word(p) for p in (state_dir, hosts_dir, peers_dir)),
         f"ProtectHome={home}",
         *SANDBOX,
         "",

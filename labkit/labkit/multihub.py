@@ -145,7 +145,9 @@ class HubInNamespace(netlab.HubDriver):
         return json.loads(cp.stdout)
 
     def connect_to(self) -> List[str]:
-        return connect_to_lines(self.host.read_file(self.net_dir + "/tinc.conf"))
+        """The hub's ConnectTo lines: conf.d/hubs.conf, which the API keeps (tinc.conf has none)."""
+        path = self.net_dir + "/conf.d/hubs.conf"
+        return connect_to_lines(self.host.read_file(path)) if self.host.exists(path) else []
 
     def kill_hard(self) -> List[int]:
         """SIGKILL every process of this hub (tincd, tinc-hub serve, ...), as a crash: the
