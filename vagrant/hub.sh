@@ -12,11 +12,25 @@ if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
     apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv
 fi
 [ -x /opt/tinc-hub/bin/tinc-hub ] || python3 -m venv /opt/tinc-hub
-if [ -d "$wheelhouse" ]; then
-    PIP_NO_INDEX=1 PIP_FIND_LINKS=$wheelhouse /opt/tinc-hub/bin/pip install -q \
-        --disable-pip-version-check "$repo"
+# Re-provisioning: pip builds and reinstalls the project even when nothing changed (~2 min
+# under emulation), so the digest of what it was installed from is kept beside the venv and
+# pip is skipped when it matches. Every file of the synced folder counts (the wheelhouse
+# too) but the tokens directory and caches: a needless reinstall costs time, a missed one
+# would not.
+stamp=/opt/tinc-hub/.installed-from.sha256
+digest=$(cd "$repo" && find . \( -path ./.vagrant-lab -o -name __pycache__ \) -prune -o -type f -print0 \
+    | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -d ' ' -f 1)
+if [ -x /opt/tinc-hub/bin/tinc-hub ] && [ "$(cat "$stamp" 2>/dev/null)" = "$digest" ]; then
+    echo "hub.sh: tinc-hub already installed from this very project, pip skipped"
 else
-    /opt/tinc-hub/bin/pip install -q "$repo"
+    rm -f "$stamp"
+    if [ -d "$wheelhouse" ]; then
+        PIP_NO_INDEX=1 PIP_FIND_LINKS=$wheelhouse /opt/tinc-hub/bin/pip install -q \
+            --disable-pip-version-check "$repo"
+    else
+        /opt/tinc-hub/bin/pip install -q "$repo"
+    fi
+    echo "$digest" > "$stamp"
 fi
 ln -sf /opt/tinc-hub/bin/tinc-hub /usr/local/bin/tinc-hub
 tinc-hub init --net "$net" --name "$name" --address "$address" --vpn-subnet "$subnet"
