@@ -1893,8 +1893,8 @@ def request_sync(record: NodeRecord, timeout: float = 15.0) -> SyncAnswer:
         message = _one_line(str(answer.body.get("error") or "HTTP {}".format(answer.status)))
         if answer.status == 401:
             raise SyncRefused(401, "hub {} does not accept this node's credential: {}".format(
-                hub.name, message), "re-run the one-liner (bootstrap.py with a token) on this "
-                "node: it gets a new credential")
+                hub.name, message), "re-run the one-liner on this node with a token made for it"
+                " ('tinc-hub token create --name NODE'): it brings a new credential")
         if answer.status == 403:
             raise SyncRefused(403, "hub {} refuses this node: {}".format(hub.name, message),
                               "this node was revoked (tinc-hub revoke); sync stops")
@@ -2065,7 +2065,8 @@ def sync_loop(tinc_dir: str, net: str, sleep: Callable[[float], None] = time.sle
     """`sync`: a round at once, then one every `interval` s of the last answer (times 0.8 to
     1.0, so nodes spread out), at once after a suspend; while no hub answers, retries after
     5, 10, 20... up to SYNC_RETRY_MAX s (or the hub's Retry-After). A 401 is logged and retried
-    every interval (a re-run of the one-liner brings a new credential); 403 (revoked) and a
+    every interval (a re-run of the one-liner with a token bound to this node's name brings
+    a new credential); 403 (revoked) and a
     missing or damaged record stop the loop. One loop per net (the pid file's lock)."""
     lock = acquire_sync_pid_file(net)
     if lock is None:
