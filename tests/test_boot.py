@@ -52,7 +52,6 @@ class Machines(NamedTuple):
 def machines():
     t0 = time.monotonic()
     topo = netlab.build_nat_topology(node_names=[SYSTEMD_NODE, SYSV_NODE], hub_name="hub")
-    made: List[nspawn.Container] = []
     try:
         work = topo.workdir
         hub = nspawn.Container(topo.prefix + "-hub", nspawn.systemd_hub_spec(work), topo.hub,
@@ -61,29 +60,16 @@ def machines():
                                    topo.nodes[0], work)
         sv_node = nspawn.Container(topo.prefix + "-sv", nspawn.sysv_node_spec(),
                                    topo.nodes[1], work)
-        for container in (hub, sd_node, sv_node):
-            made.append(container)
-            container.create()
-        nspawn.stage_hub_project(hub)
-        netlab.record_timing("boot: root trees ready (cached mmdebstrap trees + overlays)",
-                             time.monotonic() - t0)
-        for container in made:
-            container.start()
-        for container in made:
-            seconds = container.wait_ready(90)
-            netlab.record_timing("boot: %s first boot until ready (%s)"
-                                 % (container.hostname, container.spec.init), seconds)
-        yield Machines(topo, hub, sd_node, sv_node, {})
+        trees = lambda: netlab.record_timing(  # noqa: E731
+            "boot: root trees ready (cached mmdebstrap trees + overlays)", time.monotonic() - t0)
+        with nspawn.booted([hub, sd_node, sv_node], hub=hub, created=trees) as ready:
+            for container in (hub, sd_node, sv_node):
+                netlab.record_timing("boot: %s first boot until ready (%s)"
+                                     % (container.hostname, container.spec.init),
+                                     ready[container.hostname])
+            yield Machines(topo, hub, sd_node, sv_node, {})
     finally:
-        errors = []
-        for container in reversed(made):
-            try:
-                container.destroy()
-            except Exception as exc:
-                errors.append("%s: %s" % (container.name, exc))
         topo.close()
-        if errors:
-            raise RuntimeError("container cleanup: " + "; ".join(errors))
 
 
 def _one_liner(hub: nspawn.Container) -> str:

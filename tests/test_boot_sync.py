@@ -79,7 +79,6 @@ def lab():
     t0 = time.monotonic()
     pg = postgres.ThrowawayPostgres().start()
     topo = None
-    made: List[nspawn.Container] = []
     try:
         # The hub's service runs with PrivateUsers=yes: the cluster's owner is nobody there,
         # so the socket dir needs search permission for others (connecting needs no more).
@@ -92,29 +91,14 @@ def lab():
                                binds=[(str(pg.socket_dir), PG_SOCKET_INSIDE)])
         node = nspawn.Container(topo.prefix + "-sd", nspawn.systemd_node_spec(),
                                 topo.nodes[0], work)
-        for container in (hub, node):
-            made.append(container)
-            container.create()
-        nspawn.stage_hub_project(hub)
-        for container in made:
-            container.start()
-        for container in made:
-            container.wait_ready(90)
-        netlab.record_timing("boot sync: PostgreSQL, trees and first boots ready",
-                             time.monotonic() - t0)
-        yield Lab(topo, pg, hub, node, {})
+        with nspawn.booted([hub, node], hub=hub):
+            netlab.record_timing("boot sync: PostgreSQL, trees and first boots ready",
+                                 time.monotonic() - t0)
+            yield Lab(topo, pg, hub, node, {})
     finally:
-        errors = []
-        for container in reversed(made):
-            try:
-                container.destroy()
-            except Exception as exc:
-                errors.append("%s: %s" % (container.name, exc))
         if topo is not None:
             topo.close()
         pg.stop()
-        if errors:
-            raise RuntimeError("container cleanup: " + "; ".join(errors))
 
 
 # ------------------------------------------------------------------------------- helpers

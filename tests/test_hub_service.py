@@ -61,7 +61,7 @@ def test_unit_passes_a_non_default_state_dir_and_quotes_for_systemd():
     assert unit["ExecStart"] == \
         '"/srv/my hub/bin/tinc-hub" --state-dir "/srv/st%%h $$HOME\\\\\\"" serve'
     assert unit["ReadWritePaths"] == \
-        '"/srv/st%%h $HOME\\\\\\"" /etc/tinc/middle-earth/hosts /etc/tinc/middle-earth/conf.d'
+        '"/srv/st%%h $HOME\\\\\\"" /etc/tinc/middle-earth/hosts -/etc/tinc/middle-earth/conf.d'
     assert "tincd@middle-earth.service" in unit["After"].split()
 
 
@@ -71,7 +71,7 @@ def test_unit_is_sandboxed():
     assert unit["NoNewPrivileges"] == "yes"
     assert unit["ProtectSystem"] == "strict"
     assert unit["ReadWritePaths"] == \
-        "/var/lib/tinc-hub /etc/tinc/middle-earth/hosts /etc/tinc/middle-earth/conf.d"
+        "/var/lib/tinc-hub /etc/tinc/middle-earth/hosts -/etc/tinc/middle-earth/conf.d"
     assert unit["PrivateTmp"] == "yes"
     assert unit["ProtectHome"] == "yes"
     assert unit["CapabilityBoundingSet"] == ""  # root signalling root's tincd needs none

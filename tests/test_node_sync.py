@@ -706,7 +706,6 @@ BOOT_NETDIR = "/etc/tinc/" + BOOT_NET
 @pytest.fixture(scope="module")
 def booted():
     topo = netlab.build_nat_topology(node_names=[BOOT_SYSTEMD, BOOT_SYSV], hub_name="hub")
-    made = []
     try:
         work = topo.workdir
         hub = nspawn.Container(topo.prefix + "-hub", nspawn.systemd_hub_spec(work), topo.hub,
@@ -715,32 +714,17 @@ def booted():
                                    topo.nodes[0], work)
         sv_node = nspawn.Container(topo.prefix + "-sv", nspawn.sysv_node_spec(),
                                    topo.nodes[1], work)
-        for container in (hub, sd_node, sv_node):
-            made.append(container)
-            container.create()
-        nspawn.stage_hub_project(hub)
-        for container in made:
-            container.start()
-        for container in made:
-            container.wait_ready(90)
-        nspawn.install_hub(hub, timeout=180)
-        hub.run(["tinc-hub", "init", "--net", BOOT_NET, "--name", BOOT_HUB, "--address",
-                 netlab.HUB_PUBLIC, "--vpn-subnet", "10.0.0.0/24", "--key-size", "2048"],
-                timeout=180)
-        netlab.wait_until(lambda: hub.run(["curl", "-fsk", "https://127.0.0.1:8655/healthz"],
-                                          check=False).returncode == 0, 30, 0.2,
-                          what="tinc-hub.service answering /healthz")
-        yield {"hub": hub, "systemd": sd_node, "sysv": sv_node}
+        with nspawn.booted([hub, sd_node, sv_node], hub=hub):
+            nspawn.install_hub(hub, timeout=180)
+            hub.run(["tinc-hub", "init", "--net", BOOT_NET, "--name", BOOT_HUB, "--address",
+                     netlab.HUB_PUBLIC, "--vpn-subnet", "10.0.0.0/24", "--key-size", "2048"],
+                    timeout=180)
+            netlab.wait_until(lambda: hub.run(["curl", "-fsk", "https://127.0.0.1:8655/healthz"],
+                                              check=False).returncode == 0, 30, 0.2,
+                              what="tinc-hub.service answering /healthz")
+            yield {"hub": hub, "systemd": sd_node, "sysv": sv_node}
     finally:
-        errors = []
-        for container in reversed(made):
-            try:
-                container.destroy()
-            except Exception as exc:
-                errors.append("%s: %s" % (container.name, exc))
         topo.close()
-        if errors:
-            raise RuntimeError("container cleanup: " + "; ".join(errors))
 
 
 def container_loops(node):

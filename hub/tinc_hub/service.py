@@ -176,7 +176,9 @@ def render_unit(config: HubConfig, executable: str, state_dir: str, tinc_unit: s
         f"CapabilityBoundingSet={capabilities}",
         # A user namespace would void CAP_NET_BIND_SERVICE (it counts in the host's namespace).
         *([] if capabilities else ["PrivateUsers=yes"]),
-        "ReadWritePaths=" + " ".join(path_list_word(p) for p in (state_dir, hosts_dir, peers_dir)),
+        # conf.d/ with "-": a missing one (init makes it) must not keep the API from starting
+        "ReadWritePaths=" + " ".join([path_list_word(state_dir), path_list_word(hosts_dir),
+                                      path_list_word("-" + peers_dir)]),
         f"ProtectHome={home}",
         *SANDBOX,
         "",

@@ -28,8 +28,9 @@ import signal
 import subprocess
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 from labkit import netlab
 
@@ -453,3 +454,33 @@ class Container:
                 "tail -n 30 /var/log/tinc-bootstrap.log /var/log/syslog 2>/dev/null; true"),
                 timeout=15)
         return "\n".join(out)
+
+
+@contextmanager
+def booted(containers: Sequence["Container"], hub: Optional["Container"] = None,
+           ready_timeout: float = 90,
+           created: Optional[Callable[[], None]] = None) -> Iterator[Dict[str, float]]:
+    """Create every container (the hub's project staged into ``hub``; then ``created()``),
+    boot them all, wait until each is ready; yields {hostname: seconds from start until ready}. At exit, pass or
+    fail, every container made is destroyed (in reverse), and a failed cleanup is raised."""
+    made: List["Container"] = []
+    try:
+        for container in containers:
+            made.append(container)
+            container.create()
+        if hub is not None:
+            stage_hub_project(hub)
+        if created is not None:
+            created()
+        for container in made:
+            container.start()
+        yield {container.hostname: container.wait_ready(ready_timeout) for container in made}
+    finally:
+        errors = []
+        for container in reversed(made):
+            try:
+                container.destroy()
+            except Exception as exc:
+                errors.append("%s: %s" % (container.name, exc))
+        if errors:
+            raise RuntimeError("container cleanup: " + "; ".join(errors))
