@@ -36,6 +36,10 @@ FLOWING_SPAN_S = 3.0  # traffic counts as back after this long with no reply mis
 OUTAGE_BOUND_S = 45.0  # PingInterval 5 + 2 * PingTimeout 3 = 11 s expected for a silent hub
 RECONNECT_BOUND_S = 90.0  # MaxTimeout 30 + PingTimeout 3 expected, with slack
 JOIN_BOUND_S = 180.0
+# tinc resets a connection's retry backoff only at its first PONG (pong_h), sent PingInterval
+# 5 s after it connects and checked every PingTimeout 3 s: an event sooner than that after a
+# reconnection measures tinc's doubled backoff (10 s, seen here), not a hub restart.
+SETTLE_S = 5 + 3 + 1
 
 
 # ------------------------------------------------------------------------- arithmetic
@@ -114,6 +118,13 @@ def connected_times(lab: multihub.MultiHubLab, nodes: Sequence[str], hub: str, s
 def wait_connected(lab: multihub.MultiHubLab, nodes: Sequence[str], hubs: Sequence[str]) -> None:
     for hub in hubs:
         connected_times(lab, nodes, hub, time.monotonic(), RECONNECT_BOUND_S)
+
+
+def settle(lab: multihub.MultiHubLab, nodes: Sequence[str], hubs: Sequence[str]) -> None:
+    """Every node connected to every hub, and long enough for tinc to reset its backoff
+    (SETTLE_S: nothing to observe from outside, hence a fixed wait): the steady state."""
+    wait_connected(lab, nodes, hubs)
+    time.sleep(SETTLE_S)
 
 
 def relaying_hub(lab: multihub.MultiHubLab, src: str, dst: str) -> str:
@@ -255,14 +266,14 @@ def main() -> int:
         print("set-up: PostgreSQL, 1 + 2 hubs, 2 x %d nodes joined in %.1f s (not timed)"
               % (args.nodes, time.monotonic() - started), flush=True)
         for run in range(1, args.runs + 1):
-            wait_connected(lab_a, nodes, [ONLY_HUB])
+            settle(lab_a, nodes, [ONLY_HUB])
             gap, seen = restart_tincd(lab_a, ONLY_HUB, nodes, pair)
             one["outage_restart"].append(gap)
             one["back_restart"].append(max(seen.values()))
             print("run %d A: %s tincd restarted: outage %.2f s; nodes connected again after %s s"
                   % (run, ONLY_HUB, gap, each(seen)), flush=True)
 
-            wait_connected(lab_b, nodes, HUBS)
+            settle(lab_b, nodes, HUBS)
             victim = relaying_hub(lab_b, *pair)
             lost, seen, return_gap = kill_and_return(lab_b, victim, nodes, pair)
             two["outage_lost"].append(lost)
@@ -271,7 +282,7 @@ def main() -> int:
             print("run %d B: %s (relaying) killed + cut: outage %.2f s; back: nodes connected to"
                   " it after %s s, outage on its return %.2f s"
                   % (run, victim, lost, each(seen), return_gap), flush=True)
-            wait_connected(lab_b, nodes, HUBS)
+            settle(lab_b, nodes, HUBS)
             victim = relaying_hub(lab_b, *pair)
             gap, seen = restart_tincd(lab_b, victim, nodes, pair)
             two["outage_restart"].append(gap)
