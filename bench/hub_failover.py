@@ -220,7 +220,9 @@ def print_table(one: Dict[str, List[float]], two: Dict[str, List[float]], nodes:
                 runs: int) -> None:
     print("\n%d nodes, %d run(s); min / median (outage 0.10 s = nothing lost at 0.1 s pings)"
           % (nodes, runs))
-    print("%-92s %-15s %-15s %s" % ("figure", "A: one hub", "B: two hubs", "B/A (median)"))
+    width = max(len(label) for _, label, _ in FIGURES)
+    print("%-*s  %-15s %-15s %s" % (width, "figure", "A: one hub", "B: two hubs",
+                                     "B/A (median)"))
     for key, label, a_key in FIGURES:
         b_min, b_med = min_median(two[key])
         if a_key is None:
@@ -229,8 +231,8 @@ def print_table(one: Dict[str, List[float]], two: Dict[str, List[float]], nodes:
             a_min, a_med = min_median(one[a_key])
             a_text = "%s / %s" % (fmt(a_min, ""), fmt(a_med, ""))
             r_text = fmt(ratio(b_med, a_med), "x")
-        print("%-92s %-15s %-15s %s" % (label, a_text, "%s / %s" % (fmt(b_min, ""),
-                                                                 fmt(b_med, "")), r_text))
+        print("%-*s  %-15s %-15s %s" % (width, label, a_text,
+                                         "%s / %s" % (fmt(b_min, ""), fmt(b_med, "")), r_text))
 
 
 def main() -> int:
