@@ -20,7 +20,6 @@ PostgreSQL binaries (the tests' set-up installs them).
 
 import argparse
 import os
-import secrets
 import statistics
 import sys
 import time
@@ -69,20 +68,6 @@ def fmt(value: Optional[float], unit: str = " s") -> str:
 
 
 # ------------------------------------------------------------------------- the labs
-
-class CountedPinger(multihub.Pinger):
-    """multihub.Pinger bounded by a packet count instead of ``-w``: iputils ping given a
-    deadline exits at the first ICMP error, and a node's tincd answers "Destination Net
-    Unknown" while its only hub is away (found by this bench: the baseline's ping ended there)."""
-
-    def __init__(self, src: netlab.Host, dst: str, max_seconds: int = 120) -> None:
-        self.src = src
-        self.dst = dst
-        count = int(max_seconds / multihub.PING_INTERVAL_S)
-        self.proc = src.popen(["ping", "-D", "-n", "-i", str(multihub.PING_INTERVAL_S), "-W", "1",
-                               "-c", str(count), dst],
-                              log="%s.ping-%s.%s.log" % (src.name, dst, secrets.token_hex(2)))
-
 
 def enrol_all(lab: multihub.MultiHubLab, hub: str, nodes: Sequence[str], key_size: int) -> None:
     """bootstrap.py on every node at once with one token of `hub` (not timed)."""
@@ -141,7 +126,7 @@ def ping_through(lab: multihub.MultiHubLab, src: str, dst: str,
                  then: Optional[Callable[[float], object]] = None) -> Tuple[float, object]:
     """Ping src -> dst every 0.1 s; run event_action(); run then(monotonic event time) if
     given; wait until replies flow steadily again. (outage s, what then() returned)."""
-    pinger = CountedPinger(lab.host(src), lab.addresses[dst],
+    pinger = multihub.Pinger(lab.host(src), lab.addresses[dst],
                              max_seconds=int(OUTAGE_BOUND_S + RECONNECT_BOUND_S + 30))
     result = None
     try:

@@ -80,10 +80,10 @@ REJECT_ECHO = """table ip benchreject {
 
 
 @pytest.mark.netlab
-def test_counted_pinger_measures_an_outage_made_of_icmp_errors():
+def test_pinger_measures_an_outage_made_of_icmp_errors():
     """src pings gw every 0.1 s; gw answers "net unreachable" for a while (as a node's tincd
-    does with no hub), then echoes again. The bench's pinger keeps going and its replies give
-    the outage; ping with -w (multihub.Pinger's bound) has exited at the first error."""
+    does with no hub), then echoes again. multihub.Pinger keeps going and its replies give
+    the outage; ping bounded with -w (its former bound) exits at the first error."""
     with netlab.Topology() as topo:
         src, gw = topo.add_host("src"), topo.add_host("gw")
         netlab.run_root(["ip", "-n", src.netns, "link", "add", "eth0", "type", "veth", "peer",
@@ -91,7 +91,7 @@ def test_counted_pinger_measures_an_outage_made_of_icmp_errors():
         for host, address in ((src, "10.77.0.1/24"), (gw, "10.77.0.2/24")):
             netlab.run_root(["ip", "-n", host.netns, "addr", "add", address, "dev", "eth0"])
             netlab.run_root(["ip", "-n", host.netns, "link", "set", "eth0", "up"])
-        pinger = bench.CountedPinger(src, "10.77.0.2", max_seconds=30)
+        pinger = multihub.Pinger(src, "10.77.0.2", max_seconds=30)
         deadline_ping = src.popen(["ping", "-n", "-i", "0.1", "-W", "1", "-w", "30",
                                    "10.77.0.2"], log="src.ping-w.log")
         try:
@@ -106,10 +106,10 @@ def test_counted_pinger_measures_an_outage_made_of_icmp_errors():
             assert netlab.wait_until(lambda: pinger.flowing(event, 2.0), 10, 0.05), \
                 pinger.proc.output()
             until = time.time()
-            assert pinger.proc.poll() is None, "the bench's ping ended on ICMP errors"
+            assert pinger.proc.poll() is None, "the pinger ended on ICMP errors"
             # the premise of the workaround: ping bounded by -w stops at the first error
             assert netlab.wait_until(lambda: deadline_ping.poll() is not None, 5, 0.05), \
-                "ping -w kept going through ICMP errors: CountedPinger is no longer needed"
+                "ping -w kept going through ICMP errors: Pinger's packet-count bound is no longer needed"
         finally:
             replies = pinger.stop()
             deadline_ping.stop()
