@@ -15,10 +15,11 @@ fi
 # Re-provisioning: pip builds and reinstalls the project even when nothing changed (~2 min
 # under emulation), so the digest of what it was installed from is kept beside the venv and
 # pip is skipped when it matches. Every file of the synced folder counts (the wheelhouse
-# too) but the tokens directory and caches: a needless reinstall costs time, a missed one
-# would not.
+# too) but the tokens directory, caches and what pip's in-tree build writes there (build/,
+# *.egg-info): a needless reinstall costs time, a missed one would not.
 stamp=/opt/tinc-hub/.installed-from.sha256
-digest=$(cd "$repo" && find . \( -path ./.vagrant-lab -o -name __pycache__ \) -prune -o -type f -print0 \
+digest=$(cd "$repo" && find . \( -path ./.vagrant-lab -o -path ./build -o -name '*.egg-info' \
+    -o -name __pycache__ \) -prune -o -type f -print0 \
     | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -d ' ' -f 1)
 if [ -x /opt/tinc-hub/bin/tinc-hub ] && [ "$(cat "$stamp" 2>/dev/null)" = "$digest" ]; then
     echo "hub.sh: tinc-hub already installed from this very project, pip skipped"
