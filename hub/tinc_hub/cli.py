@@ -602,6 +602,8 @@ def configure_logging(verbose: bool) -> None:
     Here, not in app.py, so that admin commands never import the web server."""
     logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not verbose:  # Alembic tells every migration step at INFO: the result line says enough
+        logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def _one_line(text: str) -> str:

@@ -316,7 +316,7 @@ class HubInit:
             os.chmod(state.root, 0o700)
         created = self.registry.create()
         if created:
-            self.changed.append(self.registry.describe())
+            self.changed.append(str(self.registry.db_path or self.registry.describe()))
         renewed = ensure_cert(state.cert_file, state.key_file, config.name, config.address)
         if renewed:
             self.changed.append(str(state.cert_file))
