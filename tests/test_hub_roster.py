@@ -310,3 +310,23 @@ def test_an_unsound_hub_row_never_reaches_a_tinc_file_or_a_node(net: Dict, capsy
     status, answer = enrol(Enroller(erebor.config, registry), token_of(erebor, capsys), "bree", rsa_public_pem(7))
     assert status == 200 and [h["name"] for h in answer["hubs"]] == ["erebor"]
     assert bootstrap.validate_answer(answer, "bree")
+
+
+def test_a_hostile_registry_row_never_writes_or_removes_outside_hosts(net: Dict, capsys) -> None:
+    """A node row named like a path (written into the shared registry by anyone but a hub,
+    which checks every name) is left out: nothing is written or removed outside hosts/."""
+    erebor = net["erebor"]
+    registry = erebor.registry()
+    victim = erebor.config.net_dir / "tinc-up"
+    before = victim.read_bytes()
+    with registry.exclusive(), registry.transaction() as tx:
+        for i, (name, revoked) in enumerate((("../tinc-up", None), ("../../escape", None),
+                                             ("../tinc-down", 1))):
+            tx._db.driver.execute(
+                "INSERT INTO nodes (name, address, address_int, public_key, token_sha256, enrolled_at,"
+                " updated_at, revoked_at, kind) VALUES (%s, %s, %s, %s, '', 0, 0, %s, 'node')",
+                (name, f"10.78.0.{50 + i}", 172883456 + 50 + i, rsa_public_pem(30 + i), revoked))
+    done = mirror_registry(erebor.config, registry)
+    assert not any(".." in name for name in done["written"] + done["removed"]), done
+    assert victim.read_bytes() == before and (erebor.config.net_dir / "tinc-down").exists()
+    assert not (erebor.config.net_dir.parent / "escape").exists()

@@ -7,13 +7,17 @@ leave a torn file. ``reconcile_host_files`` (``serve`` start) makes the director
 registry again after a crash between a commit and its host file.
 """
 
+import ipaddress
+import logging
 import os
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from bootstrap import bootstrap
 from .registry import Registry
 from .state import HubConfig
+
+log = logging.getLogger("tinc_hub.hostfiles")
 
 
 def render_node_host_file(address: str, public_pem: str) -> str:
@@ -70,6 +74,23 @@ def remove_if_present(path: Path) -> bool:
     return True
 
 
+def node_row_problem(name: str, address: str, public_key: str, config: HubConfig) -> Optional[str]:
+    """Why a node row must not become a host file (None: it may): its name must be a tinc
+    name (no path), its address a host of the VPN, its key one RSA PEM block."""
+    if not isinstance(name, str) or not bootstrap.valid_node_name(name):
+        return "invalid name"
+    try:
+        inside = ipaddress.IPv4Address(address) in config.network and \
+            str(ipaddress.IPv4Address(address)) == address
+    except ValueError:
+        inside = False
+    if not inside:
+        return "address outside the VPN"
+    if not bootstrap.PUBLIC_KEY_PEM_RE.fullmatch(public_key.strip()):
+        return "invalid public key"
+    return None
+
+
 def reconcile_host_files(config: HubConfig, registry: Registry) -> Dict[str, list]:
     """Make hosts/ match the registry: rewrite missing or different host files of active nodes,
     remove those of revoked nodes and temporary files a crash left behind. Host files of names
@@ -81,6 +102,10 @@ def reconcile_host_files(config: HubConfig, registry: Registry) -> Dict[str, lis
         with registry.reading() as view:
             nodes = view.list_nodes()
         for node in nodes:
+            problem = node_row_problem(node.name, node.address, node.public_key, config)
+            if problem:  # the registry may be shared by several hubs: never trusted blindly
+                log.warning("node %r of the registry is left out of hosts/: %s", node.name[:80], problem)
+                continue
             path = config.hosts_dir / node.name
             if node.revoked:
                 if remove_if_present(path):

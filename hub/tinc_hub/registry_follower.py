@@ -18,6 +18,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+from bootstrap import bootstrap
 from .hostfiles import reconcile_host_files, remove_if_present, write_if_changed
 from .registry import CHANGES_CHANNEL, Registry, RegistryError
 from .roster import HUB_PEERS_FILE, hub_host_files_for, render_hub_peers_conf, usable_hubs
@@ -41,7 +42,8 @@ def mirror_registry(config: HubConfig, registry: Registry) -> Dict[str, List[str
             if write_if_changed(config.hosts_dir / name, text):
                 written.append(name)
         for hub in hubs:
-            if hub.removed and hub.name != config.name and remove_if_present(config.hosts_dir / hub.name):
+            if hub.removed and hub.name != config.name and bootstrap.valid_node_name(hub.name) \
+                    and remove_if_present(config.hosts_dir / hub.name):
                 removed.append(hub.name)
         others = [h.name for h in usable_hubs(hubs, config.network) if h.name != config.name]
         if any(h.name == config.name for h in hubs):  # never before this hub recorded itself
