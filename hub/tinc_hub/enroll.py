@@ -27,7 +27,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -37,7 +37,7 @@ from bootstrap import bootstrap
 from .hostfiles import host_file_in_place, render_node_host_file, write_if_changed
 from .registry import (HUB, HubRow, NodeRow, Registry, RegistryConflict, RegistryTransaction,
                        RegistryUnavailable, RegistryView, TokenRow, token_id)
-from .roster import hubs_for_nodes
+from .roster import allocate_address, hubs_for_nodes
 from .state import HubConfig
 from .tokens import hash_secret
 
@@ -231,16 +231,6 @@ def credential_to_issue(result: str, node: NodeRow, credential: Optional[str],
         return True
     return (token is not None and token.bound_name == node.name and not token.revoked
             and now < token.expires_at)
-
-
-def allocate_address(network: ipaddress.IPv4Network, reserved: Set[int]) -> Optional[ipaddress.IPv4Address]:
-    """Lowest host address of ``network`` not in ``reserved`` (network and broadcast excluded)."""
-    first = int(network.network_address) + 1
-    last = int(network.broadcast_address) - 1
-    for candidate in range(first, last + 1):
-        if candidate not in reserved:
-            return ipaddress.IPv4Address(candidate)
-    return None
 
 
 class Enroller:

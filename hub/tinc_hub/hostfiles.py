@@ -74,13 +74,15 @@ def remove_if_present(path: Path) -> bool:
     return True
 
 
-def node_row_problem(name: str, address: str, public_key: str, config: HubConfig) -> Optional[str]:
-    """Why a node row must not become a host file (None: it may): its name must be a tinc
-    name (no path), its address a host of the VPN, its key one RSA PEM block."""
+def host_row_problem(name: str, address: str, public_key: str,
+                     network: ipaddress.IPv4Network) -> Optional[str]:
+    """Why a registry row (a node's or a hub's) must not become a host file (None: it may):
+    its name must be a tinc name (no path), its address a host of the VPN, its key one RSA
+    PEM block."""
     if not isinstance(name, str) or not bootstrap.valid_node_name(name):
         return "invalid name"
     try:
-        inside = ipaddress.IPv4Address(address) in config.network and \
+        inside = ipaddress.IPv4Address(address) in network and \
             str(ipaddress.IPv4Address(address)) == address
     except ValueError:
         inside = False
@@ -102,7 +104,7 @@ def reconcile_host_files(config: HubConfig, registry: Registry) -> Dict[str, lis
         with registry.reading() as view:
             nodes = view.list_nodes()
         for node in nodes:
-            problem = node_row_problem(node.name, node.address, node.public_key, config)
+            problem = host_row_problem(node.name, node.address, node.public_key, config.network)
             if problem:  # the registry may be shared by several hubs: never trusted blindly
                 log.warning("node %r of the registry is left out of hosts/: %s", node.name[:80], problem)
                 continue

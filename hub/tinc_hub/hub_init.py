@@ -21,7 +21,7 @@ from .service import UNIT_NAME, apply_service, installed_executable, read_servic
 from .liveness import render_host_script
 from .registry import SCHEMA_REVISION, HubRow, Registry
 from .roster import (HUB_CONF_MARKER, HUB_PEERS_FILE, NetSettings, active_hubs, check_settings,
-                     hub_host_files_for, hub_row, lowest_free_address, read_net_settings,
+                     allocate_address, hub_host_files_for, hub_row, read_net_settings,
                      register_hub, render_hub_peers_conf, render_hub_tinc_conf)
 from .state import DEFAULT_TINC_PORT, HubConfig, StateDir
 from .tls import ensure_cert, pin_of_cert_file
@@ -147,6 +147,7 @@ class HubInit:
         self.net_settings, self.hubs = self.read_registry(dry_run)
         req = self.settle_net(req, old_config)
         network = validate_request(req)
+        check_settings(self.net_settings, req.net, str(network), self.registry.describe())
         self.state, self.req, self.dry_run = state, req, dry_run
         self.facts = bootstrap.detect_system()
         old_init = old_config.init if old_config else None
@@ -220,10 +221,7 @@ class HubInit:
         """--net and --vpn-subnet: given, or the registry's (a hub joining), or hub.json's."""
         found = self.net_settings
         if found is not None:
-            net, subnet = req.net or found.net, req.vpn_subnet or found.vpn_subnet
-            check_settings(found, net, str(ipaddress.IPv4Network(subnet, strict=False))
-                           if _is_network(subnet) else subnet, self.registry.describe())
-            return replace(req, net=net, vpn_subnet=subnet)
+            return replace(req, net=req.net or found.net, vpn_subnet=req.vpn_subnet or found.vpn_subnet)
         if old is not None:
             return replace(req, net=req.net or old.net, vpn_subnet=req.vpn_subnet or old.vpn_subnet)
         if req.net is None or req.vpn_subnet is None:
@@ -234,7 +232,8 @@ class HubInit:
 
     def preview_address(self, network: ipaddress.IPv4Network) -> Optional[str]:
         with self.registry.reading() as view:
-            return lowest_free_address(network, view.used_address_ints())
+            address = allocate_address(network, view.used_address_ints())
+        return str(address) if address is not None else None
 
     def other_hubs(self) -> List[HubRow]:
         return [h for h in active_hubs(self.hubs) if h.name != self.config.name]
@@ -435,11 +434,3 @@ def rsa_key_bits(public_pem: str) -> Optional[int]:
     except (ValueError, TypeError, UnicodeEncodeError):
         return None
     return key.key_size if isinstance(key, rsa.RSAPublicKey) else None
-
-
-def _is_network(text: str) -> bool:
-    try:
-        ipaddress.IPv4Network(text, strict=False)
-    except ValueError:
-        return False
-    return True

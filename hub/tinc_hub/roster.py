@@ -14,10 +14,11 @@ import ipaddress
 import logging
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Set
 
 from bootstrap import bootstrap
 from .errors import HubError
+from .hostfiles import host_row_problem
 from .registry import HUB, HubRow, Registry, RegistryConflict, RegistryView
 from .state import HubConfig
 
@@ -50,8 +51,9 @@ def read_net_settings(view: RegistryView) -> Optional[NetSettings]:
 def hub_row_problem(hub: HubRow, network: ipaddress.IPv4Network) -> Optional[str]:
     """Why a hub row cannot go into a tinc file or an answer (None: it can). The registry is
     shared by every hub: a row is checked as strictly as the init that wrote it."""
-    if not bootstrap.valid_node_name(hub.name):
-        return "invalid name"
+    problem = host_row_problem(hub.name, hub.address, hub.public_key, network)
+    if problem:
+        return problem
     problem = bootstrap.host_problem(hub.public_address)
     if problem:
         return f"public address: {problem}"
@@ -60,14 +62,6 @@ def hub_row_problem(hub: HubRow, network: ipaddress.IPv4Network) -> Optional[str
             return "invalid port"
     if not bootstrap.PIN_RE.fullmatch(hub.tls_pin or ""):
         return "invalid TLS pin"
-    if not bootstrap.PUBLIC_KEY_PEM_RE.fullmatch(hub.public_key.strip()):
-        return "invalid public key"
-    try:
-        inside = ipaddress.IPv4Address(hub.address) in network
-    except ValueError:
-        inside = False
-    if not inside or str(ipaddress.IPv4Address(hub.address)) != hub.address:
-        return "VPN address outside the VPN"
     return None
 
 
@@ -158,11 +152,14 @@ def hub_row(config: HubConfig, public_pem: str, pin: str) -> HubRow:
                   tls_pin=pin, joined_at=0)
 
 
-def lowest_free_address(network: ipaddress.IPv4Network, used: "set[int]") -> Optional[str]:
-    first, last = int(network.network_address) + 1, int(network.broadcast_address) - 1
+def allocate_address(network: ipaddress.IPv4Network, reserved: Set[int]) -> Optional[ipaddress.IPv4Address]:
+    """Lowest host address of ``network`` not in ``reserved`` (network and broadcast excluded):
+    for nodes (enrolment) and hubs (a hub joining) alike."""
+    first = int(network.network_address) + 1
+    last = int(network.broadcast_address) - 1
     for candidate in range(first, last + 1):
-        if candidate not in used:
-            return str(ipaddress.IPv4Address(candidate))
+        if candidate not in reserved:
+            return ipaddress.IPv4Address(candidate)
     return None
 
 
@@ -219,10 +216,10 @@ def register_hub(registry: Registry, hub: HubRow, net: str, vpn_subnet: str,
                     raise HubError(f"{hub.name!r} is the name of an enrolled node ({row.address})",
                                    "give this hub another --name")
                 if allocate:
-                    address = lowest_free_address(ipaddress.IPv4Network(vpn_subnet), tx.used_address_ints())
+                    address = allocate_address(ipaddress.IPv4Network(vpn_subnet), tx.used_address_ints())
                     if address is None:
                         raise HubError(f"VPN subnet {vpn_subnet} is full: no address for a new hub")
-                    hub = replace(hub, address=address, address_int=int(ipaddress.IPv4Address(address)))
+                    hub = replace(hub, address=str(address), address_int=int(address))
                 hub = replace(hub, joined_at=now, removed_at=None)
                 tx.insert_hub(hub, now)
                 return hub
