@@ -260,6 +260,9 @@ class _Statements:
     setting = sa.select(settings.c.value).where(settings.c.key == P("key"))
     insert_setting = settings.insert().values(key=P("key"), value=P("value"))
     update_setting = settings.update().where(settings.c.key == P("key")).values(value=P("value"))
+    # one statement on every write transaction (the migration made the row)
+    bump_generation = (settings.update().where(settings.c.key == "generation")
+                       .values(value=sa.cast(sa.cast(settings.c.value, sa.BigInteger) + 1, sa.Text)))
     credential_of = sa.select(nodes.c.credential_sha256).where(nodes.c.name == P("name"), is_node)
     set_credential = (nodes.update().where(nodes.c.name == P("name"), nodes.c.kind == NODE)
                       .values(credential_sha256=P("sha"), credential_used_at=None))
@@ -510,7 +513,7 @@ class RegistryTransaction(RegistryView):
             self._db.rowcount(Q.update_setting, key=key, value=value)
 
     def bump_generation(self) -> None:
-        self.put_setting("generation", str(self.generation() + 1))
+        self._db.rowcount(Q.bump_generation)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
