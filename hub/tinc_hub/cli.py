@@ -129,10 +129,15 @@ def add_actions(parser: argparse.ArgumentParser, dest: str,
 
 
 def add_command(commands: "argparse._SubParsersAction[Parser]", name: str, help: str,
-                description: Optional[str] = None) -> argparse.ArgumentParser:
-    """A subcommand with the options every command takes (add_common)."""
+                description: Optional[str] = None,
+                run: "Optional[Callable[[argparse.Namespace, StateDir], int]]" = None,
+                ) -> argparse.ArgumentParser:
+    """A subcommand with the options every command takes (add_common); `run` is what
+    dispatch() calls for it (commands with actions of their own have none)."""
     parser = commands.add_parser(name, help=help, description=description)
     add_common(parser, top=False)
+    if run is not None:
+        parser.set_defaults(run=run)
     return parser
 
 
@@ -204,7 +209,7 @@ def build_parser() -> Parser:
     add_common(parser, top=True)
     commands = add_actions(parser, "command", "COMMAND")
 
-    p = add_command(commands, "init", help="set up tinc, the boot service and the hub state",
+    p = add_command(commands, "init", run=cmd_init, help="set up tinc, the boot service and the hub state",
                             description="Install tinc if missing, write the hub's tinc net, generate "
                                         "its key (never regenerated), register it for boot, start "
                                         "tincd, and create the state dir (hub.json, registry, TLS cert). "
@@ -230,7 +235,7 @@ def build_parser() -> Parser:
 
     p = add_command(commands, "token", help="manage enrolment tokens")
     token_cmds = add_actions(p, "token_command")
-    p = add_command(token_cmds, "create", help="make a token and print the node's one-liner",
+    p = add_command(token_cmds, "create", run=cmd_token_create, help="make a token and print the node's one-liner",
                               description="Make an enrolment token (shown once; only its hash is "
                                           "stored) and print the command to run on a node.")
     add_option(p, "--uses", env="TINC_HUB_TOKEN_USES", type=positive_int, default=1,
@@ -250,19 +255,19 @@ def build_parser() -> Parser:
              help="embed bootstrap.py in the --cloud-init user data (gzip+base64) instead of "
                   "fetching it from the hub with the pinned curl")
 
-    p = add_command(token_cmds, "list", help="list tokens (id, expiry, uses, status; never the secret)",
+    p = add_command(token_cmds, "list", run=cmd_token_list, help="list tokens (id, expiry, uses, status; never the secret)",
                               description="List every token: id (a prefix of the stored hash), "
                                           "created, expires, uses left/total, bound name, replace, "
                                           "revoked, status (active, expired, spent or revoked).")
     add_flag(p, "--json", help="print JSON")
-    p = add_command(token_cmds, "revoke", help="revoke a token: it enrols nothing more",
+    p = add_command(token_cmds, "revoke", run=cmd_token_revoke, help="revoke a token: it enrols nothing more",
                               description="Revoke a token by its id (or an unambiguous prefix of at "
                                           "least 6 hex digits, see 'token list'): every later request "
                                           "with it is refused (401), replays of its enrolments too. "
                                           "Nodes it enrolled stay enrolled ('revoke NAME' removes one).")
     p.add_argument("token_id", metavar="ID", type=token_id_prefix, help="token id (see 'token list')")
 
-    p = add_command(commands, "serve", help="run the HTTPS enrolment API",
+    p = add_command(commands, "serve", run=cmd_serve, help="run the HTTPS enrolment API",
                             description="Serve GET /bootstrap.py, POST /v1/enroll, GET /healthz and "
                                         "GET /openapi.json over HTTPS (self-signed, pinned).")
     add_option(p, "--listen", default="0.0.0.0", help="address to listen on")
@@ -284,10 +289,10 @@ def build_parser() -> Parser:
                help="open connections per client IP address (trusted proxies exempt); raise it "
                     "for a fleet enrolling at once from behind one NAT address")
 
-    p = add_command(commands, "nodes", help="list enrolled nodes")
+    p = add_command(commands, "nodes", run=cmd_nodes, help="list enrolled nodes")
     add_flag(p, "--json", help="print JSON")
 
-    p = add_command(commands, "revoke", help="revoke a node: remove its host file, SIGHUP tincd",
+    p = add_command(commands, "revoke", run=cmd_revoke, help="revoke a node: remove its host file, SIGHUP tincd",
                             description="Remove hosts/NAME, mark the node revoked and SIGHUP the hub's "
                                         "tincd (it drops the node at once). Its address is never reused "
                                         "unless --release is given (which also frees the name and key).")
@@ -296,13 +301,13 @@ def build_parser() -> Parser:
     add_flag(p, "--revoke-token", help="also revoke the token that enrolled (or last re-keyed) the "
                                        "node, so the machine cannot enrol again under another name")
 
-    p = add_command(commands, "hubs", help="list the hubs of the net",
+    p = add_command(commands, "hubs", run=cmd_hubs, help="list the hubs of the net",
                     description="Every hub recorded in the registry: name, VPN address, public address,"
                                 " tinc and API ports, TLS pin, joined, removed.")
     add_flag(p, "--json", help="print JSON")
     p = add_command(commands, "hub", help="manage the hubs of the net (remove one)")
     hub_cmds = add_actions(p, "hub_command")
-    p = add_command(hub_cmds, "remove", help="retire a hub: the other hubs and the nodes drop it",
+    p = add_command(hub_cmds, "remove", run=cmd_hub_remove, help="retire a hub: the other hubs and the nodes drop it",
                     description="Mark hub NAME removed in the registry. Every other hub removes its host"
                                 " file and ConnectTo line within seconds, nodes at their next sync; its"
                                 " name, VPN address and key are never reused. Run it on another hub;"
@@ -311,7 +316,7 @@ def build_parser() -> Parser:
 
     p = add_command(commands, "registry", help="the registry database (copy to PostgreSQL)")
     registry_cmds = add_actions(p, "registry_command")
-    p = add_command(registry_cmds, "copy", help="copy every token and node into an empty PostgreSQL registry",
+    p = add_command(registry_cmds, "copy", run=cmd_registry_copy, help="copy every token and node into an empty PostgreSQL registry",
                     description="Copy every token and node (revoked ones too) and the schema version "
                                 "from this hub's registry into an EMPTY registry at --to, under the "
                                 "registry write lock; read everything back and compare; then record --to "
@@ -573,28 +578,11 @@ def cmd_registry_copy(args: argparse.Namespace, state: StateDir) -> int:
 
 
 def dispatch(args: argparse.Namespace) -> int:
-    state = StateDir(args.state_dir)
-    if args.command == "init":
-        return cmd_init(args, state)
-    if args.command == "token":
-        if args.token_command == "list":
-            return cmd_token_list(args, state)
-        if args.token_command == "revoke":
-            return cmd_token_revoke(args, state)
-        return cmd_token_create(args, state)
-    if args.command == "serve":
-        return cmd_serve(args, state)
-    if args.command == "nodes":
-        return cmd_nodes(args, state)
-    if args.command == "revoke":
-        return cmd_revoke(args, state)
-    if args.command == "registry":
-        return cmd_registry_copy(args, state)
-    if args.command == "hubs":
-        return cmd_hubs(args, state)
-    if args.command == "hub":
-        return cmd_hub_remove(args, state)
-    raise UsageError(f"unknown command {args.command!r}")
+    """Run the command build_parser() chose (each leaf parser names its function)."""
+    run = getattr(args, "run", None)
+    if run is None:
+        raise UsageError(f"unknown command {getattr(args, 'command', None)!r}")
+    return run(args, StateDir(args.state_dir))
 
 
 def configure_logging(verbose: bool) -> None:
