@@ -1,0 +1,199 @@
+"""labkit.traffic: traffic measurements between netlab hosts (bench/vpn_throughput.py).
+
+TCP throughput with iperf3 (Debian's package, ``-J`` output), latency with iputils ping, the
+CPU time a process used (/proc/PID/stat) and the machine's busy share (/proc/stat), and byte
+counters of tinc's port in a host (nftables named counters): all real, nothing simulated.
+Every command is bounded in time; traffic only flows between namespaces the caller made.
+"""
+
+import json
+import os
+import re
+import shutil
+import statistics
+import time
+from typing import Dict, List, NamedTuple, Optional
+
+from labkit import netlab
+
+IPERF_PORT = 5201
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def iperf3_missing() -> Optional[str]:
+    """One line saying what is missing, or None when iperf3 is installed."""
+    if shutil.which("iperf3", path=netlab.HOST_PATH):
+        return None
+    return "iperf3 not found: install Debian's iperf3 package (tests/setup-env does)"
+
+
+class TcpResult(NamedTuple):
+    bits_per_second: float  # as received by the server
+    retransmits: int
+    mss: int  # the client's TCP MSS (after the SYN exchange: shows MSS clamping)
+
+
+def start_iperf_server(host: netlab.Host, port: int = IPERF_PORT) -> netlab.Proc:
+    """A long-lived ``iperf3 -s`` in host (stopped with the topology); waits for its socket."""
+    proc = host.popen(["iperf3", "-s", "-p", str(port)], log="%s.iperf3-server.log" % host.name)
+    host.wait_listening(port, 10)
+    return proc
+
+
+def parse_iperf3_json(text: str) -> TcpResult:
+    """The figures of one ``iperf3 -c ... -J`` TCP test; ValueError when it reports an error
+    or lacks them."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise ValueError("iperf3 printed no JSON: %r" % text[:200]) from None
+    if not isinstance(data, dict):
+        raise ValueError("iperf3 JSON is not an object")
+    if data.get("error"):
+        raise ValueError("iperf3: %s" % data["error"])
+    try:
+        received = data["end"]["sum_received"]["bits_per_second"]
+        retransmits = data["end"]["sum_sent"].get("retransmits", 0)
+        mss = data["start"].get("tcp_mss_default", 0)
+    except (KeyError, TypeError, AttributeError):
+        raise ValueError("iperf3 JSON lacks end.sum_received / end.sum_sent") from None
+    if not isinstance(received, (int, float)) or received < 0:
+        raise ValueError("iperf3 bits_per_second is not a number: %r" % (received,))
+    return TcpResult(float(received), int(retransmits or 0), int(mss or 0))
+
+
+def tcp_throughput(client: netlab.Host, address: str, seconds: int, omit: int = 1,
+                   port: int = IPERF_PORT) -> TcpResult:
+    """One iperf3 TCP test client -> address:port for `seconds` (the first `omit` seconds,
+    TCP's slow start, not counted)."""
+    cp = client.run(["iperf3", "-c", address, "-p", str(port), "-t", str(seconds),
+                     "-O", str(omit), "-J", "--connect-timeout", "3000"],
+                    timeout=seconds + omit + 30, check=False)
+    try:
+        return parse_iperf3_json(cp.stdout)
+    except ValueError as e:
+        raise RuntimeError("iperf3 %s -> %s: %s %s" % (client.name, address, e,
+                                                       cp.stderr.strip()[:300])) from None
+
+
+PING_TIME_RE = re.compile(r"\btime=([0-9]+(?:\.[0-9]+)?) ms\b")
+
+
+def ping_times(text: str) -> List[float]:
+    """The round-trip times (ms) of iputils ping's reply lines."""
+    return [float(m.group(1)) for m in PING_TIME_RE.finditer(text)]
+
+
+def median_rtt_ms(client: netlab.Host, address: str, count: int,
+                  interval: float = 0.02) -> Optional[float]:
+    """Median round trip (ms) of `count` pings at `interval` s; None when none came back."""
+    cp = client.run(["ping", "-n", "-c", str(count), "-i", str(interval), "-W", "1", address],
+                    timeout=count * interval + 10, check=False)
+    times = ping_times(cp.stdout)
+    return statistics.median(times) if times else None
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds pid has used (/proc/PID/stat; the command name may hold
+    spaces and parentheses, so the fields are counted after its last ')')."""
+    with open("/proc/%d/stat" % pid) as f:
+        stat = f.read()
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime (fields 14, 15)
+
+
+def machine_cpu() -> Dict[str, float]:
+    """The machine's CPU time so far (seconds, all cores): busy and total (/proc/stat)."""
+    with open("/proc/stat") as f:
+        first = f.readline().split()
+    if first[0] != "cpu":
+        raise RuntimeError("unexpected /proc/stat: %r" % first[:3])
+    ticks = [int(v) for v in first[1:]]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    return {"busy": (sum(ticks) - idle) / CLOCK_TICKS, "total": sum(ticks) / CLOCK_TICKS}
+
+
+class CpuWindow:
+    """CPU shares over a window: each watched pid's % of one core, and the machine's busy %
+    of all cores. start() then stop() -> {"pid label": %, ..., "machine": %}."""
+
+    def __init__(self, pids: Dict[str, int]) -> None:
+        self.pids = dict(pids)
+        self.before: Dict[str, float] = {}
+        self.machine_before: Dict[str, float] = {}
+        self.started = 0.0
+
+    def start(self) -> "CpuWindow":
+        self.started = time.monotonic()
+        self.before = {label: process_cpu_seconds(pid) for label, pid in self.pids.items()}
+        self.machine_before = machine_cpu()
+        return self
+
+    def stop(self) -> Dict[str, float]:
+        wall = max(time.monotonic() - self.started, 1e-6)
+        shares = {label: 100.0 * (process_cpu_seconds(pid) - self.before[label]) / wall
+                  for label, pid in self.pids.items()}
+        now = machine_cpu()
+        total = now["total"] - self.machine_before["total"]
+        busy = now["busy"] - self.machine_before["busy"]
+        shares["machine"] = 100.0 * busy / total if total > 0 else 0.0
+        return shares
+
+
+# tinc's port in one host: bytes in and out over UDP and over TCP (the meta connections, which
+# also carry packets tincd does not send over UDP: before PMTU discovery found a size, above
+# it, or with TCPOnly)
+TINC_COUNTERS = ("udp_in", "udp_out", "tcp_in", "tcp_out")
+
+
+def tinc_counters_ruleset(table: str, port: int = 655) -> str:
+    """An nftables table counting the bytes of tinc's port; `table` and `port` checked."""
+    if not re.fullmatch(r"[a-z][a-z0-9_]{0,30}", table) or not 0 < port < 65536:
+        raise ValueError("bad table name or port")
+    counters = "".join("    counter %s {}\n" % name for name in TINC_COUNTERS)
+    return ("table inet %s {\n%s"
+            "    chain input {\n        type filter hook input priority 0; policy accept;\n"
+            "        udp dport %d counter name udp_in\n        tcp dport %d counter name tcp_in\n"
+            "    }\n"
+            "    chain output {\n        type filter hook output priority 0; policy accept;\n"
+            "        udp sport %d counter name udp_out\n        tcp sport %d counter name tcp_out\n"
+            "    }\n}\n" % (table, counters, port, port, port, port))
+
+
+def install_tinc_counters(host: netlab.Host, table: str = "benchtinc", port: int = 655) -> None:
+    host.run(["nft", "-f", "-"], input=tinc_counters_ruleset(table, port))
+
+
+def read_tinc_counters(host: netlab.Host, table: str = "benchtinc") -> Dict[str, int]:
+    """name -> bytes so far of the counters install_tinc_counters made in host."""
+    cp = host.run(["nft", "-j", "list", "counters", "table", "inet", table])
+    found: Dict[str, int] = {}
+    for item in json.loads(cp.stdout).get("nftables", []):
+        counter = item.get("counter") if isinstance(item, dict) else None
+        if isinstance(counter, dict) and counter.get("name") in TINC_COUNTERS:
+            found[counter["name"]] = int(counter["bytes"])
+    if set(found) != set(TINC_COUNTERS):
+        raise RuntimeError("counters missing in %s: %s" % (host.name, sorted(found)))
+    return found
+
+
+def counter_delta(after: Dict[str, int], before: Dict[str, int]) -> Dict[str, int]:
+    return {name: after[name] - before[name] for name in TINC_COUNTERS}
+
+
+def link_mtu(host: netlab.Host, ifname: str) -> int:
+    return int(host.read_file("/sys/class/net/%s/mtu" % ifname).strip())
+
+
+def parse_udp_snmp(text: str) -> Dict[str, int]:
+    """The "Udp:" counters of /proc/net/snmp (a header line of names, then a line of values)."""
+    rows = [line.split()[1:] for line in text.splitlines() if line.startswith("Udp:")]
+    if len(rows) != 2 or len(rows[0]) != len(rows[1]):
+        raise ValueError("no Udp: header and value lines in /proc/net/snmp")
+    return {name: int(value) for name, value in zip(rows[0], rows[1])}
+
+
+def udp_drops(host: netlab.Host) -> Dict[str, int]:
+    """UDP datagrams the host's kernel dropped so far for a full receive / send buffer."""
+    udp = parse_udp_snmp(host.read_file("/proc/net/snmp"))
+    return {"rcvbuf": udp.get("RcvbufErrors", 0), "sndbuf": udp.get("SndbufErrors", 0)}
