@@ -76,6 +76,10 @@ class Candidate(NamedTuple):
     def interface_mtu(self) -> Optional[int]:
         return next((int(v) for k, v in self.options if k == INTERFACE_MTU), None)
 
+    def tcp_only(self) -> bool:
+        """With TCPOnly tinc sends every packet over its meta connections: no UDP to wait for."""
+        return ("TCPOnly", "yes") in self.options
+
 
 AS_GENERATED = Candidate("as generated", ())
 
@@ -197,16 +201,18 @@ class Lab:
                                   netlab.HUB_PUBLIC, "dport", "=", ":655"], check=False)
         return cp.returncode == 0 and bool(cp.stdout.strip())
 
-    def settle(self) -> Tuple[bool, float]:
+    def settle(self, udp: bool = True) -> Tuple[bool, float]:
         """Wait until both nodes hold their meta connection, node1 reaches node2 over the VPN,
-        and large packets node1 <-> node2 cross the hub over UDP (PMTU discovery settled on
-        both legs), at most SETTLE_BOUND_S. (settled, seconds waited)."""
+        and (with `udp`) large packets node1 <-> node2 cross the hub over UDP (PMTU discovery
+        settled on both legs), at most SETTLE_BOUND_S. (settled, seconds waited)."""
         started = time.monotonic()
         hub = self.host("hub")
         node1 = self.host("node1")
         if not netlab.wait_until(lambda: all(self.node_connected(n) for n in NODES), 30, 0.1):
             raise SystemExit("the nodes did not reconnect to the hub within 30 s")
         node1.wait_ping(self.addresses["node2"], timeout=30)
+        if not udp:
+            return True, time.monotonic() - started
 
         def big_pings_over_udp() -> bool:
             before = traffic.read_tinc_counters(hub)
@@ -253,7 +259,8 @@ class Sample(NamedTuple):
     mbit_s: float
     retransmits: int
     mss: int
-    rtt_ms: Optional[float]
+    rtt_ms: Optional[float]  # idle
+    loaded_rtt_ms: Optional[float]  # while iperf3 ran, same path and direction
     cpu: Dict[str, float]  # "tincd hub" ... -> % of one core; "machine" -> % of all cores
     udp_share: Optional[float]  # of tinc's bytes at the hub during the test (VPN paths)
     udp_drops: int  # UDP datagrams dropped for a full receive buffer, all three hosts
@@ -270,16 +277,18 @@ def measure(lab: Lab, path: Path, seconds: int, omit: int, pings: int) -> Sample
     hosts = [lab.host(name) for name in ("hub",) + NODES]
     drops_before = [traffic.udp_drops(h) for h in hosts]
     window = traffic.CpuWindow(lab.tincd_pids()).start()
+    pinger = traffic.LoadedPinger(client, address, seconds + omit)
     result = traffic.tcp_throughput(client, address, seconds, omit)
     cpu = window.stop()
+    loaded_rtt = pinger.rtt_ms()
     drops_after = [traffic.udp_drops(h) for h in hosts]
     drops = {kind: sum(a[kind] - b[kind] for a, b in zip(drops_after, drops_before))
              for kind in ("rcvbuf", "sndbuf")}
     moved = traffic.counter_delta(traffic.read_tinc_counters(hub), before)
     total = sum(moved.values())
     udp_share = (moved["udp_in"] + moved["udp_out"]) / total if path.vpn and total else None
-    return Sample(result.bits_per_second / 1e6, result.retransmits, result.mss, rtt, cpu,
-                  udp_share, drops["rcvbuf"], drops["sndbuf"])
+    return Sample(result.bits_per_second / 1e6, result.retransmits, result.mss, rtt,
+                  loaded_rtt, cpu, udp_share, drops["rcvbuf"], drops["sndbuf"])
 
 
 def median_of(samples: Sequence[Sample], pick: Callable[[Sample], Optional[float]]
@@ -309,6 +318,7 @@ def summary(paths: Sequence[Path], samples: Dict[str, List[Sample]]) -> Dict[str
             "retransmits": median_of(got, lambda s: s.retransmits),
             "mss": median_of(got, lambda s: s.mss),
             "rtt_ms": median_of(got, lambda s: s.rtt_ms),
+            "loaded_rtt_ms": median_of(got, lambda s: s.loaded_rtt_ms),
             "hub_tincd_cpu": median_of(got, lambda s: s.cpu.get("tincd hub")),
             "node1_tincd_cpu": median_of(got, lambda s: s.cpu.get("tincd node1")),
             "node2_tincd_cpu": median_of(got, lambda s: s.cpu.get("tincd node2")),
@@ -324,26 +334,34 @@ def summary(paths: Sequence[Path], samples: Dict[str, List[Sample]]) -> Dict[str
         base = out.get(row["baseline"]) if row["baseline"] else None
         row["throughput_ratio"] = ratio(row["mbit_s"], base["mbit_s"]) if base else None
         row["rtt_ratio"] = ratio(row["rtt_ms"], base["rtt_ms"]) if base else None
+        # what the hub's tincd spends per 100 Mbit/s through it: less sensitive to the
+        # machine's other load than Mbit/s alone
+        row["hub_cpu_per_100mbit"] = (ratio(row["hub_tincd_cpu"], row["mbit_s"] / 100)
+                                      if row["baseline"] and row["mbit_s"] else None)
     return out
 
 
 def print_table(title: str, rows: Dict[str, dict]) -> None:
     print("\n%s" % title)
     width = max(len(r["label"]) for r in rows.values())
-    print("%-*s  %9s %7s %5s %8s %6s %9s %9s %9s %5s"
-          % (width, "path", "Mbit/s", "x base", "MSS", "RTT ms", "x base", "hub tincd",
-             "nodes", "machine", "UDP"))
+    print("%-*s  %9s %7s %5s %8s %6s %8s %9s %9s %9s %9s %5s %5s"
+          % (width, "path", "Mbit/s", "x base", "MSS", "RTT ms", "x base", "loaded",
+             "hub tincd",
+             "/100Mbit", "nodes", "machine", "UDP", "drops"))
     for row in rows.values():
         nodes_cpu = None
         if row["node1_tincd_cpu"] is not None and row["node2_tincd_cpu"] is not None:
             nodes_cpu = row["node1_tincd_cpu"] + row["node2_tincd_cpu"]
-        print("%-*s  %9s %7s %5s %8s %6s %9s %9s %9s %5s" % (
+        print("%-*s  %9s %7s %5s %8s %6s %8s %9s %9s %9s %9s %5s %5s" % (
             width, row["label"], fmt(row["mbit_s"], "%.0f"),
             fmt(row["throughput_ratio"], "%.3f"), fmt(row["mss"], "%.0f"),
             fmt(row["rtt_ms"], "%.3f"), fmt(row["rtt_ratio"], "%.1f"),
-            fmt(row["hub_tincd_cpu"], "%.0f%%"), fmt(nodes_cpu, "%.0f%%"),
+            fmt(row["loaded_rtt_ms"], "%.2f"),
+            fmt(row["hub_tincd_cpu"], "%.0f%%"), fmt(row["hub_cpu_per_100mbit"], "%.1f%%"),
+            fmt(nodes_cpu, "%.0f%%"),
             fmt(row["machine_cpu"], "%.0f%%"),
-            fmt(None if row["udp_share"] is None else 100 * row["udp_share"], "%.0f%%")))
+            fmt(None if row["udp_share"] is None else 100 * row["udp_share"], "%.0f%%"),
+            fmt(row["udp_drops"], "%.0f")))
 
 
 def loadavg() -> str:
@@ -371,20 +389,23 @@ def run_round(lab: Lab, candidate: Candidate, paths: Sequence[Path], run: int, s
               omit: int, pings: int) -> Round:
     """The candidate applied (tincd restarted, PMTU settled), then every path once."""
     lab.apply(candidate)
-    settled, waited = lab.settle()
+    settled, waited = lab.settle(udp=not candidate.tcp_only())
     tun_mtu = traffic.link_mtu(lab.host("node1"), NET)
     print("run %d [%s] tincd restarted; PMTU %s after %.1f s; VPN interface MTU %d"
-          % (run, candidate.label, "settled (large packets over UDP)" if settled
+          % (run, candidate.label, "not waited for (TCPOnly)" if candidate.tcp_only()
+             else "settled (large packets over UDP)" if settled
              else "NOT settled within %.0f s (large packets over TCP)" % SETTLE_BOUND_S,
              waited, tun_mtu), flush=True)
     samples = {}
     for path in paths:
         s = samples[path.key] = measure(lab, path, seconds, omit, pings)
-        print("  %-10s %8.0f Mbit/s  retr %-5d MSS %-5d RTT %s ms  tincd hub %s node1 %s"
+        print("  %-10s %8.0f Mbit/s  retr %-5d MSS %-5d RTT %s ms, loaded %s  tincd hub %s node1 %s"
               " node2 %s  machine %.0f%%  UDP drops rcv %d snd %d%s" % (
                   path.key, s.mbit_s, s.retransmits, s.mss, fmt(s.rtt_ms, "%.3f"),
+                  fmt(s.loaded_rtt_ms, "%.2f"),
                   fmt(s.cpu.get("tincd hub"), "%.0f%%"), fmt(s.cpu.get("tincd node1"), "%.0f%%"),
-                  fmt(s.cpu.get("tincd node2"), "%.0f%%"), s.cpu["machine"], s.udp_drops, s.udp_send_drops,
+                  fmt(s.cpu.get("tincd node2"), "%.0f%%"), s.cpu["machine"], s.udp_drops,
+                  s.udp_send_drops,
                   "" if s.udp_share is None else "  over UDP %.0f%%" % (100 * s.udp_share)),
               flush=True)
     return Round(settled, waited, tun_mtu, samples)
@@ -467,7 +488,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("set-up: hub + 2 nodes joined in %.1f s (not timed)" % (time.monotonic() - started),
               flush=True)
         for run in range(1, args.runs + 1):  # candidates interleaved: each round sees one load
-            for candidate in candidates:
+            turn = (run - 1) % len(candidates)  # and each goes first in turn (after a restart)
+            for candidate in candidates[turn:] + candidates[:turn]:
                 rounds[candidate.label].append(run_round(lab, candidate, paths, run,
                                                          args.seconds, args.omit, args.pings))
     results = [candidate_result(c, paths, rounds[c.label]) for c in candidates]
@@ -480,7 +502,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                            loadavg()))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"idle_busy_percent": busy, "results": results, "versus": versus}, f, indent=2)
+            json.dump({"idle_busy_percent": busy, "results": results, "versus": versus}, f,
+                      indent=2)
     return 0
 
 

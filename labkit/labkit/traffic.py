@@ -93,6 +93,23 @@ def median_rtt_ms(client: netlab.Host, address: str, count: int,
     return statistics.median(times) if times else None
 
 
+class LoadedPinger:
+    """Pings running alongside a throughput test (the round trip under load: the queues a
+    bulk transfer fills, socket buffers included). start(), then rtt_ms() once the test ended."""
+
+    def __init__(self, client: netlab.Host, address: str, seconds: int,
+                 interval: float = 0.05) -> None:
+        self.seconds = seconds
+        self.proc = client.popen(["ping", "-n", "-i", str(interval), "-W", "1", "-w",
+                                  str(seconds), address], log="%s.loaded-ping.log" % client.name)
+
+    def rtt_ms(self) -> Optional[float]:
+        """Median round trip (ms) once ping ended (-w bounds it); None if nothing came back."""
+        self.proc.wait(timeout=self.seconds + 10)
+        times = ping_times(self.proc.output())
+        return statistics.median(times) if times else None
+
+
 def process_cpu_seconds(pid: int) -> float:
     """User + system CPU seconds pid has used (/proc/PID/stat; the command name may hold
     spaces and parentheses, so the fields are counted after its last ')')."""
