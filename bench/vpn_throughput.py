@@ -245,10 +245,11 @@ def standard_paths() -> List[Path]:
 def published_service_paths(lab: Lab) -> List[Path]:
     """Hook for a service the hub publishes (`tinc-hub expose`: a client in the "public" net
     -> the hub's public address, DNAT -> a node over the VPN). Being built elsewhere; until it
-    exists this returns nothing. To measure it: run `tinc-hub expose ...` on lab.hub for an
-    iperf3 server of node2 (traffic.IPERF_PORT), then return a Path with client "router"
-    (it sits in the public net), server "node2", address the hub's public address, vpn=True,
-    and baseline "public" (or a plain router -> node path returned here too)."""
+    exists this returns nothing. To measure it: `lab.hub.cli("expose", "node2:5201",
+    "--listen", "5201")` (node2's iperf3 server listens on traffic.IPERF_PORT since
+    Lab.start), then return Path("published", ..., client "router" (it sits in the public
+    net), server "node2", address netlab.HUB_PUBLIC, baseline "public", vpn=True); a plain
+    router -> node2 path (its LAN address) returned here too makes another baseline."""
     del lab
     return []
 
@@ -268,8 +269,7 @@ class Sample(NamedTuple):
 
 
 def measure(lab: Lab, path: Path, seconds: int, omit: int, pings: int) -> Sample:
-    client, server_host = lab.host(path.client), lab.host(path.server)
-    del server_host  # its iperf3 server runs since Lab.start
+    client = lab.host(path.client)  # the server's iperf3 runs since Lab.start
     address = path.address(lab)
     rtt = traffic.median_rtt_ms(client, address, pings)
     hub = lab.host("hub")
