@@ -1,6 +1,7 @@
 """The Vagrantfile validates (offline, `vagrant validate`), and the node provisioning script
 it runs joins a real node behind the NAT in the namespace lab."""
 
+import ipaddress
 import json
 import os
 import shutil
@@ -54,6 +55,26 @@ def test_build_box_parses_and_refuses_a_bad_setting():
         assert proc.returncode == 1 and "TINC_BOX_MIRROR" in proc.stderr, proc.stderr
 
 
+@pytest.mark.parametrize("script, args, message", [
+    ("node.sh", ["/nonexistent/token.json", "198.51.100.254", "192.0.2.0/24", "10.0.0.1"],
+     "no token file /nonexistent/token.json; hint: bring the hub up first"),
+    ("node.sh", ["/nonexistent/token.json", "198.51.100.254", "192.0.2.0/24", "$(id)"],
+     "must be IPv4 addresses"),
+    ("hub.sh", ["middle-earth", "erebor", "192.0.2.10", "10.0.0.0/24", "/nonexistent", "4k"],
+     "KEY_SIZE '4k' must be a number of bits"),
+], ids=["node-no-token", "node-bad-address", "hub-bad-key-size"])
+def test_provision_scripts_refuse_bad_input_before_changing_anything(script, args, message):
+    """The checks at the top of the scripts: one line with a hint, exit 1, before any
+    route, package or file is touched. Run as nobody (when root here), so that a check gone
+    missing could not change this machine's routes or files."""
+    isolate = (["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+               if os.geteuid() == 0 else [])
+    proc = subprocess.run(isolate + ["sh", os.path.join(REPO_ROOT, "vagrant", script)] + args,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1 and message in proc.stderr, proc.stderr
+    assert proc.stdout == ""
+
+
 @pytest.mark.netlab
 def test_node_provisioning_joins_behind_the_nat(tmp_path):
     """vagrant/node.sh with a token file made by `tinc-hub token create --json`, as the
@@ -67,13 +88,17 @@ def test_node_provisioning_joins_behind_the_nat(tmp_path):
         node.write_file("/etc/tinc-lab-token.json",
                         json.dumps(hub.token_create("--name", "hobbiton")), mode=0o600)
         hub_vpn = hub.vpn_address()
+        # the hub hands out the lowest free address: the node's own, which node.sh skips
+        own = str(ipaddress.ip_address(hub_vpn) + 1)
         assert not node.ping(hub_vpn)
         proc = node.run(["sh", os.path.join(REPO_ROOT, "vagrant", "node.sh"),
                          "/etc/tinc-lab-token.json", netlab.ROUTER_LAN, "192.0.2.0/24",
-                         hub_vpn], timeout=300, check=False)
+                         own, hub_vpn], timeout=300, check=False)
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        assert "3 received" in proc.stdout
+        assert proc.stdout.count("3 received") == 1, proc.stdout
+        assert "PING %s " % hub_vpn in proc.stdout and "PING %s " % own not in proc.stdout
         listed = {n["name"]: n for n in hub.nodes()}
-        assert topo.hub.wait_ping(listed["hobbiton"]["address"], 10)
+        assert listed["hobbiton"]["address"].split("/")[0] == own, listed
+        assert topo.hub.wait_ping(own, 10)
     finally:
         topo.close()
