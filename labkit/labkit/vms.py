@@ -6,8 +6,10 @@ No pytest in here (like labkit.netlab).
 start) when they are not running: PID 1 here is not systemd. ``ensure_box()`` runs
 ``vagrant/build-box`` (cached box, added to Vagrant) and returns the box name it prints last.
 A ``VagrantLab`` is one run: a private copy of the project (Vagrantfile, provisioning scripts,
-the hub's project and a wheelhouse of its dependencies in ``vagrant/wheelhouse``, so that the
-hub installs offline), its own ``.vagrant`` directory, and a per-run libvirt name prefix
+the hub's project and a wheelhouse of its dependencies and of the project's own wheel, built
+here, in ``vagrant/wheelhouse``, so that the hub installs offline and builds nothing), the
+settings TINC_LAB_PARALLEL=yes (``up()`` brings the machines up in UP_STEPS) and
+TINC_LAB_KEY_SIZE=2048, its own ``.vagrant`` directory, and a per-run libvirt name prefix
 ``tinclab-<run>-`` for every domain, network and volume, with a free management subnet.
 ``destroy()`` runs ``vagrant destroy -f`` and reports what it left behind (domains, networks,
 volumes, QEMU processes carrying the prefix), then removes those too; a run is also destroyed
@@ -43,6 +45,10 @@ BUILD_BOX = netlab.REPO_ROOT / "vagrant" / "build-box"
 LOCK_DIR = Path("/run/tinc-lab-vms")
 RUN_PREFIX_RE = re.compile(r"tinclab-([0-9a-f]{8})-")
 MACHINES = ("erebor", "gate", "hobbiton", "bree")   # the Vagrantfile's, in `up` order
+# brought up in two steps, each pair in parallel (TINC_LAB_PARALLEL=yes): the nodes need the
+# hub's tokens and the router
+UP_STEPS = (("erebor", "gate"), ("hobbiton", "bree"))
+LAB_KEY_SIZE = 2048   # TINC_LAB_KEY_SIZE: the Vagrantfile's default (4096) is for users
 NICE = ["nice", "-n", "10"]
 ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # the project parts a run copies: the Vagrantfile and its scripts, plus the hub's project
@@ -101,6 +107,28 @@ def ensure_box(log_dir: Path) -> str:
         raise netlab.CommandError([str(BUILD_BOX)], proc.returncode, proc.stdout,
                                   log_path.read_text(errors="replace"))
     return proc.stdout.strip().splitlines()[-1]
+
+
+def build_project_wheel(wheelhouse: Path, log_dir: Path) -> Path:
+    """The hub's project as a wheel in wheelhouse, built here from a fresh copy (pure Python:
+    one py3-none-any wheel), so that the emulated hub installs wheels only (hub.sh)."""
+    source = Path(tempfile.mkdtemp(prefix="tinc-hub-wheel-"))
+    try:
+        nspawn.copy_hub_project(source / "project")
+        cmd = [str(netlab.VENV / "bin" / "pip"), "wheel", "-q", "--no-deps", "--no-index",
+               "--no-build-isolation", "--disable-pip-version-check", "-w", str(source / "out"),
+               str(source / "project")]
+        log_path = log_dir / "pip-wheel-project.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=log,
+                                  stderr=subprocess.STDOUT, timeout=300)
+        wheels = list((source / "out").glob("tinc_hub-*-py3-none-any.whl"))
+        if proc.returncode != 0 or len(wheels) != 1:
+            raise netlab.CommandError(cmd, proc.returncode, "",
+                                      log_path.read_text(errors="replace"), "root")
+        return Path(shutil.copy2(wheels[0], wheelhouse))
+    finally:
+        shutil.rmtree(source, ignore_errors=True)
 
 
 class Leftovers(Dict[str, List[str]]):
@@ -241,6 +269,7 @@ class VagrantLab:
         self.env = dict(os.environ, TINC_LAB_BOX=box, TINC_LAB_LIBVIRT_PREFIX=self.prefix,
                         TINC_LAB_MGMT_NET=free_management_net(),
                         VAGRANT_DEFAULT_PROVIDER="libvirt", VAGRANT_CHECKPOINT_DISABLE="1",
+                        TINC_LAB_PARALLEL="yes", TINC_LAB_KEY_SIZE=str(LAB_KEY_SIZE),
                         VAGRANT_DOTFILE_PATH=str(self.project / ".vagrant"))
         for name in list(self.env):
             if name.startswith("TINC_LAB_") and name.endswith("_BOX") and name != "TINC_LAB_BOX":
@@ -260,8 +289,9 @@ class VagrantLab:
                                 ignore=shutil.ignore_patterns("wheelhouse"))
             else:
                 shutil.copy2(source, self.project / part)
-        shutil.copytree(nspawn.ensure_hub_wheelhouse(log_dir),
-                        self.project / "vagrant" / "wheelhouse")
+        wheelhouse = self.project / "vagrant" / "wheelhouse"
+        shutil.copytree(nspawn.ensure_hub_wheelhouse(log_dir), wheelhouse)
+        build_project_wheel(wheelhouse, log_dir)
 
     def vagrant(self, *args: str, timeout: float = 1200, check: bool = True
                 ) -> subprocess.CompletedProcess:
@@ -299,6 +329,17 @@ class VagrantLab:
         if check and proc.returncode != 0:
             raise netlab.CommandError(cmd, proc.returncode, proc.stdout[-6000:], "", "vagrant")
         return proc
+
+    def up(self, timeout: float = 1800) -> Tuple[str, Dict[str, float]]:
+        """`vagrant up` of the four machines in UP_STEPS (each step's pair in parallel);
+        returns the output of all steps and each step's seconds."""
+        output, seconds = [], {}
+        for machines in UP_STEPS:
+            started = time.monotonic()
+            output.append(self.vagrant("up", "--provider=libvirt", *machines,
+                                       timeout=timeout).stdout)
+            seconds[" + ".join(machines)] = time.monotonic() - started
+        return "".join(output), seconds
 
     def ssh(self, machine: str, command: str, timeout: float = 120, check: bool = True
             ) -> subprocess.CompletedProcess:
@@ -360,6 +401,22 @@ class VagrantLab:
             for line in Path("/proc", pid, "status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     result[name] = int(line.split()[1])
+        return result
+
+    def cpu_seconds(self) -> Dict[str, float]:
+        """CPU time (user + system) each running VM's QEMU process has used so far, by
+        domain name: the work of the emulation, which a busy host stretches in wall time
+        but not here."""
+        result = {}
+        ticks = os.sysconf("SC_CLK_TCK")
+        for pid in find_leftovers(self.prefix)["processes"]:
+            argv = Path("/proc", pid, "cmdline").read_bytes().split(b"\0")
+            name = next((a.split(b",")[0][len(b"guest="):].decode() for a in argv
+                         if a.startswith(b"guest=")), pid)
+            # the fields after the command's closing parenthesis: utime and stime are the
+            # 12th and 13th of them (proc(5))
+            fields = Path("/proc", pid, "stat").read_text().rsplit(")", 1)[1].split()
+            result[name] = (int(fields[11]) + int(fields[12])) / ticks
         return result
 
     def destroy(self) -> Leftovers:
