@@ -13,7 +13,7 @@ from labkit import netlab
 from support import REPO_ROOT, vagrant_validate
 
 VAGRANT_SCRIPTS = [os.path.join(REPO_ROOT, "vagrant", n) for n in ("hub.sh", "router.sh",
-                                                                   "node.sh")]
+                                                                   "node.sh", "hostname.sh")]
 
 
 def test_vagrantfile_validates(tmp_path):
@@ -62,7 +62,9 @@ def test_build_box_parses_and_refuses_a_bad_setting():
      "must be IPv4 addresses"),
     ("hub.sh", ["middle-earth", "erebor", "192.0.2.10", "10.0.0.0/24", "/nonexistent", "4k"],
      "KEY_SIZE '4k' must be a number of bits"),
-], ids=["node-no-token", "node-bad-address", "hub-bad-key-size"])
+    ("hostname.sh", ["erebor;id"], "'erebor;id' is not a host name"),
+    ("hostname.sh", ["-f"], "'-f' is not a host name"),
+], ids=["node-no-token", "node-bad-address", "hub-bad-key-size", "hostname-bad", "hostname-option"])
 def test_provision_scripts_refuse_bad_input_before_changing_anything(script, args, message):
     """The checks at the top of the scripts: one line with a hint, exit 1, before any
     route, package or file is touched. Run as nobody (when root here), so that a check gone
