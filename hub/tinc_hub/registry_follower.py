@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Optional
 
 from bootstrap import bootstrap
 from .hostfiles import reconcile_host_files, remove_if_present, write_if_changed
+from .names import NamesCache, hosts_writable, write_hub_names
 from .registry import CHANGES_CHANNEL, Registry, RegistryError
 from .roster import HUB_PEERS_FILE, hub_host_files_for, render_hub_peers_conf, usable_hubs
 from .state import HubConfig
@@ -68,6 +69,11 @@ class RegistryFollower:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="registry-follower", daemon=True)
         self._listener = None  # a psycopg connection LISTENing, PostgreSQL only
+        self.names = NamesCache(config)
+        self.names_writable = hosts_writable()
+        if not self.names_writable:
+            log.info("names: %s is read-only to this process: the hub's names are written by"
+                     " a root helper, if any", bootstrap.ETC_HOSTS)
 
     def start(self) -> None:
         self._thread.start()
@@ -84,12 +90,23 @@ class RegistryFollower:
             return False
         done = mirror_registry(self.config, self.registry)
         self.generation = generation
+        self.follow_names()
         if done["written"] or done["removed"]:
             log.info("followed the registry (generation %d): wrote %s, removed %s", generation,
                      ", ".join(done["written"]) or "nothing", ", ".join(done["removed"]) or "nothing")
             self.sighup()
             return True
         return False
+
+    def follow_names(self) -> None:
+        """This hub's block of /etc/hosts (names.py), where this process may write it."""
+        if not self.names_writable:
+            return
+        with self.registry.snapshot() as view:
+            names = self.names.get(view).names
+        if names is not None and write_hub_names(self.config, names):
+            log.info("names: wrote %d name(s) of net %s to %s", len(names), self.config.net,
+                     bootstrap.ETC_HOSTS)
 
     def _run(self) -> None:
         failing = False
