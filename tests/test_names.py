@@ -294,3 +294,52 @@ def test_unsound_and_revoked_rows_are_left_out_of_the_names(hub):
     names = vpn_names(hub.config, [], [row("bree", "10.77.0.3"), row("gone", "10.77.0.4", 5),
                                        row("../x", "10.77.0.5"), row("far", "192.0.2.9")])
     assert names == {hub.config.name: hub.config.hub_address, "bree": "10.77.0.3"}
+
+
+# --------------------------------------------------------------------------- the hub's root side
+
+def test_the_root_side_checks_names_json_again(tmp_path: Path):
+    """`tinc-hub names apply` writes names.json (made by the sandboxed API) as the block, with
+    net and subnet from its command line: a file naming an address outside the VPN, a symlink,
+    or no JSON is refused and nothing is written."""
+    from tinc_hub.names import NAMES_FILE, apply_names_file, write_names_file
+
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n")
+    assert apply_names_file(tmp_path, NET, "10.0.0.0/24", str(hosts)) == (False, [])  # no file
+    assert write_names_file(tmp_path, {"erebor": "10.0.0.1", "bree": "10.0.0.3"})
+    assert not write_names_file(tmp_path, {"erebor": "10.0.0.1", "bree": "10.0.0.3"})
+    assert (tmp_path / NAMES_FILE).stat().st_mode & 0o777 == 0o600
+    assert apply_names_file(tmp_path, NET, "10.0.0.0/24", str(hosts)) == (True, [])
+    assert hosts.read_text() == "127.0.0.1 localhost\n" + BLOCK
+    for hostile in ('{"bank": "192.0.2.66"}', '{"bree": "10.0.0.3\\n192.0.2.66 bank"}',
+                    "not json", '["bree"]', "\xff"):
+        (tmp_path / NAMES_FILE).write_text(hostile, errors="surrogateescape")
+        with pytest.raises(ValueError):
+            apply_names_file(tmp_path, NET, "10.0.0.0/24", str(hosts))
+        assert hosts.read_text() == "127.0.0.1 localhost\n" + BLOCK
+    (tmp_path / NAMES_FILE).unlink()
+    (tmp_path / "elsewhere.json").write_text('{"bree": "10.0.0.3"}')
+    (tmp_path / NAMES_FILE).symlink_to(tmp_path / "elsewhere.json")
+    with pytest.raises(OSError):
+        apply_names_file(tmp_path, NET, "10.0.0.0/24", str(hosts))
+    assert hosts.read_text() == "127.0.0.1 localhost\n" + BLOCK
+
+
+def test_the_names_units_carry_net_and_subnet_and_a_sandbox(hub):
+    from tinc_hub.service import plan_names_units, render_names_units
+
+    units = render_names_units(hub.config, "/opt/tinc-hub/bin/tinc-hub", str(hub.state.root))
+    path_unit, service = units["tinc-hub-names.path"], units["tinc-hub-names.service"]
+    assert "PathChanged=%s/names.json\n" % hub.state.root in path_unit
+    assert ("ExecStart=/opt/tinc-hub/bin/tinc-hub --state-dir %s names apply --net %s "
+            "--vpn-subnet 10.77.0.0/24\n" % (hub.state.root, hub.config.net)) in service
+    for line in ("Type=oneshot", "CapabilityBoundingSet=", "ProtectSystem=strict",
+                 "ReadWritePaths=/etc", "PrivateNetwork=yes", "NoNewPrivileges=yes"):
+        assert line + "\n" in service
+    plan = plan_names_units(units, dict(units), True, True)  # in place, running
+    assert plan.commands == (("systemctl", "start", "tinc-hub-names.service"),)
+    plan = plan_names_units(units, {}, False, False)
+    assert plan.commands[:3] == (("systemctl", "daemon-reload"),
+                                 ("systemctl", "enable", "tinc-hub-names.path"),
+                                 ("systemctl", "restart", "tinc-hub-names.path"))

@@ -11,11 +11,13 @@ NAME.NET).
 """
 
 import hashlib
+import ipaddress
 import json
 import logging
 import os
 import threading
-from typing import Dict, NamedTuple, Optional, Sequence
+from pathlib import Path
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from bootstrap import bootstrap
 from .hostfiles import host_row_problem
@@ -99,3 +101,64 @@ def write_hub_names(config: HubConfig, names: Dict[str, str],
     for problem in problems:
         log.warning("names: %s", problem)
     return bool(changed)
+
+
+# -- the root side under systemd ---------------------------------------------------------------
+# The API runs sandboxed (service.py): /etc is read-only to it. It writes the names into
+# NAMES_FILE in its state directory; tinc-hub-names.path starts tinc-hub-names.service (root,
+# a sandbox of its own that may write /etc only) when the file changes, which runs
+# `tinc-hub names apply --net NET --vpn-subnet CIDR`. Net and subnet come from that command
+# line (written by init, as root), never from the API-writable state directory, and every name
+# is checked again (bootstrap.validate_names): a compromised API can at most point NAME.NET at
+# another address of the VPN, never any other name of the machine.
+
+NAMES_FILE = "names.json"
+NAMES_SERVICE, NAMES_PATH_UNIT = "tinc-hub-names.service", "tinc-hub-names.path"
+MAX_NAMES_FILE = 2 * 1024 * 1024
+
+
+def write_names_file(state_root: Path, names: Dict[str, str]) -> bool:
+    """The names for the root side (0600; written only when they change: the path unit fires
+    on each write)."""
+    return bootstrap.write_atomic(str(state_root / NAMES_FILE),
+                                  json.dumps(names, indent=1, sort_keys=True) + "\n", 0o600)
+
+
+def read_names_file(path: Path) -> Optional[bytes]:
+    """The names file's bytes (None when missing); never through a symlink, at most
+    MAX_NAMES_FILE bytes (ValueError beyond)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as handle:
+        data = handle.read(MAX_NAMES_FILE + 1)
+    if len(data) > MAX_NAMES_FILE:
+        raise ValueError(f"{path} is larger than {MAX_NAMES_FILE} bytes")
+    return data
+
+
+def apply_names_file(state_root: Path, net: str, vpn_subnet: str,
+                     path: str = bootstrap.ETC_HOSTS) -> Tuple[bool, List[str]]:
+    """`tinc-hub names apply`: the names file, checked, as net's block of path; again while
+    the file changed meanwhile (at most 5 rounds). (changed, problems); ValueError for a file
+    that is not names of this net (nothing written)."""
+    network = ipaddress.IPv4Network(vpn_subnet)
+    changed: bool = False
+    problems: List[str] = []
+    for _ in range(5):
+        data = read_names_file(state_root / NAMES_FILE)
+        if data is None:
+            return changed, problems
+        try:
+            value = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise ValueError(f"{state_root / NAMES_FILE} is not JSON") from None
+        names = bootstrap.validate_names(value, str(network.network_address), network.prefixlen)
+        done, problems = bootstrap.apply_names(net, net, names, path)
+        if done is None:
+            return changed, problems
+        changed = changed or done
+        if read_names_file(state_root / NAMES_FILE) == data:
+            break
+    return changed, problems
