@@ -262,7 +262,8 @@ class Enroller:
             audit_log.error("%s", audit_line("failed", 500, attempt, type(exc).__name__))
             raise
         audit_log.info("%s", audit_line(result, outcome.status, attempt))
-        self._add_names(outcome.body)
+        if outcome.status == 200:
+            self._add_names(outcome.body)
         return outcome
 
     def _add_names(self, answer: Dict[str, Any]) -> None:

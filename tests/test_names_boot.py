@@ -1,0 +1,99 @@
+"""NAME.NET on booted machines (issue 12): the installed hub under systemd, whose sandboxed API
+cannot write /etc/hosts, and a systemd node that joins with the printed one-liner.
+
+The hub's names reach its /etc/hosts through its root side (tinc-hub-names.path starts
+tinc-hub-names.service when the API rewrites names.json); the node writes its own block.
+Group `boot` (booted containers, labkit.nspawn)."""
+
+import re
+import time
+
+import pytest
+
+from labkit import netlab, nspawn
+
+pytestmark = [pytest.mark.netlab, pytest.mark.boot]
+
+NET = "middle-earth"
+HUB, NODE = "erebor", "hobbiton"
+HUB_VPN = "10.0.0.1"
+EXPOSURE_LIMIT = 2.0  # as tinc-hub.service's (tests/test_boot.py)
+
+
+@pytest.fixture(scope="module")
+def machines():
+    topo = netlab.build_nat_topology(node_names=[NODE], hub_name="hub")
+    try:
+        work = topo.workdir
+        hub = nspawn.Container(topo.prefix + "-hub", nspawn.systemd_hub_spec(work), topo.hub,
+                               work, hostname=HUB)
+        node = nspawn.Container(topo.prefix + "-sd", nspawn.systemd_node_spec(), topo.nodes[0],
+                                work)
+        with nspawn.booted([hub, node], hub=hub):
+            nspawn.install_hub(hub, timeout=180)
+            hub.run(["tinc-hub", "init", "--net", NET, "--name", HUB, "--address",
+                     netlab.HUB_PUBLIC, "--vpn-subnet", "10.0.0.0/24", "--key-size", "2048"],
+                    timeout=180)
+            netlab.wait_until(lambda: hub.run(["curl", "-fsk", "https://127.0.0.1:8655/healthz"],
+                                              check=False).returncode == 0, 30, 0.2,
+                              what="tinc-hub.service answering /healthz")
+            yield {"hub": hub, "node": node}
+    finally:
+        topo.close()
+
+
+def resolve(machine, fqdn):
+    done = machine.run(["getent", "hosts", fqdn], check=False)
+    return done.stdout.split()[0] if done.returncode == 0 else None
+
+
+def test_the_sandboxed_hub_and_a_systemd_node_resolve_each_other_by_name(machines):
+    hub, node = machines["hub"], machines["node"]
+    assert hub.unit_state("is-enabled", "tinc-hub-names.path") == "enabled"
+    assert hub.unit_state("is-active", "tinc-hub-names.path") == "active"
+    # the API itself may not write /etc (its sandbox), and says who does
+    journal = hub.run(["journalctl", "-u", "tinc-hub.service", "--no-pager", "-o", "cat"]).stdout
+    assert "tinc-hub-names.service writes the hub's names" in journal, journal
+    assert netlab.wait_until(lambda: resolve(hub, "erebor.middle-earth") == HUB_VPN, 20), \
+        hub.run(["journalctl", "-u", "tinc-hub-names.service", "--no-pager"], check=False).stdout
+
+    out = hub.run(["tinc-hub", "token", "create"]).stdout.splitlines()
+    one_liner = out[out.index("run on the node as root:") + 1] + " --key-size 2048"
+    done = node.run(["sh", "-c", one_liner], check=False, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    joined = time.monotonic()
+    address = netlab.printed_address(done.stdout)
+    assert resolve(node, "erebor.middle-earth") == HUB_VPN
+    assert resolve(node, "hobbiton.middle-earth") == address
+    assert node.run(["ping", "-n", "-c1", "-W5", "erebor.middle-earth"], check=False).returncode == 0
+    assert netlab.wait_until(lambda: resolve(hub, "hobbiton.middle-earth") == address, 20), \
+        hub.run(["journalctl", "-u", "tinc-hub-names.service", "--no-pager"], check=False).stdout
+    netlab.record_timing("names (booted): a joined node's name on the sandboxed hub",
+                         time.monotonic() - joined)
+    assert hub.run(["ping", "-n", "-c1", "-W5", "hobbiton.middle-earth"], check=False).returncode == 0
+    machines["address"] = address
+
+
+def test_a_revoked_nodes_name_leaves_the_sandboxed_hub(machines):
+    hub = machines["hub"]
+    hub.run(["tinc-hub", "revoke", NODE])
+    revoked = time.monotonic()
+    assert netlab.wait_until(lambda: resolve(hub, "hobbiton.middle-earth") is None, 20)
+    netlab.record_timing("names (booted): a revoked node's name gone from the sandboxed hub",
+                         time.monotonic() - revoked)
+    assert resolve(hub, "erebor.middle-earth") == HUB_VPN
+
+
+def test_the_names_helper_is_sandboxed(machines, capsys):
+    hub = machines["hub"]
+    out = hub.run(["systemd-analyze", "security", "--no-pager", "tinc-hub-names.service"],
+                  check=False).stdout
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", out)
+    assert match, out
+    with capsys.disabled():
+        print("\nsystemd-analyze security tinc-hub-names.service: %s" % match.group(1))
+    assert float(match.group(1)) < EXPOSURE_LIMIT, out
+    # an init run again changes nothing (units in place, the helper finds nothing to write)
+    again = hub.run(["tinc-hub", "init", "--net", NET, "--name", HUB, "--address",
+                     netlab.HUB_PUBLIC, "--vpn-subnet", "10.0.0.0/24"], timeout=180).stdout
+    assert "changed: nothing" in again, again
