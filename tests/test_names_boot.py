@@ -15,21 +15,23 @@ from labkit import netlab, nspawn
 pytestmark = [pytest.mark.netlab, pytest.mark.boot]
 
 NET = "middle-earth"
-HUB, NODE = "erebor", "hobbiton"
+HUB, NODE, RESOLVED_NODE = "erebor", "hobbiton", "rivendell"
 HUB_VPN = "10.0.0.1"
 EXPOSURE_LIMIT = 2.0  # as tinc-hub.service's (tests/test_boot.py)
 
 
 @pytest.fixture(scope="module")
 def machines():
-    topo = netlab.build_nat_topology(node_names=[NODE], hub_name="hub")
+    topo = netlab.build_nat_topology(node_names=[NODE, RESOLVED_NODE], hub_name="hub")
     try:
         work = topo.workdir
         hub = nspawn.Container(topo.prefix + "-hub", nspawn.systemd_hub_spec(work), topo.hub,
                                work, hostname=HUB)
         node = nspawn.Container(topo.prefix + "-sd", nspawn.systemd_node_spec(), topo.nodes[0],
                                 work)
-        with nspawn.booted([hub, node], hub=hub):
+        resolved = nspawn.Container(topo.prefix + "-rs", resolved_node_spec(), topo.nodes[1], work,
+                                    hostname=RESOLVED_NODE)
+        with nspawn.booted([hub, node, resolved], hub=hub):
             nspawn.install_hub(hub, timeout=180)
             hub.run(["tinc-hub", "init", "--net", NET, "--name", HUB, "--address",
                      netlab.HUB_PUBLIC, "--vpn-subnet", "10.0.0.0/24", "--key-size", "2048"],
@@ -37,9 +39,21 @@ def machines():
             netlab.wait_until(lambda: hub.run(["curl", "-fsk", "https://127.0.0.1:8655/healthz"],
                                               check=False).returncode == 0, 30, 0.2,
                               what="tinc-hub.service answering /healthz")
-            yield {"hub": hub, "node": node}
+            yield {"hub": hub, "node": node, "resolved": resolved}
     finally:
         topo.close()
+
+
+def resolved_node_spec() -> nspawn.RootfsSpec:
+    """A systemd node whose names go through systemd-resolved (Debian's package: its stub
+    resolver in resolv.conf, nss-resolve in nsswitch.conf)."""
+    return nspawn.RootfsSpec("systemd-resolved-node", "systemd", nspawn.SYSTEMD_PACKAGES
+                             + nspawn.NODE_PACKAGES + ("systemd-resolved", "libnss-resolve"))
+
+
+def one_liner(hub):
+    out = hub.run(["tinc-hub", "token", "create"]).stdout.splitlines()
+    return out[out.index("run on the node as root:") + 1] + " --key-size 2048"
 
 
 def resolve(machine, fqdn):
@@ -57,9 +71,7 @@ def test_the_sandboxed_hub_and_a_systemd_node_resolve_each_other_by_name(machine
     assert netlab.wait_until(lambda: resolve(hub, "erebor.middle-earth") == HUB_VPN, 20), \
         hub.run(["journalctl", "-u", "tinc-hub-names.service", "--no-pager"], check=False).stdout
 
-    out = hub.run(["tinc-hub", "token", "create"]).stdout.splitlines()
-    one_liner = out[out.index("run on the node as root:") + 1] + " --key-size 2048"
-    done = node.run(["sh", "-c", one_liner], check=False, timeout=300)
+    done = node.run(["sh", "-c", one_liner(hub)], check=False, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     joined = time.monotonic()
     address = netlab.printed_address(done.stdout)
@@ -72,6 +84,22 @@ def test_the_sandboxed_hub_and_a_systemd_node_resolve_each_other_by_name(machine
     assert node.run(["ping", "-n", "-c1", "-W5", "erebor.middle-earth"], check=False).returncode == 0
     assert hub.run(["ping", "-n", "-c1", "-W5", "hobbiton.middle-earth"], check=False).returncode == 0
     machines["address"] = address
+
+
+def test_a_node_with_systemd_resolved_resolves_names_both_ways(machines):
+    """nss (`files` first) and resolved's own answer (`resolvectl query`: its stub reads
+    /etc/hosts) both give the block's addresses."""
+    hub, node = machines["hub"], machines["resolved"]
+    assert node.unit_state("is-active", "systemd-resolved.service") == "active"
+    nsswitch = node.run(["grep", "^hosts:", "/etc/nsswitch.conf"]).stdout
+    assert "resolve" in nsswitch, nsswitch
+    done = node.run(["sh", "-c", one_liner(hub)], check=False, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert resolve(node, "hobbiton.middle-earth") == machines["address"]
+    assert resolve(node, "erebor.middle-earth") == HUB_VPN
+    query = node.run(["resolvectl", "query", "--legend=no", "erebor.middle-earth"], check=False)
+    assert query.returncode == 0 and HUB_VPN in query.stdout, query.stdout + query.stderr
+    assert node.run(["ping", "-n", "-c1", "-W5", "hobbiton.middle-earth"], check=False).returncode == 0
 
 
 def test_a_revoked_nodes_name_leaves_the_sandboxed_hub(machines):
