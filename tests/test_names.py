@@ -343,3 +343,34 @@ def test_the_names_units_carry_net_and_subnet_and_a_sandbox(hub):
     assert plan.commands[:3] == (("systemctl", "daemon-reload"),
                                  ("systemctl", "enable", "tinc-hub-names.path"),
                                  ("systemctl", "restart", "tinc-hub-names.path"))
+
+
+# --------------------------------------------------------------------------- sync against a hub
+
+def test_sync_takes_names_refuses_hostile_ones_and_sends_its_tag(tmp_path: Path):
+    """A real HTTPS hub on loopback: an answer without `names` (an older hub) gives None
+    (nothing written), hostile names make the answer refused like a bad `hubs`, and a node
+    that wrote names sends their tag."""
+    from test_node_sync import NODE as SYNC_NODE, LoopbackHub, hub as hub_entry, sync_answer
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    first, second = LoopbackHub(tmp_path / "a"), LoopbackHub(tmp_path / "b")
+    try:
+        endpoints = (bootstrap.HubEndpoint("127.0.0.1", first.port, first.pin, "hub1"),
+                     bootstrap.HubEndpoint("127.0.0.1", second.port, second.pin, "hub2"))
+        record = bootstrap.NodeRecord("net", SYNC_NODE, ADDRESS, PREFIX, "net", endpoints, (),
+                                      "ab" * 32)
+        first.answer = sync_answer(hubs=[hub_entry(1)])
+        second.answer = sync_answer(hubs=[hub_entry(2)])
+        assert bootstrap.request_sync(record, timeout=5).names is None  # an older hub
+        first.answer["names"] = {"hub1": "10.0.0.1", SYNC_NODE: ADDRESS, "evil": "192.0.2.66"}
+        second.answer["names"] = {"hub2": "10.0.0.2", SYNC_NODE: ADDRESS}
+        answer = bootstrap.request_sync(record, timeout=5)
+        assert answer.hub.name == "hub2" and answer.names == second.answer["names"]
+        assert "names_tag" not in json.loads(first.bodies[-1])
+        bootstrap._NAMES_WRITTEN["net"] = bootstrap.names_tag(answer.names)
+        bootstrap.request_sync(record, timeout=5)
+        assert json.loads(first.bodies[-1])["names_tag"] == bootstrap.names_tag(answer.names)
+    finally:
+        bootstrap._NAMES_WRITTEN.pop("net", None)
+        first.close(), second.close()
