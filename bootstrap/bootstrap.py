@@ -2277,6 +2277,7 @@ def _replace_file(path: str, data: bytes, old: Optional[os.stat_result]) -> None
             os.fchmod(handle.fileno(), stat.S_IMODE(old.st_mode) if old else 0o644)
             if old is not None and (old.st_uid, old.st_gid) != (os.geteuid(), os.getegid()):
                 os.fchown(handle.fileno(), old.st_uid, old.st_gid)
+            if old is not None:
                 try:
                     os.setxattr(handle.fileno(), "security.selinux",
                                 os.getxattr(path, "security.selinux"))

@@ -10,7 +10,6 @@ one writer of bootstrap.py (``bootstrap.apply_names``: lower case, ``_`` as ``-`
 NAME.NET).
 """
 
-import hashlib
 import ipaddress
 import json
 import logging
@@ -49,12 +48,6 @@ def vpn_names(config: HubConfig, hubs: Sequence[HubRow], nodes: Sequence[NodeRow
     return names
 
 
-def names_tag(names: Dict[str, str]) -> str:
-    """sha256 (hex) of the canonical JSON of names: equal names, equal tag."""
-    canonical = json.dumps(names, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-
-
 def sendable(names: Dict[str, str]) -> Names:
     """names with their tag, or Names(None, None) (logged) when they are too many to send."""
     size = sum(len(name) + len(address) + 6 for name, address in names.items())
@@ -62,7 +55,7 @@ def sendable(names: Dict[str, str]) -> Names:
         log.warning("the net has %d names (%d bytes): too many to send; nodes keep the names "
                     "they have", len(names), size)
         return Names(None, None)
-    return Names(names, names_tag(names))
+    return Names(names, bootstrap.names_tag(names))  # the tag the node computes
 
 
 class NamesCache:
