@@ -15,14 +15,15 @@ from labkit import netlab, nspawn
 pytestmark = [pytest.mark.netlab, pytest.mark.boot]
 
 NET = "middle-earth"
-HUB, NODE, RESOLVED_NODE = "erebor", "hobbiton", "rivendell"
+HUB, NODE, RESOLVED_NODE, SYSV_NODE = "erebor", "hobbiton", "rivendell", "bree"
+SYNC_WAIT = 45  # s: the hub's sync interval (30 s, times 0.8-1.0) and a margin
 HUB_VPN = "10.0.0.1"
 EXPOSURE_LIMIT = 2.0  # as tinc-hub.service's (tests/test_boot.py)
 
 
 @pytest.fixture(scope="module")
 def machines():
-    topo = netlab.build_nat_topology(node_names=[NODE, RESOLVED_NODE], hub_name="hub")
+    topo = netlab.build_nat_topology(node_names=[NODE, RESOLVED_NODE, SYSV_NODE], hub_name="hub")
     try:
         work = topo.workdir
         hub = nspawn.Container(topo.prefix + "-hub", nspawn.systemd_hub_spec(work), topo.hub,
@@ -31,7 +32,9 @@ def machines():
                                 work)
         resolved = nspawn.Container(topo.prefix + "-rs", resolved_node_spec(), topo.nodes[1], work,
                                     hostname=RESOLVED_NODE)
-        with nspawn.booted([hub, node, resolved], hub=hub):
+        sysv = nspawn.Container(topo.prefix + "-sv", nspawn.sysv_node_spec(), topo.nodes[2], work,
+                                hostname=SYSV_NODE)
+        with nspawn.booted([hub, node, resolved, sysv], hub=hub):
             nspawn.install_hub(hub, timeout=180)
             hub.run(["tinc-hub", "init", "--net", NET, "--name", HUB, "--address",
                      netlab.HUB_PUBLIC, "--vpn-subnet", "10.0.0.0/24", "--key-size", "2048"],
@@ -39,7 +42,7 @@ def machines():
             netlab.wait_until(lambda: hub.run(["curl", "-fsk", "https://127.0.0.1:8655/healthz"],
                                               check=False).returncode == 0, 30, 0.2,
                               what="tinc-hub.service answering /healthz")
-            yield {"hub": hub, "node": node, "resolved": resolved}
+            yield {"hub": hub, "node": node, "resolved": resolved, "sysv": sysv}
     finally:
         topo.close()
 
@@ -102,7 +105,16 @@ def test_a_node_with_systemd_resolved_resolves_names_both_ways(machines):
     assert node.run(["ping", "-n", "-c1", "-W5", "hobbiton.middle-earth"], check=False).returncode == 0
 
 
-def test_a_revoked_nodes_name_leaves_the_sandboxed_hub(machines):
+def test_a_sysv_node_resolves_names(machines):
+    hub, node = machines["hub"], machines["sysv"]
+    done = node.run(["sh", "-c", one_liner(hub) + " --init rc.local"], check=False, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert resolve(node, "hobbiton.middle-earth") == machines["address"]
+    assert resolve(node, "erebor.middle-earth") == HUB_VPN
+    assert node.run(["ping", "-n", "-c1", "-W5", "hobbiton.middle-earth"], check=False).returncode == 0
+
+
+def test_a_revoked_nodes_name_leaves_the_sandboxed_hub_and_the_nodes(machines):
     hub = machines["hub"]
     hub.run(["tinc-hub", "revoke", NODE])
     revoked = time.monotonic()
@@ -110,6 +122,13 @@ def test_a_revoked_nodes_name_leaves_the_sandboxed_hub(machines):
     netlab.record_timing("names (booted): a revoked node's name gone from the sandboxed hub",
                          time.monotonic() - revoked)
     assert resolve(hub, "erebor.middle-earth") == HUB_VPN
+    for which in ("sysv", "resolved"):  # the sync loop under SysV init and under systemd
+        assert netlab.wait_until(lambda: resolve(machines[which], "hobbiton.middle-earth") is None,
+                                 SYNC_WAIT), machines[which].run(
+            ["cat", "/var/log/tinc-bootstrap.log"], check=False).stdout
+    netlab.record_timing("names (booted): a revoked node's name gone from the nodes",
+                         time.monotonic() - revoked)
+    assert resolve(machines["sysv"], "rivendell.middle-earth") is not None
 
 
 def test_the_names_helper_is_sandboxed(machines, capsys):
