@@ -308,7 +308,8 @@ def serve(state_dir: StateDir, registry_url: Optional[str] = None,
     # this hub's place in the registry (a hub of an older tinc-hub records itself here)
     register_hub(registry, hub_row(config, read_public_key(config.net_dir), pin), config.net,
                  config.vpn_subnet)
-    follower = RegistryFollower(config, registry, lambda: send_sighup(config.net, config.tinc_dir))
+    follower = RegistryFollower(config, registry, lambda: send_sighup(config.net, config.tinc_dir),
+                                state_root=state_dir.root)
     follower.catch_up()  # hosts/ and tinc.conf as the registry says, before the first answer
     follower.start()
     caps = connection_caps(max_connections, max_connections_per_address, trusted_proxies,

@@ -330,6 +330,16 @@ def build_parser() -> Parser:
                     "~/.pgpass or PGPASSFILE)")
     add_flag(p, "--no-switch", env="TINC_HUB_REGISTRY_COPY_NO_SWITCH",
              help="copy and verify only; leave hub.json as it is")
+
+    p = add_command(commands, "names", help="NAME.NET of every hub and node in /etc/hosts")
+    names_cmds = add_actions(p, "names_command")
+    p = add_command(names_cmds, "apply", run=cmd_names_apply,
+                    help="write names.json of the state dir as the net's block of /etc/hosts",
+                    description="Run by tinc-hub-names.service (as root) whenever the API rewrites"
+                                " names.json: every name is checked again against --net and"
+                                " --vpn-subnet, which come from the unit, not from the state dir.")
+    add_option(p, "--net", required=True, help="the net (the block's name and the domain)")
+    add_option(p, "--vpn-subnet", required=True, help="the VPN prefix every address must be in")
     return parser
 
 
@@ -534,6 +544,29 @@ def hub_listing(hub: Any) -> Dict[str, Any]:
             "tinc_port": hub.tinc_port, "api_port": hub.api_port, "pin": hub.tls_pin,
             "joined_at": iso_utc(hub.joined_at), "removed": hub.removed,
             "removed_at": iso_utc(hub.removed_at)}
+
+
+def cmd_names_apply(args: argparse.Namespace, state: StateDir) -> int:
+    import ipaddress
+
+    from bootstrap import bootstrap
+    from .names import apply_names_file
+
+    if not bootstrap.NET_RE.fullmatch(args.net):
+        raise HubError(f"--net {args.net!r} is not a net name")
+    try:
+        ipaddress.IPv4Network(args.vpn_subnet)
+    except ValueError:
+        raise HubError(f"--vpn-subnet {args.vpn_subnet!r} is not an IPv4 prefix") from None
+    try:
+        changed, problems = apply_names_file(state.root, args.net, args.vpn_subnet)
+    except (OSError, ValueError) as exc:
+        raise HubError(f"names not written: {exc}", "see the tinc-hub API's log") from None
+    for problem in problems:
+        print(f"{PROG}: warning: names: {_one_line(problem)}", file=sys.stderr)
+    if changed:
+        print(f"{PROG}: names of net {args.net} written to /etc/hosts", file=sys.stderr)
+    return 0
 
 
 def cmd_hubs(args: argparse.Namespace, state: StateDir) -> int:

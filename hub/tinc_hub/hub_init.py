@@ -17,7 +17,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from bootstrap import bootstrap
 from .errors import HubError
-from .service import UNIT_NAME, apply_service, installed_executable, read_service_plan, render_unit
+from .names import NAMES_PATH_UNIT
+from .service import (UNIT_NAME, apply_service, installed_executable, read_names_units_plan,
+                      read_service_plan, render_unit)
 from .liveness import render_host_script
 from .registry import SCHEMA_REVISION, HubRow, Registry
 from .roster import (HUB_CONF_MARKER, HUB_PEERS_FILE, NetSettings, active_hubs, check_settings,
@@ -273,6 +275,8 @@ class HubInit:
         if start and config.init == "systemd":  # the API too comes back after a reboot
             steps.append(bootstrap.Step(lambda: f"API service {UNIT_NAME}", self.plan_service,
                                         self.apply_service))
+            steps.append(bootstrap.Step(lambda: f"names into /etc/hosts: {NAMES_PATH_UNIT}",
+                                        self.plan_names_units, self.apply_names_units))
         return steps
 
     def apply_install(self, plan: bootstrap.Plan) -> None:
@@ -406,6 +410,12 @@ class HubInit:
     def apply_service(self, plan: bootstrap.Plan) -> None:
         self.changed += apply_service(plan)
         self.api_service = UNIT_NAME
+
+    def plan_names_units(self) -> bootstrap.Plan:
+        return read_names_units_plan(self.config, str(self.state.root))
+
+    def apply_names_units(self, plan: bootstrap.Plan) -> None:
+        self.changed += apply_service(plan)
 
     def result(self) -> InitResult:
         return InitResult(config=self.config, pin=pin_of_cert_file(self.state.cert_file),

@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Optional
 
 from bootstrap import bootstrap
 from .hostfiles import reconcile_host_files, remove_if_present, write_if_changed
+from .names import NAMES_SERVICE, NamesCache, hosts_writable, write_hub_names, write_names_file
 from .registry import CHANGES_CHANNEL, Registry, RegistryError
 from .roster import HUB_PEERS_FILE, hub_host_files_for, render_hub_peers_conf, usable_hubs
 from .state import HubConfig
@@ -61,13 +62,19 @@ class RegistryFollower:
     """Runs :func:`mirror_registry` whenever the registry changed, in a daemon thread."""
 
     def __init__(self, config: HubConfig, registry: Registry, sighup: Callable[[], bool],
-                 poll_interval: float = POLL_INTERVAL) -> None:
+                 poll_interval: float = POLL_INTERVAL, state_root: Optional[Path] = None) -> None:
         self.config, self.registry, self.sighup = config, registry, sighup
+        self.state_root = state_root  # where names.json goes for the root side (names.py)
         self.poll_interval = poll_interval
         self.generation: Optional[int] = None  # the generation last mirrored
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="registry-follower", daemon=True)
         self._listener = None  # a psycopg connection LISTENing, PostgreSQL only
+        self.names = NamesCache(config)
+        self.names_writable = hosts_writable()
+        if not self.names_writable:
+            log.info("names: %s is read-only to this process (its sandbox): %s writes the hub's"
+                     " names", bootstrap.ETC_HOSTS, NAMES_SERVICE)
 
     def start(self) -> None:
         self._thread.start()
@@ -84,12 +91,26 @@ class RegistryFollower:
             return False
         done = mirror_registry(self.config, self.registry)
         self.generation = generation
+        self.follow_names()
         if done["written"] or done["removed"]:
             log.info("followed the registry (generation %d): wrote %s, removed %s", generation,
                      ", ".join(done["written"]) or "nothing", ", ".join(done["removed"]) or "nothing")
             self.sighup()
             return True
         return False
+
+    def follow_names(self) -> None:
+        """This hub's names: names.json for the root side (names.py), and its block of
+        /etc/hosts where this process may write it."""
+        with self.registry.snapshot() as view:
+            names = self.names.get(view).names
+        if names is None:
+            return
+        if self.state_root is not None:
+            write_names_file(self.state_root, names)
+        if self.names_writable and write_hub_names(self.config, names):
+            log.info("names: wrote %d name(s) of net %s to %s", len(names), self.config.net,
+                     bootstrap.ETC_HOSTS)
 
     def _run(self) -> None:
         failing = False

@@ -18,7 +18,7 @@ import shutil
 import sys
 import unicodedata
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from bootstrap import bootstrap
 from .errors import HubError
@@ -234,3 +234,90 @@ def install_service(config: HubConfig, state_dir: str, tinc_unit: str,
                     executable: Optional[str] = None, unit_dir: str = UNIT_DIR) -> List[str]:
     """Write, enable and start tinc-hub.service; return what changed (paths and unit names)."""
     return apply_service(read_service_plan(config, state_dir, tinc_unit, executable, unit_dir))
+
+
+# -- the root side of the hub's names (names.py) ------------------------------------------------
+NAMES_UNIT_TEXT_MARKER = "# Written by tinc-hub init; re-running it rewrites this file."
+# The helper writes /etc/hosts only: a tmp file beside it, renamed over it (an atomic
+# replace needs the directory). No capability: root owns /etc/hosts and /etc. @chown back in
+# (after the deny list): the tmp file takes the owner of the file it replaces.
+NAMES_SANDBOX = SANDBOX + ("SystemCallFilter=@chown",)
+
+
+def render_names_units(config: HubConfig, executable: str, state_dir: str) -> Dict[str, str]:
+    """tinc-hub-names.path (fires when the API rewrites names.json) and the oneshot
+    tinc-hub-names.service it starts (`tinc-hub names apply`, root, sandboxed: writes /etc
+    only). The net and subnet are on its command line, not read from the state directory
+    the API may write. Raises HubError for a value systemd could not read back exactly."""
+    from .names import NAMES_FILE, NAMES_PATH_UNIT, NAMES_SERVICE
+
+    if not bootstrap.NET_RE.fullmatch(config.net):
+        raise HubError(f"net name {config.net!r} cannot go into {NAMES_SERVICE}",
+                       "use letters, digits, _ . and -")
+    executable = checked_path(executable, "tinc-hub executable")
+    state_dir = checked_path(os.path.abspath(state_dir), "state directory")
+    names_file = checked_path(os.path.join(state_dir, NAMES_FILE), "names file")
+    command = [executable]
+    if state_dir != DEFAULT_STATE_DIR:
+        command += ["--state-dir", state_dir]
+    command += ["names", "apply", "--net", config.net, "--vpn-subnet", str(config.network)]
+    home = protect_home([executable, state_dir, PACKAGE_DIR])
+    path_unit = "\n".join([
+        NAMES_UNIT_TEXT_MARKER,
+        "[Unit]",
+        f"Description=tinc-hub: names of tinc net {config.net} changed",
+        "",
+        "[Path]",
+        "PathChanged=" + path_list_word(names_file),
+        f"Unit={NAMES_SERVICE}",
+        "",
+        "[Install]",
+        "WantedBy=multi-user.target",
+    ]) + "\n"
+    service_unit = "\n".join([
+        NAMES_UNIT_TEXT_MARKER,
+        "[Unit]",
+        f"Description=tinc-hub: NAME.{config.net} of every hub and node into /etc/hosts",
+        "",
+        "[Service]",
+        "Type=oneshot",
+        "ExecStart=" + " ".join([exec_path_word(command[0])]
+                                + [exec_argument_word(arg) for arg in command[1:]]),
+        "CapabilityBoundingSet=",
+        "PrivateUsers=yes",
+        "ReadWritePaths=/etc",
+        f"ProtectHome={home}",
+        "PrivateNetwork=yes",
+        *NAMES_SANDBOX,
+    ]) + "\n"
+    return {NAMES_PATH_UNIT: path_unit, NAMES_SERVICE: service_unit}
+
+
+def plan_names_units(texts: Dict[str, str], current: Dict[str, Optional[str]], enabled: bool,
+                     active: bool, unit_dir: str = UNIT_DIR) -> bootstrap.Plan:
+    """The two units written, the path unit enabled and running, and one run of the service
+    (the names as they are now); pure."""
+    from .names import NAMES_PATH_UNIT, NAMES_SERVICE
+
+    changed = any(texts[name] != current.get(name) for name in texts)
+    commands = [("systemctl", "daemon-reload")] if changed else []
+    if not enabled:
+        commands.append(("systemctl", "enable", NAMES_PATH_UNIT))
+    if not active or changed:
+        commands.append(("systemctl", "restart", NAMES_PATH_UNIT))
+    commands.append(("systemctl", "start", NAMES_SERVICE))
+    return bootstrap.Plan(files=tuple(bootstrap.FileSpec(os.path.join(unit_dir, name), text, 0o644)
+                                      for name, text in sorted(texts.items())),
+                          commands=tuple(commands))
+
+
+def read_names_units_plan(config: HubConfig, state_dir: str, executable: Optional[str] = None,
+                          unit_dir: str = UNIT_DIR) -> bootstrap.Plan:
+    """plan_names_units on the units as they are on this system now."""
+    from .names import NAMES_PATH_UNIT
+
+    texts = render_names_units(config, executable or installed_executable(), state_dir)
+    return plan_names_units(
+        texts, {name: bootstrap.read_text(os.path.join(unit_dir, name)) for name in texts},
+        bootstrap.systemctl_state("is-enabled", NAMES_PATH_UNIT) == "enabled",
+        bootstrap.systemctl_state("is-active", NAMES_PATH_UNIT) == "active", unit_dir)
