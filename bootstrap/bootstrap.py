@@ -1760,8 +1760,30 @@ def fetch_script(hubs: Sequence[HubEndpoint]) -> bytes:
         "; ".join(reasons)), EXIT_UNREACHABLE, "run this again, or run bootstrap.py from a file")
 
 
+LOCK_WAIT = 60.0  # s: a lock held longer than this is not ours to wait for
+
+
+def flock_bounded(fd: int, seconds: float, what: str) -> None:
+    """flock(LOCK_EX) that gives up after `seconds`: any user who can open a directory or a
+    world-readable file can flock it, and must not hang a join or the sync loop forever.
+    OSError(EWOULDBLOCK) naming `what` when the time is up."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                raise
+        if time.monotonic() >= deadline:
+            raise OSError(errno.EWOULDBLOCK, "another process has held the lock on {} for "
+                          "{:.0f} s".format(what, seconds))
+        time.sleep(0.05)
+
+
 class net_lock:
-    """flock on the net directory: join and sync never write its files at the same time."""
+    """flock on the net directory: join and sync never write its files at the same time.
+    BootstrapError when another process holds it for LOCK_WAIT seconds."""
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
@@ -1769,7 +1791,13 @@ class net_lock:
 
     def __enter__(self) -> "net_lock":
         self.fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        try:
+            flock_bounded(self.fd, LOCK_WAIT, self.directory)
+        except OSError as exc:
+            os.close(self.fd)
+            raise BootstrapError("cannot lock {}: {}".format(self.directory, exc.strerror),
+                                 EXIT_ERROR, "see which process holds it: fuser -v {}".format(
+                                     self.directory))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -2004,7 +2032,9 @@ def sync_pid_path(net: str) -> str:
 def acquire_sync_pid_file(net: str) -> Optional[int]:
     """An fd holding the lock of net's sync pid file (our pid written in it), or None when
     another sync loop holds it."""
-    fd = os.open(sync_pid_path(net), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    # 0600: another user who could open it could also flock it and keep every loop from starting
+    fd = os.open(sync_pid_path(net), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)  # a file left by an older version was 0644
     deadline = time.monotonic() + 3.0
     while True:
         try:
@@ -2160,6 +2190,7 @@ ETC_HOSTS = "/etc/hosts"
 MAX_NAMES = 16384  # names in one answer; a hub with more sends none (the answer stays < 1 MiB)
 HOSTS_BEGIN = "# BEGIN tinc-bootstrap {} (managed by bootstrap.py; do not edit)"
 HOSTS_END = "# END tinc-bootstrap {}"
+HOSTS_LOCK_WAIT = 10.0  # s; then this round leaves the names as they are (the next retries)
 
 
 def validate_names(value: object, address: str, prefix: int) -> Dict[str, str]:
@@ -2310,7 +2341,7 @@ def update_hosts_block(net: str, entries: Sequence[Tuple[str, str]],
     target = os.path.realpath(path)  # a symlinked /etc/hosts stays a symlink
     dir_fd = os.open(os.path.dirname(target), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        fcntl.flock(dir_fd, fcntl.LOCK_EX)
+        flock_bounded(dir_fd, HOSTS_LOCK_WAIT, os.path.dirname(target))
         try:
             with open(target, "rb") as handle:
                 old = os.fstat(handle.fileno())  # type: Optional[os.stat_result]

@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -373,3 +374,55 @@ def test_sync_takes_names_refuses_hostile_ones_and_sends_its_tag(tmp_path: Path)
     finally:
         bootstrap._NAMES_WRITTEN.pop("net", None)
         first.close(), second.close()
+
+
+def test_a_lock_held_by_another_process_never_hangs_the_names_or_the_net(tmp_path):
+    """Any user who can open /etc (or a net dir) can flock it: the names give up after their
+    wait (a problem line, nothing written) and the net lock ends in a one-line error."""
+    import fcntl
+    import multiprocessing
+
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n")
+    ready, release = multiprocessing.Event(), multiprocessing.Event()
+
+    def hold(directory):
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        ready.set()
+        release.wait(30)
+
+    holder = multiprocessing.Process(target=hold, args=(str(tmp_path),))
+    holder.start()
+    try:
+        assert ready.wait(10)
+        started = time.monotonic()
+        with shorter_lock_waits(0.5):
+            changed, problems = bootstrap.apply_names("mynet", "mynet", {"bree": "10.0.0.3"},
+                                                      str(hosts))
+            assert changed is None and any("held the lock" in p for p in problems), problems
+            with pytest.raises(bootstrap.BootstrapError, match="cannot lock"):
+                with bootstrap.net_lock(str(tmp_path)):
+                    pass
+        assert time.monotonic() - started < 5
+        assert hosts.read_text() == "127.0.0.1 localhost\n"
+    finally:
+        release.set()
+        holder.join(10)
+    # and once the other process let go, the names are written
+    changed, problems = bootstrap.apply_names("mynet", "mynet", {"bree": "10.0.0.3"}, str(hosts))
+    assert changed and "bree.mynet" in hosts.read_text(), problems
+
+
+class shorter_lock_waits:
+    """The lock waits shortened for a test (module constants, put back on exit)."""
+
+    def __init__(self, seconds):
+        self.seconds, self.saved = seconds, None
+
+    def __enter__(self):
+        self.saved = bootstrap.HOSTS_LOCK_WAIT, bootstrap.LOCK_WAIT
+        bootstrap.HOSTS_LOCK_WAIT = bootstrap.LOCK_WAIT = self.seconds
+
+    def __exit__(self, *exc):
+        bootstrap.HOSTS_LOCK_WAIT, bootstrap.LOCK_WAIT = self.saved
