@@ -83,12 +83,22 @@ def usable_hubs(hubs: Sequence[HubRow], network: ipaddress.IPv4Network) -> List[
 
 # -- rendering (pure) ---------------------------------------------------------------------------
 
+# In a hub's own host file only (tincd advertises it to the nodes, which accept the ADD_SUBNET:
+# they run without StrictSubnets): packets a node sends to an address outside the VPN go to a
+# hub, i.e. the replies of connections `tinc-hub expose` forwards to the node without source
+# NAT. The hub's forward chain (exposure.py) drops every other such packet. Hubs (TunnelServer
+# implies StrictSubnets) never learn another hub's, so each hub keeps the replies it gets.
+DEFAULT_ROUTE_SUBNET = "Subnet = 0.0.0.0/0"
+
+
 def render_hub_host_file(hub: HubRow, network: ipaddress.IPv4Network,
-                         weight: Optional[int] = None) -> str:
-    """A hub's host file: where it is, its /32 and its claim on the whole VPN prefix."""
+                         weight: Optional[int] = None, own: bool = False) -> str:
+    """A hub's host file: where it is, its /32 and its claim on the whole VPN prefix; the
+    hub's ``own`` copy also claims every address outside it (DEFAULT_ROUTE_SUBNET)."""
     prefix = f"Subnet = {network}" + (f"#{weight}" if weight is not None else "")
-    return bootstrap.render_host_file([f"Address = {hub.public_address}", f"Port = {hub.tinc_port}",
-                                       f"Subnet = {hub.address}/32", prefix], hub.public_key)
+    lines = [f"Address = {hub.public_address}", f"Port = {hub.tinc_port}",
+             f"Subnet = {hub.address}/32", prefix] + ([DEFAULT_ROUTE_SUBNET] if own else [])
+    return bootstrap.render_host_file(lines, hub.public_key)
 
 
 def hub_host_files_for(viewer: str, hubs: Sequence[HubRow],
@@ -103,7 +113,7 @@ def hub_host_files_for(viewer: str, hubs: Sequence[HubRow],
         weight = None
         if several:
             weight = OWN_PREFIX_WEIGHT if hub.name == viewer else OTHER_PREFIX_WEIGHT
-        files[hub.name] = render_hub_host_file(hub, network, weight)
+        files[hub.name] = render_hub_host_file(hub, network, weight, own=hub.name == viewer)
     return files
 
 
