@@ -242,7 +242,7 @@ def test_registry_copy_moves_main_registry_to_postgresql(hub: HubEnv, database: 
 
     code, out, err = cli(capsys, *copy)
     assert code == 0, err
-    assert "copied 4 token(s) and 3 node(s) (1 revoked), schema 0002" in out and "counts verified" in out
+    assert "copied 4 token(s) and 3 node(s) (1 revoked), schema 0003" in out and "counts verified" in out
     assert "restart the API service" in out and PASSWORD not in out + err
     recorded = json.loads(hub.state.config_file.read_text())
     assert (recorded["registry"], recorded["registry_password_file"]) == (database, str(password_file))
