@@ -154,9 +154,14 @@ def _our_table(env):
     return env.topo.hub.run(["nft", "list", "table", "ip", "tinc_hub_" + NET], check=False, timeout=10)
 
 
+def _claims(env):
+    return "Subnet = 0.0.0.0/0" in env.topo.hub.read_file("/etc/tinc/%s/hosts/%s" % (NET, HUB))
+
+
 def test_closed_before_expose(env):
     assert _curl(env, HTTP_LISTEN).stdout.strip() == "000"
     assert _ip_forward(env) == "0"
+    assert not _claims(env)  # the hub claims 0.0.0.0/0 only behind its drops
 
 
 def test_refusals_say_why_and_change_nothing(env):
@@ -181,7 +186,7 @@ def test_client_reaches_http_and_udp_and_node_sees_its_address(env):
     assert "exposure 1: tcp *:%d -> %s %s:%d" % (HTTP_LISTEN, NODE, env.node_vpn, HTTP_PORT) in cp.stdout
     env.hub.cli("expose", "%s:%d" % (NODE, ECHO_PORT), "--proto", "udp", "--listen",
                 "%s:%d" % (netlab.HUB_PUBLIC, ECHO_LISTEN))
-    assert _ip_forward(env) == "1"
+    assert _ip_forward(env) == "1" and _claims(env)
     assert _curl(env, HTTP_LISTEN).stdout.strip() == "200"
     assert '%s - - [' % CLIENT in env.http.output()  # the server logs the client's own address
     # the UDP exposure listens on 192.0.2.1 only (the client routes there through the hub)
@@ -224,6 +229,15 @@ def test_hostile_node_cannot_route_through_the_hub(env):
         env.node.wait_ping(env.hub.vpn_address(), timeout=10)
         time.sleep(1.0)  # the datagrams' time to arrive, were they forwarded (bounded)
         assert "got" not in sink.output(), sink.output()
+        # control (the test can fail): our forward chain emptied by hand -> the path opens
+        env.topo.hub.run(["nft", "flush", "chain", "ip", "tinc_hub_" + NET, "forward"], timeout=10)
+
+        def sent_and_seen():
+            env.node.run(["python3", "-c", HOSTILE_SEND, env.node_vpn, CLIENT, str(SINK_PORT)],
+                         timeout=10)
+            return "got" in sink.output()
+        netlab.wait_until(sent_and_seen, 20, 0.5, what="the control datagrams at the client")
+        env.hub.cli("expose", "apply")
     finally:
         sink.stop()
 
@@ -246,6 +260,7 @@ def test_unexpose_closes_and_restores(env):
     assert _udp(env, ECHO_LISTEN, netlab.HUB_PUBLIC).returncode == 1
     assert _ip_forward(env) == "0"  # as it was before the first exposure
     assert _our_table(env).returncode != 0  # our table is gone
+    assert not _claims(env)  # and the claim before it
     assert _foreign(env.topo.hub) == env.foreign_before
     cp = env.hub.cli("unexpose", "2", check=False)
     assert cp.returncode == 1 and "no exposure '2'" in cp.stderr

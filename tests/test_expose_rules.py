@@ -98,3 +98,26 @@ def test_node_tinc_up_routes_replies_from_its_vpn_address_back_into_the_vpn():
     down = bootstrap.render_tinc_down("10.0.0.2", 24, reply_table=table)
     assert "ip rule del %s 2>/dev/null" % rule in down and "ip route flush table %d" % table in down
     assert "ip rule" not in bootstrap.render_tinc_up("10.0.0.1", 24)  # the hub's: none
+
+
+def test_claim_only_for_exposures_without_source_nat():
+    assert not exposure.claim_wanted([], False)
+    assert exposure.claim_wanted([row()], False)
+    assert not exposure.claim_wanted([row(snat=True), row(id=2, revoked=True)], False)
+    assert not exposure.claim_wanted([row()], True)  # several hubs: every exposure SNATed
+
+
+def test_tinc_up_guard_is_valid_shell_and_quotes_the_host_file(tmp_path):
+    import subprocess
+
+    host_file = str(tmp_path / "it's $(reboot) `x`" / "hub1")
+    text = "#!/bin/sh\n" + exposure.render_tinc_up_guard("office", "office", "10.0.0.1", host_file)
+    subprocess.run(["sh", "-n", "-c", text], check=True)
+    assert "'" + host_file.replace("'", "'\"'\"'") + "'" in text
+    assert "grep -qxF 'Subnet = 0.0.0.0/0'" in text
+    guard = exposure.guard_script("office", "office", "10.0.0.1")
+    assert guard.startswith("table ip tinc_hub_office {") and "delete" not in guard
+    assert 'iifname "office" drop' in guard and "dnat" not in guard
+    # a missing host file: the guard does nothing (and sh says nothing)
+    done = subprocess.run(["sh", "-c", text], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stderr == ""

@@ -15,6 +15,15 @@ transaction (apply_exposures); no other table is read or written. The table:
   forwarding on, every other forwarded packet is dropped too (the hub routes nothing it did
   not route before).
 
+The claim (the invariant: this hub claims ``Subnet = 0.0.0.0/0`` only while its table with
+the forward drops is in the kernel): the hub's own host file claims 0.0.0.0/0 only while an
+exposure without source NAT needs it (the node's replies to outside addresses must reach the
+hub). apply_from_view puts the table in place first and the claim second; it takes the claim
+away first (tincd SIGHUPed) and the table second, and the table only ever goes with IPv4
+forwarding off. The init and the follower keep the claim as the host file has it
+(claims_default_route); the hub's tinc-up (render_tinc_up_guard) puts the drops back before
+tincd opens its sockets when the claim is there and the table is not (after a reboot).
+
 IPv4 forwarding: ``net.ipv4.ip_forward`` (a per-interface ``conf.IFACE.forwarding`` would be
 lost each time tincd re-creates its interface, and the public side can be any interface).
 Its value before the first exposure is kept in the state dir (FORWARDING_RECORD) and put
@@ -23,6 +32,7 @@ back when the last exposure goes.
 
 import ipaddress
 import re
+import shlex
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +41,7 @@ from typing import TYPE_CHECKING, List, Optional, Sequence, Set, Tuple
 from bootstrap import bootstrap
 from .errors import HubError
 from .registry import ExposureRow
+from .roster import DEFAULT_ROUTE_SUBNET, hub_host_files_for
 
 if TYPE_CHECKING:
     from .registry import Registry, RegistryView
@@ -178,6 +189,41 @@ def render_ruleset(net: str, interface: str, hub_address: str, rows: Sequence[Ex
     return Ruleset("\n".join(head + body) + "\n", forwarding=bool(live))
 
 
+def guard_script(net: str, interface: str, hub_address: str) -> str:
+    """nft text that creates table tinc_hub_<net> with the forward drops only (no DNAT):
+    what the hub's tinc-up loads when the table is missing and the claim is there."""
+    text = render_ruleset(net, interface, hub_address, [], guard=True).text
+    return text.split("\n", 2)[2]  # without "add table; delete table": the table is missing
+
+
+def render_tinc_up_guard(net: str, interface: str, hub_address: str, host_file: str) -> str:
+    """Lines for the hub's tinc-up: when the hub's own host file claims 0.0.0.0/0 and our table
+    is not in the kernel (a reboot, a flush), load the forward drops. tincd runs tinc-up before
+    it opens its sockets, so no node can send before they are in place."""
+    table = table_name(net)
+    return ("# tinc-hub expose: this hub claims 0.0.0.0/0 only behind the forward drops of its own\n"
+            "# nftables table; after a reboot the table is gone: load the drops before any node connects\n"
+            "if grep -qxF {claim} {host} 2>/dev/null && ! nft list table ip {table} >/dev/null 2>&1\n"
+            "then\n"
+            "nft -f - <<'TINC_HUB_GUARD' || echo \"tinc-hub: nft refused the forward guard of {table}\" >&2\n"
+            "{script}TINC_HUB_GUARD\n"
+            "fi\n").format(claim=shlex.quote(DEFAULT_ROUTE_SUBNET), host=shlex.quote(host_file),
+                           table=table, script=guard_script(net, interface, hub_address))
+
+
+def claims_default_route(host_file: Path) -> bool:
+    """True when the hub's own host file claims 0.0.0.0/0 (the claim's only record)."""
+    try:
+        return DEFAULT_ROUTE_SUBNET in Path(host_file).read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def claim_wanted(rows: Sequence[ExposureRow], force_snat: bool) -> bool:
+    """An exposure without source NAT is published: its replies need the hub's claim."""
+    return not force_snat and any(not row.node_revoked and not row.snat for row in rows)
+
+
 def run_nft(script: str) -> None:
     """Run one nft transaction from stdin (all or nothing)."""
     try:
@@ -226,10 +272,33 @@ def several_hubs(view: "RegistryView") -> bool:
     return sum(1 for hub in view.list_hubs() if not hub.removed) > 1
 
 
+def set_claim(config: "HubConfig", view: "RegistryView", claim: bool) -> bool:
+    """Write the hub's own host file with or without the 0.0.0.0/0 claim and SIGHUP tincd
+    when it changed (the caller holds the registry's exclusive lock, as the follower does
+    when it writes the file). True when the file changed."""
+    from .hostfiles import write_if_changed
+    from .reload import send_sighup
+
+    own = hub_host_files_for(config.name, view.list_hubs(), config.network,
+                             claim=claim).get(config.name)
+    if own is None or not write_if_changed(config.hub_host_file, own):
+        return False
+    send_sighup(config.net, config.tinc_dir)
+    return True
+
+
 def apply_from_view(state: "StateDir", config: "HubConfig", view: "RegistryView") -> Ruleset:
-    """Apply what the registry (as ``view`` sees it) publishes, on this hub."""
-    return apply_exposures(state.root, config.net, bootstrap.interface_name(config.net),
-                           config.hub_address, view.list_exposures(), several_hubs(view))
+    """Apply what the registry (as ``view`` sees it) publishes, on this hub: the claim goes
+    before the table changes, the table is in place before the claim comes (module doc)."""
+    rows, force_snat = view.list_exposures(), several_hubs(view)
+    claim = claim_wanted(rows, force_snat)
+    if not claim:
+        set_claim(config, view, False)
+    ruleset = apply_exposures(state.root, config.net, bootstrap.interface_name(config.net),
+                              config.hub_address, rows, force_snat)
+    if claim:
+        set_claim(config, view, True)
+    return ruleset
 
 
 def add_exposure(state: "StateDir", registry: "Registry", target: str, listen: Optional[str],
@@ -297,7 +366,7 @@ def remove_exposures(state: "StateDir", registry: "Registry", what: str,
 def apply_now(state: "StateDir", registry: "Registry") -> Ruleset:
     """``tinc-hub expose apply``: read the registry, apply (boot, other hubs' changes)."""
     config = state.load_config()
-    with registry.snapshot() as view:
+    with registry.exclusive(), registry.snapshot() as view:
         return apply_from_view(state, config, view)
 
 

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from bootstrap import bootstrap
 from .errors import HubError
+from .exposure import claims_default_route, render_tinc_up_guard
 from .service import UNIT_NAME, apply_service, installed_executable, read_service_plan, render_unit
 from .liveness import render_host_script
 from .registry import SCHEMA_REVISION, HubRow, Registry
@@ -245,7 +246,8 @@ class HubInit:
     def hub_files(self) -> Dict[str, str]:
         """hosts/ files of every hub as this hub sees them (itself included)."""
         me = hub_row(self.config, self.public_pem, "")
-        return hub_host_files_for(self.config.name, self.other_hubs() + [me], self.config.network)
+        return hub_host_files_for(self.config.name, self.other_hubs() + [me], self.config.network,
+                                  claim=claims_default_route(self.config.hub_host_file))
 
     def steps(self) -> List[bootstrap.Step]:
         config, start = self.config, self.req.start
@@ -364,7 +366,10 @@ class HubInit:
             f"directory {peers_dir} (the other hubs' ConnectTo, kept by the API), made when missing",),
             files=tuple(self.event_scripts()) + hub_files + (
             bootstrap.FileSpec(str(net_dir / "tinc-up"),
-                               bootstrap.render_tinc_up(config.hub_address, config.prefix), 0o755),
+                               bootstrap.render_tinc_up(config.hub_address, config.prefix)
+                               + render_tinc_up_guard(config.net, bootstrap.interface_name(config.net),
+                                                      config.hub_address, str(config.hub_host_file)),
+                               0o755),
             bootstrap.FileSpec(str(net_dir / "tinc-down"),
                                bootstrap.render_tinc_down(config.hub_address, config.prefix),
                                0o755),

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from bootstrap import bootstrap
+from .exposure import claims_default_route
 from .hostfiles import reconcile_host_files, remove_if_present, write_if_changed
 from .registry import CHANGES_CHANNEL, Registry, RegistryError
 from .roster import HUB_PEERS_FILE, hub_host_files_for, render_hub_peers_conf, usable_hubs
@@ -37,8 +38,10 @@ def mirror_registry(config: HubConfig, registry: Registry) -> Dict[str, List[str
         hubs = view.list_hubs()
     written: List[str] = []
     removed: List[str] = []
-    with registry.exclusive():
-        for name, text in sorted(hub_host_files_for(config.name, hubs, config.network).items()):
+    with registry.exclusive():  # the exposures' apply changes the claim under this lock too
+        claim = claims_default_route(config.hub_host_file)  # kept as the apply left it
+        for name, text in sorted(hub_host_files_for(config.name, hubs, config.network,
+                                                    claim=claim).items()):
             if write_if_changed(config.hosts_dir / name, text):
                 written.append(name)
         for hub in hubs:
