@@ -18,7 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from bootstrap import bootstrap
 from .errors import HubError
 from .exposure import claims_default_route, render_tinc_up_guard
-from .service import UNIT_NAME, apply_service, installed_executable, read_service_plan, render_unit
+from .service import (EXPOSE_PATH_UNIT, EXPOSE_UNIT, UNIT_NAME, apply_service, installed_executable,
+                      read_expose_plan, read_service_plan, render_unit)
 from .liveness import render_host_script
 from .registry import SCHEMA_REVISION, HubRow, Registry
 from .roster import (HUB_CONF_MARKER, HUB_PEERS_FILE, NetSettings, active_hubs, check_settings,
@@ -275,6 +276,9 @@ class HubInit:
         if start and config.init == "systemd":  # the API too comes back after a reboot
             steps.append(bootstrap.Step(lambda: f"API service {UNIT_NAME}", self.plan_service,
                                         self.apply_service))
+            steps.append(bootstrap.Step(
+                lambda: f"exposures at boot and from other hubs: {EXPOSE_UNIT}, {EXPOSE_PATH_UNIT}",
+                self.plan_expose_units, self.apply_expose_units))
         return steps
 
     def apply_install(self, plan: bootstrap.Plan) -> None:
@@ -411,6 +415,13 @@ class HubInit:
     def apply_service(self, plan: bootstrap.Plan) -> None:
         self.changed += apply_service(plan)
         self.api_service = UNIT_NAME
+
+    def plan_expose_units(self) -> bootstrap.Plan:
+        return read_expose_plan(self.config, str(self.state.root),
+                                bootstrap.service_unit(self.facts, self.config.net))
+
+    def apply_expose_units(self, plan: bootstrap.Plan) -> None:
+        self.changed += apply_service(plan)
 
     def result(self) -> InitResult:
         return InitResult(config=self.config, pin=pin_of_cert_file(self.state.cert_file),

@@ -60,13 +60,27 @@ def mirror_registry(config: HubConfig, registry: Registry) -> Dict[str, List[str
     return {"written": written + nodes["written"], "removed": removed + nodes["removed"]}
 
 
+def exposures_fingerprint(registry: Registry) -> str:
+    """What the exposures' rules depend on, as one comparable text: the rows (with their
+    nodes' addresses and revocations) and whether the net has several hubs (source NAT)."""
+    from .exposure import several_hubs
+
+    with registry.snapshot() as view:
+        return repr((view.list_exposures(), several_hubs(view)))
+
+
 class RegistryFollower:
-    """Runs :func:`mirror_registry` whenever the registry changed, in a daemon thread."""
+    """Runs :func:`mirror_registry` whenever the registry changed, in a daemon thread; and
+    ``exposures_changed`` when what the exposures' rules depend on changed (at start too, when
+    anything is exposed): the API only asks for the rules, a root process applies them."""
 
     def __init__(self, config: HubConfig, registry: Registry, sighup: Callable[[], bool],
-                 poll_interval: float = POLL_INTERVAL) -> None:
+                 poll_interval: float = POLL_INTERVAL,
+                 exposures_changed: Optional[Callable[[], None]] = None) -> None:
         self.config, self.registry, self.sighup = config, registry, sighup
         self.poll_interval = poll_interval
+        self.exposures_changed = exposures_changed
+        self.exposures: str = repr(([], False))  # nothing exposed: nothing to ask for at start
         self.generation: Optional[int] = None  # the generation last mirrored
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="registry-follower", daemon=True)
@@ -86,6 +100,12 @@ class RegistryFollower:
         if generation == self.generation:
             return False
         done = mirror_registry(self.config, self.registry)
+        if self.exposures_changed is not None:
+            exposures = exposures_fingerprint(self.registry)
+            if exposures != self.exposures:
+                self.exposures_changed()  # raising: asked again at the next round
+                log.info("exposures changed (generation %d): their rules are applied", generation)
+                self.exposures = exposures
         self.generation = generation
         if done["written"] or done["removed"]:
             log.info("followed the registry (generation %d): wrote %s, removed %s", generation,

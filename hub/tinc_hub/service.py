@@ -234,3 +234,87 @@ def install_service(config: HubConfig, state_dir: str, tinc_unit: str,
                     executable: Optional[str] = None, unit_dir: str = UNIT_DIR) -> List[str]:
     """Write, enable and start tinc-hub.service; return what changed (paths and unit names)."""
     return apply_service(read_service_plan(config, state_dir, tinc_unit, executable, unit_dir))
+
+
+# -- exposures at boot and after another hub's change (tinc-hub expose) ------------------------
+
+EXPOSE_UNIT = "tinc-hub-expose.service"
+EXPOSE_PATH_UNIT = "tinc-hub-expose.path"
+EXPOSE_STAMP = "expose-changed"  # in the state dir: touched by serve's follower (the API)
+EXPOSE_APPLY_TIMEOUT = 120  # s: a registry that does not answer never holds the boot longer
+
+
+def render_expose_units(config: HubConfig, executable: str, state_dir: str,
+                        tinc_unit: str) -> "dict[str, str]":
+    """name -> text of the root oneshot that runs ``tinc-hub expose apply`` (at boot, after
+    the net's tincd; a failure fails only this unit) and of the .path unit that starts it when
+    the API's follower touches the stamp file (an exposure changed on another hub). The oneshot
+    reads the registry itself: the stamp carries no data. HubError for what a unit cannot carry."""
+    render_unit(config, executable, state_dir, tinc_unit)  # the same checks, the same refusals
+    executable = checked_path(executable, "tinc-hub executable")
+    state_dir = checked_path(os.path.abspath(state_dir), "state directory")
+    command = [executable] + (["--state-dir", state_dir] if state_dir != DEFAULT_STATE_DIR else [])
+    command += ["expose", "apply"]
+    stamp = os.path.join(state_dir, EXPOSE_STAMP)
+    service = "\n".join([
+        "# Written by tinc-hub init; re-running it rewrites this file.",
+        "[Unit]",
+        f"Description=tinc-hub exposures of tinc net {config.net} (nftables table tinc_hub_NET)",
+        f"After=network-online.target {tinc_unit}",
+        "Wants=network-online.target",
+        "",
+        "[Service]",
+        "Type=oneshot",
+        "# root with CAP_NET_ADMIN: nftables, net.ipv4.ip_forward, the hub's own host file",
+        "ExecStart=" + " ".join([exec_path_word(command[0])]
+                                + [exec_argument_word(arg) for arg in command[1:]]),
+        f"TimeoutStartSec={EXPOSE_APPLY_TIMEOUT}",
+        "NoNewPrivileges=yes",
+        "PrivateTmp=yes",
+        "UMask=0077",
+        "",
+        "[Install]",
+        "WantedBy=multi-user.target",
+    ]) + "\n"
+    path = "\n".join([
+        "# Written by tinc-hub init; re-running it rewrites this file.",
+        "[Unit]",
+        f"Description=apply tinc-hub exposures of tinc net {config.net} when an exposure changes",
+        "",
+        "[Path]",
+        "PathChanged=" + path_list_word(stamp),
+        f"Unit={EXPOSE_UNIT}",
+        "",
+        "[Install]",
+        "WantedBy=multi-user.target",
+    ]) + "\n"
+    return {EXPOSE_UNIT: service, EXPOSE_PATH_UNIT: path}
+
+
+def plan_expose_units(config: HubConfig, state_dir: str, tinc_unit: str, executable: str,
+                      current: "dict[str, Optional[str]]", enabled: "dict[str, bool]",
+                      path_active: bool, unit_dir: str = UNIT_DIR) -> bootstrap.Plan:
+    """Both units written and enabled, the .path unit watching (pure: current texts and
+    states given). The oneshot is not started here: serve's follower asks for it."""
+    texts = render_expose_units(config, executable, state_dir, tinc_unit)
+    changed = any(texts[name] != current.get(name) for name in texts)
+    commands = [("systemctl", "daemon-reload")] if changed else []
+    commands += [("systemctl", "enable", name) for name in texts if not enabled.get(name)]
+    if not path_active:
+        commands.append(("systemctl", "start", EXPOSE_PATH_UNIT))
+    elif changed:
+        commands.append(("systemctl", "restart", EXPOSE_PATH_UNIT))
+    return bootstrap.Plan(files=tuple(bootstrap.FileSpec(os.path.join(unit_dir, name), text, 0o644)
+                                      for name, text in texts.items()),
+                          commands=tuple(commands))
+
+
+def read_expose_plan(config: HubConfig, state_dir: str, tinc_unit: str,
+                     executable: Optional[str] = None, unit_dir: str = UNIT_DIR) -> bootstrap.Plan:
+    """plan_expose_units on the units as they are on this system now."""
+    names = (EXPOSE_UNIT, EXPOSE_PATH_UNIT)
+    return plan_expose_units(
+        config, state_dir, tinc_unit, executable or installed_executable(),
+        {name: bootstrap.read_text(os.path.join(unit_dir, name)) for name in names},
+        {name: bootstrap.systemctl_state("is-enabled", name) == "enabled" for name in names},
+        bootstrap.systemctl_state("is-active", EXPOSE_PATH_UNIT) == "active", unit_dir)
