@@ -632,7 +632,8 @@ def cmd_registry_copy(args: argparse.Namespace, state: StateDir) -> int:
     source = _registry(state, args)
     result = copy_registry(state, source, args.to, args.to_password_file, switch=not args.no_switch)
     print(f"copied {result.tokens} token(s) and {result.nodes} node(s) ({result.revoked_nodes} revoked),"
-          f" schema {result.revision}, from {source.describe()} to {result.target}; counts verified")
+          f" schema {result.revision}, {result.exposures} exposure(s), from {source.describe()} to"
+          f" {result.target}; counts verified")
     if result.switched:
         print(f"hub.json now names {result.target}"
               + (f" and its password file {args.to_password_file}" if args.to_password_file else "")

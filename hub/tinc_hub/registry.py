@@ -47,7 +47,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Set
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Set
 
 import sqlalchemy as sa
 
@@ -564,6 +564,13 @@ class RegistryTransaction(RegistryView):
         values.update(id=new_id, snat=bool(row.snat))
         self._db.rowcount(Q.insert_exposure, **values)
         return new_id
+
+    def insert_exposure_rows(self, rows: Sequence[ExposureRow]) -> None:
+        """Exposures with their own ids (registry copy)."""
+        for row in rows:
+            values = {c.name: getattr(row, c.name) for c in exposures.c}
+            values.update(snat=bool(row.snat))
+            self._db.rowcount(Q.insert_exposure, **values)
 
     def delete_exposure(self, exposure_id: int) -> bool:
         return self._db.rowcount(Q.delete_exposure, id=exposure_id) == 1
