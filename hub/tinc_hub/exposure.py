@@ -30,6 +30,7 @@ Its value before the first exposure is kept in the state dir (FORWARDING_RECORD)
 back when the last exposure goes.
 """
 
+import hashlib
 import ipaddress
 import re
 import shlex
@@ -56,10 +57,14 @@ _PORT_RE = re.compile(r"[1-9][0-9]{0,4}")
 
 
 def table_name(net: str) -> str:
-    """The hub's own nftables table: tinc_hub_<net> (a tinc name: letters, digits, _)."""
-    if not _NFT_WORD_RE.fullmatch(net or ""):
-        raise ValueError(f"net name {net!r} is not a tinc name")
-    return f"tinc_hub_{net}"
+    """The hub's own nftables table: tinc_hub_<net>; a net name with '-' or '.' (valid tinc
+    net names) gets them as '_' plus a digest of the name, so two nets never share a table."""
+    if _NFT_WORD_RE.fullmatch(net or ""):
+        return f"tinc_hub_{net}"
+    if not bootstrap.NET_RE.fullmatch(net or ""):
+        raise ValueError(f"net name {net!r} is not a tinc net name")
+    digest = hashlib.sha256(net.encode()).hexdigest()[:8]
+    return "tinc_hub_{}_{}".format(re.sub(r"[^A-Za-z0-9_]", "_", net), digest)
 
 
 def parse_port(text: str, what: str = "port") -> int:
@@ -152,7 +157,7 @@ def render_ruleset(net: str, interface: str, hub_address: str, rows: Sequence[Ex
     ``drop_other_forwarding`` (this code turned forwarding on): every other forwarded packet is
     dropped too. Pure; ValueError on a value that cannot go into nft."""
     table = table_name(net)
-    if not _NFT_WORD_RE.fullmatch(interface or "") or len(interface) > bootstrap.IFNAMSIZ:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", interface or "") or len(interface) > bootstrap.IFNAMSIZ:
         raise ValueError(f"interface name {interface!r}")
     hub = str(ipaddress.IPv4Address(hub_address))
     live = [row for row in rows if not row.node_revoked]
