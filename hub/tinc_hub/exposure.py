@@ -34,6 +34,7 @@ import hashlib
 import ipaddress
 import re
 import shlex
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,6 +264,8 @@ def apply_exposures(state_dir: Path, net: str, interface: str, hub_address: str,
         ours = False
     ruleset = render_ruleset(net, interface, hub_address, rows, force_snat,
                              guard=read_ip_forward() != "0", drop_other_forwarding=ours)
+    if not wanted and not ours and shutil.which("nft") is None:
+        return Ruleset("", forwarding=False)  # no nft: no table of ours to remove (boot units)
     run_nft(ruleset.text)
     if wanted and read_ip_forward() == "0":  # the drops are in place before routing starts
         IP_FORWARD.write_text("1\n")

@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from bootstrap import bootstrap
 from .errors import HubError
 from .exposure import claims_default_route, render_tinc_up_guard
-from .service import (EXPOSE_PATH_UNIT, EXPOSE_UNIT, UNIT_NAME, apply_service, installed_executable,
-                      read_expose_plan, read_service_plan, render_unit)
+from .service import (EXPOSE_NFT_UNIT, EXPOSE_PATH_UNIT, EXPOSE_UNIT, UNIT_NAME, apply_service,
+                      installed_executable, read_expose_plan, read_service_plan, render_unit)
 from .liveness import render_host_script
 from .registry import SCHEMA_REVISION, HubRow, Registry
 from .roster import (HUB_CONF_MARKER, HUB_PEERS_FILE, NetSettings, active_hubs, check_settings,
@@ -277,7 +277,8 @@ class HubInit:
             steps.append(bootstrap.Step(lambda: f"API service {UNIT_NAME}", self.plan_service,
                                         self.apply_service))
             steps.append(bootstrap.Step(
-                lambda: f"exposures at boot and from other hubs: {EXPOSE_UNIT}, {EXPOSE_PATH_UNIT}",
+                lambda: f"exposures at boot, from other hubs, after nftables: {EXPOSE_UNIT}, "
+                        f"{EXPOSE_PATH_UNIT}, {EXPOSE_NFT_UNIT}",
                 self.plan_expose_units, self.apply_expose_units))
         return steps
 
