@@ -827,19 +827,51 @@ def render_host_file(lines: Sequence[str], public_pem: str) -> str:
     return (head + "\n\n" if head else "") + public_pem.strip() + "\n"
 
 
-def render_tinc_up(address: str, prefix: int, also: Optional[Sequence[str]] = None) -> str:
-    """tinc-up: the VPN address on the interface; with `also` (a node's sync launcher, see
-    sync_script_command), that command too, shell-quoted. The hub passes no `also`."""
+REPLY_TABLE_BASE, REPLY_TABLES = 20000, 10000  # routing table (and ip rule priority) ids
+
+
+def reply_table(net: str) -> int:
+    """The routing table, and the priority of the ip rule, that send a node's replies from its
+    VPN address back into the VPN: stable per net, in 20000..29999."""
+    digest = hashlib.sha256(net.encode()).digest()
+    return REPLY_TABLE_BASE + int.from_bytes(digest[:4], "big") % REPLY_TABLES
+
+
+def _reply_route_lines(address: str, table: Optional[int], up: bool) -> str:
+    """Policy routing by source: what leaves from the VPN address (replies to connections made
+    to it, e.g. a service the hub publishes with `tinc-hub expose`) goes back into the VPN;
+    everything else (tincd, apt, ...) keeps the main table. Re-runs leave one rule."""
+    if table is None:
+        return ""
+    rule = "from {} lookup {} priority {}".format(address, table, table)
+    lines = "ip rule del {} 2>/dev/null\n".format(rule)
+    if up:
+        lines = ("# replies from the VPN address go back through the VPN (tinc-hub expose)\n"
+                 + lines + "ip rule add {}\n".format(rule)
+                 + "ip route replace default dev \"$INTERFACE\" table {}\n".format(table))
+    else:
+        lines += "ip route flush table {} 2>/dev/null\n".format(table)
+    return lines
+
+
+def render_tinc_up(address: str, prefix: int, also: Optional[Sequence[str]] = None,
+                   reply_table: Optional[int] = None) -> str:
+    """tinc-up: the VPN address on the interface; with `reply_table` (nodes), the policy
+    routing of _reply_route_lines; with `also` (a node's sync launcher, see
+    sync_script_command), that command too, shell-quoted. The hub passes neither."""
     return ("#!/bin/sh\n# Written by tinc-bootstrap: give the VPN interface its address.\n"
             "ip addr replace {}/{} dev \"$INTERFACE\"\n"
-            "ip link set \"$INTERFACE\" up\n").format(address, prefix) + _script_line(
+            "ip link set \"$INTERFACE\" up\n").format(address, prefix) + _reply_route_lines(
+                address, reply_table, True) + _script_line(
                 also, "keep this node's list of hubs in step (detached from tincd)")
 
 
-def render_tinc_down(address: str, prefix: int, also: Optional[Sequence[str]] = None) -> str:
+def render_tinc_down(address: str, prefix: int, also: Optional[Sequence[str]] = None,
+                     reply_table: Optional[int] = None) -> str:
     return ("#!/bin/sh\n# Written by tinc-bootstrap.\n"
             "ip addr del {}/{} dev \"$INTERFACE\" 2>/dev/null\n"
-            "ip link set \"$INTERFACE\" down\n").format(address, prefix) + _script_line(
+            "ip link set \"$INTERFACE\" down\n").format(address, prefix) + _reply_route_lines(
+                address, reply_table, False) + _script_line(
                 also, "stop the sync loop started by tinc-up")
 
 
@@ -2448,8 +2480,10 @@ def plan_node_files(tinc_dir: str, net: str, name: str, public_pem: str, address
         FileSpec(os.path.join(base, "hosts", name),
                  render_host_file(["Subnet = {}/32".format(address)], public_pem)),
         FileSpec(os.path.join(base, "hosts", hub), hub_host_file.rstrip("\n") + "\n"),
-        FileSpec(os.path.join(base, "tinc-up"), render_tinc_up(address, prefix), 0o755),
-        FileSpec(os.path.join(base, "tinc-down"), render_tinc_down(address, prefix), 0o755),
+        FileSpec(os.path.join(base, "tinc-up"),
+                 render_tinc_up(address, prefix, reply_table=reply_table(net)), 0o755),
+        FileSpec(os.path.join(base, "tinc-down"),
+                 render_tinc_down(address, prefix, reply_table=reply_table(net)), 0o755),
         FileSpec(os.path.join(base, STATE_FILE),
                  json.dumps(state, indent=2, sort_keys=True) + "\n"),
     ))
@@ -2472,9 +2506,9 @@ def plan_joined_files(tinc_dir: str, net: str, name: str, public_pem: str, addre
     files += hub_files.files
     files += [
         FileSpec(os.path.join(base, "tinc-up"), render_tinc_up(address, prefix, sync_script_command(
-            python, script, net, tinc_dir, "--daemon")), 0o755),
+            python, script, net, tinc_dir, "--daemon"), reply_table(net)), 0o755),
         FileSpec(os.path.join(base, "tinc-down"), render_tinc_down(address, prefix, sync_script_command(
-            python, script, net, tinc_dir, "--stop")), 0o755),
+            python, script, net, tinc_dir, "--stop"), reply_table(net)), 0o755),
         FileSpec(os.path.join(base, STATE_FILE), json.dumps(state, indent=2, sort_keys=True) + "\n")]
     if credential:
         files.append(FileSpec(os.path.join(base, CREDENTIAL_FILE), credential + "\n", 0o600))

@@ -18,7 +18,7 @@ import pytest
 from bootstrap import bootstrap
 from tinc_hub.cli import main
 from tinc_hub.enroll import Enroller
-from tinc_hub.registry import (SCHEMA_REVISION, NodeRow, Registry, RegistryConflict,
+from tinc_hub.registry import (SCHEMA_REVISION, ExposureRow, NodeRow, Registry, RegistryConflict,
                                RegistrySchemaError, RegistryTransaction, TokenRow)
 from tinc_hub.registry_url import RegistryURL
 from tinc_hub.tls import pin_of_cert_file
@@ -225,6 +225,14 @@ def test_registry_copy_moves_main_registry_to_postgresql(hub: HubEnv, database: 
                                                          capsys, pg: postgres.ThrowawayPostgres) -> None:
     MAIN_EXPECTED.update(install_main_registry(hub.state))  # token expiries: a day from now
     state = ["--state-dir", str(hub.state.root)]
+    # exposures (revision 0003) travel too, with their ids: one of a node, one of a revoked node
+    source = Registry.for_state(hub.state)
+    source.upgrade_schema()
+    with source.exclusive(), source.transaction() as tx:
+        tx.insert_exposure_rows([ExposureRow(3, "alpha", 80, None, 8080, "tcp", False, 1700000000),
+                                 ExposureRow(7, "gamma", 53, "192.0.2.1", 53, "udp", True, 1700000001)])
+        exposures = tx.list_exposures()
+    source.dispose()
     copy = state + ["registry", "copy", "--to", database, "--to-password-file", str(password_file)]
 
     # refused while another process holds the SQLite registry open (a running API server)
@@ -242,7 +250,8 @@ def test_registry_copy_moves_main_registry_to_postgresql(hub: HubEnv, database: 
 
     code, out, err = cli(capsys, *copy)
     assert code == 0, err
-    assert "copied 4 token(s) and 3 node(s) (1 revoked), schema 0002" in out and "counts verified" in out
+    assert "copied 4 token(s) and 3 node(s) (1 revoked), schema 0003, 2 exposure(s)" in out
+    assert "counts verified" in out
     assert "restart the API service" in out and PASSWORD not in out + err
     recorded = json.loads(hub.state.config_file.read_text())
     assert (recorded["registry"], recorded["registry_password_file"]) == (database, str(password_file))
@@ -262,6 +271,7 @@ def test_registry_copy_moves_main_registry_to_postgresql(hub: HubEnv, database: 
         assert [n.__dict__ for n in view.list_nodes()] == [dict(n, kind="node", credential_sha256=None,
                                                                  credential_used_at=None)
                                                             for n in MAIN_EXPECTED["nodes"]]
+        assert view.list_exposures() == exposures and [e.id for e in exposures] == [3, 7]
     assert target.schema_revision() == SCHEMA_REVISION
 
     # the active token enrols through the copied registry; the revoked one still is revoked
