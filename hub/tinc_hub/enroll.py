@@ -427,6 +427,10 @@ class Enroller:
         if (self.config.hosts_dir / name).exists():
             raise EnrollError(409, f"a host file for {name!r} exists on the hub that tinc-hub did not"
                                    " write; choose another name")
+        twins = [other for other in tx.names_ignoring_case(name) if other != name]
+        if twins:  # both would lose NAME.NET (names.py leaves colliding names out)
+            raise EnrollError(409, f"node name {name!r} differs only in case from {twins[0]!r}, "
+                                   "and NAME.NET would not tell them apart; choose another name")
         reserved = tx.used_address_ints()
         reserved.add(self.hub_address_int)
         address = allocate_address(self.network, reserved)

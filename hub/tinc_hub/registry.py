@@ -266,6 +266,8 @@ class _Statements:
                       .order_by(nodes.c.address_int))
     node_by_name = sa.select(*_NODE_COLUMNS).where(nodes.c.name == P("name"))  # hubs too
     node_by_key = sa.select(*_NODE_COLUMNS).where(nodes.c.public_key == P("key"))  # hubs too
+    names_ignoring_case = sa.select(nodes.c.name).where(  # hubs too (NAME.NET is lower case)
+        sa.func.lower(nodes.c.name) == sa.func.lower(P("name")))
     nodes_in_order = sa.select(*_NODE_COLUMNS).where(is_node).order_by(nodes.c.address_int)
     rows_in_order = sa.select(*_NODE_COLUMNS).order_by(nodes.c.address_int)  # hubs too (copy)
     address_ints = sa.select(nodes.c.address_int)  # hubs too: an address is never handed out twice
@@ -435,6 +437,10 @@ class RegistryView:
 
     def list_nodes(self) -> List[NodeRow]:
         return [_node_row(r) for r in self._db.rows(Q.nodes_in_order)]
+
+    def names_ignoring_case(self, name: str) -> List[str]:
+        """The names of node and hub rows equal to ``name`` but for case (revoked too)."""
+        return [row[0] for row in self._db.rows(Q.names_ignoring_case, name=name)]
 
     def used_address_ints(self) -> Set[int]:
         """Addresses held by any node row, revoked ones included (they are never reused)."""
