@@ -121,3 +121,17 @@ def test_tinc_up_guard_is_valid_shell_and_quotes_the_host_file(tmp_path):
     # a missing host file: the guard does nothing (and sh says nothing)
     done = subprocess.run(["sh", "-c", text], capture_output=True, text=True)
     assert done.returncode == 0 and done.stderr == ""
+
+
+def test_apply_with_nothing_published_and_no_nft_does_nothing(tmp_path, monkeypatch):
+    """A hub without the nftables package: its boot units' `expose apply` succeed while nothing
+    is published (no table of ours can exist without nft); publishing still needs nft."""
+    from tinc_hub.errors import HubError
+    from tinc_hub.exposure import apply_exposures, run_nft
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty directory: no nft
+    ruleset = apply_exposures(tmp_path, "exponet", "exponet", "10.0.0.1", [])
+    assert ruleset.text == "" and not ruleset.forwarding
+    assert list(tmp_path.iterdir()) == []  # nothing recorded
+    with pytest.raises(HubError, match="nft not found"):
+        run_nft(ruleset.text)

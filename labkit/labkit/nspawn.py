@@ -105,6 +105,34 @@ def stage_hub_project(container: "Container") -> None:
     copy_hub_project(container.path(HUB_SOURCE_DIR))
 
 
+NET_SYSCTL_UNIT = "labkit-net-sysctl-writable.service"
+
+
+def make_net_sysctls_writable(container: "Container") -> None:
+    """Into a stopped systemd container: a unit that makes /proc/sys/net writable early at
+    every boot, as on a real machine (net.ipv4.ip_forward). systemd-nspawn 252 mounts it
+    read-only unless --private-network (not with --network-namespace-path; a --bind of it
+    stays under the read-only /proc/sys); the container's CAP_SYS_ADMIN remounts it, and it
+    shows the container's own network namespace (the netlab host's)."""
+    container.write_file("/etc/systemd/system/" + NET_SYSCTL_UNIT, "\n".join([
+        "[Unit]",
+        "Description=labkit: /proc/sys/net writable (a network namespace of the test's own)",
+        "DefaultDependencies=no",
+        "Before=sysinit.target systemd-sysctl.service",
+        "",
+        "[Service]",
+        "Type=oneshot",
+        "RemainAfterExit=yes",
+        "ExecStart=/bin/sh -c 'mount --bind /proc/sys/net /proc/sys/net"
+        " && mount -o remount,bind,rw /proc/sys/net'",
+        "",
+        "[Install]",
+        "WantedBy=sysinit.target",
+    ]) + "\n")
+    link = container.path("/etc/systemd/system/sysinit.target.wants/" + NET_SYSCTL_UNIT)
+    link.symlink_to("/etc/systemd/system/" + NET_SYSCTL_UNIT)
+
+
 def install_hub(container: "Container", timeout: float = 300) -> None:
     """In the running hub container: pip install the staged project into HUB_VENV, offline
     (its dependencies are in the venv already), and put `tinc-hub` on PATH."""
