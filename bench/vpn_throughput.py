@@ -140,8 +140,9 @@ class Lab:
     """Hub + router + two nodes joined by the product; the iperf3 servers and the byte
     counters of tinc's port at the hub."""
 
-    def __init__(self, key_size: int) -> None:
+    def __init__(self, key_size: int, loss_per_mille: int = 0) -> None:
         self.key_size = key_size
+        self.loss_per_mille = loss_per_mille
         self.topo: Optional[netlab.NatTopology] = None
         self.hub: Optional[netlab.HubDriver] = None
         self.addresses: Dict[str, str] = {}
@@ -181,6 +182,8 @@ class Lab:
         for name in ("hub",) + NODES:
             traffic.start_iperf_server(self.host(name))
         traffic.install_tinc_counters(self.host("hub"))
+        if self.loss_per_mille:  # after the joins: enrolment is not what is measured
+            traffic.add_forwarding_loss(self.host("router"), self.loss_per_mille)
 
     def tincd_pids(self) -> Dict[str, int]:
         pids = {}
@@ -571,6 +574,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--omit", type=int, default=1, help="iperf3 -O: slow start not counted")
     parser.add_argument("--pings", type=int, default=50)
     parser.add_argument("--key-size", type=int, default=2048)
+    parser.add_argument("--loss", type=float, default=0.0,
+                        help="%% of the packets the router forwards (LAN <-> public) dropped at "
+                             "random: a lossy underlay (the LAN baseline stays lossless)")
     parser.add_argument("--candidate", action="append", default=[],
                         help='tinc options to compare, "Key=Value,Key=Value" (repeatable)')
     parser.add_argument("--json", help="write the figures to this file")
@@ -581,6 +587,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         candidates = [AS_GENERATED] + [parse_candidate(c) for c in args.candidate]
     except ValueError as e:
         parser.error("--candidate: %s" % e)
+    loss = round(args.loss * 10)  # per mille
+    if args.loss and not 1 <= loss <= 500:
+        parser.error("--loss between 0.1 and 50 (%)")
     if os.geteuid() != 0:
         parser.error("needs root (network namespaces)")
     missing = traffic.iperf3_missing()
@@ -593,7 +602,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           % (loadavg(), busy, os.cpu_count() or 0), flush=True)
     started = time.monotonic()
     rounds: Dict[str, List[Round]] = {c.label: [] for c in candidates}
-    with Lab(args.key_size) as lab:
+    if loss:
+        print("router drops %.1f%% of the packets it forwards" % (loss / 10), flush=True)
+    with Lab(args.key_size, loss) as lab:
         addresses = dict(lab.addresses)  # VPN addresses: hub, node1, node2
         paths = standard_paths() + published_service_paths(lab)
         print("set-up: hub + 2 nodes joined in %.1f s (not timed)" % (time.monotonic() - started),

@@ -57,6 +57,12 @@ def test_counter_ruleset_refuses_a_bad_table_name():
         traffic.tinc_counters_ruleset("x; flush ruleset")
     with pytest.raises(ValueError):
         traffic.tinc_counters_ruleset("benchtinc", 0)
+    with pytest.raises(ValueError):
+        traffic.loss_ruleset("x; flush ruleset", 10)
+    for per_mille in (0, 501):
+        with pytest.raises(ValueError):
+            traffic.loss_ruleset("benchloss", per_mille)
+    assert "numgen random mod 1000 < 10 drop" in traffic.loss_ruleset("benchloss", 10)
 
 
 # ------------------------------------------------------------ parsers
@@ -138,13 +144,15 @@ def test_medians_and_ratios_refuse_missing_figures():
 @pytest.mark.netlab
 def test_bench_measures_the_vpn_against_plain_ip(tmp_path):
     """One round, 1 s per iperf3 test, as generated and with TCPOnly (which must move tinc's
-    bytes off UDP at the hub: proof the candidate reached every tincd). The published service
-    (tinc-hub expose, without and with --snat) is measured against plain DNAT: the service
-    sees the client's own address, or with --snat the hub's VPN address."""
+    bytes off UDP at the hub: proof the candidate reached every tincd), over an underlay that
+    loses 0.5% (the plain path through the router retransmits; the LAN one does not). The
+    published service (tinc-hub expose, without and with --snat) is measured against plain
+    DNAT: the service sees the client's own address, or with --snat the hub's VPN address."""
     out = tmp_path / "figures.json"
     started = time.monotonic()
     cp = subprocess.run([sys.executable, str(BENCH), "--runs", "1", "--seconds", "1",
                          "--omit", "0", "--pings", "10", "--candidate", "TCPOnly=yes",
+                         "--loss", "0.5",
                          "--json", str(out)], capture_output=True, text=True, timeout=170)
     took = time.monotonic() - started
     assert cp.returncode == 0, cp.stdout + cp.stderr
@@ -168,6 +176,7 @@ def test_bench_measures_the_vpn_against_plain_ip(tmp_path):
                 row["mbit_s"] / paths[base]["mbit_s"])
             assert row["rtt_ms"] > 0 and row["rtt_ratio"] > 0
             assert row["hub_tincd_cpu"] > 0, row  # the hub's tincd carried it
+    assert generated["paths"]["public"]["retransmits"] > 0, generated["paths"]["public"]
     assert generated["settled"], "PMTU discovery did not settle: large packets over TCP"
     for key in ("vpn-nodes", "published", "published-snat"):
         assert generated["paths"][key]["udp_share"] > 0.9, (key, generated["paths"][key])

@@ -350,3 +350,17 @@ def udp_drops(host: netlab.Host) -> Dict[str, int]:
     """UDP datagrams the host's kernel dropped so far for a full receive / send buffer."""
     udp = parse_udp_snmp(host.read_file("/proc/net/snmp"))
     return {"rcvbuf": udp.get("RcvbufErrors", 0), "sndbuf": udp.get("SndbufErrors", 0)}
+
+
+def loss_ruleset(table: str, per_mille: int) -> str:
+    """An nftables table for a router: drop `per_mille` / 1000 of the packets it forwards, at
+    random (numgen), both ways: a lossy underlay without sch_netem. Arguments checked."""
+    if not re.fullmatch(r"[a-z][a-z0-9_]{0,30}", table) or not 0 < per_mille <= 500:
+        raise ValueError("bad table name or loss")
+    return ("table ip %s {\n    chain forward {\n"
+            "        type filter hook forward priority -10; policy accept;\n"
+            "        numgen random mod 1000 < %d drop\n    }\n}\n" % (table, per_mille))
+
+
+def add_forwarding_loss(router: netlab.Host, per_mille: int, table: str = "benchloss") -> None:
+    router.run(["nft", "-f", "-"], input=loss_ruleset(table, per_mille))
