@@ -25,15 +25,16 @@ The published paths' round trips are those of a TCP echo service on node2 (7007,
 and DNATed alike): a ping to the hub's public address would stop at the hub. The hub routes
 already when the bench publishes (ip_forward=1 before the first exposure, as on a hub that is
 also a router): otherwise the product's table drops every other forwarded packet, the plain
-baseline included. Both published services listen on 0.0.0.0 on node2: TCP answers from the
-address a connection was made to (the VPN address after DNAT), which the README's advice to
-bind UDP services to the VPN address is about.
+baseline included. Both services listen on 0.0.0.0 on node2: TCP answers from the address a
+connection was made to (the VPN address after DNAT); the README's advice to bind the VPN
+address is for UDP services (an unconnected socket answers from the route's address).
 
 Per path: TCP throughput (iperf3 -J; median of --runs), retransmits, the client's TCP MSS
-(ClampMSS at work), ping (or TCP echo) round trip (median), the address the service saw, the %CPU of the hub's and the nodes' tincd and
-of the machine while it ran, and the share of tinc's bytes at the hub that went over UDP (the
-rest went over the TCP meta connections: before PMTU discovery settles, above the discovered
-PMTU, or with TCPOnly). Ratios: VPN / its baseline.
+(ClampMSS at work), ping (or TCP echo) round trip (median), the address the service saw,
+the %CPU of the hub's and the nodes' tincd and of the machine while it ran, and the share of
+tinc's bytes at the hub that went over UDP (the rest went over the TCP meta connections:
+before PMTU discovery settles, above the discovered PMTU, or with TCPOnly). Ratios: VPN / its
+baseline.
 
 --candidate "Key=Value,Key=Value" (repeatable) measures the same paths again with those tinc
 1.0 options in every daemon's conf.d (tincd restarted), and prints candidate / as-generated.
