@@ -2067,21 +2067,15 @@ def acquire_sync_pid_file(net: str) -> Optional[int]:
     # 0600: another user who could open it could also flock it and keep every loop from starting
     fd = os.open(sync_pid_path(net), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     os.fchmod(fd, 0o600)  # a file left by an older version was 0644
-    deadline = time.monotonic() + 3.0
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
-                os.close(fd)
-                raise
-        # a loop holds the lock for its life; sync_loop_pid (status, tinc-up's launcher)
-        # only for an instant: try again for a while before concluding that a loop runs
-        if time.monotonic() >= deadline:
-            os.close(fd)
+    # a loop holds the lock for its life; sync_loop_pid (status, tinc-up's launcher) only for
+    # an instant: try again for a while before concluding that a loop runs
+    try:
+        flock_bounded(fd, 3.0, sync_pid_path(net))
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno == errno.EWOULDBLOCK:
             return None
-        time.sleep(0.05)
+        raise
     os.ftruncate(fd, 0)
     os.write(fd, "{}\n".format(os.getpid()).encode())
     return fd

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from labkit import netlab
+from expose_scripts import HOSTILE_SEND, UDP_SINK
 
 pytestmark = pytest.mark.netlab
 
@@ -61,23 +62,7 @@ for _ in range(3):
 sys.exit(1)
 """
 
-UDP_SINK = r"""
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", int(sys.argv[1])))
-print("ready", flush=True)
-while True:
-    data, peer = s.recvfrom(2048)
-    print("got %r from %s" % (data, peer[0]), flush=True)
-"""
 
-HOSTILE_SEND = r"""
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind((sys.argv[1], 0))
-for _ in range(5):
-    s.sendto(b"escape", (sys.argv[2], int(sys.argv[3])))
-"""
 
 
 class Env:
@@ -223,8 +208,8 @@ def test_hostile_node_cannot_route_through_the_hub(env):
         # from the VPN address (policy routing puts it into the VPN; the hub claims 0.0.0.0/0)
         env.node.run(["python3", "-c", HOSTILE_SEND, env.node_vpn, CLIENT, str(SINK_PORT)], timeout=10)
         # and from the exposed service's own port, as if it were a reply
-        env.node.run(["python3", "-c", HOSTILE_SEND.replace("(sys.argv[1], 0)", "(sys.argv[1], %d)"
-                      % ECHO_PORT), env.node_vpn, CLIENT, str(SINK_PORT)], check=False, timeout=10)
+        env.node.run(["python3", "-c", HOSTILE_SEND, env.node_vpn, CLIENT, str(SINK_PORT), "escape",
+                      str(ECHO_PORT)], check=False, timeout=10)
         # a ping through the VPN proves the path is live while nothing arrived
         env.node.wait_ping(env.hub.vpn_address(), timeout=10)
         time.sleep(1.0)  # the datagrams' time to arrive, were they forwarded (bounded)

@@ -15,6 +15,7 @@ import time
 import pytest
 
 from labkit import netlab
+from expose_scripts import HOSTILE_SEND, UDP_SINK
 
 pytestmark = pytest.mark.netlab
 
@@ -26,26 +27,7 @@ HTTP_PORT, HTTP_LISTEN = 8000, 8080
 SINK_PORT = 5555
 CLAIM = "Subnet = 0.0.0.0/0"
 
-UDP_SINK = r"""
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", int(sys.argv[1])))
-print("ready", flush=True)
-while True:
-    data, peer = s.recvfrom(2048)
-    print("got %r from %s" % (data, peer[0]), flush=True)
-"""
 
-HOSTILE_SEND = r"""
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind((sys.argv[1], 0))
-for _ in range(3):
-    try:
-        s.sendto(sys.argv[4].encode(), (sys.argv[2], int(sys.argv[3])))
-    except OSError:  # ICMP unreachable from the node's tincd (no subnet): nothing left
-        pass
-"""
 
 
 class Env:

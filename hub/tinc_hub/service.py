@@ -117,6 +117,11 @@ def exec_argument_word(argument: str) -> str:
     return _quoted(argument.replace("%", "%%").replace("$", "$$"))
 
 
+def exec_command_line(command: Sequence[str]) -> str:
+    """The value of ExecStart= (or ExecReload=) for ``command``: executable, then arguments."""
+    return " ".join([exec_path_word(command[0])] + [exec_argument_word(arg) for arg in command[1:]])
+
+
 def path_list_word(path: str) -> str:
     """A word of a path list such as ReadWritePaths=: ``%`` doubled (specifiers), quoted."""
     return _quoted(path.replace("%", "%%"))
@@ -162,8 +167,7 @@ def render_unit(config: HubConfig, executable: str, state_dir: str, tinc_unit: s
         "",
         "[Service]",
         "Type=simple",
-        "ExecStart=" + " ".join([exec_path_word(command[0])]
-                                + [exec_argument_word(arg) for arg in command[1:]]),
+        "ExecStart=" + exec_command_line(command),
         "Environment=PYTHONUNBUFFERED=1",
         "Restart=on-failure",
         "RestartSec=2",
@@ -281,8 +285,7 @@ def render_names_units(config: HubConfig, executable: str, state_dir: str) -> Di
         "",
         "[Service]",
         "Type=oneshot",
-        "ExecStart=" + " ".join([exec_path_word(command[0])]
-                                + [exec_argument_word(arg) for arg in command[1:]]),
+        "ExecStart=" + exec_command_line(command),
         "CapabilityBoundingSet=",
         "PrivateUsers=yes",
         "ReadWritePaths=/etc",
@@ -352,8 +355,7 @@ def render_expose_units(config: HubConfig, executable: str, state_dir: str,
     command = [executable] + (["--state-dir", state_dir] if state_dir != DEFAULT_STATE_DIR else [])
     command += ["expose", "apply"]
     stamp = os.path.join(state_dir, EXPOSE_STAMP)
-    exec_line = " ".join([exec_path_word(command[0])]
-                         + [exec_argument_word(arg) for arg in command[1:]])
+    exec_line = exec_command_line(command)
     service = "\n".join([
         "# Written by tinc-hub init; re-running it rewrites this file.",
         "[Unit]",
