@@ -11,14 +11,30 @@ nodes joined with the real bootstrap.py). Paths, measured in turn in every round
 - vpn-nodes: node1 -> node2 over the VPN: node1's tincd -> hub's tincd (decrypts, routes,
           re-encrypts) -> node2's tincd, over the router twice
 - vpn-hub:   node1 -> the hub's VPN address (one tinc hop)
-- published_service_paths(): the hook for a published service (`tinc-hub expose`), empty
-          until that feature exists
+- plain-dnat: a client on the public side (its own link to the hub, as in
+          tests/test_expose.py) -> a port of the hub, DNATed by a plain nftables rule to
+          node2's LAN address, forwarded by the hub and the router (no tinc): the same hops as
+          the published paths, baseline of both
+- published: the same client -> `tinc-hub expose node2:5201 --listen 15201`: DNAT to node2's
+          VPN address, the hub's tincd encrypts, over the router to node2's tincd; node2's
+          replies come back through the VPN (its policy routing; node2 sees the client's
+          address)
+- published-snat: the same with --snat (node2 sees the hub's VPN address)
+
+The published paths' round trips are those of a TCP echo service on node2 (7007, published
+and DNATed alike): a ping to the hub's public address would stop at the hub. The hub routes
+already when the bench publishes (ip_forward=1 before the first exposure, as on a hub that is
+also a router): otherwise the product's table drops every other forwarded packet, the plain
+baseline included. Both services listen on 0.0.0.0 on node2: TCP answers from the address a
+connection was made to (the VPN address after DNAT); the README's advice to bind the VPN
+address is for UDP services (an unconnected socket answers from the route's address).
 
 Per path: TCP throughput (iperf3 -J; median of --runs), retransmits, the client's TCP MSS
-(ClampMSS at work), ping round trip (median), the %CPU of the hub's and the nodes' tincd and
-of the machine while it ran, and the share of tinc's bytes at the hub that went over UDP (the
-rest went over the TCP meta connections: before PMTU discovery settles, above the discovered
-PMTU, or with TCPOnly). Ratios: VPN / its baseline.
+(ClampMSS at work), ping (or TCP echo) round trip (median), the address the service saw,
+the %CPU of the hub's and the nodes' tincd and of the machine while it ran, and the share of
+tinc's bytes at the hub that went over UDP (the rest went over the TCP meta connections:
+before PMTU discovery settles, above the discovered PMTU, or with TCPOnly). Ratios: VPN / its
+baseline.
 
 --candidate "Key=Value,Key=Value" (repeatable) measures the same paths again with those tinc
 1.0 options in every daemon's conf.d (tincd restarted), and prints candidate / as-generated.
@@ -29,13 +45,14 @@ InterfaceMTU=N (not a tinc option) sets the VPN interface's MTU in the three hos
 """
 
 import argparse
+import ipaddress
 import json
 import os
 import re
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from labkit import netlab, traffic
 
@@ -116,6 +133,8 @@ class Path(NamedTuple):
     address: Callable[["Lab"], str]
     baseline: Optional[str]  # key of the path this one is compared with; None: a baseline
     vpn: bool
+    port: int = traffic.IPERF_PORT  # where the client's iperf3 connects
+    echo_port: Optional[int] = None  # round trips by TCP echo to address:echo_port; None: ping
 
 
 class Lab:
@@ -245,16 +264,89 @@ def standard_paths() -> List[Path]:
     ]
 
 
+# the published service: a client with its own link to the hub (as in tests/test_expose.py)
+CLIENT = "client"
+CLIENT_LINK_HUB, CLIENT_ADDRESS = "203.0.113.1", "203.0.113.10"
+CLIENT_NET = "203.0.113.0/24"
+SERVICE_NODE = "node2"
+ECHO_PORT = 7007  # node2's TCP echo service (round trips through a DNATed port)
+# the hub's ports for node2's iperf3 (5201) and echo service, per path
+PLAIN_DNAT_PORTS = (15200, 17000)
+PUBLISHED_PORTS = (15201, 17001)
+PUBLISHED_SNAT_PORTS = (15202, 17002)
+PLAIN_DNAT_TABLE = "vpnbench_plain_dnat"
+
+
+def plain_dnat_ruleset(node_lan: str) -> str:
+    """The baseline's DNAT on the hub (the hub's public ports -> node2's LAN address)."""
+    node = str(ipaddress.IPv4Address(node_lan))
+    rules = "".join("    fib daddr type local tcp dport %d dnat to %s:%d\n" % (listen, node, port)
+                    for listen, port in zip(PLAIN_DNAT_PORTS, (traffic.IPERF_PORT, ECHO_PORT)))
+    return ("table ip %s {\n  chain prerouting {\n"
+            "    type nat hook prerouting priority dstnat; policy accept;\n%s  }\n}\n"
+            % (PLAIN_DNAT_TABLE, rules))
+
+
+def add_public_client(lab: Lab) -> netlab.Host:
+    """The client namespace: its own veth to the hub (203.0.113.10 <-> 203.0.113.1), default
+    route via the hub."""
+    assert lab.topo is not None
+    client = lab.topo.add_host(CLIENT)
+    hub_ns = lab.host("hub").netns
+
+    def ipn(netns: str, *args: str) -> None:
+        netlab.run_root(["ip", "-n", netns] + list(args))
+
+    ipn(hub_ns, "link", "add", "pub1", "type", "veth", "peer", "name", "eth0", "netns",
+        client.netns)
+    ipn(hub_ns, "addr", "add", CLIENT_LINK_HUB + "/24", "dev", "pub1")
+    ipn(hub_ns, "link", "set", "pub1", "up")
+    ipn(client.netns, "addr", "add", CLIENT_ADDRESS + "/24", "dev", "eth0")
+    ipn(client.netns, "link", "set", "eth0", "up")
+    ipn(client.netns, "route", "add", "default", "via", CLIENT_LINK_HUB)
+    return client
+
+
+def publish_service(lab: Lab) -> None:
+    """The client, node2's echo service, the plain DNAT baseline (hub and router) and the two
+    exposures (without and with --snat) of node2's iperf3 and echo service."""
+    assert lab.hub is not None
+    add_public_client(lab)
+    node = lab.host(SERVICE_NODE)
+    node_lan = node.addresses["lan"]
+    traffic.start_tcp_echo_server(node, ECHO_PORT)
+    hub, router = lab.host("hub"), lab.host("router")
+    # the hub routes before anything is published (see the module doc)
+    hub.sysctl("net.ipv4.ip_forward", 1)
+    hub.run(["ip", "route", "add", node_lan + "/32", "via", netlab.ROUTER_PUBLIC])
+    hub.run(["nft", "-f", "-"], input=plain_dnat_ruleset(node_lan))
+    # the router: the client's net is behind the hub; the plain DNATed flows may enter the LAN
+    router.run(["ip", "route", "add", CLIENT_NET, "via", netlab.HUB_PUBLIC])
+    router.run(["nft", "add", "rule", "ip", "netlab", "forward", "iifname", "pub0",
+                "oifname", "br-lan", "ip", "daddr", node_lan, "tcp", "dport",
+                "{ %d, %d }" % (traffic.IPERF_PORT, ECHO_PORT), "accept"])
+    for ports, extra in ((PUBLISHED_PORTS, []), (PUBLISHED_SNAT_PORTS, ["--snat"])):
+        for listen, port in zip(ports, (traffic.IPERF_PORT, ECHO_PORT)):
+            lab.hub.cli("expose", "%s:%d" % (SERVICE_NODE, port), "--listen", str(listen),
+                        *extra)
+
+
 def published_service_paths(lab: Lab) -> List[Path]:
-    """Hook for a service the hub publishes (`tinc-hub expose`: a client in the "public" net
-    -> the hub's public address, DNAT -> a node over the VPN). Being built elsewhere; until it
-    exists this returns nothing. To measure it: `lab.hub.cli("expose", "node2:5201",
-    "--listen", "5201")` (node2's iperf3 server listens on traffic.IPERF_PORT since
-    Lab.start), then return Path("published", ..., client "router" (it sits in the public
-    net), server "node2", address netlab.HUB_PUBLIC, baseline "public", vpn=True); a plain
-    router -> node2 path (its LAN address) returned here too makes another baseline."""
-    del lab
-    return []
+    """A service node2 publishes through the hub (`tinc-hub expose`), without and with source
+    NAT, and its plain-IP baseline of the same hops (module doc); set up here."""
+    publish_service(lab)
+    hub_public = CLIENT_LINK_HUB  # the hub's address on the client's link
+
+    def address(lab: Lab) -> str:
+        return hub_public
+    return [
+        Path("plain-dnat", "client -> hub port -> node2 LAN, plain DNAT (no tinc)", CLIENT,
+             SERVICE_NODE, address, None, False, *PLAIN_DNAT_PORTS),
+        Path("published", "client -> hub port -> node2, tinc-hub expose", CLIENT,
+             SERVICE_NODE, address, "plain-dnat", True, *PUBLISHED_PORTS),
+        Path("published-snat", "client -> hub port -> node2, tinc-hub expose --snat", CLIENT,
+             SERVICE_NODE, address, "plain-dnat", True, *PUBLISHED_SNAT_PORTS),
+    ]
 
 
 # ------------------------------------------------------------------------- measuring
@@ -265,6 +357,7 @@ class Sample(NamedTuple):
     mss: int
     rtt_ms: Optional[float]  # idle
     loaded_rtt_ms: Optional[float]  # while iperf3 ran, same path and direction
+    seen_as: Optional[str]  # the client's address as the echo service saw it (echo paths)
     cpu: Dict[str, float]  # "tincd hub" ... -> % of one core; "machine" -> % of all cores
     udp_share: Optional[float]  # of tinc's bytes at the hub during the test (VPN paths)
     udp_drops: int  # UDP datagrams dropped for a full receive buffer, all three hosts
@@ -274,14 +367,23 @@ class Sample(NamedTuple):
 def measure(lab: Lab, path: Path, seconds: int, omit: int, pings: int) -> Sample:
     client = lab.host(path.client)  # the server's iperf3 runs since Lab.start
     address = path.address(lab)
-    rtt = traffic.median_rtt_ms(client, address, pings)
+    seen_as = None
+    if path.echo_port is None:
+        rtt = traffic.median_rtt_ms(client, address, pings)
+    else:
+        echo = traffic.tcp_echo(client, address, path.echo_port, pings)
+        rtt, seen_as = statistics.median(echo.rtt_ms), echo.peer
     hub = lab.host("hub")
     before = traffic.read_tinc_counters(hub)
     hosts = [lab.host(name) for name in ("hub",) + NODES]
     drops_before = [traffic.udp_drops(h) for h in hosts]
     window = traffic.CpuWindow(lab.tincd_pids()).start()
-    pinger = traffic.LoadedPinger(client, address, seconds + omit)
-    result = traffic.tcp_throughput(client, address, seconds, omit)
+    pinger: Union[traffic.LoadedPinger, traffic.LoadedTcpEcho]
+    if path.echo_port is None:
+        pinger = traffic.LoadedPinger(client, address, seconds + omit)
+    else:
+        pinger = traffic.LoadedTcpEcho(client, address, path.echo_port, seconds + omit)
+    result = traffic.tcp_throughput(client, address, seconds, omit, port=path.port)
     cpu = window.stop()
     loaded_rtt = pinger.rtt_ms()
     drops_after = [traffic.udp_drops(h) for h in hosts]
@@ -291,7 +393,7 @@ def measure(lab: Lab, path: Path, seconds: int, omit: int, pings: int) -> Sample
     total = sum(moved.values())
     udp_share = (moved["udp_in"] + moved["udp_out"]) / total if path.vpn and total else None
     return Sample(result.bits_per_second / 1e6, result.retransmits, result.mss, rtt,
-                  loaded_rtt, cpu, udp_share, drops["rcvbuf"], drops["sndbuf"])
+                  loaded_rtt, seen_as, cpu, udp_share, drops["rcvbuf"], drops["sndbuf"])
 
 
 def median_of(samples: Sequence[Sample], pick: Callable[[Sample], Optional[float]]
@@ -331,6 +433,8 @@ def summary(paths: Sequence[Path], samples: Dict[str, List[Sample]]) -> Dict[str
             "udp_send_drops": median_of(got, lambda s: s.udp_send_drops),
             "runs": [s.mbit_s for s in got],
             "baseline": path.baseline,
+            "rtt_probe": "icmp" if path.echo_port is None else "tcp-echo",
+            "service_saw": sorted({s.seen_as for s in got if s.seen_as}),
         }
         out[path.key] = row
     for row in out.values():
@@ -365,6 +469,12 @@ def print_table(title: str, rows: Dict[str, dict]) -> None:
             fmt(row["machine_cpu"], "%.0f%%"),
             fmt(None if row["udp_share"] is None else 100 * row["udp_share"], "%.0f%%"),
             fmt(row["udp_drops"], "%.0f")))
+    echoed = ["%s: %s" % (key, ", ".join(row["service_saw"])) for key, row in rows.items()
+              if row["rtt_probe"] == "tcp-echo"]
+    if echoed:
+        print("(RTT of %s by TCP echo, not ping; the service saw the client as %s)"
+              % (", ".join(k for k, r in rows.items() if r["rtt_probe"] == "tcp-echo"),
+                 "; ".join(echoed)))
 
 
 def loadavg() -> str:
@@ -402,14 +512,15 @@ def run_round(lab: Lab, candidate: Candidate, paths: Sequence[Path], run: int, s
     samples = {}
     for path in paths:
         s = samples[path.key] = measure(lab, path, seconds, omit, pings)
-        print("  %-10s %8.0f Mbit/s  retr %-5d MSS %-5d RTT %s ms, loaded %s  tincd hub %s node1 %s"
-              " node2 %s  machine %.0f%%  UDP drops rcv %d snd %d%s" % (
+        print("  %-14s %8.0f Mbit/s  retr %-5d MSS %-5d RTT %s ms, loaded %s  tincd hub %s node1 %s"
+              " node2 %s  machine %.0f%%  UDP drops rcv %d snd %d%s%s" % (
                   path.key, s.mbit_s, s.retransmits, s.mss, fmt(s.rtt_ms, "%.3f"),
                   fmt(s.loaded_rtt_ms, "%.2f"),
                   fmt(s.cpu.get("tincd hub"), "%.0f%%"), fmt(s.cpu.get("tincd node1"), "%.0f%%"),
                   fmt(s.cpu.get("tincd node2"), "%.0f%%"), s.cpu["machine"], s.udp_drops,
                   s.udp_send_drops,
-                  "" if s.udp_share is None else "  over UDP %.0f%%" % (100 * s.udp_share)),
+                  "" if s.udp_share is None else "  over UDP %.0f%%" % (100 * s.udp_share),
+                  "" if s.seen_as is None else "  (TCP echo; service saw %s)" % s.seen_as),
               flush=True)
     return Round(settled, waited, tun_mtu, samples)
 
@@ -495,6 +606,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if loss:
         print("router drops %.1f%% of the packets it forwards" % (loss / 10), flush=True)
     with Lab(args.key_size, loss) as lab:
+        addresses = dict(lab.addresses)  # VPN addresses: hub, node1, node2
         paths = standard_paths() + published_service_paths(lab)
         print("set-up: hub + 2 nodes joined in %.1f s (not timed)" % (time.monotonic() - started),
               flush=True)
@@ -513,8 +625,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                            loadavg()))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"idle_busy_percent": busy, "results": results, "versus": versus}, f,
-                      indent=2)
+            json.dump({"idle_busy_percent": busy, "vpn_addresses": addresses,
+                       "results": results, "versus": versus}, f, indent=2)
     return 0
 
 

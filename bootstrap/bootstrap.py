@@ -827,19 +827,51 @@ def render_host_file(lines: Sequence[str], public_pem: str) -> str:
     return (head + "\n\n" if head else "") + public_pem.strip() + "\n"
 
 
-def render_tinc_up(address: str, prefix: int, also: Optional[Sequence[str]] = None) -> str:
-    """tinc-up: the VPN address on the interface; with `also` (a node's sync launcher, see
-    sync_script_command), that command too, shell-quoted. The hub passes no `also`."""
+REPLY_TABLE_BASE, REPLY_TABLES = 20000, 10000  # routing table (and ip rule priority) ids
+
+
+def reply_table(net: str) -> int:
+    """The routing table, and the priority of the ip rule, that send a node's replies from its
+    VPN address back into the VPN: stable per net, in 20000..29999."""
+    digest = hashlib.sha256(net.encode()).digest()
+    return REPLY_TABLE_BASE + int.from_bytes(digest[:4], "big") % REPLY_TABLES
+
+
+def _reply_route_lines(address: str, table: Optional[int], up: bool) -> str:
+    """Policy routing by source: what leaves from the VPN address (replies to connections made
+    to it, e.g. a service the hub publishes with `tinc-hub expose`) goes back into the VPN;
+    everything else (tincd, apt, ...) keeps the main table. Re-runs leave one rule."""
+    if table is None:
+        return ""
+    rule = "from {} lookup {} priority {}".format(address, table, table)
+    lines = "ip rule del {} 2>/dev/null\n".format(rule)
+    if up:
+        lines = ("# replies from the VPN address go back through the VPN (tinc-hub expose)\n"
+                 + lines + "ip rule add {}\n".format(rule)
+                 + "ip route replace default dev \"$INTERFACE\" table {}\n".format(table))
+    else:
+        lines += "ip route flush table {} 2>/dev/null\n".format(table)
+    return lines
+
+
+def render_tinc_up(address: str, prefix: int, also: Optional[Sequence[str]] = None,
+                   reply_table: Optional[int] = None) -> str:
+    """tinc-up: the VPN address on the interface; with `reply_table` (nodes), the policy
+    routing of _reply_route_lines; with `also` (a node's sync launcher, see
+    sync_script_command), that command too, shell-quoted. The hub passes neither."""
     return ("#!/bin/sh\n# Written by tinc-bootstrap: give the VPN interface its address.\n"
             "ip addr replace {}/{} dev \"$INTERFACE\"\n"
-            "ip link set \"$INTERFACE\" up\n").format(address, prefix) + _script_line(
+            "ip link set \"$INTERFACE\" up\n").format(address, prefix) + _reply_route_lines(
+                address, reply_table, True) + _script_line(
                 also, "keep this node's list of hubs in step (detached from tincd)")
 
 
-def render_tinc_down(address: str, prefix: int, also: Optional[Sequence[str]] = None) -> str:
+def render_tinc_down(address: str, prefix: int, also: Optional[Sequence[str]] = None,
+                     reply_table: Optional[int] = None) -> str:
     return ("#!/bin/sh\n# Written by tinc-bootstrap.\n"
             "ip addr del {}/{} dev \"$INTERFACE\" 2>/dev/null\n"
-            "ip link set \"$INTERFACE\" down\n").format(address, prefix) + _script_line(
+            "ip link set \"$INTERFACE\" down\n").format(address, prefix) + _reply_route_lines(
+                address, reply_table, False) + _script_line(
                 also, "stop the sync loop started by tinc-up")
 
 
@@ -1760,8 +1792,30 @@ def fetch_script(hubs: Sequence[HubEndpoint]) -> bytes:
         "; ".join(reasons)), EXIT_UNREACHABLE, "run this again, or run bootstrap.py from a file")
 
 
+LOCK_WAIT = 60.0  # s: a lock held longer than this is not ours to wait for
+
+
+def flock_bounded(fd: int, seconds: float, what: str) -> None:
+    """flock(LOCK_EX) that gives up after `seconds`: any user who can open a directory or a
+    world-readable file can flock it, and must not hang a join or the sync loop forever.
+    OSError(EWOULDBLOCK) naming `what` when the time is up."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                raise
+        if time.monotonic() >= deadline:
+            raise OSError(errno.EWOULDBLOCK, "another process has held the lock on {} for "
+                          "{:.0f} s".format(what, seconds))
+        time.sleep(0.05)
+
+
 class net_lock:
-    """flock on the net directory: join and sync never write its files at the same time."""
+    """flock on the net directory: join and sync never write its files at the same time.
+    BootstrapError when another process holds it for LOCK_WAIT seconds."""
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
@@ -1769,7 +1823,13 @@ class net_lock:
 
     def __enter__(self) -> "net_lock":
         self.fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        try:
+            flock_bounded(self.fd, LOCK_WAIT, self.directory)
+        except OSError as exc:
+            os.close(self.fd)
+            raise BootstrapError("cannot lock {}: {}".format(self.directory, exc.strerror),
+                                 EXIT_ERROR, "see which process holds it: fuser -v {}".format(
+                                     self.directory))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -1841,6 +1901,7 @@ class SyncAnswer(NamedTuple):
     hub: HubEndpoint  # the hub that answered
     hubs: List[HubInfo]
     interval: int
+    names: Optional[Dict[str, str]] = None  # None: a hub that sends no names (older)
 
 
 def validate_sync_answer(answer: dict, record: NodeRecord, asked: str) -> Tuple[List[HubInfo], int]:
@@ -1873,7 +1934,10 @@ def request_sync(record: NodeRecord, timeout: float = 15.0) -> SyncAnswer:
     if record.credential is None:
         raise BootstrapError("this node has no sync credential", EXIT_USAGE,
                              "re-run the one-liner (bootstrap.py with a token) to get one")
-    body = json.dumps({"name": record.name, "credential": record.credential}).encode()
+    request = {"name": record.name, "credential": record.credential}
+    if _NAMES_WRITTEN.get(record.net):  # the hub leaves out the names this node has
+        request["names_tag"] = _NAMES_WRITTEN[record.net]
+    body = json.dumps(request).encode()
     headers = {"Content-Type": "application/json", "User-Agent": "tinc-bootstrap/" + __version__}
     reasons, retry_after = [], 0.0
     for hub in record.hubs:
@@ -1886,10 +1950,12 @@ def request_sync(record: NodeRecord, timeout: float = 15.0) -> SyncAnswer:
         if answer.status == 200:
             try:
                 hubs, interval = validate_sync_answer(answer.body, record, hub.name)
+                names = (validate_names(answer.body["names"], record.address, record.prefix)
+                         if "names" in answer.body else None)
             except ValueError as exc:
                 reasons.append("{}: answer refused: {}".format(hub.name, exc))
                 continue
-            return SyncAnswer(hub, hubs, interval)
+            return SyncAnswer(hub, hubs, interval, names)
         message = _one_line(str(answer.body.get("error") or "HTTP {}".format(answer.status)))
         if answer.status == 401:
             raise SyncRefused(401, "hub {} does not accept this node's credential: {}".format(
@@ -1946,7 +2012,36 @@ def sync_round(tinc_dir: str, net: str) -> Tuple[SyncAnswer, List[str]]:
         for cmd in plan.commands:
             run(cmd, check=cmd[0] == "rm", timeout=30)
             changed.append(cmd[-1] if cmd[0] == "rm" else "SIGHUP tincd")
+        if answer.names is not None:
+            changed += write_names(net, record.hub_net, answer.names)
     return answer, changed
+
+
+def names_tag(names: Dict[str, str]) -> str:
+    """sha256 (hex) of the canonical JSON of names (the hub computes the same)."""
+    canonical = json.dumps(names, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+_NAMES_WRITTEN = {}  # type: Dict[str, str]  # net -> names_tag of the names in /etc/hosts
+
+
+def write_names(net: str, domain_net: str, names: Dict[str, str]) -> List[str]:
+    """apply_names to /etc/hosts; its problems are logged when they are news (the file
+    changed, or it could not be written). Returns [ETC_HOSTS] when it changed."""
+    changed, problems = apply_names(net, domain_net, names)
+    if changed is None:
+        _NAMES_WRITTEN.pop(net, None)  # the next answer brings them again
+    else:
+        _NAMES_WRITTEN[net] = names_tag(names)
+    if changed or problems != _NAMES_PROBLEMS_LOGGED:
+        for problem in problems:
+            REPORT.step("names: " + problem)
+    _NAMES_PROBLEMS_LOGGED[:] = problems
+    return [ETC_HOSTS] if changed else []
+
+
+_NAMES_PROBLEMS_LOGGED = []  # type: List[str]  # a sync loop logs a lasting problem once
 
 
 def sleep_until_due(seconds: float, sleep: Callable[[float], None] = time.sleep) -> None:
@@ -1969,22 +2064,18 @@ def sync_pid_path(net: str) -> str:
 def acquire_sync_pid_file(net: str) -> Optional[int]:
     """An fd holding the lock of net's sync pid file (our pid written in it), or None when
     another sync loop holds it."""
-    fd = os.open(sync_pid_path(net), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    deadline = time.monotonic() + 3.0
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
-                os.close(fd)
-                raise
-        # a loop holds the lock for its life; sync_loop_pid (status, tinc-up's launcher)
-        # only for an instant: try again for a while before concluding that a loop runs
-        if time.monotonic() >= deadline:
-            os.close(fd)
+    # 0600: another user who could open it could also flock it and keep every loop from starting
+    fd = os.open(sync_pid_path(net), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)  # a file left by an older version was 0644
+    # a loop holds the lock for its life; sync_loop_pid (status, tinc-up's launcher) only for
+    # an instant: try again for a while before concluding that a loop runs
+    try:
+        flock_bounded(fd, 3.0, sync_pid_path(net))
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno == errno.EWOULDBLOCK:
             return None
-        time.sleep(0.05)
+        raise
     os.ftruncate(fd, 0)
     os.write(fd, "{}\n".format(os.getpid()).encode())
     return fd
@@ -2117,6 +2208,195 @@ def sync_loop(tinc_dir: str, net: str, sleep: Callable[[float], None] = time.sle
 
 
 # ---------------------------------------------------------------------------
+# Names: every machine of the net resolves NAME.NET to its VPN address. The hubs send
+# `names` ({tinc name: VPN address}) in their enrolment and sync answers; the node (and every
+# hub, from its registry) writes them as a managed block of /etc/hosts.
+
+ETC_HOSTS = "/etc/hosts"
+MAX_NAMES = 16384  # names in one answer; a hub with more sends none (the answer stays < 1 MiB)
+HOSTS_BEGIN = "# BEGIN tinc-bootstrap {} (managed by bootstrap.py; do not edit)"
+HOSTS_END = "# END tinc-bootstrap {}"
+HOSTS_LOCK_WAIT = 10.0  # s; then this round leaves the names as they are (the next retries)
+
+
+def validate_names(value: object, address: str, prefix: int) -> Dict[str, str]:
+    """The `names` of an answer, checked: an object of at most MAX_NAMES tinc names, each
+    with a distinct canonical IPv4 host address of this node's VPN (address/prefix).
+    ValueError says what is wrong."""
+    if not isinstance(value, dict) or len(value) > MAX_NAMES:
+        raise ValueError("`names` must be an object of at most {} names".format(MAX_NAMES))
+    network = ipaddress.IPv4Network("{}/{}".format(address, prefix), strict=False)
+    names, seen = {}, set()  # type: Dict[str, str], set
+    for name, vpn in value.items():
+        if not isinstance(name, str) or not valid_node_name(name):
+            raise ValueError("`names` has a key that is not a tinc name: {!r}".format(
+                _one_line(str(name), 70)))
+        try:
+            host = ipaddress.IPv4Address(vpn) if isinstance(vpn, str) else None
+        except ValueError:
+            host = None
+        if host is None or str(host) != vpn or host not in network \
+                or host in (network.network_address, network.broadcast_address):
+            raise ValueError("name {}: {!r} is not a host address of the VPN {}".format(
+                name, _one_line(str(vpn), 40), network))
+        if vpn in seen:
+            raise ValueError("name {}: address {} is listed twice".format(name, vpn))
+        seen.add(vpn)
+        names[name] = vpn
+    return names
+
+
+def dns_label(text: str) -> str:
+    """A tinc name (or net name) as DNS writes it: lower case, `_` as `-`."""
+    return text.lower().replace("_", "-")
+
+
+def hosts_entries(names: Dict[str, str], net: str) -> Tuple[List[Tuple[str, str]], List[str]]:
+    """([(address, NAME.NET)], problems) for /etc/hosts, sorted by address. A name whose DNS
+    form is not a host label (`_` or `-` at an end) is left out, and so are all the names that
+    share one DNS form (`Bree` and `bree`): each is a problem line. A net whose DNS form is no
+    host name gives no entries."""
+    if not names:
+        return [], []
+    domain = dns_label(net)
+    if host_problem(domain) is not None or not re.search("[a-z]", domain):
+        return [], ["net {!r} is no DNS name ({}): no names written".format(net, domain)]
+    by_fqdn = {}  # type: Dict[str, List[str]]
+    problems = []
+    for name in sorted(names):
+        label = dns_label(name)
+        if not HOST_LABEL_RE.fullmatch(label) or len(label) + 1 + len(domain) > 253:
+            problems.append("name {!r} is no DNS label ({}): left out".format(name, label))
+            continue
+        by_fqdn.setdefault(label + "." + domain, []).append(name)
+    entries = []
+    for fqdn, owners in by_fqdn.items():
+        if len(owners) > 1:
+            problems.append("names {} are all {}: left out".format(", ".join(owners), fqdn))
+        else:
+            entries.append((names[owners[0]], fqdn))
+    entries.sort(key=lambda entry: (int(ipaddress.IPv4Address(entry[0])), entry[1]))
+    return entries, problems
+
+
+def render_hosts_block(net: str, entries: Sequence[Tuple[str, str]]) -> str:
+    """The managed block of net (no entries: no block)."""
+    if not entries:
+        return ""
+    lines = [HOSTS_BEGIN.format(net)] + ["{} {}".format(a, n) for a, n in entries]
+    return "\n".join(lines + [HOSTS_END.format(net)]) + "\n"
+
+
+def replace_hosts_block(text: str, net: str, block: str) -> str:
+    """text (an /etc/hosts) with net's managed block replaced by block (where it was, else at
+    the end; "" removes it). Every other line is kept byte for byte. ValueError when the
+    markers are damaged (a BEGIN without its END, twice, or out of order): never guessed."""
+    begin, end = HOSTS_BEGIN.format(net), HOSTS_END.format(net)
+    lines = text.split("\n")
+    starts = [i for i, line in enumerate(lines) if line == begin]
+    ends = [i for i, line in enumerate(lines) if line == end]
+    if len(starts) > 1 or len(ends) > 1 or len(starts) != len(ends) \
+            or (starts and ends[0] < starts[0]):
+        raise ValueError("its block of net {} is damaged (check the '# BEGIN tinc-bootstrap {}' "
+                         "and '# END' lines)".format(net, net))
+    if starts:
+        before = "\n".join(lines[:starts[0]])
+        after = "\n".join(lines[ends[0] + 1:])
+        return (before + "\n" if starts[0] else "") + block + after
+    if not block:
+        return text
+    return text + ("\n" if text and not text.endswith("\n") else "") + block
+
+
+def _write_in_place(path: str, data: bytes) -> None:
+    """Rewrite path's own inode (a bind-mounted /etc/hosts cannot be renamed over)."""
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.ftruncate(fd, len(data))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_file(path: str, data: bytes, old: Optional[os.stat_result]) -> None:
+    """Replace path by rename with data, keeping its mode, owner and SELinux label; where the
+    rename cannot be done (a bind mount: EBUSY; a read-only directory), rewrite it in place."""
+    directory = os.path.dirname(path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".hosts.", suffix=".tmp", dir=directory)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fchmod(handle.fileno(), stat.S_IMODE(old.st_mode) if old else 0o644)
+            if old is not None and (old.st_uid, old.st_gid) != (os.geteuid(), os.getegid()):
+                os.fchown(handle.fileno(), old.st_uid, old.st_gid)
+            if old is not None:
+                try:
+                    os.setxattr(handle.fileno(), "security.selinux",
+                                os.getxattr(path, "security.selinux"))
+                except OSError:
+                    pass  # no SELinux (ENODATA, ENOTSUP)
+            os.fsync(handle.fileno())
+        os.rename(tmp, path)
+        tmp = None
+        fsync_directory(directory)
+        return
+    except OSError as exc:
+        if old is None or exc.errno not in (errno.EBUSY, errno.EXDEV, errno.EROFS,
+                                            errno.EACCES, errno.EPERM):
+            raise
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+    _write_in_place(path, data)
+
+
+def update_hosts_block(net: str, entries: Sequence[Tuple[str, str]],
+                       path: str = ETC_HOSTS) -> bool:
+    """Make net's managed block of path hold entries (none: remove it); True when the file
+    changed. Only the block's lines change; the file is written only when they differ, under
+    an flock on its directory (two nets, or a hub and a node, never lose each other's
+    write). OSError, or ValueError for damaged markers (nothing written)."""
+    target = os.path.realpath(path)  # a symlinked /etc/hosts stays a symlink
+    dir_fd = os.open(os.path.dirname(target), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        flock_bounded(dir_fd, HOSTS_LOCK_WAIT, os.path.dirname(target))
+        try:
+            with open(target, "rb") as handle:
+                old = os.fstat(handle.fileno())  # type: Optional[os.stat_result]
+                data = handle.read()
+        except FileNotFoundError:
+            old, data = None, b""
+        text = data.decode("utf-8", "surrogateescape")  # other lines kept byte for byte
+        new = replace_hosts_block(text, net, render_hosts_block(net, entries))
+        if new == text:
+            return False
+        _replace_file(target, new.encode("utf-8", "surrogateescape"), old)
+        return True
+    finally:
+        os.close(dir_fd)
+
+
+def apply_names(net: str, domain_net: str, names: Dict[str, str],
+                path: str = ETC_HOSTS) -> Tuple[Optional[bool], List[str]]:
+    """Write names (validated) as net's block of path, named NAME.domain_net: (changed, or
+    None when path could not be written; problems). A damaged block or an unwritable file is
+    a problem, not an exception: names never stop a join or a sync."""
+    entries, problems = hosts_entries(names, domain_net)
+    try:
+        return update_hosts_block(net, entries, path), problems
+    except (OSError, ValueError) as exc:
+        return None, problems + ["{} not updated: {}".format(path, exc)]
+
+
+# ---------------------------------------------------------------------------
 # The node's commands: join, status, leave.
 
 class JoinOptions(NamedTuple):
@@ -2194,8 +2474,10 @@ def plan_node_files(tinc_dir: str, net: str, name: str, public_pem: str, address
         FileSpec(os.path.join(base, "hosts", name),
                  render_host_file(["Subnet = {}/32".format(address)], public_pem)),
         FileSpec(os.path.join(base, "hosts", hub), hub_host_file.rstrip("\n") + "\n"),
-        FileSpec(os.path.join(base, "tinc-up"), render_tinc_up(address, prefix), 0o755),
-        FileSpec(os.path.join(base, "tinc-down"), render_tinc_down(address, prefix), 0o755),
+        FileSpec(os.path.join(base, "tinc-up"),
+                 render_tinc_up(address, prefix, reply_table=reply_table(net)), 0o755),
+        FileSpec(os.path.join(base, "tinc-down"),
+                 render_tinc_down(address, prefix, reply_table=reply_table(net)), 0o755),
         FileSpec(os.path.join(base, STATE_FILE),
                  json.dumps(state, indent=2, sort_keys=True) + "\n"),
     ))
@@ -2218,9 +2500,9 @@ def plan_joined_files(tinc_dir: str, net: str, name: str, public_pem: str, addre
     files += hub_files.files
     files += [
         FileSpec(os.path.join(base, "tinc-up"), render_tinc_up(address, prefix, sync_script_command(
-            python, script, net, tinc_dir, "--daemon")), 0o755),
+            python, script, net, tinc_dir, "--daemon"), reply_table(net)), 0o755),
         FileSpec(os.path.join(base, "tinc-down"), render_tinc_down(address, prefix, sync_script_command(
-            python, script, net, tinc_dir, "--stop")), 0o755),
+            python, script, net, tinc_dir, "--stop"), reply_table(net)), 0o755),
         FileSpec(os.path.join(base, STATE_FILE), json.dumps(state, indent=2, sort_keys=True) + "\n")]
     if credential:
         files.append(FileSpec(os.path.join(base, CREDENTIAL_FILE), credential + "\n", 0o600))
@@ -2253,6 +2535,7 @@ class NodeJoin:
         self.hub_list = None  # type: Optional[List[HubInfo]]
         self.hub_net = token.net
         self.new_credential = None  # type: Optional[str]
+        self.names = None  # type: Optional[Dict[str, str]]  # None: the hub sends no names
         credential = (read_private(os.path.join(self.base, CREDENTIAL_FILE)) or "").strip()
         self.credential = credential if valid_credential(credential) else None
         remember_secret(self.credential)
@@ -2266,6 +2549,7 @@ class NodeJoin:
             Step(self.key_title, self.plan_key, self.apply_key),
             Step(lambda: "enrolling with the hub", self.plan_enrol, self.apply_enrol),
             Step(lambda: "", self.plan_files, self.apply_node_files),
+            Step(lambda: "", self.plan_names, self.apply_names),
             Step(self.boot_title, self.plan_boot, apply_boot),
             Step(lambda: "", self.plan_start, self.apply_start),
             Step(lambda: "", self.plan_wait, self.apply_wait),
@@ -2328,6 +2612,12 @@ class NodeJoin:
                 hub, self.hub.name), EXIT_REFUSED)
         if answer.get("hubs") != [] and "hubs" in answer:  # [] from a hub not yet serving
             self.accept_hubs(answer, address, prefix)
+        if "names" in answer:
+            try:
+                self.names = validate_names(answer["names"], address, prefix)
+            except ValueError as exc:
+                raise BootstrapError("the hub's names are refused: {}".format(exc),
+                                     EXIT_REFUSED, "hub and bootstrap versions may differ")
         self.address, self.prefix, self.hub_host_file = address, prefix, hub_host_file
         self.hub_vpn = hub_vpn_address(hub_host_file, address, prefix)
         REPORT.step("enrolled: address {}/{}{}".format(address, prefix, "" if self.hub_list is None
@@ -2410,6 +2700,17 @@ class NodeJoin:
                     self.changed.append(os.path.join(self.base, SCRIPT_FILE))
         quiet = (STATE_FILE, HUBS_FILE, CREDENTIAL_FILE, SCRIPT_FILE)
         self.config_changed = any(os.path.basename(p) not in quiet for p in self.changed)
+
+    def plan_names(self) -> Plan:
+        if self.names is None and not self.opts.dry_run:
+            return Plan()
+        return Plan(actions=("write the names block of net {} in {} (NAME.{} of every hub and "
+                             "node, as the hub sends them)".format(
+                                 self.net, ETC_HOSTS, dns_label(self.hub_net)),))
+
+    def apply_names(self, plan: Plan) -> None:
+        if self.names is not None:
+            write_names(self.net, self.hub_net, self.names)
 
     def boot_title(self) -> str:
         return "boot: " + {"systemd": "systemd unit " + service_unit(self.facts, self.net),
@@ -2576,6 +2877,11 @@ def leave(tinc_dir: str, net: Optional[str]) -> int:
     stop_and_unregister(net, init, facts, tinc_dir)
     stop_sync_loop(net)  # tinc-down stopped it, unless tincd was not running
     shutil.rmtree(net_dir(tinc_dir, net))
+    changed, problems = apply_names(net, net, {})
+    for problem in problems:
+        REPORT.step("warning: names: " + problem)
+    if changed:
+        REPORT.step("removed the names of net {} from {}".format(net, ETC_HOSTS))
     REPORT.step("removed {}; on the hub run `tinc-hub revoke {}`".format(
         net_dir(tinc_dir, net), state.get("name")))
     return EXIT_OK

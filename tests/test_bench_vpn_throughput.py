@@ -107,6 +107,31 @@ def test_cpu_seconds_of_a_busy_process_grow():
     assert 0 < machine["busy"] <= machine["total"]
 
 
+def test_echo_probe_output_is_checked():
+    ok = traffic.parse_echo_probe(json.dumps({"peer": "203.0.113.10", "rtt_ms": [0.5, 0.25],
+                                              "error": None}))
+    assert ok.peer == "203.0.113.10" and ok.rtt_ms == [0.5, 0.25]
+    for bad in ({"peer": "", "rtt_ms": [], "error": "Connection refused"},  # no echo at all
+                {"peer": "203.0.113.10", "rtt_ms": ["0.5"]},
+                {"peer": "203.0.113.10", "rtt_ms": [-1.0]},
+                {"peer": "203.0.113.10", "rtt_ms": [True]},
+                {"peer": 3405803786, "rtt_ms": [0.5]},  # an int is not an address here
+                {"peer": "203.0.113.10\nX", "rtt_ms": [0.5]},
+                ["203.0.113.10", [0.5]]):
+        with pytest.raises(ValueError):
+            traffic.parse_echo_probe(json.dumps(bad))
+    with pytest.raises(ValueError, match="Connection refused"):
+        traffic.parse_echo_probe(json.dumps({"peer": "", "rtt_ms": [],
+                                             "error": "Connection refused"}))
+
+
+def test_plain_dnat_ruleset_takes_only_an_address():
+    text = bench.plain_dnat_ruleset("198.51.100.3")
+    assert "tcp dport 15200 dnat to 198.51.100.3:5201" in text
+    with pytest.raises(ValueError):
+        bench.plain_dnat_ruleset("198.51.100.3:1; flush ruleset")
+
+
 def test_medians_and_ratios_refuse_missing_figures():
     assert bench.median_of_values([3.0, 1.0, 2.0]) == 2.0
     assert bench.median_of_values([1.0, None]) is None
@@ -120,7 +145,9 @@ def test_medians_and_ratios_refuse_missing_figures():
 def test_bench_measures_the_vpn_against_plain_ip(tmp_path):
     """One round, 1 s per iperf3 test, as generated and with TCPOnly (which must move tinc's
     bytes off UDP at the hub: proof the candidate reached every tincd), over an underlay that
-    loses 0.5% (the plain path through the router retransmits; the LAN one does not)."""
+    loses 0.5% (the plain path through the router retransmits; the LAN one does not). The
+    published service (tinc-hub expose, without and with --snat) is measured against plain
+    DNAT: the service sees the client's own address, or with --snat the hub's VPN address."""
     out = tmp_path / "figures.json"
     started = time.monotonic()
     cp = subprocess.run([sys.executable, str(BENCH), "--runs", "1", "--seconds", "1",
@@ -136,7 +163,12 @@ def test_bench_measures_the_vpn_against_plain_ip(tmp_path):
         paths = result["paths"]
         for key in ("lan", "public"):
             assert paths[key]["mbit_s"] > 100, (key, paths[key])  # veths: Gbit/s
-        for key, base in (("vpn-nodes", "lan"), ("vpn-hub", "public")):
+        assert paths["plain-dnat"]["mbit_s"] > 100, paths["plain-dnat"]
+        assert paths["plain-dnat"]["service_saw"] == [bench.CLIENT_ADDRESS]
+        assert paths["published"]["service_saw"] == [bench.CLIENT_ADDRESS]
+        assert paths["published-snat"]["service_saw"] == [figures["vpn_addresses"]["hub"]]
+        for key, base in (("vpn-nodes", "lan"), ("vpn-hub", "public"),
+                          ("published", "plain-dnat"), ("published-snat", "plain-dnat")):
             row = paths[key]
             assert row["baseline"] == base
             assert 0 < row["mbit_s"] < paths[base]["mbit_s"] * 1.2, (key, row, paths[base])
@@ -146,9 +178,11 @@ def test_bench_measures_the_vpn_against_plain_ip(tmp_path):
             assert row["hub_tincd_cpu"] > 0, row  # the hub's tincd carried it
     assert generated["paths"]["public"]["retransmits"] > 0, generated["paths"]["public"]
     assert generated["settled"], "PMTU discovery did not settle: large packets over TCP"
-    assert generated["paths"]["vpn-nodes"]["udp_share"] > 0.9, generated["paths"]["vpn-nodes"]
-    assert tcp_only["paths"]["vpn-nodes"]["udp_share"] < 0.05, tcp_only["paths"]["vpn-nodes"]
-    assert set(figures["versus"]["TCPOnly=yes"]) == {"vpn-nodes", "vpn-hub"}
+    for key in ("vpn-nodes", "published", "published-snat"):
+        assert generated["paths"][key]["udp_share"] > 0.9, (key, generated["paths"][key])
+        assert tcp_only["paths"][key]["udp_share"] < 0.05, (key, tcp_only["paths"][key])
+    assert set(figures["versus"]["TCPOnly=yes"]) == {"vpn-nodes", "vpn-hub", "published",
+                                                     "published-snat"}
     assert "x base" in cp.stdout and "candidate / as generated" in cp.stdout, cp.stdout
     print(cp.stdout)
     print("whole test: %.0f s" % took)

@@ -47,7 +47,7 @@ def test_init_writes_the_specified_files(tmp_path: Path, capsys) -> None:
     host = (net_dir / "hosts" / "hub1").read_text()
     head, _, key = host.partition("\n\n")
     assert head.splitlines() == ["Address = 127.0.0.1", "Port = 655", "Subnet = 10.66.0.1/32",
-                                 "Subnet = 10.66.0.0/24"]
+                                 "Subnet = 10.66.0.0/24"]  # no 0.0.0.0/0: nothing exposed
     assert key.startswith("-----BEGIN RSA PUBLIC KEY-----") and key.count("BEGIN") == 1
     assert (net_dir / "rsa_key.priv").stat().st_mode & 0o777 == 0o600
     for script in ("tinc-up", "tinc-down"):

@@ -330,3 +330,16 @@ def test_reconcile_rewrites_missing_and_removes_revoked(hub: HubEnv) -> None:
     assert (hub.config.hosts_dir / "keep").stat().st_mtime_ns == keep_mtime
     assert (hub.config.hosts_dir / "stranger").exists()
     assert reconcile_host_files(hub.config, hub.registry) == {"written": [], "removed": []}
+
+
+def test_a_name_that_differs_only_in_case_is_refused(hub: HubEnv) -> None:
+    """Bree and bree would both be bree.NET: a newcomer cannot take an enrolled node's name
+    out of /etc/hosts by enrolling its twin; the refused token keeps its use."""
+    assert hub.enroll(hub.token().token, "bree", rsa_public_pem(4))[0] == 200
+    token = hub.token().token
+    for twin in ("Bree", "BREE"):
+        status, answer = hub.enroll(token, twin, rsa_public_pem(5))
+        assert status == 409 and "differs only in case" in answer["error"], answer
+    assert hub.enroll(token, "bree_2", rsa_public_pem(5))[0] == 200
+    status, answer = hub.enroll(token, hub.config.name.upper(), rsa_public_pem(6))
+    assert status == 400 and "own name" in answer["error"], answer   # the hub: checked before

@@ -92,6 +92,7 @@ def test_a_second_hub_joins_with_registry_name_and_address(net: Dict, capsys) ->
     assert "ConnectTo" not in rivendell.file("tinc.conf")  # init's file; the API keeps conf.d/
     conf = rivendell.file("conf.d/hubs.conf")
     assert "ConnectTo = erebor\n" in conf and "PingInterval = 5\n" in conf and "PingTimeout = 3\n" in conf
+    # no 0.0.0.0/0 claim: nothing is exposed (tests/test_expose*.py)
     assert weights(rivendell.file("hosts/rivendell")) == ["Subnet = 10.78.0.2/32", f"Subnet = {SUBNET}#20"]
     assert weights(rivendell.file("hosts/erebor")) == ["Subnet = 10.78.0.1/32", f"Subnet = {SUBNET}#10"]
     assert "Address = 192.0.2.1\nPort = 655\n" in rivendell.file("hosts/erebor")
@@ -301,11 +302,11 @@ def test_an_unsound_hub_row_never_reaches_a_tinc_file_or_a_node(net: Dict, capsy
     registry = erebor.registry()
     with registry.exclusive(), registry.transaction() as tx:
         tx._db.driver.execute("UPDATE hubs SET public_address = %s WHERE name = 'rivendell'",
-                              ("192.0.2.2\nSubnet = 0.0.0.0/0",))
+                              ("192.0.2.2\nSubnet = 203.0.113.0/24",))
     done = mirror_registry(erebor.config, registry)
     assert "rivendell" not in done["written"] and not (erebor.config.hosts_dir / "rivendell").exists()
     assert not (erebor.config.net_dir / "conf.d/hubs.conf").exists()
-    assert "0.0.0.0/0" not in erebor.file("hosts/erebor")
+    assert "203.0.113.0/24" not in erebor.file("hosts/erebor")
     assert bootstrap.decode_token(token_of(erebor, capsys)).others == ()
     status, answer = enrol(Enroller(erebor.config, registry), token_of(erebor, capsys), "bree", rsa_public_pem(7))
     assert status == 200 and [h["name"] for h in answer["hubs"]] == ["erebor"]

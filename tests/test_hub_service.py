@@ -190,3 +190,38 @@ def test_verify_catches_a_wrong_executable_path(tmp_path):
 
 def test_installed_executable_is_the_one_beside_the_running_python():
     assert installed_executable() == str(Path(sys.executable).parent / "tinc-hub")
+
+
+def test_expose_units_run_apply_as_root_after_tincd_and_watch_the_stamp(tmp_path):
+    """tinc-hub-expose.service: a oneshot with capabilities (nftables), after the net's tincd,
+    bounded; tinc-hub-expose.path starts it when the API touches the stamp; systemd reads
+    both back without a warning."""
+    from tinc_hub.service import EXPOSE_NFT_UNIT, EXPOSE_PATH_UNIT, EXPOSE_UNIT, render_expose_units
+
+    units = render_expose_units(CONFIG, "/opt/tinc hub/bin/tinc-hub", "/srv/hub state",
+                                "tinc@middle-earth.service")
+    service = _directives(units[EXPOSE_UNIT])
+    assert service["ExecStart"] == '"/opt/tinc hub/bin/tinc-hub" --state-dir "/srv/hub state" expose apply'
+    assert service["Type"] == "oneshot" and "CapabilityBoundingSet" not in service
+    assert "tinc@middle-earth.service" in service["After"] and int(service["TimeoutStartSec"]) <= 300
+    path = _directives(units[EXPOSE_PATH_UNIT])
+    assert path["PathChanged"] == '"/srv/hub state/expose-changed"' and path["Unit"] == EXPOSE_UNIT
+    # after nftables.service (re)loads its ruleset (a flush of every table): the same apply
+    nft = _directives(units[EXPOSE_NFT_UNIT])
+    assert nft["ExecStart"] == nft["ExecReload"] == service["ExecStart"]
+    assert (nft["Type"], nft["RemainAfterExit"]) == ("oneshot", "yes")  # active: gets the propagation
+    assert nft["PartOf"] == nft["ReloadPropagatedFrom"] == "nftables.service"
+    assert "nftables.service" in nft["After"].split() and "nftables.service" in nft["WantedBy"].split()
+    if SYSTEMD_ANALYZE is None:
+        return
+    (tmp_path / "opt").mkdir()
+    exe = tmp_path / "tinc-hub"
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    for name, text in render_expose_units(CONFIG, str(exe), str(tmp_path), "tinc@x.service").items():
+        (tmp_path / name).write_text(text)
+    done = subprocess.run([SYSTEMD_ANALYZE, "verify", "--man=no", "--recursive-errors=no",
+                           str(tmp_path / EXPOSE_PATH_UNIT), str(tmp_path / EXPOSE_UNIT),
+                           str(tmp_path / EXPOSE_NFT_UNIT)],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and "tinc-hub-expose" not in done.stderr, done.stderr

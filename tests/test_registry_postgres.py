@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Dict, Iterator, List, Tuple
 
@@ -18,7 +19,7 @@ import pytest
 from bootstrap import bootstrap
 from tinc_hub.cli import main
 from tinc_hub.enroll import Enroller
-from tinc_hub.registry import (SCHEMA_REVISION, NodeRow, Registry, RegistryConflict,
+from tinc_hub.registry import (SCHEMA_REVISION, ExposureRow, NodeRow, Registry, RegistryConflict,
                                RegistrySchemaError, RegistryTransaction, TokenRow)
 from tinc_hub.registry_url import RegistryURL
 from tinc_hub.tls import pin_of_cert_file
@@ -170,6 +171,95 @@ def test_a_newer_schema_in_postgresql_is_refused_and_left_alone(tmp_path: Path, 
     registry.dispose()
 
 
+SHAPE_SQL = """
+SELECT c.table_name, c.column_name, c.data_type, c.is_nullable, coalesce(c.column_default, '')
+FROM information_schema.columns c WHERE c.table_schema = 'public'
+UNION ALL
+SELECT t.relname, k.conname, pg_get_constraintdef(k.oid), '', ''
+FROM pg_constraint k JOIN pg_class t ON t.oid = k.conrelid
+JOIN pg_namespace n ON n.oid = t.relnamespace WHERE n.nspname = 'public'
+UNION ALL
+SELECT tablename, indexname, indexdef, '', '' FROM pg_indexes WHERE schemaname = 'public'
+ORDER BY 1, 2, 3"""
+
+
+def schema_shape(pg: postgres.ThrowawayPostgres, url: str) -> List[tuple]:
+    """Columns (type, NULL, default), constraints and indexes of every table, as PostgreSQL
+    describes them."""
+    with pg.admin(url.rsplit("/", 1)[1]) as conn:
+        return [tuple(row) for row in conn.execute(SHAPE_SQL)]
+
+
+def test_migration_0003_upgrades_a_0002_registry_in_postgresql(tmp_path: Path, database: str,
+                                                               pg: postgres.ThrowawayPostgres) -> None:
+    """Revision 0003 (exposures) on PostgreSQL: a registry at 0002 holding a hub and a node is
+    upgraded in place (nothing lost, once), ends with the shape a new registry gets, and
+    PostgreSQL itself enforces the table's rules (a node's name, tcp/udp, ports 1-65535, one
+    (proto, listen port))."""
+    from alembic import command
+    from alembic.config import Config
+    from tinc_hub import migrations
+
+    registry = pg_registry(database, tmp_path / "lock")
+    with registry.engine.connect() as conn:  # revision 0002, as a hub of that version made it
+        conn.exec_driver_sql("BEGIN")
+        config = Config()
+        config.set_main_option("script_location", str(migrations.HERE))
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0002")
+        conn.exec_driver_sql("COMMIT")
+    assert registry.schema_revision() == "0002"
+    node = NodeRow("n1", "10.77.0.2", 0x0A4D0002, "key1", "t" * 64, 1, 1, None)
+    with registry._runner() as runner:  # written with 0002's columns only
+        runner.driver.execute("BEGIN")
+        RegistryTransaction(runner).insert_node(node)
+        runner.driver.execute("COMMIT")
+    with pg.admin(database.rsplit("/", 1)[1]) as conn:
+        assert conn.execute("SELECT to_regclass('exposures')").fetchone() == (None,)
+
+    assert registry.upgrade_schema() == ["0003"]
+    assert registry.upgrade_schema() == []  # current: nothing to do
+    assert registry.schema_revision() == SCHEMA_REVISION == "0003"
+    with registry.reading() as view:
+        assert view.list_nodes() == [node] and view.list_exposures() == []
+
+    fresh_name = "reg_" + uuid.uuid4().hex[:12]
+    fresh_url = pg.create_database(fresh_name, user="hub", password=PASSWORD)
+    try:
+        fresh = pg_registry(fresh_url, tmp_path / "fresh.lock")
+        assert fresh.create() is True
+        fresh.dispose()
+        assert schema_shape(pg, database) == schema_shape(pg, fresh_url)
+        assert any(row[0] == "exposures" for row in schema_shape(pg, fresh_url))
+    finally:
+        pg.drop_database(fresh_name)
+
+    good = ExposureRow(0, "n1", 80, None, 8080, "tcp", False, 1)
+    with registry.exclusive(), registry.transaction() as tx:
+        assert tx.insert_exposure(good) == 1
+    bad = [replace(good, node_name="ghost"),            # not a node
+           replace(good, proto="sctp", listen_port=1),  # protocol
+           replace(good, node_port=0, listen_port=2),   # port 0
+           replace(good, listen_port=70000),            # port above 65535
+           replace(good, node_port=81)]                 # tcp 8080 published already
+
+    def insert_rolled_back(row: ExposureRow) -> None:
+        with registry._runner() as runner:  # past the code's own checks: the database's
+            runner.driver.execute("BEGIN")
+            try:
+                RegistryTransaction(runner).insert_exposure_rows([replace(row, id=9)])
+            finally:
+                runner.driver.execute("ROLLBACK")
+
+    insert_rolled_back(replace(good, node_port=81, listen_port=9090))  # control: this one goes in
+    for row in bad:
+        with pytest.raises(RegistryConflict):
+            insert_rolled_back(row)
+    with registry.reading() as view:
+        assert [(e.id, e.node_name, e.listen_port) for e in view.list_exposures()] == [(1, "n1", 8080)]
+    registry.dispose()
+
+
 # -- the command line ------------------------------------------------------------------------
 
 @pytest.fixture
@@ -225,6 +315,14 @@ def test_registry_copy_moves_main_registry_to_postgresql(hub: HubEnv, database: 
                                                          capsys, pg: postgres.ThrowawayPostgres) -> None:
     MAIN_EXPECTED.update(install_main_registry(hub.state))  # token expiries: a day from now
     state = ["--state-dir", str(hub.state.root)]
+    # exposures (revision 0003) travel too, with their ids: one of a node, one of a revoked node
+    source = Registry.for_state(hub.state)
+    source.upgrade_schema()
+    with source.exclusive(), source.transaction() as tx:
+        tx.insert_exposure_rows([ExposureRow(3, "alpha", 80, None, 8080, "tcp", False, 1700000000),
+                                 ExposureRow(7, "gamma", 53, "192.0.2.1", 53, "udp", True, 1700000001)])
+        exposures = tx.list_exposures()
+    source.dispose()
     copy = state + ["registry", "copy", "--to", database, "--to-password-file", str(password_file)]
 
     # refused while another process holds the SQLite registry open (a running API server)
@@ -242,7 +340,8 @@ def test_registry_copy_moves_main_registry_to_postgresql(hub: HubEnv, database: 
 
     code, out, err = cli(capsys, *copy)
     assert code == 0, err
-    assert "copied 4 token(s) and 3 node(s) (1 revoked), schema 0002" in out and "counts verified" in out
+    assert "copied 4 token(s) and 3 node(s) (1 revoked), schema 0003, 2 exposure(s)" in out
+    assert "counts verified" in out
     assert "restart the API service" in out and PASSWORD not in out + err
     recorded = json.loads(hub.state.config_file.read_text())
     assert (recorded["registry"], recorded["registry_password_file"]) == (database, str(password_file))
@@ -262,6 +361,7 @@ def test_registry_copy_moves_main_registry_to_postgresql(hub: HubEnv, database: 
         assert [n.__dict__ for n in view.list_nodes()] == [dict(n, kind="node", credential_sha256=None,
                                                                  credential_used_at=None)
                                                             for n in MAIN_EXPECTED["nodes"]]
+        assert view.list_exposures() == exposures and [e.id for e in exposures] == [3, 7]
     assert target.schema_revision() == SCHEMA_REVISION
 
     # the active token enrols through the copied registry; the revoked one still is revoked

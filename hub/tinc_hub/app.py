@@ -287,6 +287,21 @@ async def _serve(server: uvicorn.Server, sock: socket.socket) -> None:
     await server.serve(sockets=[sock])
 
 
+def exposures_trigger(state_dir: StateDir, config: HubConfig, registry: Registry) -> Callable[[], None]:
+    """How serve's follower gets the exposures' rules applied: under systemd the API is
+    sandboxed without capabilities, so it touches the stamp file that tinc-hub-expose.path
+    watches (the root oneshot then reads the registry itself); without systemd (--init none,
+    sysv, rc.local: hub.json's init) serve runs as root unconfined and applies them itself."""
+    from .exposure import apply_now
+    from .hostfiles import write_if_changed
+    from .service import EXPOSE_STAMP
+
+    if config.init == "systemd":
+        stamp = state_dir.root / EXPOSE_STAMP
+        return lambda: write_if_changed(stamp, f"{time.time_ns()}\n", 0o600) and None
+    return lambda: apply_now(state_dir, registry) and None
+
+
 def serve(state_dir: StateDir, registry_url: Optional[str] = None,
           registry_password_file: Optional[str] = None, listen: str = "0.0.0.0", port: Optional[int] = None,
           rate_limit: Optional[RateLimit] = parse_rate_limit(DEFAULT_RATE_LIMIT),
@@ -308,7 +323,9 @@ def serve(state_dir: StateDir, registry_url: Optional[str] = None,
     # this hub's place in the registry (a hub of an older tinc-hub records itself here)
     register_hub(registry, hub_row(config, read_public_key(config.net_dir), pin), config.net,
                  config.vpn_subnet)
-    follower = RegistryFollower(config, registry, lambda: send_sighup(config.net, config.tinc_dir))
+    follower = RegistryFollower(config, registry, lambda: send_sighup(config.net, config.tinc_dir),
+                                state_root=state_dir.root,
+                                exposures_changed=exposures_trigger(state_dir, config, registry))
     follower.catch_up()  # hosts/ and tinc.conf as the registry says, before the first answer
     follower.start()
     caps = connection_caps(max_connections, max_connections_per_address, trusted_proxies,

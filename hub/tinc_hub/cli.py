@@ -301,6 +301,27 @@ def build_parser() -> Parser:
     add_flag(p, "--revoke-token", help="also revoke the token that enrolled (or last re-keyed) the "
                                        "node, so the machine cannot enrol again under another name")
 
+    p = add_command(commands, "expose", run=cmd_expose, help="publish a node's service on the hub's public address",
+                    description="NODE:PORT: publish the node's port on the hub (same port, or --listen), "
+                                "kept in the registry and applied with nftables in a table of the hub's own"
+                                " (tinc_hub_NET; nothing else on the firewall is touched). The node sees the"
+                                " client's own address unless --snat. 'expose list' lists them; 'expose apply'"
+                                " re-applies the registry's (boot, other hubs' changes).")
+    p.add_argument("target", metavar="NODE:PORT|list|apply", help="the node's service, or list, or apply")
+    add_option(p, "--listen", env="TINC_HUB_EXPOSE_LISTEN", metavar="[ADDR:]PORT",
+               help="where the hub listens (default: every address of the hub, the node's port)")
+    add_option(p, "--proto", env="TINC_HUB_EXPOSE_PROTO", default="tcp", choices=["tcp", "udp"],
+               help="protocol")
+    add_flag(p, "--snat", env="TINC_HUB_EXPOSE_SNAT",
+             help="the node sees the hub's VPN address as the client (for nodes whose tinc-up"
+                  " predates exposures; always so with several hubs)")
+    add_flag(p, "--json", help="with list: print JSON")
+    p = add_command(commands, "unexpose", run=cmd_unexpose, help="stop publishing a node's service",
+                    description="Remove exposure ID (see 'expose list'), or every exposure of NODE:PORT"
+                                " (only --proto's when given), and close the port on the hub at once.")
+    p.add_argument("exposure", metavar="ID|NODE:PORT", help="exposure id or NODE:PORT")
+    p.add_argument("--proto", choices=["tcp", "udp"], default=None, help="only this protocol")
+
     p = add_command(commands, "hubs", run=cmd_hubs, help="list the hubs of the net",
                     description="Every hub recorded in the registry: name, VPN address, public address,"
                                 " tinc and API ports, TLS pin, joined, removed.")
@@ -330,6 +351,16 @@ def build_parser() -> Parser:
                     "~/.pgpass or PGPASSFILE)")
     add_flag(p, "--no-switch", env="TINC_HUB_REGISTRY_COPY_NO_SWITCH",
              help="copy and verify only; leave hub.json as it is")
+
+    p = add_command(commands, "names", help="NAME.NET of every hub and node in /etc/hosts")
+    names_cmds = add_actions(p, "names_command")
+    p = add_command(names_cmds, "apply", run=cmd_names_apply,
+                    help="write names.json of the state dir as the net's block of /etc/hosts",
+                    description="Run by tinc-hub-names.service (as root) whenever the API rewrites"
+                                " names.json: every name is checked again against --net and"
+                                " --vpn-subnet, which come from the unit, not from the state dir.")
+    add_option(p, "--net", required=True, help="the net (the block's name and the domain)")
+    add_option(p, "--vpn-subnet", required=True, help="the VPN prefix every address must be in")
     return parser
 
 
@@ -504,6 +535,7 @@ def cmd_revoke(args: argparse.Namespace, state: StateDir) -> int:
                                "see 'tinc-hub nodes'; a host file tinc-hub did not write must be removed by hand")
             hub_kind_guard(node.kind, node.name)
             tx.mark_revoked(node.name, now)
+            exposures_removed = tx.delete_exposures_of(node.name)
             if args.release:
                 tx.delete_node(node.name)
             token = tx.get_token(node.token_sha256)
@@ -511,6 +543,11 @@ def cmd_revoke(args: argparse.Namespace, state: StateDir) -> int:
                                  and tx.revoke_token(token.secret_sha256, now))
         removed = remove_if_present(config.hosts_dir / node.name)
     signalled = send_sighup(config.net, config.tinc_dir)
+    if exposures_removed:
+        from .exposure import apply_now
+
+        apply_now(state, registry)
+        print(f"{exposures_removed} exposure(s) of {node.name} removed and closed on this hub")
     what = "revoked" if not node.revoked else "already revoked"
     print(f"{node.name} ({node.address}) {what}" + ("; address, name and key released" if args.release else "")
           + ("; host file removed" if removed else "")
@@ -527,6 +564,48 @@ def cmd_revoke(args: argparse.Namespace, state: StateDir) -> int:
     return EXIT_OK
 
 
+def describe_exposure(row: Any) -> str:
+    listen = f"{row.listen_address or '*'}:{row.listen_port}"
+    return (f"{row.proto} {listen} -> {row.node_name} {row.node_address}:{row.node_port}"
+            + (" (source NAT)" if row.snat else ""))
+
+
+def cmd_expose(args: argparse.Namespace, state: StateDir) -> int:
+    from . import exposure
+
+    if args.target in ("list", "apply") and (args.listen or args.snat):
+        raise UsageError(f"--listen and --snat go with NODE:PORT, not '{args.target}'")
+    if args.json and args.target != "list":
+        raise UsageError("--json goes with 'expose list'")
+    registry = _registry(state, args)
+    if args.target == "list":
+        with registry.reading() as view:
+            rows = [exposure.listing(r) for r in view.list_exposures()]
+        return print_rows(rows, args.json, "nothing exposed",
+                          ("ID", "PROTO", "LISTEN", "NODE", "TARGET", "SNAT", "CREATED"),
+                          lambda r: (str(r["id"]), r["proto"],
+                                     f"{r['listen_address'] or '*'}:{r['listen_port']}",
+                                     r["node"] + (" (revoked)" if r["node_revoked"] else ""),
+                                     f"{r['node_address']}:{r['node_port']}",
+                                     "yes" if r["snat"] else "no", r["created_at"]))
+    if args.target == "apply":
+        ruleset = exposure.apply_now(state, registry)
+        print("exposure rules applied" + ("" if ruleset.forwarding else " (nothing published)"))
+        return EXIT_OK
+    row = exposure.add_exposure(state, registry, args.target, args.listen, args.proto, args.snat,
+                                int(time.time()))
+    print(f"exposure {row.id}: {describe_exposure(row)}")
+    return EXIT_OK
+
+
+def cmd_unexpose(args: argparse.Namespace, state: StateDir) -> int:
+    from .exposure import remove_exposures
+
+    for row in remove_exposures(state, _registry(state, args), args.exposure, args.proto):
+        print(f"exposure {row.id} removed: {describe_exposure(row)}")
+    return EXIT_OK
+
+
 def hub_listing(hub: Any) -> Dict[str, Any]:
     from .registry import iso_utc
 
@@ -534,6 +613,29 @@ def hub_listing(hub: Any) -> Dict[str, Any]:
             "tinc_port": hub.tinc_port, "api_port": hub.api_port, "pin": hub.tls_pin,
             "joined_at": iso_utc(hub.joined_at), "removed": hub.removed,
             "removed_at": iso_utc(hub.removed_at)}
+
+
+def cmd_names_apply(args: argparse.Namespace, state: StateDir) -> int:
+    import ipaddress
+
+    from bootstrap import bootstrap
+    from .names import apply_names_file
+
+    if not bootstrap.NET_RE.fullmatch(args.net):
+        raise HubError(f"--net {args.net!r} is not a net name")
+    try:
+        ipaddress.IPv4Network(args.vpn_subnet)
+    except ValueError:
+        raise HubError(f"--vpn-subnet {args.vpn_subnet!r} is not an IPv4 prefix") from None
+    try:
+        changed, problems = apply_names_file(state.root, args.net, args.vpn_subnet)
+    except (OSError, ValueError) as exc:
+        raise HubError(f"names not written: {exc}", "see the tinc-hub API's log") from None
+    for problem in problems:
+        print(f"{PROG}: warning: names: {_one_line(problem)}", file=sys.stderr)
+    if changed:
+        print(f"{PROG}: names of net {args.net} written to /etc/hosts", file=sys.stderr)
+    return 0
 
 
 def cmd_hubs(args: argparse.Namespace, state: StateDir) -> int:
@@ -563,7 +665,8 @@ def cmd_registry_copy(args: argparse.Namespace, state: StateDir) -> int:
     source = _registry(state, args)
     result = copy_registry(state, source, args.to, args.to_password_file, switch=not args.no_switch)
     print(f"copied {result.tokens} token(s) and {result.nodes} node(s) ({result.revoked_nodes} revoked),"
-          f" schema {result.revision}, from {source.describe()} to {result.target}; counts verified")
+          f" schema {result.revision}, {result.exposures} exposure(s), from {source.describe()} to"
+          f" {result.target}; counts verified")
     if result.switched:
         print(f"hub.json now names {result.target}"
               + (f" and its password file {args.to_password_file}" if args.to_password_file else "")

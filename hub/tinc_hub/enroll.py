@@ -37,6 +37,7 @@ from bootstrap import bootstrap
 from .hostfiles import host_file_in_place, render_node_host_file, write_if_changed
 from .registry import (HUB, HubRow, NodeRow, Registry, RegistryConflict, RegistryTransaction,
                        RegistryUnavailable, RegistryView, TokenRow, token_id)
+from .names import NamesCache
 from .roster import allocate_address, hubs_for_nodes
 from .state import HubConfig
 from .tokens import hash_secret
@@ -243,6 +244,7 @@ class Enroller:
         self.clock = clock
         self.network = config.network
         self.hub_address_int = int(ipaddress.IPv4Address(config.hub_address))
+        self.names = NamesCache(config)
 
     def process(self, authorization: Optional[str], body: bytes, client: str = "-") -> EnrollOutcome:
         """Answer one enrolment request from ``client`` (its address, for the audit line)."""
@@ -260,7 +262,20 @@ class Enroller:
             audit_log.error("%s", audit_line("failed", 500, attempt, type(exc).__name__))
             raise
         audit_log.info("%s", audit_line(result, outcome.status, attempt))
+        if outcome.status == 200:
+            self._add_names(outcome.body)
         return outcome
+
+    def _add_names(self, answer: Dict[str, Any]) -> None:
+        """``names`` of the registry as committed (this node included), so the node resolves
+        every name at once; none when the registry cannot be read now (sync brings them)."""
+        try:
+            with self.registry.snapshot() as view:
+                names = self.names.get(view).names
+        except RegistryUnavailable:
+            return
+        if names is not None:
+            answer["names"] = names
 
     # -- internals ---------------------------------------------------------------------
     def _decode(self, token_text: str) -> str:
@@ -412,6 +427,10 @@ class Enroller:
         if (self.config.hosts_dir / name).exists():
             raise EnrollError(409, f"a host file for {name!r} exists on the hub that tinc-hub did not"
                                    " write; choose another name")
+        twins = [other for other in tx.names_ignoring_case(name) if other != name]
+        if twins:  # both would lose NAME.NET (names.py leaves colliding names out)
+            raise EnrollError(409, f"node name {name!r} differs only in case from {twins[0]!r}, "
+                                   "and NAME.NET would not tell them apart; choose another name")
         reserved = tx.used_address_ints()
         reserved.add(self.hub_address_int)
         address = allocate_address(self.network, reserved)

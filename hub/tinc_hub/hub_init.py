@@ -17,7 +17,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from bootstrap import bootstrap
 from .errors import HubError
-from .service import UNIT_NAME, apply_service, installed_executable, read_service_plan, render_unit
+from .exposure import claims_default_route, render_tinc_up_guard
+from .names import NAMES_PATH_UNIT
+from .service import (EXPOSE_NFT_UNIT, EXPOSE_PATH_UNIT, EXPOSE_UNIT, UNIT_NAME, apply_service,
+                      installed_executable, read_expose_plan, read_names_units_plan,
+                      read_service_plan, render_unit)
 from .liveness import render_host_script
 from .registry import SCHEMA_REVISION, HubRow, Registry
 from .roster import (HUB_CONF_MARKER, HUB_PEERS_FILE, NetSettings, active_hubs, check_settings,
@@ -245,7 +249,8 @@ class HubInit:
     def hub_files(self) -> Dict[str, str]:
         """hosts/ files of every hub as this hub sees them (itself included)."""
         me = hub_row(self.config, self.public_pem, "")
-        return hub_host_files_for(self.config.name, self.other_hubs() + [me], self.config.network)
+        return hub_host_files_for(self.config.name, self.other_hubs() + [me], self.config.network,
+                                  claim=claims_default_route(self.config.hub_host_file))
 
     def steps(self) -> List[bootstrap.Step]:
         config, start = self.config, self.req.start
@@ -273,6 +278,12 @@ class HubInit:
         if start and config.init == "systemd":  # the API too comes back after a reboot
             steps.append(bootstrap.Step(lambda: f"API service {UNIT_NAME}", self.plan_service,
                                         self.apply_service))
+            steps.append(bootstrap.Step(lambda: f"names into /etc/hosts: {NAMES_PATH_UNIT}",
+                                        self.plan_names_units, self.apply_names_units))
+            steps.append(bootstrap.Step(
+                lambda: f"exposures at boot, from other hubs, after nftables: {EXPOSE_UNIT}, "
+                        f"{EXPOSE_PATH_UNIT}, {EXPOSE_NFT_UNIT}",
+                self.plan_expose_units, self.apply_expose_units))
         return steps
 
     def apply_install(self, plan: bootstrap.Plan) -> None:
@@ -364,7 +375,10 @@ class HubInit:
             f"directory {peers_dir} (the other hubs' ConnectTo, kept by the API), made when missing",),
             files=tuple(self.event_scripts()) + hub_files + (
             bootstrap.FileSpec(str(net_dir / "tinc-up"),
-                               bootstrap.render_tinc_up(config.hub_address, config.prefix), 0o755),
+                               bootstrap.render_tinc_up(config.hub_address, config.prefix)
+                               + render_tinc_up_guard(config.net, bootstrap.interface_name(config.net),
+                                                      config.hub_address, str(config.hub_host_file)),
+                               0o755),
             bootstrap.FileSpec(str(net_dir / "tinc-down"),
                                bootstrap.render_tinc_down(config.hub_address, config.prefix),
                                0o755),
@@ -406,6 +420,19 @@ class HubInit:
     def apply_service(self, plan: bootstrap.Plan) -> None:
         self.changed += apply_service(plan)
         self.api_service = UNIT_NAME
+
+    def plan_names_units(self) -> bootstrap.Plan:
+        return read_names_units_plan(self.config, str(self.state.root))
+
+    def apply_names_units(self, plan: bootstrap.Plan) -> None:
+        self.changed += apply_service(plan)
+
+    def plan_expose_units(self) -> bootstrap.Plan:
+        return read_expose_plan(self.config, str(self.state.root),
+                                bootstrap.service_unit(self.facts, self.config.net))
+
+    def apply_expose_units(self, plan: bootstrap.Plan) -> None:
+        self.changed += apply_service(plan)
 
     def result(self) -> InitResult:
         return InitResult(config=self.config, pin=pin_of_cert_file(self.state.cert_file),

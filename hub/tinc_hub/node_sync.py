@@ -14,6 +14,7 @@ from typing import Any, Dict, NamedTuple, Optional
 from bootstrap import bootstrap
 from .enroll import (CREDENTIAL_RE, EnrollError, credential_hash, credential_matches, log_value,
                      parse_json_object)
+from .names import NamesCache
 from .registry import NODE, Registry, RegistryUnavailable
 from .roster import hubs_for_nodes
 from .state import HubConfig
@@ -41,14 +42,16 @@ class SyncHandler:
 
     def __init__(self, config: HubConfig, registry: Registry) -> None:
         self.config, self.registry = config, registry
+        self.names = NamesCache(config)
 
     def process(self, body: bytes, client: str = "-") -> SyncOutcome:
         name: Any = None
         try:
-            name, credential = self._parse(body)
+            name, credential, tag = self._parse(body)
             with self.registry.snapshot() as view:
                 node = view.get_node(name)
                 hubs = view.list_hubs()
+                names = self.names.get(view, hubs)
         except EnrollError as refusal:
             audit_log.warning("%s", sync_audit_line("refused", refusal.status, name, client, refusal.message))
             return SyncOutcome(refusal.status, {"error": refusal.message})
@@ -65,10 +68,13 @@ class SyncHandler:
         if node.credential_used_at is None:  # the node has it: from now on a replay with a
             self._mark_used(node.name, credential)  # shared token cannot replace it
         audit_log.info("%s", sync_audit_line("ok", 200, name, client))
-        return SyncOutcome(200, {"net": self.config.net, "name": node.name, "address": node.address,
-                                 "prefix": self.config.prefix,
-                                 "hubs": hubs_for_nodes(hubs, self.config.network, first=self.config.name),
-                                 "interval": SYNC_INTERVAL})
+        answer = {"net": self.config.net, "name": node.name, "address": node.address,
+                  "prefix": self.config.prefix,
+                  "hubs": hubs_for_nodes(hubs, self.config.network, first=self.config.name),
+                  "interval": SYNC_INTERVAL}
+        if names.names is not None and tag != names.tag:  # not sent to a node that has them
+            answer["names"] = names.names
+        return SyncOutcome(200, answer)
 
     def _mark_used(self, name: str, credential: str) -> None:
         try:
@@ -78,11 +84,13 @@ class SyncHandler:
             pass  # recorded at a later sync
 
     @staticmethod
-    def _parse(body: bytes) -> "tuple[str, str]":
+    def _parse(body: bytes) -> "tuple[str, str, Optional[str]]":
         data = parse_json_object(body, MAX_SYNC_BODY_BYTES)
-        name, credential = data.get("name"), data.get("credential")
+        name, credential, tag = data.get("name"), data.get("credential"), data.get("names_tag")
         if not isinstance(name, str) or not bootstrap.valid_node_name(name):
             raise EnrollError(400, "field 'name' must be a node name")
         if not isinstance(credential, str) or not CREDENTIAL_RE.fullmatch(credential):
             raise EnrollError(400, "field 'credential' must be 64 lowercase hex digits")
-        return name, credential
+        if tag is not None and (not isinstance(tag, str) or not CREDENTIAL_RE.fullmatch(tag)):
+            raise EnrollError(400, "field 'names_tag' must be 64 lowercase hex digits")
+        return name, credential, tag

@@ -121,6 +121,10 @@ def openapi_schema() -> Dict[str, Any]:
                                               "description": "Full text of the hub's hosts/HUB"},
                             },
                         },
+                        "names": {"type": "object", "additionalProperties": {"type": "string",
+                                                                             "format": "ipv4"},
+                                  "description": "Tinc name -> VPN address of every hub and "
+                                                 "node not revoked (the node resolves NAME.NET)"},
                     },
                 },
                 "Error": {

@@ -47,7 +47,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Set
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Set
 
 import sqlalchemy as sa
 
@@ -63,7 +63,7 @@ TOKEN_ID_CHARS = 10
 MIN_TOKEN_ID_PREFIX = 6
 
 # The Alembic head revision of tinc_hub/migrations (tests/test_registry_migrations.py checks it).
-SCHEMA_REVISION = "0002"
+SCHEMA_REVISION = "0003"
 VERSION_TABLE = "alembic_version"
 
 BUSY_TIMEOUT_MS = 30_000
@@ -113,6 +113,18 @@ hubs = sa.Table(
     sa.Column("tls_pin", sa.Text, nullable=False),
     sa.Column("joined_at", _BigInt, nullable=False),
     sa.Column("removed_at", _BigInt),
+)
+
+exposures = sa.Table(
+    "exposures", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("node_name", sa.Text, sa.ForeignKey("nodes.name"), nullable=False),
+    sa.Column("node_port", sa.Integer, nullable=False),
+    sa.Column("listen_address", sa.Text),
+    sa.Column("listen_port", sa.Integer, nullable=False),
+    sa.Column("proto", sa.Text, nullable=False),
+    sa.Column("snat", sa.Boolean().with_variant(sa.Integer(), "sqlite"), nullable=False),
+    sa.Column("created_at", _BigInt, nullable=False),
 )
 
 settings = sa.Table(
@@ -202,6 +214,22 @@ class HubRow:
         return self.removed_at is not None
 
 
+@dataclass(frozen=True)
+class ExposureRow:
+    """A service of a node published by the hubs (tinc-hub expose), with the node's VPN
+    address and whether the node is revoked (joined from ``nodes``)."""
+    id: int
+    node_name: str
+    node_port: int
+    listen_address: Optional[str]  # None: every local address of the hub
+    listen_port: int
+    proto: str  # 'tcp' or 'udp'
+    snat: bool
+    created_at: int
+    node_address: str = ""
+    node_revoked: bool = False
+
+
 def iso_utc(timestamp: Optional[int]) -> Optional[str]:
     """Unix seconds as ISO 8601 UTC (``2024-01-31T12:00:00Z``); None stays None."""
     if timestamp is None:
@@ -238,6 +266,8 @@ class _Statements:
                       .order_by(nodes.c.address_int))
     node_by_name = sa.select(*_NODE_COLUMNS).where(nodes.c.name == P("name"))  # hubs too
     node_by_key = sa.select(*_NODE_COLUMNS).where(nodes.c.public_key == P("key"))  # hubs too
+    names_ignoring_case = sa.select(nodes.c.name).where(  # hubs too (NAME.NET is lower case)
+        sa.func.lower(nodes.c.name) == sa.func.lower(P("name")))
     nodes_in_order = sa.select(*_NODE_COLUMNS).where(is_node).order_by(nodes.c.address_int)
     rows_in_order = sa.select(*_NODE_COLUMNS).order_by(nodes.c.address_int)  # hubs too (copy)
     address_ints = sa.select(nodes.c.address_int)  # hubs too: an address is never handed out twice
@@ -284,6 +314,16 @@ class _Statements:
                                          nodes.c.revoked_at.is_(None))
                     .values(revoked_at=P("now")))
     delete_node = nodes.delete().where(nodes.c.name == P("name"), nodes.c.kind == NODE)
+    exposures_in_order = (sa.select(exposures.c.id, exposures.c.node_name, exposures.c.node_port,
+                                    exposures.c.listen_address, exposures.c.listen_port,
+                                    exposures.c.proto, exposures.c.snat, exposures.c.created_at,
+                                    nodes.c.address, nodes.c.revoked_at)
+                          .select_from(exposures.join(nodes, exposures.c.node_name == nodes.c.name))
+                          .order_by(exposures.c.id))
+    max_exposure_id = sa.select(sa.func.max(exposures.c.id))
+    insert_exposure = exposures.insert().values({c.name: sa.bindparam(c.name) for c in exposures.c})
+    delete_exposure = exposures.delete().where(exposures.c.id == P("id"))
+    delete_exposures_of = exposures.delete().where(exposures.c.node_name == P("name"))
     write_lock = sa.select(sa.func.pg_advisory_xact_lock(WRITE_LOCK_KEY))
     notify_changes = sa.select(sa.func.pg_notify(CHANGES_CHANNEL, ""))
 
@@ -398,6 +438,10 @@ class RegistryView:
     def list_nodes(self) -> List[NodeRow]:
         return [_node_row(r) for r in self._db.rows(Q.nodes_in_order)]
 
+    def names_ignoring_case(self, name: str) -> List[str]:
+        """The names of node and hub rows equal to ``name`` but for case (revoked too)."""
+        return [row[0] for row in self._db.rows(Q.names_ignoring_case, name=name)]
+
     def used_address_ints(self) -> Set[int]:
         """Addresses held by any node row, revoked ones included (they are never reused)."""
         return {r[0] for r in self._db.rows(Q.address_ints)}
@@ -430,6 +474,12 @@ class RegistryView:
 
     def count_tokens(self) -> int:
         return self._db.rows(Q.count_tokens)[0][0]
+
+    # -- exposures ---------------------------------------------------------------------
+    def list_exposures(self) -> List[ExposureRow]:
+        """Every exposure in id order, with its node's VPN address and revocation."""
+        return [ExposureRow(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7], r[8], r[9] is not None)
+                for r in self._db.rows(Q.exposures_in_order)]
 
 
 class RegistryTransaction(RegistryView):
@@ -511,6 +561,29 @@ class RegistryTransaction(RegistryView):
             self._db.rowcount(Q.insert_setting, key=key, value=value)
         else:
             self._db.rowcount(Q.update_setting, key=key, value=value)
+
+    def insert_exposure(self, row: ExposureRow) -> int:
+        """A new exposure with the next id (max + 1, under the write lock); returns the id."""
+        last = self._db.first(Q.max_exposure_id)
+        new_id = (last[0] or 0) + 1 if last else 1
+        values = {c.name: getattr(row, c.name) for c in exposures.c}
+        values.update(id=new_id, snat=bool(row.snat))
+        self._db.rowcount(Q.insert_exposure, **values)
+        return new_id
+
+    def insert_exposure_rows(self, rows: Sequence[ExposureRow]) -> None:
+        """Exposures with their own ids (registry copy)."""
+        for row in rows:
+            values = {c.name: getattr(row, c.name) for c in exposures.c}
+            values.update(snat=bool(row.snat))
+            self._db.rowcount(Q.insert_exposure, **values)
+
+    def delete_exposure(self, exposure_id: int) -> bool:
+        return self._db.rowcount(Q.delete_exposure, id=exposure_id) == 1
+
+    def delete_exposures_of(self, name: str) -> int:
+        """Remove every exposure of node ``name`` (revoke); returns how many."""
+        return self._db.rowcount(Q.delete_exposures_of, name=name)
 
     def bump_generation(self) -> None:
         self._db.rowcount(Q.bump_generation)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from .errors import HubError
-from .registry import SCHEMA_REVISION, HubRow, NodeRow, Registry, TokenRow
+from .registry import SCHEMA_REVISION, ExposureRow, HubRow, NodeRow, Registry, TokenRow
 from .registry_url import RegistryURL, read_password_file
 from .state import StateDir
 
@@ -28,6 +28,7 @@ class CopyResult:
     tokens: int
     nodes: int
     revoked_nodes: int
+    exposures: int
     revision: str
     target: str  # the target URL without password
     switched: bool
@@ -66,13 +67,15 @@ class Contents:
     nodes: List[NodeRow]
     hubs: List[HubRow]
     settings: Dict[str, str]  # without the generation counter
+    exposures: List[ExposureRow]
 
 
 def _read_all(registry: Registry) -> Contents:
     with registry.snapshot() as view:
         settings = view.settings()
         settings.pop("generation", None)
-        return Contents(view.list_tokens(), view.list_rows(), view.list_hubs(), settings)
+        return Contents(view.list_tokens(), view.list_rows(), view.list_hubs(), settings,
+                        view.list_exposures())
 
 
 def write_config_atomically(state: StateDir, text: str) -> None:
@@ -124,6 +127,7 @@ def copy_registry(state: StateDir, source: Registry, to: str, password_file: Opt
                 tx.insert_tokens(tokens)
                 tx.insert_nodes(nodes)
                 tx.insert_hub_rows(source_contents.hubs)
+                tx.insert_exposure_rows(source_contents.exposures)  # after their nodes
                 for key, value in sorted(source_contents.settings.items()):
                     tx.put_setting(key, value)
             copied = _read_all(target)
@@ -141,7 +145,7 @@ def copy_registry(state: StateDir, source: Registry, to: str, password_file: Opt
     finally:
         target.dispose()
     nodes = [n for n in nodes if n.kind == "node"]
-    return CopyResult(tokens=len(tokens), nodes=len(nodes),
+    return CopyResult(tokens=len(tokens), nodes=len(nodes), exposures=len(source_contents.exposures),
                       revoked_nodes=sum(1 for n in nodes if n.revoked), revision=str(revision),
                       target=target_url.display(), switched=switch)
 

@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from bootstrap import bootstrap
+from .exposure import claims_default_route
 from .hostfiles import reconcile_host_files, remove_if_present, write_if_changed
+from .names import NAMES_SERVICE, NamesCache, hosts_writable, write_hub_names, write_names_file
 from .registry import CHANGES_CHANNEL, Registry, RegistryError
 from .roster import HUB_PEERS_FILE, hub_host_files_for, render_hub_peers_conf, usable_hubs
 from .state import HubConfig
@@ -37,8 +39,10 @@ def mirror_registry(config: HubConfig, registry: Registry) -> Dict[str, List[str
         hubs = view.list_hubs()
     written: List[str] = []
     removed: List[str] = []
-    with registry.exclusive():
-        for name, text in sorted(hub_host_files_for(config.name, hubs, config.network).items()):
+    with registry.exclusive():  # the exposures' apply changes the claim under this lock too
+        claim = claims_default_route(config.hub_host_file)  # kept as the apply left it
+        for name, text in sorted(hub_host_files_for(config.name, hubs, config.network,
+                                                    claim=claim).items()):
             if write_if_changed(config.hosts_dir / name, text):
                 written.append(name)
         for hub in hubs:
@@ -57,17 +61,37 @@ def mirror_registry(config: HubConfig, registry: Registry) -> Dict[str, List[str
     return {"written": written + nodes["written"], "removed": removed + nodes["removed"]}
 
 
+def exposures_fingerprint(registry: Registry) -> str:
+    """What the exposures' rules depend on, as one comparable text: the rows (with their
+    nodes' addresses and revocations) and whether the net has several hubs (source NAT)."""
+    from .exposure import several_hubs
+
+    with registry.snapshot() as view:
+        return repr((view.list_exposures(), several_hubs(view)))
+
+
 class RegistryFollower:
-    """Runs :func:`mirror_registry` whenever the registry changed, in a daemon thread."""
+    """Runs :func:`mirror_registry` whenever the registry changed, in a daemon thread; and
+    ``exposures_changed`` when what the exposures' rules depend on changed (at start too, when
+    anything is exposed): the API only asks for the rules, a root process applies them."""
 
     def __init__(self, config: HubConfig, registry: Registry, sighup: Callable[[], bool],
-                 poll_interval: float = POLL_INTERVAL) -> None:
+                 poll_interval: float = POLL_INTERVAL, state_root: Optional[Path] = None,
+                 exposures_changed: Optional[Callable[[], None]] = None) -> None:
         self.config, self.registry, self.sighup = config, registry, sighup
+        self.state_root = state_root  # where names.json goes for the root side (names.py)
         self.poll_interval = poll_interval
+        self.exposures_changed = exposures_changed
+        self.exposures: str = repr(([], False))  # nothing exposed: nothing to ask for at start
         self.generation: Optional[int] = None  # the generation last mirrored
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="registry-follower", daemon=True)
         self._listener = None  # a psycopg connection LISTENing, PostgreSQL only
+        self.names = NamesCache(config)
+        self.names_writable = hosts_writable()
+        if not self.names_writable:
+            log.info("names: %s is read-only to this process (its sandbox): %s writes the hub's"
+                     " names", bootstrap.ETC_HOSTS, NAMES_SERVICE)
 
     def start(self) -> None:
         self._thread.start()
@@ -83,13 +107,33 @@ class RegistryFollower:
         if generation == self.generation:
             return False
         done = mirror_registry(self.config, self.registry)
+        if self.exposures_changed is not None:
+            exposures = exposures_fingerprint(self.registry)
+            if exposures != self.exposures:
+                self.exposures_changed()  # raising: asked again at the next round
+                log.info("exposures changed (generation %d): their rules are applied", generation)
+                self.exposures = exposures
         self.generation = generation
+        self.follow_names()
         if done["written"] or done["removed"]:
             log.info("followed the registry (generation %d): wrote %s, removed %s", generation,
                      ", ".join(done["written"]) or "nothing", ", ".join(done["removed"]) or "nothing")
             self.sighup()
             return True
         return False
+
+    def follow_names(self) -> None:
+        """This hub's names: names.json for the root side (names.py), and its block of
+        /etc/hosts where this process may write it."""
+        with self.registry.snapshot() as view:
+            names = self.names.get(view).names
+        if names is None:
+            return
+        if self.state_root is not None:
+            write_names_file(self.state_root, names)
+        if self.names_writable and write_hub_names(self.config, names):
+            log.info("names: wrote %d name(s) of net %s to %s", len(names), self.config.net,
+                     bootstrap.ETC_HOSTS)
 
     def _run(self) -> None:
         failing = False

@@ -83,18 +83,30 @@ def usable_hubs(hubs: Sequence[HubRow], network: ipaddress.IPv4Network) -> List[
 
 # -- rendering (pure) ---------------------------------------------------------------------------
 
+# In a hub's own host file only, while an exposure needs it (exposure.py: written by the
+# exposures' apply after its forward drops are in place, removed before they go): tincd
+# advertises it to the nodes, which accept the ADD_SUBNET (they run without StrictSubnets), so
+# packets a node sends to an address outside the VPN go to a hub: the replies of connections
+# `tinc-hub expose` forwards to the node without source NAT. The hub's forward chain drops
+# every other such packet. Hubs (TunnelServer implies StrictSubnets) never learn another hub's.
+DEFAULT_ROUTE_SUBNET = "Subnet = 0.0.0.0/0"
+
+
 def render_hub_host_file(hub: HubRow, network: ipaddress.IPv4Network,
-                         weight: Optional[int] = None) -> str:
-    """A hub's host file: where it is, its /32 and its claim on the whole VPN prefix."""
+                         weight: Optional[int] = None, claim: bool = False) -> str:
+    """A hub's host file: where it is, its /32 and its claim on the whole VPN prefix; with
+    ``claim`` (the hub's own copy while exposures need it) every address outside it too."""
     prefix = f"Subnet = {network}" + (f"#{weight}" if weight is not None else "")
-    return bootstrap.render_host_file([f"Address = {hub.public_address}", f"Port = {hub.tinc_port}",
-                                       f"Subnet = {hub.address}/32", prefix], hub.public_key)
+    lines = [f"Address = {hub.public_address}", f"Port = {hub.tinc_port}",
+             f"Subnet = {hub.address}/32", prefix] + ([DEFAULT_ROUTE_SUBNET] if claim else [])
+    return bootstrap.render_host_file(lines, hub.public_key)
 
 
-def hub_host_files_for(viewer: str, hubs: Sequence[HubRow],
-                       network: ipaddress.IPv4Network) -> Dict[str, str]:
+def hub_host_files_for(viewer: str, hubs: Sequence[HubRow], network: ipaddress.IPv4Network,
+                       claim: bool = False) -> Dict[str, str]:
     """name -> content of the hub host files in ``viewer``'s hosts/ (active hubs only; the
-    other hubs' rows checked, the viewer's own comes from its checked init)."""
+    other hubs' rows checked, the viewer's own comes from its checked init); ``claim``: the
+    viewer's own file claims 0.0.0.0/0 (see DEFAULT_ROUTE_SUBNET)."""
     present = [hub for hub in active_hubs(hubs) if hub.name == viewer] + \
         usable_hubs([hub for hub in hubs if hub.name != viewer], network)
     several = len(present) > 1
@@ -103,7 +115,8 @@ def hub_host_files_for(viewer: str, hubs: Sequence[HubRow],
         weight = None
         if several:
             weight = OWN_PREFIX_WEIGHT if hub.name == viewer else OTHER_PREFIX_WEIGHT
-        files[hub.name] = render_hub_host_file(hub, network, weight)
+        files[hub.name] = render_hub_host_file(hub, network, weight,
+                                               claim=claim and hub.name == viewer)
     return files
 
 

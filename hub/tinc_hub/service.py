@@ -18,7 +18,7 @@ import shutil
 import sys
 import unicodedata
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from bootstrap import bootstrap
 from .errors import HubError
@@ -117,6 +117,11 @@ def exec_argument_word(argument: str) -> str:
     return _quoted(argument.replace("%", "%%").replace("$", "$$"))
 
 
+def exec_command_line(command: Sequence[str]) -> str:
+    """The value of ExecStart= (or ExecReload=) for ``command``: executable, then arguments."""
+    return " ".join([exec_path_word(command[0])] + [exec_argument_word(arg) for arg in command[1:]])
+
+
 def path_list_word(path: str) -> str:
     """A word of a path list such as ReadWritePaths=: ``%`` doubled (specifiers), quoted."""
     return _quoted(path.replace("%", "%%"))
@@ -162,8 +167,7 @@ def render_unit(config: HubConfig, executable: str, state_dir: str, tinc_unit: s
         "",
         "[Service]",
         "Type=simple",
-        "ExecStart=" + " ".join([exec_path_word(command[0])]
-                                + [exec_argument_word(arg) for arg in command[1:]]),
+        "ExecStart=" + exec_command_line(command),
         "Environment=PYTHONUNBUFFERED=1",
         "Restart=on-failure",
         "RestartSec=2",
@@ -234,3 +238,208 @@ def install_service(config: HubConfig, state_dir: str, tinc_unit: str,
                     executable: Optional[str] = None, unit_dir: str = UNIT_DIR) -> List[str]:
     """Write, enable and start tinc-hub.service; return what changed (paths and unit names)."""
     return apply_service(read_service_plan(config, state_dir, tinc_unit, executable, unit_dir))
+
+
+# -- the root side of the hub's names (names.py) ------------------------------------------------
+NAMES_UNIT_TEXT_MARKER = "# Written by tinc-hub init; re-running it rewrites this file."
+# The helper writes /etc/hosts only: a tmp file beside it, renamed over it (an atomic
+# replace needs the directory). No capability: root owns /etc/hosts and /etc. @chown back in
+# (after the deny list): the tmp file takes the owner of the file it replaces.
+NAMES_SANDBOX = SANDBOX + ("SystemCallFilter=@chown",)
+
+
+def render_names_units(config: HubConfig, executable: str, state_dir: str) -> Dict[str, str]:
+    """tinc-hub-names.path (fires when the API rewrites names.json) and the oneshot
+    tinc-hub-names.service it starts (`tinc-hub names apply`, root, sandboxed: writes /etc
+    only). The net and subnet are on its command line, not read from the state directory
+    the API may write. Raises HubError for a value systemd could not read back exactly."""
+    from .names import NAMES_FILE, NAMES_PATH_UNIT, NAMES_SERVICE
+
+    if not bootstrap.NET_RE.fullmatch(config.net):
+        raise HubError(f"net name {config.net!r} cannot go into {NAMES_SERVICE}",
+                       "use letters, digits, _ . and -")
+    executable = checked_path(executable, "tinc-hub executable")
+    state_dir = checked_path(os.path.abspath(state_dir), "state directory")
+    names_file = checked_path(os.path.join(state_dir, NAMES_FILE), "names file")
+    command = [executable]
+    if state_dir != DEFAULT_STATE_DIR:
+        command += ["--state-dir", state_dir]
+    command += ["names", "apply", "--net", config.net, "--vpn-subnet", str(config.network)]
+    home = protect_home([executable, state_dir, PACKAGE_DIR])
+    path_unit = "\n".join([
+        NAMES_UNIT_TEXT_MARKER,
+        "[Unit]",
+        f"Description=tinc-hub: names of tinc net {config.net} changed",
+        "",
+        "[Path]",
+        "PathChanged=" + path_list_word(names_file),
+        f"Unit={NAMES_SERVICE}",
+        "",
+        "[Install]",
+        "WantedBy=multi-user.target",
+    ]) + "\n"
+    service_unit = "\n".join([
+        NAMES_UNIT_TEXT_MARKER,
+        "[Unit]",
+        f"Description=tinc-hub: NAME.{config.net} of every hub and node into /etc/hosts",
+        "",
+        "[Service]",
+        "Type=oneshot",
+        "ExecStart=" + exec_command_line(command),
+        "CapabilityBoundingSet=",
+        "PrivateUsers=yes",
+        "ReadWritePaths=/etc",
+        f"ProtectHome={home}",
+        "PrivateNetwork=yes",
+        *NAMES_SANDBOX,
+    ]) + "\n"
+    return {NAMES_PATH_UNIT: path_unit, NAMES_SERVICE: service_unit}
+
+
+def plan_names_units(texts: Dict[str, str], current: Dict[str, Optional[str]], enabled: bool,
+                     active: bool, unit_dir: str = UNIT_DIR) -> bootstrap.Plan:
+    """The two units written, the path unit enabled and running, and one run of the service
+    (the names as they are now); pure."""
+    from .names import NAMES_PATH_UNIT, NAMES_SERVICE
+
+    changed = any(texts[name] != current.get(name) for name in texts)
+    commands = [("systemctl", "daemon-reload")] if changed else []
+    if not enabled:
+        commands.append(("systemctl", "enable", NAMES_PATH_UNIT))
+    if not active or changed:
+        commands.append(("systemctl", "restart", NAMES_PATH_UNIT))
+    commands.append(("systemctl", "start", NAMES_SERVICE))
+    return bootstrap.Plan(files=tuple(bootstrap.FileSpec(os.path.join(unit_dir, name), text, 0o644)
+                                      for name, text in sorted(texts.items())),
+                          commands=tuple(commands))
+
+
+def read_names_units_plan(config: HubConfig, state_dir: str, executable: Optional[str] = None,
+                          unit_dir: str = UNIT_DIR) -> bootstrap.Plan:
+    """plan_names_units on the units as they are on this system now."""
+    from .names import NAMES_PATH_UNIT
+
+    texts = render_names_units(config, executable or installed_executable(), state_dir)
+    return plan_names_units(
+        texts, {name: bootstrap.read_text(os.path.join(unit_dir, name)) for name in texts},
+        bootstrap.systemctl_state("is-enabled", NAMES_PATH_UNIT) == "enabled",
+        bootstrap.systemctl_state("is-active", NAMES_PATH_UNIT) == "active", unit_dir)
+
+
+# -- exposures at boot and after another hub's change (tinc-hub expose) ------------------------
+
+EXPOSE_UNIT = "tinc-hub-expose.service"
+EXPOSE_PATH_UNIT = "tinc-hub-expose.path"
+# re-applies after nftables.service (re)loads its ruleset, which begins with `flush ruleset`
+EXPOSE_NFT_UNIT = "tinc-hub-expose-nftables.service"
+NFTABLES_UNIT = "nftables.service"
+EXPOSE_STAMP = "expose-changed"  # in the state dir: touched by serve's follower (the API)
+EXPOSE_APPLY_TIMEOUT = 120  # s: a registry that does not answer never holds the boot longer
+
+
+def render_expose_units(config: HubConfig, executable: str, state_dir: str,
+                        tinc_unit: str) -> "dict[str, str]":
+    """name -> text of the root oneshot that runs ``tinc-hub expose apply`` (at boot, after
+    the net's tincd; a failure fails only this unit), of the .path unit that starts it when
+    the API's follower touches the stamp file (an exposure changed on another hub), and of
+    EXPOSE_NFT_UNIT, which applies again each time nftables.service is started, restarted or
+    reloaded (its ruleset flushes every table, ours too): active after its run
+    (RemainAfterExit=) so that PartOf= propagates a restart and ReloadPropagatedFrom= a reload
+    to it (systemd ignores both for an inactive unit), ordered After= nftables.service so that
+    it runs once the flush is done; WantedBy= nftables.service makes a start of nftables.service
+    start it too. The oneshots read the registry themselves: the stamp carries no data.
+    HubError for what a unit cannot carry."""
+    render_unit(config, executable, state_dir, tinc_unit)  # the same checks, the same refusals
+    executable = checked_path(executable, "tinc-hub executable")
+    state_dir = checked_path(os.path.abspath(state_dir), "state directory")
+    command = [executable] + (["--state-dir", state_dir] if state_dir != DEFAULT_STATE_DIR else [])
+    command += ["expose", "apply"]
+    stamp = os.path.join(state_dir, EXPOSE_STAMP)
+    exec_line = exec_command_line(command)
+    service = "\n".join([
+        "# Written by tinc-hub init; re-running it rewrites this file.",
+        "[Unit]",
+        f"Description=tinc-hub exposures of tinc net {config.net} (nftables table tinc_hub_NET)",
+        f"After=network-online.target {tinc_unit}",
+        "Wants=network-online.target",
+        "",
+        "[Service]",
+        "Type=oneshot",
+        "# root with CAP_NET_ADMIN: nftables, net.ipv4.ip_forward, the hub's own host file",
+        "ExecStart=" + exec_line,
+        f"TimeoutStartSec={EXPOSE_APPLY_TIMEOUT}",
+        "NoNewPrivileges=yes",
+        "PrivateTmp=yes",
+        "UMask=0077",
+        "",
+        "[Install]",
+        "WantedBy=multi-user.target",
+    ]) + "\n"
+    path = "\n".join([
+        "# Written by tinc-hub init; re-running it rewrites this file.",
+        "[Unit]",
+        f"Description=apply tinc-hub exposures of tinc net {config.net} when an exposure changes",
+        "",
+        "[Path]",
+        "PathChanged=" + path_list_word(stamp),
+        f"Unit={EXPOSE_UNIT}",
+        "",
+        "[Install]",
+        "WantedBy=multi-user.target",
+    ]) + "\n"
+    nft = "\n".join([
+        "# Written by tinc-hub init; re-running it rewrites this file.",
+        "[Unit]",
+        f"Description=tinc-hub exposures of tinc net {config.net} again after {NFTABLES_UNIT}"
+        " flushed the ruleset",
+        f"After=network-online.target {tinc_unit} {NFTABLES_UNIT}",
+        "Wants=network-online.target",
+        f"PartOf={NFTABLES_UNIT}",
+        f"ReloadPropagatedFrom={NFTABLES_UNIT}",
+        "",
+        "[Service]",
+        "Type=oneshot",
+        "RemainAfterExit=yes",
+        "ExecStart=" + exec_line,
+        "ExecReload=" + exec_line,
+        f"TimeoutStartSec={EXPOSE_APPLY_TIMEOUT}",
+        "NoNewPrivileges=yes",
+        "PrivateTmp=yes",
+        "UMask=0077",
+        "",
+        "[Install]",
+        f"WantedBy=multi-user.target {NFTABLES_UNIT}",
+    ]) + "\n"
+    return {EXPOSE_UNIT: service, EXPOSE_PATH_UNIT: path, EXPOSE_NFT_UNIT: nft}
+
+
+def plan_expose_units(config: HubConfig, state_dir: str, tinc_unit: str, executable: str,
+                      current: "dict[str, Optional[str]]", enabled: "dict[str, bool]",
+                      active: "dict[str, bool]", unit_dir: str = UNIT_DIR) -> bootstrap.Plan:
+    """The units written and enabled, the .path unit watching, EXPOSE_NFT_UNIT active (pure:
+    current texts and states given). EXPOSE_UNIT is not started here: serve's follower asks
+    for it."""
+    texts = render_expose_units(config, executable, state_dir, tinc_unit)
+    changed = any(texts[name] != current.get(name) for name in texts)
+    commands = [("systemctl", "daemon-reload")] if changed else []
+    commands += [("systemctl", "enable", name) for name in texts if not enabled.get(name)]
+    for name in (EXPOSE_PATH_UNIT, EXPOSE_NFT_UNIT):
+        if not active.get(name):
+            commands.append(("systemctl", "start", name))
+        elif changed:
+            commands.append(("systemctl", "restart", name))
+    return bootstrap.Plan(files=tuple(bootstrap.FileSpec(os.path.join(unit_dir, name), text, 0o644)
+                                      for name, text in texts.items()),
+                          commands=tuple(commands))
+
+
+def read_expose_plan(config: HubConfig, state_dir: str, tinc_unit: str,
+                     executable: Optional[str] = None, unit_dir: str = UNIT_DIR) -> bootstrap.Plan:
+    """plan_expose_units on the units as they are on this system now."""
+    names = (EXPOSE_UNIT, EXPOSE_PATH_UNIT, EXPOSE_NFT_UNIT)
+    return plan_expose_units(
+        config, state_dir, tinc_unit, executable or installed_executable(),
+        {name: bootstrap.read_text(os.path.join(unit_dir, name)) for name in names},
+        {name: bootstrap.systemctl_state("is-enabled", name) == "enabled" for name in names},
+        {name: bootstrap.systemctl_state("is-active", name) == "active" for name in names},
+        unit_dir)

@@ -105,6 +105,34 @@ def stage_hub_project(container: "Container") -> None:
     copy_hub_project(container.path(HUB_SOURCE_DIR))
 
 
+NET_SYSCTL_UNIT = "labkit-net-sysctl-writable.service"
+
+
+def make_net_sysctls_writable(container: "Container") -> None:
+    """Into a stopped systemd container: a unit that makes /proc/sys/net writable early at
+    every boot, as on a real machine (net.ipv4.ip_forward). systemd-nspawn 252 mounts it
+    read-only unless --private-network (not with --network-namespace-path; a --bind of it
+    stays under the read-only /proc/sys); the container's CAP_SYS_ADMIN remounts it, and it
+    shows the container's own network namespace (the netlab host's)."""
+    container.write_file("/etc/systemd/system/" + NET_SYSCTL_UNIT, "\n".join([
+        "[Unit]",
+        "Description=labkit: /proc/sys/net writable (a network namespace of the test's own)",
+        "DefaultDependencies=no",
+        "Before=sysinit.target systemd-sysctl.service",
+        "",
+        "[Service]",
+        "Type=oneshot",
+        "RemainAfterExit=yes",
+        "ExecStart=/bin/sh -c 'mount --bind /proc/sys/net /proc/sys/net"
+        " && mount -o remount,bind,rw /proc/sys/net'",
+        "",
+        "[Install]",
+        "WantedBy=sysinit.target",
+    ]) + "\n")
+    link = container.path("/etc/systemd/system/sysinit.target.wants/" + NET_SYSCTL_UNIT)
+    link.symlink_to("/etc/systemd/system/" + NET_SYSCTL_UNIT)
+
+
 def install_hub(container: "Container", timeout: float = 300) -> None:
     """In the running hub container: pip install the staged project into HUB_VENV, offline
     (its dependencies are in the venv already), and put `tinc-hub` on PATH."""
@@ -152,10 +180,21 @@ def ensure_hub_wheelhouse(log_dir: Path) -> Path:
 def systemd_hub_spec(log_dir: Path) -> RootfsSpec:
     """A systemd tree with a venv at HUB_VENV holding the hub's dependencies (installed
     offline from the wheelhouse), so that the hub itself installs offline in the container."""
+    return _hub_spec(log_dir, "systemd-hub", ())
+
+
+def systemd_nft_hub_spec(log_dir: Path) -> RootfsSpec:
+    """systemd_hub_spec plus the nftables package (nft, nftables.service; tinc-hub expose),
+    in a cache entry of its own: systemd_hub_spec's tree, which other runs may be using,
+    keeps its key (a changed key makes ensure_rootfs delete the superseded tree)."""
+    return _hub_spec(log_dir, "systemd-nft-hub", ("nftables",))
+
+
+def _hub_spec(log_dir: Path, label: str, extra_packages: Tuple[str, ...]) -> RootfsSpec:
     wheels = ensure_hub_wheelhouse(log_dir)
     requirements = " ".join("'{}'".format(r) for r in hub_requirements())
-    return RootfsSpec("systemd-hub", "systemd",
-                      SYSTEMD_PACKAGES + NODE_PACKAGES + ("python3-venv",),
+    return RootfsSpec(label, "systemd",
+                      SYSTEMD_PACKAGES + NODE_PACKAGES + ("python3-venv",) + extra_packages,
                       ('chroot "$1" python3 -m venv ' + HUB_VENV,
                        "copy-in {} /tmp".format(wheels),
                        'env -u PIP_FIND_LINKS -u PIP_CERT chroot "$1" {}/bin/pip install -q '
@@ -189,8 +228,12 @@ def ensure_rootfs(spec: RootfsSpec, log_dir: Path) -> Path:
             raise netlab.CommandError(cmd, proc.returncode, "", log_path.read_text(
                 errors="replace"), "root")
         os.rename(tmp, target)
+        # exactly SUITE-label-KEY: a label that begins with this one ("systemd-hub" and a
+        # "systemd-hub-x") is another tree
+        superseded = re.compile(r"{}-{}-[0-9a-f]{{16}}".format(re.escape(SUITE),
+                                                             re.escape(spec.label)))
         for old in target.parent.glob("{}-{}-*".format(SUITE, spec.label)):
-            if old.is_dir() and old != target and not old.name.endswith(".part"):
+            if old.is_dir() and old != target and superseded.fullmatch(old.name):
                 shutil.rmtree(old, ignore_errors=True)  # a superseded key
                 Path(str(old) + ".lock").unlink(missing_ok=True)
     return target

@@ -1,11 +1,13 @@
 """labkit.traffic: traffic measurements between netlab hosts (bench/vpn_throughput.py).
 
 TCP throughput with iperf3 (Debian's package, ``-J`` output), latency with iputils ping, the
-CPU time a process used (/proc/PID/stat) and the machine's busy share (/proc/stat), and byte
+CPU time a process used (/proc/PID/stat), round trips through a TCP echo service (where ICMP
+cannot go: a DNATed port) and the machine's busy share (/proc/stat), and byte
 counters of tinc's port in a host (nftables named counters): all real, nothing simulated.
 Every command is bounded in time; traffic only flows between namespaces the caller made.
 """
 
+import ipaddress
 import json
 import os
 import re
@@ -108,6 +110,140 @@ class LoadedPinger:
         self.proc.wait(timeout=self.seconds + 10)
         times = ping_times(self.proc.output())
         return statistics.median(times) if times else None
+
+
+# A TCP echo service and its probe: the round trip of a path ICMP cannot take (a port the hub
+# publishes is DNATed; a ping to the hub's public address stops at the hub). The server greets
+# each connection with the address it sees the client as (what source NAT did), then echoes
+# bytes; the probe sends one byte at a time over one connection (TCP_NODELAY) and times the
+# echo. Both run with the machine's python3 inside the namespaces.
+TCP_ECHO_SERVER = r"""
+import socket, socketserver, sys
+class Echo(socketserver.BaseRequestHandler):
+    def handle(self):
+        conn = self.request
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.settimeout(60)
+        conn.sendall(("%s\n" % self.client_address[0]).encode("ascii"))
+        while True:
+            data = conn.recv(64)
+            if not data:
+                return
+            conn.sendall(data)
+class Server(socketserver.ThreadingTCPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+Server((sys.argv[1], int(sys.argv[2])), Echo).serve_forever()
+"""
+
+TCP_ECHO_PROBE = r"""
+import json, socket, sys, time
+address, port, count, interval, limit = (sys.argv[1], int(sys.argv[2]), int(sys.argv[3]),
+                                         float(sys.argv[4]), float(sys.argv[5]))
+deadline = time.monotonic() + limit
+peer, times, error = "", [], None
+try:
+    conn = socket.create_connection((address, port), timeout=3)
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    greeting = b""
+    while not greeting.endswith(b"\n") and len(greeting) < 64:
+        byte = conn.recv(1)
+        if not byte:
+            break
+        greeting += byte
+    peer = greeting.decode("ascii", "replace").strip()
+    while len(times) < count and time.monotonic() < deadline:
+        started = time.perf_counter()
+        conn.sendall(b"x")
+        if conn.recv(1) != b"x":
+            error = "the echo did not come back"
+            break
+        times.append((time.perf_counter() - started) * 1000.0)
+        time.sleep(interval)
+    conn.close()
+except OSError as e:
+    error = str(e)
+print(json.dumps({"peer": peer, "rtt_ms": times, "error": error}))
+"""
+
+
+class EchoResult(NamedTuple):
+    peer: str  # the client's address as the echo service saw it
+    rtt_ms: List[float]
+
+
+def start_tcp_echo_server(host: netlab.Host, port: int, address: str = "0.0.0.0") -> netlab.Proc:
+    """A long-lived TCP echo service in host (stopped with the topology); waits for its socket."""
+    proc = host.popen(["python3", "-c", TCP_ECHO_SERVER, address, str(port)],
+                      log="%s.tcp-echo-%d.log" % (host.name, port))
+    host.wait_listening(port, 10)
+    return proc
+
+
+def parse_echo_probe(text: str) -> EchoResult:
+    """The JSON line TCP_ECHO_PROBE prints; ValueError when it failed before any echo, saw
+    no IPv4 peer address, or holds anything but a list of non-negative times."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise ValueError("the echo probe printed no JSON: %r" % text[:200]) from None
+    if not isinstance(data, dict):
+        raise ValueError("echo probe JSON is not an object")
+    times = data.get("rtt_ms")
+    if not isinstance(times, list) or not all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) and t >= 0 for t in times):
+        raise ValueError("echo probe times are not a list of numbers")
+    if not times:
+        raise ValueError("no echo came back: %s" % (data.get("error") or "no reply"))
+    peer = data.get("peer")
+    try:
+        if not isinstance(peer, str):
+            raise ValueError(peer)
+        ipaddress.IPv4Address(peer)
+    except ValueError:
+        raise ValueError("the echo service greeted with %r, not an IPv4 address" % (peer,)) \
+            from None
+    return EchoResult(peer, [float(t) for t in times])
+
+
+def _echo_probe_argv(address: str, port: int, count: int, interval: float, limit: float
+                     ) -> List[str]:
+    return ["python3", "-c", TCP_ECHO_PROBE, address, str(port), str(count), str(interval),
+            str(limit)]
+
+
+def tcp_echo(client: netlab.Host, address: str, port: int, count: int,
+             interval: float = 0.02) -> EchoResult:
+    """`count` echo round trips client -> address:port over one TCP connection, `interval` s
+    apart (bounded: count * (interval + 3 s) at most)."""
+    limit = count * (interval + 3.0)
+    cp = client.run(_echo_probe_argv(address, port, count, interval, limit),
+                    timeout=limit + 10, check=False)
+    try:
+        return parse_echo_probe(cp.stdout)
+    except ValueError as e:
+        raise RuntimeError("tcp echo %s -> %s:%d: %s %s" % (client.name, address, port, e,
+                                                          cp.stderr.strip()[:300])) from None
+
+
+class LoadedTcpEcho:
+    """LoadedPinger's counterpart for an echo service: round trips alongside a throughput
+    test, for `seconds`."""
+
+    def __init__(self, client: netlab.Host, address: str, port: int, seconds: int,
+                 interval: float = 0.05) -> None:
+        self.seconds = seconds
+        count = int(seconds / interval) + 1
+        self.proc = client.popen(_echo_probe_argv(address, port, count, interval, seconds),
+                                 log="%s.loaded-echo.log" % client.name)
+
+    def rtt_ms(self) -> Optional[float]:
+        """Median round trip (ms) once the probe ended; None if no echo came back."""
+        self.proc.wait(timeout=self.seconds + 15)
+        try:
+            return statistics.median(parse_echo_probe(self.proc.output()).rtt_ms)
+        except ValueError:
+            return None
 
 
 def process_cpu_seconds(pid: int) -> float:
