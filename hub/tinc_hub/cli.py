@@ -314,7 +314,7 @@ def build_parser() -> Parser:
                help="protocol")
     add_flag(p, "--snat", env="TINC_HUB_EXPOSE_SNAT",
              help="the node sees the hub's VPN address as the client (for nodes whose tinc-up"
-                  " predates exposures; always so with several hubs)")
+                  " predates exposures; always so on every hub of several but the first)")
     add_flag(p, "--json", help="with list: print JSON")
     p = add_command(commands, "unexpose", run=cmd_unexpose, help="stop publishing a node's service",
                     description="Remove exposure ID (see 'expose list'), or every exposure of NODE:PORT"

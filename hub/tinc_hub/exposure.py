@@ -6,8 +6,9 @@ transaction (apply_exposures); no other table is read or written. The table:
 
 - prerouting (dstnat): ``[ip daddr LISTEN | fib daddr type local] PROTO dport LPORT`` is
   DNATed to the node's VPN address and port;
-- postrouting (srcnat): for ``--snat`` exposures (all of them when the net has several
-  hubs: tinc sends a node's reply to one hub only), the source becomes the hub's VPN address;
+- postrouting (srcnat): for ``--snat`` exposures (all of them on every hub but the reply
+  hub when the net has several: tinc sends a node's reply to one hub only; source_nat_here),
+  the source becomes the hub's VPN address;
 - forward (filter): the DNATed flows of these exposures are accepted both ways (original
   direction into the VPN interface, reply direction out of it); anything else forwarded into
   or out of the VPN interface is dropped (a node cannot use the hub as a router: the hub
@@ -274,10 +275,14 @@ def apply_exposures(state_dir: Path, net: str, interface: str, hub_address: str,
 
 # -- the hub's commands --------------------------------------------------------------------------
 
-def several_hubs(view: "RegistryView") -> bool:
-    """True when the net has more than one active hub: every exposure is then source-NATed
-    (a node's tincd sends a reply to one hub, whichever the client reached)."""
-    return sum(1 for hub in view.list_hubs() if not hub.removed) > 1
+def source_nat_here(view: "RegistryView", this_hub: str) -> bool:
+    """True when this hub must source-NAT every exposure: the net has several active hubs and
+    this one is not the REPLY HUB, the first active hub in joining order. tinc routes a node's
+    reply by its destination only, to the one hub that claims 0.0.0.0/0; so only the reply hub
+    publishes without source NAT (and claims it), and a client that reaches another hub is
+    source-NATed there (the node answers that hub's VPN address)."""
+    active = [hub.name for hub in view.list_hubs() if not hub.removed]
+    return len(active) > 1 and active[0] != this_hub
 
 
 def set_claim(config: "HubConfig", view: "RegistryView", claim: bool) -> bool:
@@ -298,7 +303,7 @@ def set_claim(config: "HubConfig", view: "RegistryView", claim: bool) -> bool:
 def apply_from_view(state: "StateDir", config: "HubConfig", view: "RegistryView") -> Ruleset:
     """Apply what the registry (as ``view`` sees it) publishes, on this hub: the claim goes
     before the table changes, the table is in place before the claim comes (module doc)."""
-    rows, force_snat = view.list_exposures(), several_hubs(view)
+    rows, force_snat = view.list_exposures(), source_nat_here(view, config.name)
     claim = claim_wanted(rows, force_snat)
     if not claim:
         set_claim(config, view, False)

@@ -61,13 +61,13 @@ def mirror_registry(config: HubConfig, registry: Registry) -> Dict[str, List[str
     return {"written": written + nodes["written"], "removed": removed + nodes["removed"]}
 
 
-def exposures_fingerprint(registry: Registry) -> str:
-    """What the exposures' rules depend on, as one comparable text: the rows (with their
-    nodes' addresses and revocations) and whether the net has several hubs (source NAT)."""
-    from .exposure import several_hubs
+def exposures_fingerprint(registry: Registry, this_hub: str) -> str:
+    """What this hub's exposure rules depend on, as one comparable text: the rows (with their
+    nodes' addresses and revocations) and whether it must source-NAT them (not the reply hub)."""
+    from .exposure import source_nat_here
 
     with registry.snapshot() as view:
-        return repr((view.list_exposures(), several_hubs(view)))
+        return repr((view.list_exposures(), source_nat_here(view, this_hub)))
 
 
 class RegistryFollower:
@@ -108,7 +108,7 @@ class RegistryFollower:
             return False
         done = mirror_registry(self.config, self.registry)
         if self.exposures_changed is not None:
-            exposures = exposures_fingerprint(self.registry)
+            exposures = exposures_fingerprint(self.registry, self.config.name)
             if exposures != self.exposures:
                 self.exposures_changed()  # raising: asked again at the next round
                 log.info("exposures changed (generation %d): their rules are applied", generation)
