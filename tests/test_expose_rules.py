@@ -135,3 +135,30 @@ def test_apply_with_nothing_published_and_no_nft_does_nothing(tmp_path, monkeypa
     assert list(tmp_path.iterdir()) == []  # nothing recorded
     with pytest.raises(HubError, match="nft not found"):
         run_nft(ruleset.text)
+
+
+def test_listening_ports_sees_ipv4_and_dual_stack_sockets_of_this_machine():
+    """The own-port refusal reads /proc/net: a TCP listener on 127.0.0.1 and one on [::]
+    (dual stack: it takes IPv4 too) are both seen, and a UDP socket bound on [::]; a closed
+    one is not."""
+    import socket
+
+    from tinc_hub.exposure import listening_ports
+
+    v4 = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    v6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    u6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    try:
+        v4.bind(("127.0.0.1", 0))
+        v4.listen()
+        v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        v6.bind(("::", 0))
+        v6.listen()
+        u6.bind(("::", 0))
+        ports = [s.getsockname()[1] for s in (v4, v6, u6)]
+        tcp, udp = listening_ports("tcp"), listening_ports("udp")
+        assert ports[0] in tcp and ports[1] in tcp and ports[2] in udp, (ports, tcp, udp)
+    finally:
+        for s in (v4, v6, u6):
+            s.close()
+    assert ports[1] not in listening_ports("tcp")

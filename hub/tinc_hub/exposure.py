@@ -102,17 +102,20 @@ def parse_listen(text: str) -> Tuple[Optional[str], int]:
 
 def listening_ports(proto: str, proc_net: Path = Path("/proc/net")) -> Set[int]:
     """Ports something on this machine listens on (TCP LISTEN) or is bound to (UDP), from
-    /proc/net/{tcp,udp} of this network namespace; lines that do not parse are skipped."""
+    /proc/net/{tcp,udp,tcp6,udp6} of this network namespace (a dual-stack socket on [::]
+    takes IPv4 too); lines that do not parse are skipped."""
     state = "0A" if proto == "tcp" else "07"
     ports: Set[int] = set()
-    try:
-        lines = (proc_net / proto).read_text().splitlines()[1:]
-    except OSError:
-        return ports
-    for line in lines:
-        fields = line.split()
-        if len(fields) > 3 and fields[3] == state and re.fullmatch(r"[0-9A-F]{8}:[0-9A-F]{4}", fields[1]):
-            ports.add(int(fields[1][-4:], 16))
+    for table in (proto, proto + "6"):
+        try:
+            lines = (proc_net / table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 3 and fields[3] == state \
+                    and re.fullmatch(r"(?:[0-9A-F]{8}|[0-9A-F]{32}):[0-9A-F]{4}", fields[1]):
+                ports.add(int(fields[1][-4:], 16))
     return ports
 
 
