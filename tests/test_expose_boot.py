@@ -60,17 +60,8 @@ def lab():
     t0 = time.monotonic()
     topo = netlab.build_nat_topology(node_names=[NODE], hub_name="hub")
     try:
-        client = topo.add_host("client")
         # the client's own link to the hub: a host on the internet with its own address
-        netlab.run_root(["ip", "-n", topo.hub.netns, "link", "add", "pub1", "type", "veth",
-                         "peer", "name", "eth0", "netns", client.netns])
-        netlab.run_root(["ip", "-n", topo.hub.netns, "addr", "add", CLIENT_NET_HUB + "/24",
-                         "dev", "pub1"])
-        netlab.run_root(["ip", "-n", topo.hub.netns, "link", "set", "pub1", "up"])
-        netlab.run_root(["ip", "-n", client.netns, "addr", "add", CLIENT + "/24", "dev", "eth0"])
-        netlab.run_root(["ip", "-n", client.netns, "link", "set", "eth0", "up"])
-        netlab.run_root(["ip", "-n", client.netns, "route", "add", "default", "via",
-                         CLIENT_NET_HUB])
+        client = topo.add_public_client("client", CLIENT_NET_HUB, CLIENT)
         work = topo.workdir
         hub = nspawn.Container(topo.prefix + "-hub", nspawn.systemd_nft_hub_spec(work),
                                topo.hub, work, hostname=HUB)

@@ -678,6 +678,20 @@ class NatTopology(Topology):
     nodes = ()
     public_ports = {}  # hub name -> its port on the router's public bridge (several hubs)
 
+    def add_public_client(self, name, hub_side, address, hub_port="pub1"):
+        """A host on the internet with its own link to the hub (a veth: `hub_port` in the hub
+        holds hub_side/24, the client's eth0 holds address/24 and routes everything via the
+        hub), as a client of a service the hub publishes. Returns the new host."""
+        client = self.add_host(name)
+        run_root(["ip", "-n", self.hub.netns, "link", "add", hub_port, "type", "veth", "peer",
+                  "name", "eth0", "netns", client.netns])
+        run_root(["ip", "-n", self.hub.netns, "addr", "add", hub_side + "/24", "dev", hub_port])
+        run_root(["ip", "-n", self.hub.netns, "link", "set", hub_port, "up"])
+        run_root(["ip", "-n", client.netns, "addr", "add", address + "/24", "dev", "eth0"])
+        run_root(["ip", "-n", client.netns, "link", "set", "eth0", "up"])
+        run_root(["ip", "-n", client.netns, "route", "add", "default", "via", hub_side])
+        return client
+
 
 def build_nat_topology(n_nodes=2, node_names=None, hub_name="hub", prefix=None,
                        private_etc=True, hub_names=None):
