@@ -103,8 +103,10 @@ def hub_has_nodes(lab: multihub.MultiHubLab, hub: str, nodes: List[str]) -> bool
 def assert_erebor_relays(lab: multihub.MultiHubLab) -> None:
     """hobbiton -> bree runs through erebor (nodes prefer the lowest-named reachable hub),
     so that erebor's death is the failure that matters."""
-    counts = lab.relayed_packets(HOBBITON, lab.addresses[BREE], count=30)
-    assert counts[EREBOR] >= 55 and counts[RIVENDELL] < 20, counts
+    # about 2 * 60 packets on the relaying hub; the other sees only background (keepalives,
+    # PostgreSQL, nodes' sync polls: up to 20 in one CI run), well below the relay signal
+    counts = lab.relayed_packets(HOBBITON, lab.addresses[BREE], count=60)
+    assert counts[EREBOR] >= 110 and counts[RIVENDELL] < 60, counts
 
 
 def measure_outage(lab: multihub.MultiHubLab, event_action, bound: float, span: float = 3.0):
