@@ -1584,6 +1584,7 @@ SCRIPT_FILE = "bootstrap.py"  # this script, installed in the net dir for tinc-u
 CREDENTIAL_RE = re.compile(r"[0-9a-f]{64}")
 NODE_KEEPALIVE = ("PingInterval = 5", "PingTimeout = 3", "MaxTimeout = 30")
 SYNC_INTERVAL_MIN, SYNC_INTERVAL_MAX = 10, 3600  # the bounds put on the hub's `interval`
+DEFAULT_SYNC_INTERVAL = 30  # what a hub answers unless `tinc-hub serve --sync-interval`
 SYNC_RETRY_MAX = 60.0  # the longest wait between two rounds while no hub answers
 SCRIPT_SHEBANG = b"#!/usr/bin/env python3\n"
 _OWN_FILE = os.path.abspath(globals().get("__file__") or "<stdin>")

@@ -331,3 +331,20 @@ def test_a_hostile_registry_row_never_writes_or_removes_outside_hosts(net: Dict,
     assert not any(".." in name for name in done["written"] + done["removed"]), done
     assert victim.read_bytes() == before and (erebor.config.net_dir / "tinc-down").exists()
     assert not (erebor.config.net_dir.parent / "escape").exists()
+
+
+def test_the_sync_interval_a_hub_answers_is_its_serve_setting_within_the_nodes_bounds(net: Dict, capsys) -> None:
+    rivendell = net["rivendell"]
+    status, answer = enrol(Enroller(rivendell.config, rivendell.registry()),
+                           token_of(rivendell, capsys), "lake", rsa_public_pem(9))
+    assert status == 200
+    request = json.dumps({"name": "lake", "credential": answer["credential"]}).encode()
+    for interval in (10, 45, 3600):
+        synced = SyncHandler(rivendell.config, rivendell.registry(), interval).process(request)
+        assert synced.status == 200 and synced.body["interval"] == interval
+    assert SyncHandler(rivendell.config, rivendell.registry()).process(request).body["interval"] == 30
+    for wrong in (9, 3601):  # what the node would clamp is refused at the hub's start instead
+        with pytest.raises(ValueError):
+            SyncHandler(rivendell.config, rivendell.registry(), wrong)
+        assert main(["serve", "--sync-interval", str(wrong)]) == 2  # and by serve's command line
+        assert "--sync-interval" in capsys.readouterr().err

@@ -22,7 +22,7 @@ from .connection_caps import (DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_P
                               CappedListener, ConnectionCaps)
 from .enroll import MAX_BODY_BYTES, Attempt, Enroller, audit_line, audit_log
 from .errors import HubError
-from .node_sync import MAX_SYNC_BODY_BYTES, SyncHandler
+from .node_sync import MAX_SYNC_BODY_BYTES, SYNC_INTERVAL, SyncHandler
 from .http_timeouts import HANDSHAKE_TIMEOUT, HeaderTimeoutH11Protocol
 from .openapi import openapi_schema
 from .ratelimit import DEFAULT_RATE_LIMIT, RateLimit, RateLimiter, parse_rate_limit, retry_after_header
@@ -83,12 +83,13 @@ async def read_capped_body(request: Request, limit: int = MAX_BODY_BYTES,
 def create_app(config: HubConfig, registry: Registry, batcher: ReloadBatcher,
                bootstrap_source: Optional[bytes] = None,
                rate_limiter: Optional[RateLimiter] = None,
-               trusted_proxies: TrustedProxies = NO_PROXY) -> Callable[..., Awaitable[None]]:
+               trusted_proxies: TrustedProxies = NO_PROXY,
+               sync_interval: int = SYNC_INTERVAL) -> Callable[..., Awaitable[None]]:
     """The ASGI app (Starlette routes wrapped in a one-line-per-request access logger).
     ``rate_limiter`` limits POST /v1/enroll per client address (None: no limit); the client
     address is the TCP peer, or what a ``trusted_proxies`` peer says in X-Forwarded-For."""
     enroller = Enroller(config, registry)
-    syncer = SyncHandler(config, registry)
+    syncer = SyncHandler(config, registry, sync_interval)
     if bootstrap_source is None:
         try:
             bootstrap_source = script_source()
@@ -307,7 +308,8 @@ def serve(state_dir: StateDir, registry_url: Optional[str] = None,
           rate_limit: Optional[RateLimit] = parse_rate_limit(DEFAULT_RATE_LIMIT),
           trusted_proxies: TrustedProxies = NO_PROXY,
           max_connections: int = DEFAULT_MAX_CONNECTIONS,
-          max_connections_per_address: int = DEFAULT_MAX_CONNECTIONS_PER_ADDRESS) -> int:
+          max_connections_per_address: int = DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+          sync_interval: int = SYNC_INTERVAL) -> int:
     """Run the HTTPS API until SIGINT/SIGTERM (enrolment attempts per client address
     limited by ``rate_limit``, None: unlimited; X-Forwarded-For read only from
     ``trusted_proxies``; concurrent connections capped at accept, before TLS)."""
@@ -334,7 +336,7 @@ def serve(state_dir: StateDir, registry_url: Optional[str] = None,
     batcher = ReloadBatcher(lambda: send_sighup(config.net, config.tinc_dir))
     app = create_app(config, registry, batcher,
                      rate_limiter=RateLimiter(rate_limit) if rate_limit is not None else None,
-                     trusted_proxies=trusted_proxies)
+                     trusted_proxies=trusted_proxies, sync_interval=sync_interval)
     uv_config = uvicorn.Config(
         app,
         host=listen,

@@ -11,7 +11,9 @@ import traceback
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence
 
 from . import __version__
-from bootstrap.bootstrap import DEFAULT_API_PORT, DEFAULT_KEY_SIZE, DEFAULT_TINC_DIR, INIT_CHOICES
+from bootstrap.bootstrap import (DEFAULT_API_PORT, DEFAULT_KEY_SIZE, DEFAULT_SYNC_INTERVAL,
+                                 DEFAULT_TINC_DIR, INIT_CHOICES, SYNC_INTERVAL_MAX,
+                                 SYNC_INTERVAL_MIN)
 from .errors import HubError
 from .client_address import NO_PROXY, TrustedProxies
 from .connection_caps import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_ADDRESS
@@ -196,6 +198,13 @@ class AddUp(argparse.Action):
         setattr(namespace, self.dest, values if current is self.default else current + values)
 
 
+def sync_interval(text: str) -> int:
+    value = int(text)
+    if not SYNC_INTERVAL_MIN <= value <= SYNC_INTERVAL_MAX:
+        raise ValueError(text)
+    return value
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -288,6 +297,9 @@ def build_parser() -> Parser:
                default=DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
                help="open connections per client IP address (trusted proxies exempt); raise it "
                     "for a fleet enrolling at once from behind one NAT address")
+    add_option(p, "--sync-interval", type=sync_interval, default=DEFAULT_SYNC_INTERVAL, metavar="SECONDS",
+               help=f"seconds between a node's syncs ({SYNC_INTERVAL_MIN}..{SYNC_INTERVAL_MAX}): "
+                    "how soon nodes learn new hubs, names and keys; shorter costs more requests")
 
     p = add_command(commands, "nodes", run=cmd_nodes, help="list enrolled nodes")
     add_flag(p, "--json", help="print JSON")
@@ -494,7 +506,8 @@ def cmd_serve(args: argparse.Namespace, state: StateDir) -> int:
     return serve(state, registry_url=args.registry, registry_password_file=args.registry_password_file,
                  listen=args.listen, port=args.api_port, rate_limit=args.rate_limit,
                  trusted_proxies=args.trusted_proxy, max_connections=args.max_connections,
-                 max_connections_per_address=args.max_connections_per_address)
+                 max_connections_per_address=args.max_connections_per_address,
+                 sync_interval=args.sync_interval)
 
 
 def cmd_nodes(args: argparse.Namespace, state: StateDir) -> int:

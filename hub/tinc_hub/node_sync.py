@@ -20,7 +20,9 @@ from .roster import hubs_for_nodes
 from .state import HubConfig
 
 MAX_SYNC_BODY_BYTES = 4096
-SYNC_INTERVAL = 30  # s between a node's syncs (the node adds jitter)
+# s between a node's syncs (the node adds jitter); serve --sync-interval
+SYNC_INTERVAL = bootstrap.DEFAULT_SYNC_INTERVAL
+SYNC_INTERVAL_MIN, SYNC_INTERVAL_MAX = bootstrap.SYNC_INTERVAL_MIN, bootstrap.SYNC_INTERVAL_MAX
 
 audit_log = logging.getLogger("tinc_hub.audit")
 
@@ -40,8 +42,10 @@ def sync_audit_line(result: str, status: int, name: Any, client: str, reason: Op
 class SyncHandler:
     """Answers ``POST /v1/sync`` from the registry."""
 
-    def __init__(self, config: HubConfig, registry: Registry) -> None:
-        self.config, self.registry = config, registry
+    def __init__(self, config: HubConfig, registry: Registry, interval: int = SYNC_INTERVAL) -> None:
+        if not SYNC_INTERVAL_MIN <= interval <= SYNC_INTERVAL_MAX:
+            raise ValueError(f"sync interval {interval} s is outside {SYNC_INTERVAL_MIN}..{SYNC_INTERVAL_MAX}")
+        self.config, self.registry, self.interval = config, registry, interval
         self.names = NamesCache(config)
 
     def process(self, body: bytes, client: str = "-") -> SyncOutcome:
@@ -71,7 +75,7 @@ class SyncHandler:
         answer = {"net": self.config.net, "name": node.name, "address": node.address,
                   "prefix": self.config.prefix,
                   "hubs": hubs_for_nodes(hubs, self.config.network, first=self.config.name),
-                  "interval": SYNC_INTERVAL}
+                  "interval": self.interval}
         if names.names is not None and tag != names.tag:  # not sent to a node that has them
             answer["names"] = names.names
         return SyncOutcome(200, answer)
