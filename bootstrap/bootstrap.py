@@ -7,6 +7,7 @@ Usage (as root):
     python3 bootstrap.py [join] --token-file FILE [--name NAME] [--init auto|...] [--dry-run]
     python3 bootstrap.py status [--json]
     python3 bootstrap.py leave
+    python3 bootstrap.py rotate-key [--key-size BITS] [--dry-run]
 
 Steps: detect the system, install tinc, write tinc.conf, make the RSA key (never
 regenerated), enrol with the hub over pinned HTTPS, write the hub's host file and
@@ -2889,6 +2890,317 @@ def leave(tinc_dir: str, net: Optional[str]) -> int:
 
 
 # ---------------------------------------------------------------------------
+# rotate-key: a new RSA key for this node, accepted by its hubs, then tincd restarted.
+
+ROTATE_STAGED_PRIVATE = "rsa_key.priv.new"  # the staged key (0600) until the hub accepted it
+ROTATE_STAGED_PUBLIC = "rsa_key.pub.new"
+ROTATE_WORK_DIR = ".rotate-key"  # where `tincd -K` writes before the key is staged (0700)
+
+
+class RotateOptions(NamedTuple):
+    net: Optional[str]
+    key_size: Optional[int]  # None: the size of the current key
+    timeout: float
+    dry_run: bool
+    tinc_dir: str
+    log: Optional[str] = None
+
+
+def rsa_modulus_bits(pem: str) -> int:
+    """The size in bits of an RSA public key PEM block (PKCS#1 or SPKI, strict DER);
+    ValueError for anything else."""
+    match = PUBLIC_KEY_PEM_RE.fullmatch(pem.strip())
+    if not match:
+        raise ValueError("not one RSA public key PEM block")
+    body = "".join(pem.strip().splitlines()[1:-1])
+    try:
+        der = base64.b64decode(body, validate=True)
+    except ValueError:
+        raise ValueError("the PEM body is not base64")
+    pkcs1 = base64.b64decode("".join(rsa_public_key_pem(match.group(1), der).splitlines()[1:-1]))
+    key = DerReader(pkcs1, 0, len(pkcs1)).enter(DER_SEQUENCE)
+    _, content, end = key.take(DER_INTEGER)
+    return int.from_bytes(pkcs1[content:end], "big").bit_length()
+
+
+def rotate_refusal_hint(status: int, name: str) -> str:
+    if status == 401:
+        return ("the hubs do not accept this node's credential: re-run the one-liner with a "
+                "token made for it (tinc-hub token create --name {})".format(name))
+    if status == 403:
+        return "this node was revoked (tinc-hub revoke)"
+    if status == 409:
+        return "the staged key is another node's (a cloned machine?): run rotate-key again"
+    return "hub and bootstrap versions may differ"
+
+
+def validate_rotate_answer(answer: dict, record: NodeRecord) -> bool:
+    """Whether the hub rotated (True) or had this key already (False), from a POST
+    /v1/rotate-key answer that must be about this node; ValueError otherwise."""
+    if answer.get("name") != record.name or answer.get("net") != record.hub_net:
+        raise ValueError("it is not about this node (name {}, net {})".format(
+            record.name, record.hub_net))
+    if answer.get("address") != record.address or answer.get("prefix") != record.prefix:
+        raise ValueError("it gives this node another VPN address than {}/{}".format(
+            record.address, record.prefix))
+    rotated = answer.get("rotated")
+    if not isinstance(rotated, bool):
+        raise ValueError("`rotated` is not true or false")
+    return rotated
+
+
+def request_rotate_key(record: NodeRecord, public_pem: str, timeout: float,
+                       sleep: Callable[[float], None] = time.sleep) -> Tuple[HubEndpoint, bool]:
+    """POST /v1/rotate-key to the known hubs in order (pinned TLS, as sync) until one accepts
+    the key: (that hub, whether it rotated). A refusal (4xx other than 429) is final (the
+    hubs share one registry); anything else passes to the next hub, and rounds are retried
+    with a back-off until `timeout` s. The same key sent again is harmless (idempotent)."""
+    if record.credential is None:
+        raise BootstrapError("this node has no sync credential", EXIT_USAGE,
+                             "re-run the one-liner (bootstrap.py with a token) to get one")
+    body = json.dumps({"name": record.name, "credential": record.credential,
+                       "public_key": public_pem}).encode()
+    headers = {"Content-Type": "application/json", "User-Agent": "tinc-bootstrap/" + __version__}
+    deadline = time.monotonic() + timeout
+    delay, rounds = 1.0, 0
+    while True:
+        rounds += 1
+        reasons, retry_after = [], 0.0
+        for hub in record.hubs:
+            try:
+                answer = _pinned_request(hub.host, hub.port, hub.pin, "POST", "/v1/rotate-key",
+                                         body, headers)
+            except (Unreachable, BootstrapError) as exc:  # BootstrapError: wrong pin, too large
+                reasons.append("{}: {}".format(hub.name, exc))
+                continue
+            if answer.status == 200:
+                try:
+                    return hub, validate_rotate_answer(answer.body, record)
+                except ValueError as exc:
+                    reasons.append("{}: answer refused: {}".format(hub.name, exc))
+                    continue
+            message = _one_line(str(answer.body.get("error") or "HTTP {}".format(answer.status)))
+            if answer.status != 429 and answer.status < 500:
+                error = BootstrapError("hub {} refused the new key: {}".format(hub.name, message),
+                                       EXIT_REFUSED, rotate_refusal_hint(answer.status, record.name))
+                error.status = answer.status  # type: ignore[attr-defined]
+                raise error
+            reasons.append("{}: HTTP {}: {}".format(hub.name, answer.status, message))
+            retry_after = max(retry_after, answer.retry_after)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise BootstrapError("no hub accepted the new key within {:.0f} s ({} rounds): {}".format(
+                timeout, rounds, "; ".join(reasons)), EXIT_UNREACHABLE,
+                "the key stays staged: run rotate-key again later (it sends the same key)")
+        wait = delay * random.uniform(0.8, 1.0)
+        if retry_after:
+            wait = max(wait, retry_after * random.uniform(1.0, 1.2))
+        wait = min(wait, left)
+        REPORT.step("no hub answered ({}); retrying in {:.1f} s".format("; ".join(reasons), wait))
+        sleep(wait)
+        delay = min(delay * 2, 15.0)
+
+
+def staged_public_key(base: str) -> Optional[str]:
+    """The public key of a staged rotation (its private key staged too), else None."""
+    if not os.path.isfile(os.path.join(base, ROTATE_STAGED_PRIVATE)):
+        return None
+    return public_key_block(read_private(os.path.join(base, ROTATE_STAGED_PUBLIC)) or "")
+
+
+class NodeRotation:
+    """rotate-key as a list of steps: stage a new key (or resume with the staged one), have a
+    hub accept it, put it in place, restart tincd, wait for a hub over the VPN."""
+
+    def __init__(self, opts: RotateOptions, net: str, record: NodeRecord, state: dict,
+                 facts: SystemFacts) -> None:
+        self.opts, self.net, self.record, self.facts = opts, net, record, facts
+        self.base = net_dir(opts.tinc_dir, net)
+        self.init = state.get("init") if state.get("init") in INIT_CHOICES else "none"
+        self.state = state
+        self.public_pem = "<new public key>"
+        self.hub = "<the hub that answers>"
+        self.tincd = TincdState()
+        self.restarted = False
+
+    def steps(self) -> List[Step]:
+        return [
+            Step(self.stage_title, self.plan_stage, self.apply_stage),
+            Step(lambda: "asking the hubs to replace the key of node {!r}".format(self.record.name),
+                 self.plan_request, self.apply_request),
+            Step(lambda: "", self.plan_files, self.apply_files),
+            Step(lambda: "", self.plan_restart, self.apply_restart),
+            Step(lambda: "", self.plan_wait, self.apply_wait),
+        ]
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.base, name)
+
+    def key_size(self) -> int:
+        if self.opts.key_size is not None:
+            return self.opts.key_size
+        try:
+            return rsa_modulus_bits(public_key_block(read_text(self.path(
+                os.path.join("hosts", self.record.name))) or "") or "")
+        except (OSError, ValueError):
+            return DEFAULT_KEY_SIZE
+
+    def stage_title(self) -> str:
+        if staged_public_key(self.base):
+            return "key: resuming with the staged key {}".format(self.path(ROTATE_STAGED_PRIVATE))
+        return "key: generating a new RSA {} key".format(self.key_size())
+
+    def plan_stage(self) -> Plan:
+        if staged_public_key(self.base):
+            return Plan(actions=("send the staged key again (a rotation that did not finish)",))
+        work = self.path(ROTATE_WORK_DIR)
+        return Plan(commands=(("tincd", "-c", work, "-K{}".format(self.key_size())),),
+                    actions=("in a fresh {} (0700); then stage its keys as {} and {} (0600)".format(
+                        work, self.path(ROTATE_STAGED_PUBLIC), self.path(ROTATE_STAGED_PRIVATE)),))
+
+    def apply_stage(self, plan: Plan) -> None:
+        with net_lock(self.base):
+            staged = staged_public_key(self.base)
+            if staged is None:
+                staged = self.make_staged_key(plan)
+        self.public_pem = staged
+
+    def make_staged_key(self, plan: Plan) -> str:
+        """Run `tincd -K` in the work dir, then stage the public key, then (the commit point)
+        rename the private key to rsa_key.priv.new: a crash leaves no half-staged key."""
+        work = self.path(ROTATE_WORK_DIR)
+        shutil.rmtree(work, ignore_errors=True)
+        os.mkdir(work, 0o700)
+        try:
+            for cmd in plan.commands:
+                run(cmd, timeout=600)
+            private = os.path.join(work, "rsa_key.priv")
+            pem = public_key_block(read_text(os.path.join(work, "rsa_key.pub")) or "")
+            if not pem or not os.path.isfile(private):
+                raise BootstrapError("tincd -K made no key pair in {}".format(work), EXIT_COMMAND)
+            write_atomic(self.path(ROTATE_STAGED_PUBLIC), pem + "\n", 0o600)
+            os.chmod(private, 0o600)
+            os.rename(private, self.path(ROTATE_STAGED_PRIVATE))
+            fsync_directory(self.base)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return pem
+
+    def plan_request(self) -> Plan:
+        return Plan(actions=tuple(
+            "POST https://{}:{}/v1/rotate-key name={} (the new public key, this node's "
+            "credential){}".format(hub.host, hub.port, self.record.name,
+                                   "" if i == 0 else ", if the hubs before it do not answer")
+            for i, hub in enumerate(self.record.hubs)))
+
+    def apply_request(self, plan: Plan) -> None:
+        try:
+            hub, rotated = request_rotate_key(self.record, self.public_pem, self.opts.timeout)
+        except BootstrapError as exc:
+            if getattr(exc, "status", None) in (400, 409):  # the key itself is refused
+                with net_lock(self.base):
+                    for name in (ROTATE_STAGED_PRIVATE, ROTATE_STAGED_PUBLIC):
+                        try:
+                            os.unlink(self.path(name))
+                        except FileNotFoundError:
+                            pass
+            raise
+        self.hub = hub.name
+        REPORT.step("hub {} {}".format(hub.name, "accepted the new key" if rotated
+                                       else "had the new key already"))
+
+    def plan_files(self) -> Plan:
+        host = FileSpec(self.path(os.path.join("hosts", self.record.name)),
+                        render_host_file(["Subnet = {}/32".format(self.record.address)],
+                                         self.public_pem))
+        return Plan(files=(host,), actions=(
+            "rename {} to {} (atomic)".format(self.path(ROTATE_STAGED_PRIVATE),
+                                              self.path("rsa_key.priv")),
+            "remove {}".format(self.path(ROTATE_STAGED_PUBLIC))))
+
+    def apply_files(self, plan: Plan) -> None:
+        """The host file first, then the private key: until the rename, a re-run resumes
+        with the staged key; after it, both files hold the new key."""
+        with net_lock(self.base):
+            if staged_public_key(self.base) != self.public_pem:  # another run finished it
+                if public_key_block(read_text(plan.files[0].path) or "") != self.public_pem:
+                    raise BootstrapError("the staged key changed during the rotation", EXIT_ERROR,
+                                         "another rotate-key ran at the same time: run it again")
+                return
+            apply_files(plan.files)
+            os.rename(self.path(ROTATE_STAGED_PRIVATE), self.path("rsa_key.priv"))
+            fsync_directory(self.base)
+            os.unlink(self.path(ROTATE_STAGED_PUBLIC))
+
+    def start_how(self) -> str:
+        return "systemd" if self.init == "systemd" else "direct"
+
+    def plan_restart(self) -> Plan:
+        """Restart tincd (it reads its private key only at start): systemctl restart, or
+        tincd -k and a new tincd. A stopped tincd is left stopped (it starts with the key)."""
+        self.tincd = read_tincd_state(self.net, self.start_how(), self.facts)
+        if not self.tincd.active and not self.opts.dry_run:
+            return Plan(actions=("tincd of {} is not running: it uses the new key when it "
+                                 "starts".format(self.net),))
+        return plan_start(self.net, self.start_how(), self.facts,
+                          self.tincd._replace(active=True), True, self.opts.tinc_dir)
+
+    def apply_restart(self, plan: Plan) -> None:
+        if not plan.commands:
+            REPORT.step(plan.actions[0])
+            return
+        apply_start(plan, self.tincd)
+        self.restarted = True
+        REPORT.step("tincd restarted with the new key")
+
+    def plan_wait(self) -> Plan:
+        return Plan(actions=("ping the hubs over the VPN until one answers, at most {:.0f} s"
+                             .format(self.opts.timeout),))
+
+    def apply_wait(self, plan: Plan) -> None:
+        """Any hub answering means the VPN is up again (the joined one is asked first)."""
+        addresses = hub_vpn_addresses(self.opts.tinc_dir, self.net, self.state)
+        if not self.restarted or not addresses:
+            return
+        deadline = time.monotonic() + self.opts.timeout
+        while True:
+            for address in addresses:
+                if wait_for_ping(address, min(5.0, max(0.1, deadline - time.monotonic())),
+                                 interval=0.01, max_interval=0.5,
+                                 nudge=lambda: nudge_tincd(self.net)):
+                    return
+            if time.monotonic() >= deadline:
+                break
+        raise BootstrapError("no hub answered over the VPN within {:.0f} s of the restart".format(
+            self.opts.timeout), EXIT_VPN_DOWN, "see tincd's log; the hub's log says whether it "
+            "refused the key")
+
+
+def rotate_key(opts: RotateOptions) -> int:
+    """`bootstrap.py rotate-key`: NodeRotation's steps (printed with --dry-run)."""
+    if opts.key_size is not None and opts.key_size < 2048:
+        raise BootstrapError("--key-size must be at least 2048", EXIT_USAGE)
+    if os.geteuid() != 0 and not opts.dry_run:
+        raise BootstrapError("this must run as root", EXIT_USAGE, "use sudo, or --dry-run")
+    net = pick_net(opts.tinc_dir, opts.net)
+    record = read_node_record(opts.tinc_dir, net)
+    if record.credential is None and not opts.dry_run:
+        raise BootstrapError("this node has no sync credential, which rotate-key proves its "
+                             "identity with", EXIT_USAGE, "re-run the one-liner (bootstrap.py "
+                             "with a token) to get one")
+    remember_secret(record.credential)
+    job = NodeRotation(opts, net, record, load_state(opts.tinc_dir, net) or {},
+                       detect_system("/"))
+    run_steps(job.steps(), opts.dry_run)
+    if opts.dry_run:
+        REPORT.step("dry run: nothing was changed" + (
+            " (a real run logs to {})".format(opts.log) if opts.log else ""))
+        return EXIT_OK
+    REPORT.step("rotated: node {} of net {} uses its new key".format(record.name, net))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------
 # Command line: every flag has a TINC_BOOTSTRAP_* environment twin.
 
 def _env(name: str, default=None):
@@ -2945,6 +3257,20 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                             help="print every file and command; change nothing "
                                  "(env TINC_BOOTSTRAP_DRY_RUN)")
         parser.add_argument("--root", default=_env("ROOT", "/"), help=argparse.SUPPRESS)
+    if command == "rotate-key":
+        parser.description = ("Give this node a new RSA key: made here (staged next to the "
+                              "current one until a hub accepted it, so a re-run resumes with "
+                              "the same key), sent to the hubs with this node's credential "
+                              "(pinned TLS), then put in place and tincd restarted.")
+        parser.add_argument("--key-size", type=int, default=(
+            int(_env("KEY_SIZE")) if _env("KEY_SIZE") else None),
+            help="RSA key size (env TINC_BOOTSTRAP_KEY_SIZE; default: the current key's)")
+        parser.add_argument("--timeout", type=float, default=float(_env("TIMEOUT", "300")),
+                            help="seconds to keep retrying the hubs, and to wait for the VPN "
+                                 "(env TINC_BOOTSTRAP_TIMEOUT)")
+        parser.add_argument("--dry-run", action="store_true", default=_env_flag("DRY_RUN"),
+                            help="print every file and command; change nothing "
+                                 "(env TINC_BOOTSTRAP_DRY_RUN)")
     if command == "status":
         parser.add_argument("--json", action="store_true", default=_env_flag("JSON"),
                             help="machine-readable output (env TINC_BOOTSTRAP_JSON)")
@@ -3017,7 +3343,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # tincd and the tinc-up it runs) inherits it.
     env_token = os.environ.pop("TINC_BOOTSTRAP_TOKEN", None)
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and argv[0] in ("join", "status", "leave", "sync") else "join"
+    command = argv.pop(0) if argv and argv[0] in ("join", "status", "leave", "sync",
+                                                  "rotate-key") else "join"
     verbose = "-v" in argv or "--verbose" in argv or _env_flag("VERBOSE")
     global REPORT
     try:
@@ -3028,7 +3355,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except ValueError as exc:
             raise BootstrapError("bad value in a TINC_BOOTSTRAP_* variable: {}".format(exc),
                                  EXIT_USAGE)
-        dry = command == "join" and args.dry_run
+        dry = command in ("join", "rotate-key") and args.dry_run
         REPORT = Reporter(None if dry or os.geteuid() != 0 else args.log, args.verbose)
         if command == "status":
             return status(args.tinc_dir, args.net, args.json)
@@ -3036,6 +3363,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return leave(args.tinc_dir, args.net)
         if command == "sync":
             return sync_command(args)
+        if command == "rotate-key":
+            return rotate_key(RotateOptions(args.net, args.key_size, args.timeout, args.dry_run,
+                                            args.tinc_dir, args.log))
         opts = JoinOptions(read_token(args, env_token), args.hub, args.name, args.net, args.init,
                            args.key_size, args.timeout, args.dry_run, args.tinc_dir, args.root,
                            args.log)

@@ -22,6 +22,7 @@ from .connection_caps import (DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_P
                               CappedListener, ConnectionCaps)
 from .enroll import MAX_BODY_BYTES, Attempt, Enroller, audit_line, audit_log
 from .errors import HubError
+from .node_rotate import RotateKeyHandler, rotate_audit_line
 from .node_sync import MAX_SYNC_BODY_BYTES, SYNC_INTERVAL, SyncHandler
 from .http_timeouts import HANDSHAKE_TIMEOUT, HeaderTimeoutH11Protocol
 from .openapi import openapi_schema
@@ -90,6 +91,9 @@ def create_app(config: HubConfig, registry: Registry, batcher: ReloadBatcher,
     address is the TCP peer, or what a ``trusted_proxies`` peer says in X-Forwarded-For."""
     enroller = Enroller(config, registry)
     syncer = SyncHandler(config, registry, sync_interval)
+    rotator = RotateKeyHandler(config, registry)
+    # key rotations per client address: the enrolment limit, in buckets of their own
+    rotate_limiter = RateLimiter(rate_limiter.limit) if rate_limiter is not None else None
     if bootstrap_source is None:
         try:
             bootstrap_source = script_source()
@@ -142,6 +146,31 @@ def create_app(config: HubConfig, registry: Registry, batcher: ReloadBatcher,
         headers = {"Retry-After": str(REGISTRY_RETRY_AFTER)} if outcome.status == 503 else None
         return JSONResponse(outcome.body, status_code=outcome.status, headers=headers)
 
+    async def post_rotate_key(request: Request) -> Response:
+        client = client_address(request.scope, trusted_proxies)
+        if rotate_limiter is not None:
+            wait = rotate_limiter.acquire(client)
+            if wait > 0:
+                retry_after = retry_after_header(wait)
+                audit_log.warning("%s", rotate_audit_line("refused", 429, None, client, "rate limit"))
+                return JSONResponse({"error": f"too many key rotations from {client};"
+                                              f" retry in {retry_after} s"},
+                                    status_code=429,
+                                    headers={"Retry-After": retry_after, "Connection": "close"})
+        try:
+            body = await read_capped_body(request)
+        except BodyError as exc:
+            return error_response(exc.status, exc.message, close=True)
+        except ClientDisconnect:
+            return error_response(400, "client disconnected", close=True)
+        outcome = await run_in_threadpool(rotator.process, body, client)
+        if outcome.reload_needed:
+            await batcher.reload()  # answer only after the SIGHUP that drops the old key
+        elif outcome.status == 200:
+            await batcher.settled()  # a replay racing its first request's SIGHUP
+        headers = {"Retry-After": str(REGISTRY_RETRY_AFTER)} if outcome.status == 503 else None
+        return JSONResponse(outcome.body, status_code=outcome.status, headers=headers)
+
     async def get_healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok", "net": config.net, "hub": config.name})
 
@@ -162,6 +191,7 @@ def create_app(config: HubConfig, registry: Registry, batcher: ReloadBatcher,
             Route("/bootstrap.py", get_bootstrap, methods=["GET"]),
             Route("/v1/enroll", post_enroll, methods=["POST"]),
             Route("/v1/sync", post_sync, methods=["POST"]),
+            Route("/v1/rotate-key", post_rotate_key, methods=["POST"]),
             Route("/healthz", get_healthz, methods=["GET"]),
             Route("/openapi.json", get_openapi, methods=["GET"]),
         ],

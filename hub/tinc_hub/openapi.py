@@ -71,6 +71,43 @@ def openapi_schema() -> Dict[str, Any]:
                     },
                 }
             },
+            "/v1/rotate-key": {
+                "post": {
+                    "summary": "A node replaces its own RSA key (bootstrap.py rotate-key)",
+                    "description": "The node proves its identity with its sync credential (no "
+                                   "token). Idempotent: the same new key again returns 200 with "
+                                   "rotated=false and changes nothing. The answer is sent after "
+                                   "the hub's tincd re-read the node's host file (SIGHUP); the "
+                                   "other hubs follow through the registry.",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {
+                            "schema": {"$ref": "#/components/schemas/RotateKeyRequest"}}},
+                    },
+                    "responses": {
+                        "200": {"description": "The node's key is the one sent",
+                                "content": {"application/json": {
+                                    "schema": {"$ref": "#/components/schemas/RotateKeyResponse"}}}},
+                        "400": _error_response("Malformed body, name, credential or public key"),
+                        "401": _error_response("Unknown node name or wrong credential (one answer "
+                                               "for both)"),
+                        "403": _error_response("Node revoked"),
+                        "408": _error_response("Request body not received in time"),
+                        "409": _error_response("The key is another node's or hub's key"),
+                        "413": _error_response(f"Body larger than {MAX_BODY_BYTES} bytes"),
+                        "429": dict(_error_response("Too many key rotations from this client "
+                                                    "address (tinc-hub serve --rate-limit)"),
+                                    headers={"Retry-After": {
+                                        "description": "Seconds to wait before retrying",
+                                        "schema": {"type": "integer"}}}),
+                        "503": dict(_error_response("The hub cannot reach its registry; nothing "
+                                                    "was changed"),
+                                    headers={"Retry-After": {
+                                        "description": "Seconds to wait before retrying",
+                                        "schema": {"type": "integer"}}}),
+                    },
+                }
+            },
             "/healthz": {
                 "get": {
                     "summary": "Liveness",
@@ -125,6 +162,29 @@ def openapi_schema() -> Dict[str, Any]:
                                                                              "format": "ipv4"},
                                   "description": "Tinc name -> VPN address of every hub and "
                                                  "node not revoked (the node resolves NAME.NET)"},
+                    },
+                },
+                "RotateKeyRequest": {
+                    "type": "object",
+                    "required": ["name", "credential", "public_key"],
+                    "properties": {
+                        "name": {"type": "string", "pattern": "^[A-Za-z0-9_]{1,64}$"},
+                        "credential": {"type": "string", "pattern": "^[0-9a-f]{64}$",
+                                       "description": "The node's sync credential"},
+                        "public_key": {"type": "string",
+                                       "description": "The new key, checked as an enrolment key"},
+                    },
+                },
+                "RotateKeyResponse": {
+                    "type": "object",
+                    "required": ["net", "name", "address", "prefix", "rotated"],
+                    "properties": {
+                        "net": {"type": "string"},
+                        "name": {"type": "string"},
+                        "address": {"type": "string", "format": "ipv4"},
+                        "prefix": {"type": "integer", "minimum": 0, "maximum": 32},
+                        "rotated": {"type": "boolean",
+                                    "description": "false: the node had this key already"},
                     },
                 },
                 "Error": {
