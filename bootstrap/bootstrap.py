@@ -1057,13 +1057,25 @@ def apply_boot(plan: Plan) -> List[str]:
     return changed
 
 
+def tincd_alive(pid: int) -> bool:
+    """True while tincd `pid` runs: a zombie (exited, its parent has not reaped it yet: init
+    may take seconds) has already closed its sockets, its device and removed its pidfile."""
+    try:
+        stat = read_text("/proc/{}/stat".format(pid))
+    except OSError:
+        return False
+    if stat is None or ")" not in stat:
+        return False
+    name, _, rest = stat.partition(" (")[2].rpartition(")")
+    return name == "tincd" and rest.split()[:1] not in (["Z"], ["X"])
+
+
 def wait_for_exit(pid: int, timeout: float = 15.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        comm = read_text("/proc/{}/comm".format(pid))
-        if comm is None or comm.strip() != "tincd":
+        if not tincd_alive(pid):
             return True
-        time.sleep(0.05)
+        time.sleep(0.01)
     return False
 
 
