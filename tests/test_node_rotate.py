@@ -361,3 +361,44 @@ def test_refusals_wrong_credential_another_nodes_key_revoked(lab):
     audit = lab.hub.serve_proc.output()
     for status in (401, 409, 403):
         assert "rotate-key result=refused status=%d" % status in audit
+
+
+# =========================================================================================
+# Two hubs on one PostgreSQL registry (labkit.multihub): the other hub follows.
+
+from labkit import multihub, postgres  # noqa: E402
+
+MULTI_NET, MULTI_SUBNET = "rotmulti", "10.63.0.0/24"
+EREBOR, RIVENDELL, HOBBITON = "erebor", "rivendell", "hobbiton"
+
+
+@pytest.mark.netlab
+@pytest.mark.skipif(postgres.unavailable_reason() is not None,
+                    reason=str(postgres.unavailable_reason()))
+def test_with_two_hubs_the_other_hub_follows(pg):
+    with multihub.MultiHubLab([EREBOR, RIVENDELL], [HOBBITON], MULTI_NET, MULTI_SUBNET,
+                              pg=pg) as lab:
+        lab.add_hub(EREBOR)
+        lab.add_hub(RIVENDELL)
+        lab.enrol(HOBBITON, lab.hub(EREBOR).token_create()["token"])
+        node = lab.host(HOBBITON)
+        netdir = "/etc/tinc/" + MULTI_NET
+        multihub.wait_for(lambda: lab.node_connected(HOBBITON, EREBOR)
+                          and lab.node_connected(HOBBITON, RIVENDELL), 60, "both meta connections")
+        done = node.run(["/usr/bin/python3", str(netlab.BOOTSTRAP_PY), "rotate-key",
+                         "--timeout", "60"], check=False, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "hub %s accepted the new key" % EREBOR in done.stderr, done.stderr  # asked first
+        new = bootstrap.public_key_block(node.read_file("%s/hosts/%s" % (netdir, HOBBITON)))
+        seconds = multihub.wait_for(lambda: bootstrap.public_key_block(
+            lab.hub(RIVENDELL).host_files().get(HOBBITON, "")) == new, 10,
+            "rivendell's hosts/%s with the new key" % HOBBITON)
+        netlab.record_timing("node rotate-key: the other hub's host file follows", seconds)
+        # the node reconnects to both hubs with the new key (rivendell: after tinc's retry)
+        multihub.wait_for(lambda: lab.node_connected(HOBBITON, EREBOR)
+                          and lab.node_connected(HOBBITON, RIVENDELL), 60, "both reconnected")
+        for hub in (EREBOR, RIVENDELL):
+            assert node.wait_ping(lab.hub(hub).vpn_address(), 30), hub
+        sync = node.run(["/usr/bin/python3", netdir + "/bootstrap.py", "sync", "--once"],
+                        check=False, timeout=60)
+        assert sync.returncode == 0, sync.stderr
