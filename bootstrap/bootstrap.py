@@ -2935,6 +2935,14 @@ def rsa_modulus_bits(pem: str) -> int:
     return int.from_bytes(pkcs1[content:end], "big").bit_length()
 
 
+class RotateRefused(BootstrapError):
+    """A hub refused the new key (a 4xx other than 429): final, the hubs share one registry."""
+
+    def __init__(self, status: int, message: str, hint: str) -> None:
+        super().__init__(message, EXIT_REFUSED, hint)
+        self.status = status
+
+
 def rotate_refusal_hint(status: int, name: str) -> str:
     if status == 401:
         return ("the hubs do not accept this node's credential: re-run the one-liner with a "
@@ -2993,10 +3001,8 @@ def request_rotate_key(record: NodeRecord, public_pem: str, timeout: float,
                     continue
             message = _one_line(str(answer.body.get("error") or "HTTP {}".format(answer.status)))
             if answer.status != 429 and answer.status < 500:
-                error = BootstrapError("hub {} refused the new key: {}".format(hub.name, message),
-                                       EXIT_REFUSED, rotate_refusal_hint(answer.status, record.name))
-                error.status = answer.status  # type: ignore[attr-defined]
-                raise error
+                raise RotateRefused(answer.status, "hub {} refused the new key: {}".format(
+                    hub.name, message), rotate_refusal_hint(answer.status, record.name))
             reasons.append("{}: HTTP {}: {}".format(hub.name, answer.status, message))
             retry_after = max(retry_after, answer.retry_after)
         left = deadline - time.monotonic()
@@ -3108,8 +3114,8 @@ class NodeRotation:
     def apply_request(self, plan: Plan) -> None:
         try:
             hub, rotated = request_rotate_key(self.record, self.public_pem, self.opts.timeout)
-        except BootstrapError as exc:
-            if getattr(exc, "status", None) in (400, 409):  # the key itself is refused
+        except RotateRefused as exc:
+            if exc.status in (400, 409):  # the key itself is refused: the next run makes another
                 with net_lock(self.base):
                     for name in (ROTATE_STAGED_PRIVATE, ROTATE_STAGED_PUBLIC):
                         try:
