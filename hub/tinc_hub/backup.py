@@ -586,7 +586,7 @@ def check_keys(staged: Staged, config: HubConfig) -> int:
 def prepare_registry(staged: Staged, config: HubConfig) -> Tuple[str, List[str]]:
     """The staged SQLite registry: intact, the net of hub.json, this code's schema (an older
     one upgraded here, a newer one refused), in WAL mode. Returns (revision, applied)."""
-    from .registry import Registry, RegistryError
+    from .registry import SCHEMA_REVISION, Registry, RegistryError, RegistrySchemaError
 
     path = staged.path(REGISTRY_MEMBER)
     try:
@@ -601,6 +601,7 @@ def prepare_registry(staged: Staged, config: HubConfig) -> Tuple[str, List[str]]
     if check != [("ok",)]:
         raise refuse(f"the registry is damaged ({_short(str(check[:3]))})")
     registry = Registry(path, staged.root / "registry.lock")
+    revision: Optional[str] = None
     try:
         revision = registry.schema_revision()
         if revision is None:
@@ -608,9 +609,14 @@ def prepare_registry(staged: Staged, config: HubConfig) -> Tuple[str, List[str]]
         applied = registry.upgrade_schema()
         with registry.reading() as view:
             settings = view.settings()
+    except RegistrySchemaError:
+        raise ArchiveError(
+            f"backup refused: its registry has schema revision {str(revision)[:40]!r}, newer than"
+            f" this tinc-hub {__version__} knows ({SCHEMA_REVISION})",
+            f"restore with tinc-hub {staged.manifest['tinc_hub_version']} (which made the"
+            " backup) or newer") from None
     except RegistryError as exc:
-        raise ArchiveError(f"backup refused: {_short(exc.message)}",
-                           exc.hint or "restore with a newer tinc-hub") from None
+        raise refuse(f"the registry cannot be read ({_short(exc.message)})") from None
     finally:
         registry.dispose()
     for key, mine in (("net", config.net), ("vpn_subnet", config.vpn_subnet)):
