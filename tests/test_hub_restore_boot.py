@@ -10,7 +10,7 @@ both are back on the VPN, hub and each other, and a third machine joins with the
 before the backup. The time from the restore command's start to every node back is recorded
 (the nodes' tincd retries with `MaxTimeout = 30`).
 
-Group `boot` (booted containers, labkit.nspawn; one hub lifecycle: ~2 min on cached trees).
+Group `boot` (booted containers, labkit.nspawn; one hub lifecycle with an 80 s outage: ~2 min on cached trees).
 """
 
 import time
@@ -27,8 +27,11 @@ NODES = ("ash", "birch")
 NEWCOMER = "cedar"
 HUB_VPN = "10.0.0.1"
 BACKUP_INSIDE = "/root/hub-backup.tgz"
-BACK_DEADLINE = 75.0  # s from restore's start: install-free restore, then a node's tincd
-# retry (at most MaxTimeout = 30 s apart) and its meta connection
+# The outage the nodes live through: a node's tincd retries 5, 10, 15, 20, 25 s after each
+# failure, then every MaxTimeout = 30 s; after 75 s down each node is at that longest interval,
+# as after a real rebuild (minutes), so the time measured below is the one an admin sees.
+OUTAGE = 80.0
+BACK_DEADLINE = 75.0  # s from restore's start: the restore, then one retry interval (<= 30 s)
 
 
 def one_liner(hub: nspawn.Container, *options: str) -> str:
@@ -102,6 +105,8 @@ def test_a_restored_hub_brings_every_node_back_and_keeps_its_tokens(lab):
         new.boot(90)
         nspawn.install_hub(new, timeout=180)  # the package; the hub itself comes from the file
         assert new.run(["test", "-e", "/var/lib/tinc-hub"], check=False).returncode != 0
+        assert not nodes[0].ping(HUB_VPN)
+        time.sleep(max(0.0, lost + OUTAGE - time.monotonic()))  # the outage is the scenario
         started = time.monotonic()
         restored = new.run(["tinc-hub", "restore", BACKUP_INSIDE], check=False, timeout=180)
         assert restored.returncode == 0, restored.stdout + restored.stderr + new.diagnostics()

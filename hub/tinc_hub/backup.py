@@ -135,7 +135,7 @@ def copy_sqlite_registry(source: Path, target: Path) -> str:
     transaction, WAL contents included); returns its schema revision."""
     if not source.is_file():
         raise HubError(f"registry {source} not found", "run 'tinc-hub init' first")
-    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=30)
+    src = sqlite3.connect(source.resolve().as_uri() + "?mode=ro", uri=True, timeout=30)
     try:
         dst = sqlite3.connect(str(target))
         try:
@@ -590,7 +590,7 @@ def prepare_registry(staged: Staged, config: HubConfig) -> Tuple[str, List[str]]
 
     path = staged.path(REGISTRY_MEMBER)
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=rw", uri=True)
+        conn = sqlite3.connect(path.resolve().as_uri() + "?mode=rw", uri=True)
         try:
             check = conn.execute("PRAGMA quick_check").fetchall()
             conn.execute("PRAGMA journal_mode = WAL").fetchall()
@@ -743,8 +743,14 @@ def restore_backup(state: StateDir, source: str, force: bool, start: bool = True
                               api_port=config.api_port, key_size=key_bits, init=config.init,
                               tinc_dir=config.tinc_dir, start=start, registry=registry_url,
                               registry_password_file=registry_password_file)
-        job = HubInit(state, request)
-        bootstrap.run_steps(job.steps(), dry_run=False, say=log.debug)
+        try:
+            job = HubInit(state, request)
+            bootstrap.run_steps(job.steps(), dry_run=False, say=log.debug)
+        except Exception as exc:
+            raise HubError(f"the hub's files are restored, but init's steps failed: "
+                           f"{' '.join(str(exc).split())}",
+                           "fix the cause, then run 'tinc-hub restore FILE --force' again"
+                           " (or 'tinc-hub init' with hub.json's values)") from exc
         init_result = job.result()
         if api_was_active and init_result.api_service and UNIT_NAME not in init_result.changed:
             bootstrap.run(("systemctl", "restart", UNIT_NAME))  # it held the replaced registry
