@@ -214,6 +214,23 @@ def directory(info: tarfile.TarInfo) -> None:
     info.type = tarfile.DIRTYPE
 
 
+def raw_header(name: str, kind: bytes, size: int) -> bytes:
+    """One ustar header block claiming ``size`` bytes of data (which never follow)."""
+    info = tarfile.TarInfo(name)
+    info.size = 0
+    block = bytearray(info.tobuf(tarfile.USTAR_FORMAT))
+    block[124:136] = b"%011o\x00" % size
+    block[156:157] = kind
+    block[148:156] = b"        "
+    block[148:156] = b"%06o\x00 " % sum(block)
+    return bytes(block)
+
+
+def huge_extended_header(kind: bytes) -> bytes:
+    """A GNU long name (L) or pax (x) header claiming 1 TiB: tarfile would read it all."""
+    return gzip.compress(raw_header("././@LongLink", kind, 1 << 40) + b"\x00" * 4096)
+
+
 def edited_hub_json(file: Path, **changes) -> bytes:
     data = json.loads(members_of(file)["state/hub.json"])
     data.update(changes)
@@ -241,6 +258,8 @@ HOSTILE = {
     "symlink": lambda f, t: pack(replaced(good(f), "tinc/hosts/node1", symlink), resign=False),
     "device": lambda f, t: pack(replaced(good(f), "tinc/hosts/node1", device), resign=False),
     "directory": lambda f, t: pack(good(f) + [("tinc/hosts/node2", directory)], resign=False),
+    "huge long name": lambda f, t: huge_extended_header(tarfile.GNUTYPE_LONGNAME),
+    "huge pax header": lambda f, t: huge_extended_header(tarfile.XHDTYPE),
     "damaged member": lambda f, t: pack(replaced(good(f), "state/hub.json", b"{}" + b" " * (
         len(members_of(f)["state/hub.json"]) - 2)), resign=False),
     "duplicate member": lambda f, t: pack(good(f) + good(f)[1:2], resign=False),
@@ -270,6 +289,7 @@ EXPECTED = {
     "dot path": "is not one a backup holds", "unlisted member": "not listed",
     "symlink": "not a regular file", "device": "not a regular file",
     "directory": "not a regular file", "damaged member": "damaged",
+    "huge long name": "extended headers", "huge pax header": "extended headers",
     "duplicate member": "appears twice", "missing member": "missing",
     "newer format": "newer than this tinc-hub", "control characters": "printable",
     "oversized member": "out of bounds", "hostile hub.json": "invalid net name",

@@ -437,11 +437,24 @@ def _copy_member(source: IO[bytes], target: Path, size: int) -> str:
     return digest.hexdigest()
 
 
+class StrictTarInfo(tarfile.TarInfo):
+    """A member header that refuses, from the header alone, anything but a plain regular
+    file: tarfile itself would read a GNU long name's or a pax header's data into memory,
+    whatever size its header claims. (TarInfo._proc_member is tarfile's private hook, called
+    for every header since Python 3.0; test_hub_backup checks that it still is.)"""
+
+    def _proc_member(self, tar):  # type: ignore[override]
+        if self.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+            raise refuse(f"member {self.name[:80]!r} is not a regular file (links, devices,"
+                         " directories and extended headers are never in a backup)")
+        return super()._proc_member(tar)
+
+
 def read_archive(source: IO[bytes], staging: Path) -> Staged:
     """Read the archive stream into ``staging`` (an empty private directory), refusing
     anything but exactly the members the manifest lists, each once, whole and intact."""
     try:
-        with tarfile.open(fileobj=source, mode="r|gz") as tar:
+        with tarfile.open(fileobj=source, mode="r|gz", tarinfo=StrictTarInfo) as tar:
             return _read_members(tar, staging)
     except ArchiveError:
         raise
