@@ -25,7 +25,6 @@ from tinc_hub.backup import FORMAT_VERSION, MANIFEST
 from tinc_hub.cli import main
 from tinc_hub.enroll import Enroller
 from tinc_hub.registry import SCHEMA_REVISION, Registry
-from tinc_hub.state import StateDir
 from tinc_hub.tls import pin_of_cert_file
 from labkit import postgres
 from hub_fixtures import (HubEnv, dump_registry, enrol_answer, init_hub, install_main_registry,

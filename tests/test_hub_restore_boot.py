@@ -82,7 +82,7 @@ def test_a_restored_hub_brings_every_node_back_and_keeps_its_tokens(lab):
     addresses = [join(node, command) for node in nodes]
     assert nodes[0].ping(addresses[1]) and nodes[1].ping(HUB_VPN)
     later = one_liner(hub)  # made just before the backup: in the WAL, not yet checkpointed
-    pin = hub.run(["tinc-hub", "token", "list"]).stdout
+    tokens_before = hub.run(["tinc-hub", "token", "list"]).stdout
     done = hub.run(["tinc-hub", "backup", BACKUP_INSIDE], timeout=60)
     assert "SECRETS" in done.stderr, done.stderr
     assert hub.run(["stat", "-c", "%a", BACKUP_INSIDE]).stdout.strip() == "600"
@@ -127,7 +127,7 @@ def test_a_restored_hub_brings_every_node_back_and_keeps_its_tokens(lab):
             assert new.unit_state("is-active", unit) == "active", unit
             assert new.unit_state("is-enabled", unit) == "enabled", unit
         assert netlab.wait_until(lambda: healthy(new), 30, 0.2)
-        assert new.run(["tinc-hub", "token", "list"]).stdout == pin  # same tokens, same uses
+        assert new.run(["tinc-hub", "token", "list"]).stdout == tokens_before  # same tokens, same uses
 
         # the token made before the backup enrols a machine that never saw the old hub
         address = join(lab["newcomer"], later)
