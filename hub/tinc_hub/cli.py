@@ -364,6 +364,25 @@ def build_parser() -> Parser:
     add_flag(p, "--no-switch", env="TINC_HUB_REGISTRY_COPY_NO_SWITCH",
              help="copy and verify only; leave hub.json as it is")
 
+    p = add_command(commands, "backup", run=cmd_backup, help="write the whole hub to one file (holds secrets)",
+                    description="Write everything this hub needs to FILE (mode 0600, atomically): "
+                                "hub.json, the TLS key and certificate (nodes pin them), the net's tinc"
+                                " directory (its private key, hosts/), and a SQLite registry (an online,"
+                                " consistent copy); a PostgreSQL registry is not in it (pg_dump it). "
+                                "'-' writes to stdout. The file holds private keys: keep it like one.")
+    p.add_argument("file", metavar="FILE", help="the backup file to write, or - for stdout")
+    add_flag(p, "--force", env="TINC_HUB_BACKUP_FORCE", help="replace an existing FILE")
+    p = add_command(commands, "restore", run=cmd_restore, help="bring a hub back from a backup file",
+                    description="On a fresh machine with the old hub's public address: check FILE"
+                                " strictly, write its hub.json, TLS key and certificate, registry, tinc"
+                                " key and hosts/, then do what init does (install tinc, write the net,"
+                                " boot service, start tincd and the API). Nodes come back by"
+                                " themselves; tokens made before the backup work. '-' reads stdin.")
+    p.add_argument("file", metavar="FILE", help="the file 'tinc-hub backup' wrote, or - for stdin")
+    add_flag(p, "--force", env="TINC_HUB_RESTORE_FORCE",
+             help="replace this machine's hub state (the old files are kept as NAME.replaced-TIME)")
+    add_flag(p, "--no-start", env="TINC_HUB_RESTORE_NO_START", help=argparse.SUPPRESS)  # tests
+
     p = add_command(commands, "names", help="NAME.NET of every hub and node in /etc/hosts")
     names_cmds = add_actions(p, "names_command")
     p = add_command(names_cmds, "apply", run=cmd_names_apply,
@@ -690,6 +709,46 @@ def cmd_registry_copy(args: argparse.Namespace, state: StateDir) -> int:
     else:
         print(f"hub.json unchanged; to use it, pass --registry {result.target} (env TINC_HUB_REGISTRY)"
               " or re-run without --no-switch on an empty target")
+    return EXIT_OK
+
+
+def cmd_backup(args: argparse.Namespace, state: StateDir) -> int:
+    from .backup import make_backup
+
+    result = make_backup(state, args.file, args.force, args.registry, args.registry_password_file)
+    where = "stdout" if result.path == "-" else result.path
+    print(f"{PROG}: warning: the backup holds SECRETS (the tinc private key, the TLS key): keep"
+          " it as safe as the hub itself", file=sys.stderr)
+    print(f"{PROG}: {result.registry}", file=sys.stderr)
+    for path in result.left_out:
+        print(f"{PROG}: note: not in the backup: {path}", file=sys.stderr)
+    print(f"{PROG}: backup of {result.members} files, {result.size} bytes, written to {where}"
+          " (mode 0600)", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_restore(args: argparse.Namespace, state: StateDir) -> int:
+    from .backup import NOT_INCLUDED, restore_backup
+
+    result = restore_backup(state, args.file, args.force, start=not args.no_start,
+                            registry_url=args.registry,
+                            registry_password_file=args.registry_password_file)
+    cfg, manifest = result.config, result.manifest
+    print(f"restored hub {cfg.name!r} of net {cfg.net!r} from the backup of"
+          f" {manifest['created_at']} (tinc-hub {manifest['tinc_hub_version']}, schema"
+          f" {manifest['schema_revision']}" + (f", upgraded to {result.schema_upgraded[-1]}"
+                                                if result.schema_upgraded else "") + ")")
+    print(f"tinc: {cfg.address}:{cfg.port} (boot: {cfg.init}; tincd {result.tincd})")
+    print(f"API:  https://{cfg.address}:{cfg.api_port}  pin {result.pin}")
+    print(f"registry: {result.registry}")
+    for path in result.moved_aside:
+        print(f"kept the replaced file as {path}")
+    print("not restored: " + "; ".join(NOT_INCLUDED))
+    if result.api_service:
+        print(f"API service: {result.api_service} (enabled, running)")
+    elif not args.no_start:
+        print(f"next: run '{command_prefix(state)} serve' (keep it running)")
+    print("nodes reconnect by themselves (tinc retries at most every 30 s)")
     return EXIT_OK
 
 
