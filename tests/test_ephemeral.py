@@ -174,3 +174,24 @@ def test_cli_token_create_list_and_nodes_show_ephemeral(tmp_path: Path, capsys) 
     assert (row["name"], row["ephemeral"], row["expires"]) == ("web_1", 1800, "paused")
     assert main(sd + ["nodes"]) == 0
     assert "paused (hub tincd down)" in capsys.readouterr().out
+
+
+def test_last_seen_is_rewritten_every_round_for_short_durations_seldom_for_long_ones() -> None:
+    from tinc_hub.ephemeral import refresh_due
+
+    assert refresh_due(node(last_seen=1000, duration=15), 1005)
+    assert not refresh_due(node(last_seen=1000, duration=15), 1004)
+    assert not refresh_due(node(last_seen=1000, duration=3600), 1299)
+    assert refresh_due(node(last_seen=1000, duration=3600), 1300)  # at most every 300 s
+    assert refresh_due(node(last_seen=None), 1000)
+
+
+def test_a_node_back_online_under_the_lock_is_not_removed(tmp_path: Path) -> None:
+    env, token = ephemeral_hub(tmp_path)
+    env.enroll(token, "n1", rsa_public_pem(1))
+    with env.registry.reading() as view:
+        n1 = view.get_node("n1")
+    with env.registry.exclusive(), env.registry.transaction() as tx:
+        assert reap_in_transaction(tx, [n1], n1.last_seen_at + 60, lambda: {"n1"}) == []
+    with env.registry.reading() as view:
+        assert view.get_node("n1") is not None

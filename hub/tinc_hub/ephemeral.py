@@ -43,6 +43,17 @@ MIN_DURATION = 10  # s: below it a node's reconnect after a hub restart could lo
 MAX_DURATION = 30 * 86400
 REAP_INTERVAL = 5.0  # s between reaper rounds
 TOMBSTONE_DAYS = 14  # a removed machine that comes back within this is told why
+MAX_REFRESH = 300  # s: a seen node's last_seen_at is rewritten at least this often
+
+
+def refresh_due(node: NodeRow, now: int) -> bool:
+    """Whether a seen node's last_seen_at is worth writing now: every round for short
+    durations, at most every duration/3 (up to MAX_REFRESH s) for long ones, so that a fleet
+    costs few writes and another hub still sees it long before its duration runs out."""
+    if node.last_seen_at is None or node.ephemeral_seconds is None:
+        return True
+    every = min(max(node.ephemeral_seconds // 3, int(REAP_INTERVAL)), MAX_REFRESH)
+    return now - node.last_seen_at >= every
 
 
 def parse_duration(text: str) -> int:
@@ -123,11 +134,16 @@ def scripts_are_ours(config: HubConfig, state_root: Path) -> bool:
     return True
 
 
-def reap_in_transaction(tx: RegistryTransaction, due: Iterable[NodeRow], now: int) -> List[NodeRow]:
+def reap_in_transaction(tx: RegistryTransaction, due: Iterable[NodeRow], now: int,
+                        online: Callable[[], Set[str]] = set) -> List[NodeRow]:
     """The conditional DELETEs (exposures first) and a tombstone per node removed; returns
-    the rows removed (as read inside the transaction)."""
+    the rows removed (as read inside the transaction). ``online``: who is online here now,
+    read again under the write lock (a node that came back since the round began stays)."""
     removed = []
+    back = online()
     for candidate in due:
+        if candidate.name in back:
+            continue
         node = tx.get_node(candidate.name)
         if node is None or not tx.reap_node(node.name, now):
             continue  # seen meanwhile (by another hub), or removed by one
@@ -198,10 +214,11 @@ class Reaper:
         started = tincd_started(self.config.net)
         ours = scripts_are_ours(self.config, self.state_root)
         online = online_names(read_liveness(self.state_root), started) if ours else set()
-        seen = sorted({n.name for n in nodes} & (online | synced))
-        if seen:
+        seen = {n.name for n in nodes} & (online | synced)
+        stale = sorted(n.name for n in nodes if n.name in seen and refresh_due(n, now))
+        if stale:
             with self.registry.exclusive(), self.registry.transaction(bump=False) as tx:
-                tx.mark_seen(seen, now)
+                tx.mark_seen(stale, now)
         if not ours:
             self._pause(f"{self.config.net_dir}/host-up and host-down are not tinc-hub's"
                         " (re-run 'tinc-hub init')")
@@ -210,13 +227,13 @@ class Reaper:
             self._pause(f"the hub's tincd (net {self.config.net}) is not running")
             return []
         self._pause(None)
-        seen_set = set(seen)
-        due = [n for n in nodes if removal_due(n, n.name in seen_set, started, now)]
+        due = [n for n in nodes if removal_due(n, n.name in seen, started, now)]
         if not due:
             return []
         try:
             with self.registry.exclusive(), self.registry.transaction() as tx:
-                removed = reap_in_transaction(tx, due, now)
+                removed = reap_in_transaction(
+                    tx, due, now, lambda: online_names(read_liveness(self.state_root), started))
                 if not removed:
                     raise _NothingRemoved()
         except _NothingRemoved:
