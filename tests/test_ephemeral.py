@@ -195,3 +195,14 @@ def test_a_node_back_online_under_the_lock_is_not_removed(tmp_path: Path) -> Non
         assert reap_in_transaction(tx, [n1], n1.last_seen_at + 60, lambda: {"n1"}) == []
     with env.registry.reading() as view:
         assert view.get_node("n1") is not None
+
+
+def test_the_guard_knows_its_own_event_scripts(tmp_path: Path) -> None:
+    from tinc_hub.ephemeral import scripts_are_ours
+
+    env = init_hub(tmp_path)
+    assert scripts_are_ours(env.config, env.state.root)
+    (env.config.net_dir / "host-down").write_text("#!/bin/sh\nexit 0\n")  # an older or hand-made one
+    assert not scripts_are_ours(env.config, env.state.root)
+    (env.config.net_dir / "host-down").unlink()
+    assert not scripts_are_ours(env.config, env.state.root)
