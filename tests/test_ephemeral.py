@@ -206,3 +206,21 @@ def test_the_guard_knows_its_own_event_scripts(tmp_path: Path) -> None:
     assert not scripts_are_ours(env.config, env.state.root)
     (env.config.net_dir / "host-down").unlink()
     assert not scripts_are_ours(env.config, env.state.root)
+
+
+def test_seen_here_uses_the_leave_time_of_the_running_tincd() -> None:
+    from tinc_hub.ephemeral import last_seen_writes, seen_here
+
+    rows = [NodeRow(name, "10.77.0.%d" % i, i, "K", "t" * 64, 0, 0, None, ephemeral_seconds=15,
+                    last_seen_at=990) for i, name in enumerate(["up", "left", "old", "quiet", "synced"], 2)]
+    records = {"up": Seen(True, 995, ""), "left": Seen(False, 997, ""), "old": Seen(False, 400, ""),
+               "synced": Seen(False, 400, "")}
+    times = seen_here(rows, records, 500.0, {"synced"}, 1000)
+    # online now; left at 997 (not at the last round); "old" left under an earlier tincd; no record
+    assert times == {"up": 1000, "left": 997, "synced": 1000}
+    assert seen_here(rows, records, None, set(), 1000) == {}  # no tincd: nothing known
+    assert last_seen_writes(rows, times, 1000) == {"up": 1000, "left": 997, "synced": 1000}
+    fresh = [NodeRow("up", "10.77.0.2", 2, "K", "t" * 64, 0, 0, None, ephemeral_seconds=3600,
+                     last_seen_at=999)]
+    assert last_seen_writes(fresh, {"up": 1000}, 1000) == {}  # a long duration: written seldom
+    assert last_seen_writes(fresh, {"up": 998}, 1000) == {}  # never backwards

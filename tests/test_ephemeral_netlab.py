@@ -11,6 +11,7 @@ with the one-liner; the reaper removing nothing while the hub's tincd is down.""
 import ipaddress
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -146,7 +147,11 @@ def test_ephemeral_nodes_offline_are_removed_online_ones_kept(lab):
                       what="the 14 killed nodes removed")
     took = time.monotonic() - gone_at
     print("14 offline ephemeral nodes removed %.1f s after they died (DURATION %d s)" % (took, DURATION))
-    assert took <= DURATION + 30
+    assert DURATION <= took <= DURATION + 30
+    # one audit line per removal; none was offline less than DURATION (tincd's leave time)
+    audit = re.findall(r"ephemeral result=removed name=(\w+) address=\S+ offline=(\d+)s", lab.hub.serve_proc.output())
+    assert sorted(name for name, _ in audit) == sorted(killed)
+    assert all(DURATION <= int(offline) <= DURATION + 10 for _, offline in audit), audit
     after = lab.nodes()
     assert sorted(after) == sorted(kept)
     assert all(after[n]["address"] == before[n]["address"] and after[n]["online"] for n in kept)

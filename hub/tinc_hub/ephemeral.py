@@ -24,6 +24,7 @@ are not the scripts this tinc-hub writes (an older init: re-run it).
 import logging
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Set
 
@@ -88,6 +89,36 @@ def online_names(seen: Dict[str, Seen], started: Optional[float]) -> Set[str]:
     if started is None:
         return set()
     return {name for name, record in seen.items() if record.up and record.at >= int(started)}
+
+
+def seen_here(nodes: Iterable[NodeRow], records: Dict[str, Seen], started: Optional[float],
+              synced: Set[str], now: int) -> Dict[str, int]:
+    """When this hub last saw each ephemeral node online, as far as it knows: ``now`` for a
+    node its running tincd reports reachable or that synced since the last round; the time of
+    the host-down event for one its running tincd saw leave (tinc's own detection time, so a
+    node is never counted offline before it went). Nodes it knows nothing of are left out."""
+    online = online_names(records, started)
+    times: Dict[str, int] = {}
+    for node in nodes:
+        record = records.get(node.name)
+        if node.name in online or node.name in synced:
+            times[node.name] = now
+        elif started is not None and record is not None and not record.up and record.at >= int(started):
+            times[node.name] = min(record.at, now)
+    return times
+
+
+def last_seen_writes(nodes: Iterable[NodeRow], times: Dict[str, int], now: int) -> Dict[str, int]:
+    """The last_seen_at values worth writing: a leave time later than the row's, and a "seen
+    now" when refresh_due (short durations every round, long ones every duration/3)."""
+    writes = {}
+    for node in nodes:
+        at = times.get(node.name)
+        if at is None or (node.last_seen_at is not None and at <= node.last_seen_at):
+            continue
+        if at < now or refresh_due(node, now):
+            writes[node.name] = at
+    return writes
 
 
 def removal_due(node: NodeRow, online: bool, started: Optional[float], now: int) -> bool:
@@ -213,12 +244,16 @@ class Reaper:
             return []
         started = tincd_started(self.config.net)
         ours = scripts_are_ours(self.config, self.state_root)
-        online = online_names(read_liveness(self.state_root), started) if ours else set()
-        seen = {n.name for n in nodes} & (online | synced)
-        stale = sorted(n.name for n in nodes if n.name in seen and refresh_due(n, now))
-        if stale:
+        records = read_liveness(self.state_root) if ours else {}
+        times = seen_here(nodes, records, started, synced, now)
+        writes = last_seen_writes(nodes, times, now)
+        if writes:
             with self.registry.exclusive(), self.registry.transaction(bump=False) as tx:
-                tx.mark_seen(stale, now)
+                tx.mark_seen(writes)
+        # decide on what this hub knows, even where it did not write it (refresh_due)
+        nodes = [replace(n, last_seen_at=max(n.last_seen_at or 0, times[n.name])) if n.name in times else n
+                 for n in nodes]
+        seen = {name for name, at in times.items() if at == now}
         if not ours:
             self._pause(f"{self.config.net_dir}/host-up and host-down are not tinc-hub's"
                         " (re-run 'tinc-hub init')")

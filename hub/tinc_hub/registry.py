@@ -574,11 +574,13 @@ class RegistryTransaction(RegistryView):
     def delete_node(self, name: str) -> None:
         self._db.rowcount(Q.delete_node, name=name)
 
-    def mark_seen(self, names: Sequence[str], now: int) -> None:
-        """Ephemeral nodes seen online at ``now``: one batched UPDATE (last_seen_at never
-        moves backwards; ordinary nodes are not written)."""
-        if names:
-            self._db.many(Q.mark_seen, [{"name": name, "now": now} for name in names])
+    def mark_seen(self, seen: Dict[str, int], now: Optional[int] = None) -> None:
+        """Ephemeral nodes last seen online at the given times (``seen``: name -> time; or a
+        list of names, all seen at ``now``): one batched UPDATE (last_seen_at never moves
+        backwards; ordinary nodes are not written)."""
+        times = seen if isinstance(seen, dict) else {name: now for name in seen}
+        if times:
+            self._db.many(Q.mark_seen, [{"name": name, "now": at} for name, at in sorted(times.items())])
 
     def reap_node(self, name: str, now: int) -> bool:
         """Delete ephemeral node ``name`` only if the row still says it has been offline for
