@@ -1895,7 +1895,8 @@ def read_node_record(tinc_dir: str, net: str) -> NodeRecord:
 
 
 class SyncRefused(BootstrapError):
-    """A hub refused this node's sync: 401 (credential not accepted) or 403 (revoked)."""
+    """A hub refused this node's sync: 401 (credential not accepted), 403 (revoked) or 410
+    (removed: an ephemeral node offline too long, or released by an admin)."""
 
     def __init__(self, status: int, message: str, hint: str) -> None:
         super().__init__(message, EXIT_REFUSED, hint)
@@ -1978,6 +1979,10 @@ def request_sync(record: NodeRecord, timeout: float = 15.0) -> SyncAnswer:
         if answer.status == 403:
             raise SyncRefused(403, "hub {} refuses this node: {}".format(hub.name, message),
                               "this node was revoked (tinc-hub revoke); sync stops")
+        if answer.status == 410:
+            raise SyncRefused(410, "hub {}: {}".format(hub.name, message),
+                              "re-run the one-liner with a token that has uses left: the machine"
+                              " joins again as a new node (a new address); sync stops")
         reasons.append("{}: HTTP {}: {}".format(hub.name, answer.status, message))
         retry_after = max(retry_after, answer.retry_after)
     raise SyncUnreachable("no hub answered: " + "; ".join(reasons), retry_after)
@@ -2171,7 +2176,7 @@ def sync_loop(tinc_dir: str, net: str, sleep: Callable[[float], None] = time.sle
     1.0, so nodes spread out), at once after a suspend; while no hub answers, retries after
     5, 10, 20... up to SYNC_RETRY_MAX s (or the hub's Retry-After). A 401 is logged and retried
     every interval (a re-run of the one-liner with a token bound to this node's name brings
-    a new credential); 403 (revoked) and a
+    a new credential); 403 (revoked), 410 (removed) and a
     missing or damaged record stop the loop. One loop per net (the pid file's lock)."""
     lock = acquire_sync_pid_file(net)
     if lock is None:
@@ -2192,7 +2197,7 @@ def sync_loop(tinc_dir: str, net: str, sleep: Callable[[float], None] = time.sle
                 REPORT.step("sync: via {}: changed {}".format(answer.hub.name, ", ".join(changed)))
             wait = interval * random.uniform(0.8, 1.0)
         except SyncRefused as exc:
-            if exc.status == 403:
+            if exc.status in (403, 410):
                 REPORT.step("sync: error: {} (hint: {}); stopping".format(exc, exc.hint))
                 return exc.code
             problem = "sync: error: {} (hint: {})".format(exc, exc.hint)

@@ -103,7 +103,7 @@ def dump_registry(registry: Registry) -> List[tuple]:
     with closing(sqlite3.connect(registry.db_path)) as conn:
         out: List[tuple] = []
         for table, order in (("tokens", "secret_sha256"), ("nodes", "name"), ("hubs", "name"),
-                             ("settings", "key")):
+                             ("settings", "key"), ("removed_nodes", "id")):
             if conn.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (table,)).fetchone():
                 out.extend((table,) + tuple(r) for r in conn.execute(f"SELECT * FROM {table} ORDER BY {order}"))
         return out

@@ -246,8 +246,9 @@ def test_token_nodes_revoke(tmp_path: Path, capsys) -> None:
         ("n1", "10.66.0.2", False), ("n2", "10.66.0.3", False)]
     assert main(sd + ["nodes"]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split() == ["NAME", "ADDRESS", "ENROLLED", "REVOKED", "ONLINE", "LAST", "SEEN"]
-    assert len(table) == 3 and table[1].split()[-2:] == ["no", "never"]
+    assert table[0].split() == ["NAME", "ADDRESS", "ENROLLED", "REVOKED", "ONLINE", "LAST", "SEEN",
+                                "EPHEMERAL"]
+    assert len(table) == 3 and table[1].split()[-3:] == ["no", "never", "-"]
 
     assert main(sd + ["revoke", "n1"]) == 0  # no tincd running: a warning, still exit 0
     captured = capsys.readouterr()

@@ -73,9 +73,11 @@ def test_registry_written_by_main_is_upgraded_in_place_with_nothing_lost(main_hu
     with main_hub.registry.reading() as view:
         tokens = [t.__dict__ for t in view.list_tokens()]
         nodes = [n.__dict__ for n in view.list_nodes()]
-    assert tokens == MAIN_EXPECTED["tokens"]
+    # revision 0004 adds tokens.ephemeral_seconds, nodes.ephemeral_seconds and last_seen_at (NULL)
+    assert tokens == [dict(t, ephemeral_seconds=None) for t in MAIN_EXPECTED["tokens"]]
     # revision 0002 adds kind, credential_sha256 and credential_used_at: every node of main is a node, without one
-    assert nodes == [dict(n, kind="node", credential_sha256=None, credential_used_at=None) for n in MAIN_EXPECTED["nodes"]]
+    assert nodes == [dict(n, kind="node", credential_sha256=None, credential_used_at=None,
+                          ephemeral_seconds=None, last_seen_at=None) for n in MAIN_EXPECTED["nodes"]]
     listed = {row["id"]: row["status"] for row in json.loads(out)}
     assert sorted(listed.values()) == ["active", "active", "active", "revoked"]
     assert sql(path, "PRAGMA journal_mode") == [("wal",)]
@@ -105,7 +107,8 @@ def test_upgraded_registry_has_the_same_tables_as_a_new_one(main_hub: HubEnv, tm
     assert fresh.create() is False  # an existing file is left alone
     for path in (tmp_path / "fresh.sqlite3", main_hub.state.registry_file):  # the CHECK, in both
         with closing(sqlite3.connect(path)) as conn, pytest.raises(sqlite3.IntegrityError, match="CHECK"):
-            conn.execute("INSERT INTO tokens VALUES ('x', 1, -1, 1, NULL, 0, 1, NULL)")
+            conn.execute("INSERT INTO tokens (secret_sha256, uses_total, uses_left, expires_at, bound_name,"
+                         " allow_replace, created_at) VALUES ('x', 1, -1, 1, NULL, 0, 1)")
 
 
 # The first release's schema (no tokens.revoked_at), as test_token_lifecycle.py builds it.
@@ -127,13 +130,13 @@ def test_first_release_registry_gains_revoked_at_and_a_version(tmp_path: Path) -
         conn.execute("INSERT INTO nodes VALUES ('n1', '10.1.0.2', 167837698, 'k', ?, ?, ?, NULL)", (sha, now, now))
     registry = Registry(path, tmp_path / "lock")
     assert registry.schema_revision() == "legacy"
-    assert registry.upgrade_schema() == ["0001", "0002", "0003"]
+    assert registry.upgrade_schema() == ["0001", "0002", "0003", "0004"]
     assert registry.upgrade_schema() == []  # current: nothing to do
     with registry.reading() as view:
         token = view.get_token(sha)
         assert (token.uses_left, token.revoked_at) == (2, None)
         assert [n.name for n in view.list_nodes()] == ["n1"]
-    assert sql(path, "PRAGMA table_info(tokens)")[-1][1] == "revoked_at"
+    assert "revoked_at" in [c[1] for c in sql(path, "PRAGMA table_info(tokens)")]
 
 
 def digest(path: Path) -> str:

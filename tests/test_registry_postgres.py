@@ -20,7 +20,7 @@ from bootstrap import bootstrap
 from tinc_hub.cli import main
 from tinc_hub.enroll import Enroller
 from tinc_hub.registry import (SCHEMA_REVISION, ExposureRow, NodeRow, Registry, RegistryConflict,
-                               RegistrySchemaError, RegistryTransaction, TokenRow)
+                               RegistrySchemaError, RegistryTransaction, Tombstone, TokenRow)
 from tinc_hub.registry_url import RegistryURL
 from tinc_hub.tls import pin_of_cert_file
 from hub_fixtures import HubEnv, enrol_answer, init_hub, install_main_registry, rsa_public_pem
@@ -212,14 +212,17 @@ def test_migration_0003_upgrades_a_0002_registry_in_postgresql(tmp_path: Path, d
     node = NodeRow("n1", "10.77.0.2", 0x0A4D0002, "key1", "t" * 64, 1, 1, None)
     with registry._runner() as runner:  # written with 0002's columns only
         runner.driver.execute("BEGIN")
-        RegistryTransaction(runner).insert_node(node)
+        runner.driver.execute("INSERT INTO nodes (name, address, address_int, public_key, token_sha256,"
+                              " enrolled_at, updated_at) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                              (node.name, node.address, node.address_int, node.public_key,
+                               node.token_sha256, node.enrolled_at, node.updated_at))
         runner.driver.execute("COMMIT")
     with pg.admin(database.rsplit("/", 1)[1]) as conn:
         assert conn.execute("SELECT to_regclass('exposures')").fetchone() == (None,)
 
-    assert registry.upgrade_schema() == ["0003"]
+    assert registry.upgrade_schema() == ["0003", "0004"]
     assert registry.upgrade_schema() == []  # current: nothing to do
-    assert registry.schema_revision() == SCHEMA_REVISION == "0003"
+    assert registry.schema_revision() == SCHEMA_REVISION == "0004"
     with registry.reading() as view:
         assert view.list_nodes() == [node] and view.list_exposures() == []
 
@@ -340,7 +343,7 @@ def test_registry_copy_moves_main_registry_to_postgresql(hub: HubEnv, database: 
 
     code, out, err = cli(capsys, *copy)
     assert code == 0, err
-    assert "copied 4 token(s) and 3 node(s) (1 revoked), schema 0003, 2 exposure(s)" in out
+    assert f"copied 4 token(s) and 3 node(s) (1 revoked), schema {SCHEMA_REVISION}, 2 exposure(s)" in out
     assert "counts verified" in out
     assert "restart the API service" in out and PASSWORD not in out + err
     recorded = json.loads(hub.state.config_file.read_text())
@@ -357,9 +360,11 @@ def test_registry_copy_moves_main_registry_to_postgresql(hub: HubEnv, database: 
     assert {n["name"]: n["revoked"] for n in json.loads(out)} == {"alpha": False, "beta": False, "gamma": True}
     target = pg_registry(database, hub.state.lock_file)
     with target.reading() as view:
-        assert [t.__dict__ for t in view.list_tokens()] == MAIN_EXPECTED["tokens"]
+        assert [t.__dict__ for t in view.list_tokens()] == [dict(t, ephemeral_seconds=None)
+                                                            for t in MAIN_EXPECTED["tokens"]]
         assert [n.__dict__ for n in view.list_nodes()] == [dict(n, kind="node", credential_sha256=None,
-                                                                 credential_used_at=None)
+                                                                 credential_used_at=None,
+                                                                 ephemeral_seconds=None, last_seen_at=None)
                                                             for n in MAIN_EXPECTED["nodes"]]
         assert view.list_exposures() == exposures and [e.id for e in exposures] == [3, 7]
     assert target.schema_revision() == SCHEMA_REVISION
@@ -490,3 +495,31 @@ def test_postgresql_down_answers_503_and_the_node_script_waits_for_it(
     with registry.reading() as view:
         assert [n.name for n in view.list_nodes()] == ["waiter"]
     registry.dispose()
+
+
+def test_ephemeral_reaper_statements_on_postgresql(tmp_path: Path, database: str) -> None:
+    """Revision 0004 on PostgreSQL: last-seen writes without a generation bump, the conditional
+    DELETE (skipped for a node seen meanwhile, done once when two reapers race), the tombstone."""
+    from tinc_hub.ephemeral import reap_in_transaction
+
+    registry = pg_registry(database, tmp_path / "lock")
+    registry.create()
+    rows = [NodeRow(name, "10.77.0.%d" % i, 0x0A4D0000 + i, "key%d" % i, "t" * 64, 100, 100, None,
+                    credential_sha256="c%d" % i, ephemeral_seconds=30, last_seen_at=100)
+            for i, name in ((2, "n1"), (3, "n2"))]
+    with registry.exclusive(), registry.transaction() as tx:
+        tx.insert_nodes(rows)
+    with registry.reading() as view:
+        generation = view.generation()
+    with registry.exclusive(), registry.transaction(bump=False) as tx:
+        tx.mark_seen(["n2"], 120)
+        tx.mark_seen(["n2"], 110)  # never backwards
+    with registry.reading() as view:
+        assert view.generation() == generation and view.get_node("n2").last_seen_at == 120
+    with registry.exclusive(), registry.transaction() as tx:
+        assert [n.name for n in reap_in_transaction(tx, rows, 130)] == ["n1"]
+    with registry.exclusive(), registry.transaction() as tx:
+        assert reap_in_transaction(tx, rows, 130) == []
+    with registry.reading() as view:
+        assert [n.name for n in view.list_nodes()] == ["n2"]
+        assert view.tombstone_for("c2") == Tombstone("n1", "c2", 130, 30)

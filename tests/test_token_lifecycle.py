@@ -139,7 +139,7 @@ def test_cli_works_on_a_registry_made_by_the_old_schema(hub: HubEnv, capsys) -> 
     code, out, err = cli(capsys, sd(hub) + ["nodes", "--json"])
     assert code == 0, err
     assert [n["name"] for n in json.loads(out)] == ["old1"]
-    assert columns(hub)[-1] == "revoked_at"
+    assert "revoked_at" in columns(hub)
     listed = token_list(hub, capsys)
     assert list(listed) == [hash_secret(secret)[:TOKEN_ID_CHARS]]
     row = next(iter(listed.values()))
@@ -158,8 +158,10 @@ def test_serve_schema_upgrade_is_idempotent_and_keeps_rows(hub: HubEnv) -> None:
     before = dump_registry(hub.registry)
     hub.registry.ensure_schema()  # what `serve` runs at start
     after = dump_registry(hub.registry)
-    # tokens gain revoked_at (0001), nodes kind and the credential columns (0002); then settings
-    expected = [row + (None,) if row[0] == "tokens" else row + ("node", None, None) for row in before]
+    # tokens gain revoked_at (0001), nodes kind and the credential columns (0002); then settings;
+    # tokens ephemeral_seconds, nodes ephemeral_seconds and last_seen_at (0004)
+    expected = [row + (None, None) if row[0] == "tokens" else row + ("node", None, None, None, None)
+                for row in before]
     assert after == expected + [("settings", "generation", "0")]
     mtime = hub.state.registry_file.stat().st_mtime_ns
     assert hub.registry.upgrade_schema() == []  # current: only read
@@ -186,15 +188,17 @@ def test_token_list_shows_every_state_and_never_the_secret(hub: HubEnv, capsys) 
     assert (listed[bound.id]["name"], listed[bound.id]["replace"]) == ("web_1", True)
     assert listed[revoked.id]["revoked_at"] and listed[active.id]["revoked_at"] is None
     assert set(listed[active.id]) == {"id", "status", "created_at", "expires_at", "uses_left",
-                                      "uses_total", "name", "replace", "revoked_at", "nodes"}
+                                      "uses_total", "name", "replace", "revoked_at", "ephemeral",
+                                      "nodes"}
 
     code, out, _ = cli(capsys, sd(hub) + ["token", "list"])
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["ID", "CREATED", "EXPIRES", "USES", "NAME", "REPLACE", "REVOKED", "STATUS"]
+    assert lines[0].split() == ["ID", "CREATED", "EXPIRES", "USES", "NAME", "REPLACE", "EPHEMERAL",
+                                "REVOKED", "STATUS"]
     by_id = {line.split()[0]: line.split() for line in lines[1:]}
-    assert by_id[active.id][3:] == ["5/5", "-", "no", "-", "active"]
-    assert by_id[bound.id][3:] == ["1/1", "web_1", "yes", "-", "active"]
+    assert by_id[active.id][3:] == ["5/5", "-", "no", "-", "-", "active"]
+    assert by_id[bound.id][3:] == ["1/1", "web_1", "yes", "-", "-", "active"]
     assert by_id[revoked.id][-1] == "revoked" and by_id[revoked.id][3] == "3/3"
     for issued in (active, spent, expired, bound, revoked):
         text = json.dumps(listed) + out

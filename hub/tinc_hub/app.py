@@ -21,6 +21,7 @@ from .client_address import NO_PROXY, TrustedProxies, client_address
 from .connection_caps import (DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
                               CappedListener, ConnectionCaps)
 from .enroll import MAX_BODY_BYTES, Attempt, Enroller, audit_line, audit_log
+from .ephemeral import Reaper
 from .errors import HubError
 from .node_rotate import RotateKeyHandler, rotate_audit_line
 from .node_sync import MAX_SYNC_BODY_BYTES, SYNC_INTERVAL, SyncHandler
@@ -85,12 +86,14 @@ def create_app(config: HubConfig, registry: Registry, batcher: ReloadBatcher,
                bootstrap_source: Optional[bytes] = None,
                rate_limiter: Optional[RateLimiter] = None,
                trusted_proxies: TrustedProxies = NO_PROXY,
-               sync_interval: int = SYNC_INTERVAL) -> Callable[..., Awaitable[None]]:
+               sync_interval: int = SYNC_INTERVAL,
+               synced: Optional[Callable[[str], None]] = None) -> Callable[..., Awaitable[None]]:
     """The ASGI app (Starlette routes wrapped in a one-line-per-request access logger).
     ``rate_limiter`` limits POST /v1/enroll per client address (None: no limit); the client
-    address is the TCP peer, or what a ``trusted_proxies`` peer says in X-Forwarded-For."""
+    address is the TCP peer, or what a ``trusted_proxies`` peer says in X-Forwarded-For.
+    ``synced``: told each ephemeral node whose sync succeeded (the reaper's "seen")."""
     enroller = Enroller(config, registry)
-    syncer = SyncHandler(config, registry, sync_interval)
+    syncer = SyncHandler(config, registry, sync_interval, seen=synced)
     rotator = RotateKeyHandler(config, registry)
     # key rotations per client address: the enrolment limit, in buckets of their own
     rotate_limiter = RateLimiter(rate_limiter.limit) if rate_limiter is not None else None
@@ -360,13 +363,16 @@ def serve(state_dir: StateDir, registry_url: Optional[str] = None,
                                 exposures_changed=exposures_trigger(state_dir, config, registry))
     follower.catch_up()  # hosts/ and tinc.conf as the registry says, before the first answer
     follower.start()
+    reaper = Reaper(config, registry, state_dir.root, lambda: send_sighup(config.net, config.tinc_dir))
+    reaper.start()
     caps = connection_caps(max_connections, max_connections_per_address, trusted_proxies,
                            raise_open_file_limit())
     sock.caps = caps
     batcher = ReloadBatcher(lambda: send_sighup(config.net, config.tinc_dir))
     app = create_app(config, registry, batcher,
                      rate_limiter=RateLimiter(rate_limit) if rate_limit is not None else None,
-                     trusted_proxies=trusted_proxies, sync_interval=sync_interval)
+                     trusted_proxies=trusted_proxies, sync_interval=sync_interval,
+                     synced=reaper.note_sync)
     uv_config = uvicorn.Config(
         app,
         host=listen,
@@ -395,6 +401,7 @@ def serve(state_dir: StateDir, registry_url: Optional[str] = None,
     try:
         asyncio.run(_serve(server, sock))
     finally:
+        reaper.stop()
         follower.stop()
         sock.close()
     return 0 if server.started else 1

@@ -205,6 +205,16 @@ def sync_interval(text: str) -> int:
     return value
 
 
+def ephemeral_duration(text: str) -> int:
+    """--ephemeral: a duration from 10 s to 30 days."""
+    from .ephemeral import parse_duration
+
+    try:
+        return parse_duration(text)
+    except HubError as exc:
+        raise InvalidValue(str(exc)) from None
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -254,6 +264,10 @@ def build_parser() -> Parser:
     add_option(p, "--name", env="TINC_HUB_TOKEN_NAME", help="only this node name may use the token")
     add_flag(p, "--replace", env="TINC_HUB_TOKEN_REPLACE",
              help="may re-enrol the --name node with a new key (keeps its address; needs --name)")
+    add_option(p, "--ephemeral", env="TINC_HUB_TOKEN_EPHEMERAL", type=ephemeral_duration, metavar="DURATION",
+               help="nodes it enrols are ephemeral: removed (host files, registry row; name and "
+                    "address freed) once offline for DURATION (10s..30d, e.g. 90s, 30m, 2h), never"
+                    " while online; for autoscaling groups")
     add_flag(p, "--json", help="print {token, expires_at, command, sudo_command} as JSON")
     add_flag(p, "--cloud-init", env="TINC_HUB_TOKEN_CLOUD_INIT",
              help="print a #cloud-config user data that joins the machine at first boot")
@@ -446,7 +460,7 @@ def cmd_token_create(args: argparse.Namespace, state: StateDir) -> int:
     check_printable(config, pin)  # before the token is stored: a refusal writes nothing
     issued = create_token(config, _registry(state, args), pin,
                           uses=args.uses, ttl=parse_ttl(args.ttl), name=args.name,
-                          allow_replace=args.replace)
+                          allow_replace=args.replace, ephemeral_seconds=args.ephemeral)
     if args.cloud_init:
         from .cloud_init import render_user_data, size_note
 
@@ -466,6 +480,11 @@ def cmd_token_create(args: argparse.Namespace, state: StateDir) -> int:
         limits.append(f"only for node {issued.bound_name!r}")
     if issued.allow_replace:
         limits.append("may replace an enrolled node's key")
+    if issued.ephemeral_seconds is not None:
+        from .ephemeral import describe_duration
+
+        limits.append(f"ephemeral: its nodes are removed after {describe_duration(issued.ephemeral_seconds)}"
+                      " offline")
     print(f"token ({', '.join(limits)}; shown only once):")
     print(issued.token)
     print()
@@ -495,15 +514,18 @@ def print_rows(rows: List[Dict[str, Any]], as_json: bool, empty: str, header: Se
 
 
 def cmd_token_list(args: argparse.Namespace, state: StateDir) -> int:
+    from .ephemeral import describe_duration
     from .tokens import list_tokens
 
     rows = list_tokens(_registry(state, args))
     return print_rows(rows, args.json, "no tokens",
-                      ("ID", "CREATED", "EXPIRES", "USES", "NAME", "REPLACE", "REVOKED", "STATUS"),
+                      ("ID", "CREATED", "EXPIRES", "USES", "NAME", "REPLACE", "EPHEMERAL", "REVOKED",
+                       "STATUS"),
                       lambda r: (r["id"], r["created_at"], r["expires_at"],
                                  f"{r['uses_left']}/{r['uses_total']}", r["name"] or "-",
-                                 "yes" if r["replace"] else "no", r["revoked_at"] or "-",
-                                 r["status"]))
+                                 "yes" if r["replace"] else "no",
+                                 describe_duration(r["ephemeral"]) if r["ephemeral"] else "-",
+                                 r["revoked_at"] or "-", r["status"]))
 
 
 def cmd_token_revoke(args: argparse.Namespace, state: StateDir) -> int:
@@ -530,6 +552,7 @@ def cmd_serve(args: argparse.Namespace, state: StateDir) -> int:
 
 
 def cmd_nodes(args: argparse.Namespace, state: StateDir) -> int:
+    from .ephemeral import expiry, online_names, tincd_started
     from .liveness import node_status, read_liveness, tincd_running
     from .registry import iso_utc
 
@@ -538,16 +561,24 @@ def cmd_nodes(args: argparse.Namespace, state: StateDir) -> int:
     with registry.reading() as view:
         nodes = view.list_nodes()
     seen, hub_running, now = read_liveness(state.root), tincd_running(config.net), int(time.time())
+    started = tincd_started(config.net)
+    online_now = online_names(seen, started)
     rows: List[Dict[str, Any]] = []
     for n in nodes:
         live = node_status(seen.get(n.name), hub_running and not n.revoked, now)
         rows.append({"name": n.name, "address": n.address, "enrolled_at": iso_utc(n.enrolled_at),
                      "revoked": n.revoked, "revoked_at": iso_utc(n.revoked_at),
-                     "online": live["online"], "last_seen": iso_utc(live["last_seen"])})
+                     "online": live["online"], "last_seen": iso_utc(live["last_seen"]),
+                     "ephemeral": n.ephemeral_seconds,
+                     "expires": expiry(n, n.name in online_now, started, now)})
     return print_rows(rows, args.json, "no nodes enrolled",
-                      ("NAME", "ADDRESS", "ENROLLED", "REVOKED", "ONLINE", "LAST SEEN"),
+                      ("NAME", "ADDRESS", "ENROLLED", "REVOKED", "ONLINE", "LAST SEEN", "EPHEMERAL"),
                       lambda r: (r["name"], r["address"], r["enrolled_at"], r["revoked_at"] or "-",
-                                 "yes" if r["online"] else "no", r["last_seen"] or "never"))
+                                 "yes" if r["online"] else "no", r["last_seen"] or "never",
+                                 "-" if r["expires"] is None else
+                                 "online" if r["expires"] == "online" else
+                                 "paused (hub tincd down)" if r["expires"] == "paused" else
+                                 f"removed at {r['expires']}"))
 
 
 def cmd_revoke(args: argparse.Namespace, state: StateDir) -> int:
@@ -569,7 +600,10 @@ def cmd_revoke(args: argparse.Namespace, state: StateDir) -> int:
             tx.mark_revoked(node.name, now)
             exposures_removed = tx.delete_exposures_of(node.name)
             if args.release:
-                tx.delete_node(node.name)
+                from .registry import Tombstone
+
+                tx.delete_node(node.name)  # the other hubs remove its host file by the tombstone
+                tx.add_tombstone(Tombstone(node.name, node.credential_sha256, now, None))
             token = tx.get_token(node.token_sha256)
             token_revoked = bool(args.revoke_token and token is not None
                                  and tx.revoke_token(token.secret_sha256, now))

@@ -438,9 +438,12 @@ class Enroller:
             raise EnrollError(409, f"VPN subnet {self.config.vpn_subnet} is full")
         if not tx.spend_token_use(token_hash):
             raise EnrollError(401, "token already used")
+        token = tx.get_token(token_hash)
+        ephemeral = token.ephemeral_seconds if token is not None else None  # copied: kept for good
         node = NodeRow(name=name, address=str(address), address_int=int(address),
                        public_key=public_key, token_sha256=token_hash, enrolled_at=now,
-                       updated_at=now, revoked_at=None)
+                       updated_at=now, revoked_at=None, ephemeral_seconds=ephemeral,
+                       last_seen_at=now if ephemeral is not None else None)
         tx.insert_node(node)
         return node, "new"
 

@@ -95,14 +95,21 @@ def host_row_problem(name: str, address: str, public_key: str,
 
 def reconcile_host_files(config: HubConfig, registry: Registry) -> Dict[str, list]:
     """Make hosts/ match the registry: rewrite missing or different host files of active nodes,
-    remove those of revoked nodes and temporary files a crash left behind. Host files of names
-    the registry does not know are left alone. Returns {"written": [...], "removed": [...]}.
+    remove those of revoked nodes, of removed nodes (tombstones: an ephemeral node offline too
+    long, revoke --release) whose name no row holds now, and temporary files a crash left
+    behind. Host files of names the registry does not know are left alone. Returns
+    {"written": [...], "removed": [...]}.
     """
     written, removed = [], []
     with registry.exclusive():
         removed.extend(remove_stale_temp_files(config.hosts_dir))
-        with registry.reading() as view:
+        with registry.snapshot() as view:
             nodes = view.list_nodes()
+            taken = {row.name for row in view.list_rows()}
+            gone = {stone.name for stone in view.list_tombstones()} - taken
+        for name in sorted(gone):
+            if bootstrap.valid_node_name(name) and remove_if_present(config.hosts_dir / name):
+                removed.append(name)
         for node in nodes:
             problem = host_row_problem(node.name, node.address, node.public_key, config.network)
             if problem:  # the registry may be shared by several hubs: never trusted blindly

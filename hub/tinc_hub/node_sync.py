@@ -9,7 +9,7 @@ address (docs/DESIGN.md, "API contract for nodes").
 
 import logging
 import time
-from typing import Any, Dict, NamedTuple, Optional
+from typing import Any, Callable, Dict, NamedTuple, Optional
 
 from bootstrap import bootstrap
 from .enroll import (CREDENTIAL_RE, EnrollError, credential_hash, credential_matches, log_value,
@@ -42,10 +42,13 @@ def sync_audit_line(result: str, status: int, name: Any, client: str, reason: Op
 class SyncHandler:
     """Answers ``POST /v1/sync`` from the registry."""
 
-    def __init__(self, config: HubConfig, registry: Registry, interval: int = SYNC_INTERVAL) -> None:
+    def __init__(self, config: HubConfig, registry: Registry, interval: int = SYNC_INTERVAL,
+                 seen: Optional[Callable[[str], None]] = None) -> None:
+        """``seen``: told the name of every ephemeral node whose sync succeeded (the reaper)."""
         if not SYNC_INTERVAL_MIN <= interval <= SYNC_INTERVAL_MAX:
             raise ValueError(f"sync interval {interval} s is outside {SYNC_INTERVAL_MIN}..{SYNC_INTERVAL_MAX}")
         self.config, self.registry, self.interval = config, registry, interval
+        self.seen = seen
         self.names = NamesCache(config)
 
     def process(self, body: bytes, client: str = "-") -> SyncOutcome:
@@ -63,6 +66,10 @@ class SyncHandler:
             audit_log.error("%s", sync_audit_line("failed", 503, name, client, str(exc)))
             return SyncOutcome(503, {"error": "the hub cannot reach its registry; retry later"})
         if node is None or node.kind != NODE or not credential_matches(credential, node.credential_sha256):
+            removed = self._removal_of(credential)
+            if removed is not None:  # only a holder of that node's credential learns this
+                audit_log.warning("%s", sync_audit_line("refused", 410, name, client, "node removed"))
+                return SyncOutcome(410, {"error": removed})
             audit_log.warning("%s", sync_audit_line("refused", 401, name, client, "unknown name or credential"))
             return SyncOutcome(401, {"error": "unknown node name or wrong credential (re-run the"
                                               " one-liner with a token to get a new credential)"})
@@ -71,6 +78,8 @@ class SyncHandler:
             return SyncOutcome(403, {"error": f"node {name!r} has been revoked"})
         if node.credential_used_at is None:  # the node has it: from now on a replay with a
             self._mark_used(node.name, credential)  # shared token cannot replace it
+        if node.ephemeral_seconds is not None and self.seen is not None:
+            self.seen(node.name)
         audit_log.info("%s", sync_audit_line("ok", 200, name, client))
         answer = {"net": self.config.net, "name": node.name, "address": node.address,
                   "prefix": self.config.prefix,
@@ -79,6 +88,17 @@ class SyncHandler:
         if names.names is not None and tag != names.tag:  # not sent to a node that has them
             answer["names"] = names.names
         return SyncOutcome(200, answer)
+
+    def _removal_of(self, credential: str) -> Optional[str]:
+        """Why the node this credential belonged to is gone (None: no tombstone)."""
+        from .ephemeral import refusal_message
+
+        try:
+            with self.registry.reading() as view:
+                stone = view.tombstone_for(credential_hash(credential))
+        except RegistryUnavailable:
+            return None
+        return refusal_message(stone) if stone is not None else None
 
     def _mark_used(self, name: str, credential: str) -> None:
         try:

@@ -63,7 +63,7 @@ TOKEN_ID_CHARS = 10
 MIN_TOKEN_ID_PREFIX = 6
 
 # The Alembic head revision of tinc_hub/migrations (tests/test_registry_migrations.py checks it).
-SCHEMA_REVISION = "0003"
+SCHEMA_REVISION = "0004"
 VERSION_TABLE = "alembic_version"
 
 BUSY_TIMEOUT_MS = 30_000
@@ -87,6 +87,7 @@ tokens = sa.Table(
     sa.Column("allow_replace", sa.Boolean().with_variant(sa.Integer(), "sqlite"), nullable=False),
     sa.Column("created_at", _BigInt, nullable=False),
     sa.Column("revoked_at", _BigInt),
+    sa.Column("ephemeral_seconds", sa.Integer),
 )
 
 nodes = sa.Table(
@@ -102,6 +103,8 @@ nodes = sa.Table(
     sa.Column("kind", sa.Text, nullable=False, server_default="node"),  # 'node' or 'hub'
     sa.Column("credential_sha256", sa.Text),
     sa.Column("credential_used_at", _BigInt),
+    sa.Column("ephemeral_seconds", sa.Integer),
+    sa.Column("last_seen_at", _BigInt),
 )
 
 hubs = sa.Table(
@@ -125,6 +128,15 @@ exposures = sa.Table(
     sa.Column("proto", sa.Text, nullable=False),
     sa.Column("snat", sa.Boolean().with_variant(sa.Integer(), "sqlite"), nullable=False),
     sa.Column("created_at", _BigInt, nullable=False),
+)
+
+removed_nodes = sa.Table(  # tombstones (revision 0004)
+    "removed_nodes", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("credential_sha256", sa.Text),
+    sa.Column("removed_at", _BigInt, nullable=False),
+    sa.Column("offline_seconds", _BigInt),
 )
 
 settings = sa.Table(
@@ -153,6 +165,7 @@ class TokenRow:
     allow_replace: bool
     created_at: int
     revoked_at: Optional[int] = None
+    ephemeral_seconds: Optional[int] = None  # nodes it enrols are ephemeral (removed when offline)
 
     @property
     def id(self) -> str:
@@ -189,10 +202,21 @@ class NodeRow:
     kind: str = NODE
     credential_sha256: Optional[str] = None  # never shown; POST /v1/sync compares with it
     credential_used_at: Optional[int] = None  # first shown by the node (None: maybe never received)
+    ephemeral_seconds: Optional[int] = None  # removed once offline this long (None: never)
+    last_seen_at: Optional[int] = None  # last time a hub saw it online (ephemeral nodes only)
 
     @property
     def revoked(self) -> bool:
         return self.revoked_at is not None
+
+
+@dataclass(frozen=True)
+class Tombstone:
+    """A node removed with its name and address released (``removed_nodes``)."""
+    name: str
+    credential_sha256: Optional[str]
+    removed_at: int
+    offline_seconds: Optional[int]  # None: removed by an admin (revoke --release)
 
 
 @dataclass(frozen=True)
@@ -245,7 +269,7 @@ _HUB_COLUMNS = [nodes.c.name, nodes.c.address, nodes.c.address_int, nodes.c.publ
 
 
 def _token_row(r: Any) -> TokenRow:
-    return TokenRow(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6], r[7])
+    return TokenRow(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6], r[7], r[8])
 
 
 def _node_row(r: Any) -> NodeRow:
@@ -314,6 +338,25 @@ class _Statements:
                                          nodes.c.revoked_at.is_(None))
                     .values(revoked_at=P("now")))
     delete_node = nodes.delete().where(nodes.c.name == P("name"), nodes.c.kind == NODE)
+    # ephemeral nodes: the reaper's two writes (docs/DESIGN.md, "Ephemeral nodes")
+    mark_seen = (nodes.update().where(nodes.c.name == P("name"), nodes.c.kind == NODE,
+                                      nodes.c.ephemeral_seconds.isnot(None),
+                                      sa.or_(nodes.c.last_seen_at.is_(None), nodes.c.last_seen_at < P("now")))
+                 .values(last_seen_at=P("now")))  # never backwards (another hub's clock)
+    reap_node = nodes.delete().where(  # only while the row still says: offline too long
+        nodes.c.name == P("name"), nodes.c.kind == NODE, nodes.c.revoked_at.is_(None),
+        nodes.c.ephemeral_seconds.isnot(None), nodes.c.last_seen_at.isnot(None),
+        nodes.c.last_seen_at + nodes.c.ephemeral_seconds <= P("now"))
+    insert_tombstone = removed_nodes.insert().values(
+        name=P("name"), credential_sha256=P("sha"), removed_at=P("now"), offline_seconds=P("offline"))
+    tombstone_by_credential = (sa.select(removed_nodes.c.name, removed_nodes.c.credential_sha256,
+                                         removed_nodes.c.removed_at, removed_nodes.c.offline_seconds)
+                               .where(removed_nodes.c.credential_sha256 == P("sha"))
+                               .order_by(removed_nodes.c.removed_at.desc()).limit(1))
+    tombstones_in_order = (sa.select(removed_nodes.c.name, removed_nodes.c.credential_sha256,
+                                     removed_nodes.c.removed_at, removed_nodes.c.offline_seconds)
+                           .order_by(removed_nodes.c.removed_at, removed_nodes.c.id))
+    prune_tombstones = removed_nodes.delete().where(removed_nodes.c.removed_at < P("before"))
     exposures_in_order = (sa.select(exposures.c.id, exposures.c.node_name, exposures.c.node_port,
                                     exposures.c.listen_address, exposures.c.listen_port,
                                     exposures.c.proto, exposures.c.snat, exposures.c.created_at,
@@ -475,6 +518,16 @@ class RegistryView:
     def count_tokens(self) -> int:
         return self._db.rows(Q.count_tokens)[0][0]
 
+    # -- tombstones --------------------------------------------------------------------
+    def tombstone_for(self, credential_sha256: str) -> Optional[Tombstone]:
+        """The latest removal of a node that had this credential (None: none recorded)."""
+        r = self._db.first(Q.tombstone_by_credential, sha=credential_sha256)
+        return Tombstone(*r) if r else None
+
+    def list_tombstones(self) -> List[Tombstone]:
+        """Every recorded removal, oldest first."""
+        return [Tombstone(*r) for r in self._db.rows(Q.tombstones_in_order)]
+
     # -- exposures ---------------------------------------------------------------------
     def list_exposures(self) -> List[ExposureRow]:
         """Every exposure in id order, with its node's VPN address and revocation."""
@@ -520,6 +573,32 @@ class RegistryTransaction(RegistryView):
 
     def delete_node(self, name: str) -> None:
         self._db.rowcount(Q.delete_node, name=name)
+
+    def mark_seen(self, seen: Dict[str, int], now: Optional[int] = None) -> None:
+        """Ephemeral nodes last seen online at the given times (``seen``: name -> time; or a
+        list of names, all seen at ``now``): one batched UPDATE (last_seen_at never moves
+        backwards; ordinary nodes are not written)."""
+        times = seen if isinstance(seen, dict) else {name: now for name in seen}
+        if times:
+            self._db.many(Q.mark_seen, [{"name": name, "now": at} for name, at in sorted(times.items())])
+
+    def reap_node(self, name: str, now: int) -> bool:
+        """Delete ephemeral node ``name`` only if the row still says it has been offline for
+        its whole duration at ``now`` (another hub may have seen it meanwhile, or removed it).
+        Its exposures go first. True when it was deleted."""
+        node = self.get_node(name)
+        if node is None or node.kind != NODE:
+            return False
+        self._db.rowcount(Q.delete_exposures_of, name=name)
+        return self._db.rowcount(Q.reap_node, name=name, now=now) == 1
+
+    def add_tombstone(self, tombstone: Tombstone) -> None:
+        self._db.rowcount(Q.insert_tombstone, name=tombstone.name, sha=tombstone.credential_sha256,
+                          now=tombstone.removed_at, offline=tombstone.offline_seconds)
+
+    def prune_tombstones(self, before: int) -> int:
+        """Forget removals older than ``before``; returns how many."""
+        return self._db.rowcount(Q.prune_tombstones, before=before)
 
     def set_credential(self, name: str, credential_sha256: str) -> None:
         """A newly issued credential (not used yet)."""
@@ -787,12 +866,16 @@ class Registry:
                 os.close(fd)
 
     @contextmanager
-    def transaction(self) -> Iterator[RegistryTransaction]:
+    def transaction(self, bump: bool = True) -> Iterator[RegistryTransaction]:
         """Reads and writes in one write transaction (see the module doc), COMMIT at the end,
-        ROLLBACK on any exception. Writers hold :meth:`exclusive` around it."""
+        ROLLBACK on any exception. Writers hold :meth:`exclusive` around it. ``bump=False``
+        only for writes no hub follows (an ephemeral node's last_seen_at): the generation
+        stays, so no hub re-mirrors its files for it."""
         with self._begin(write=True) as runner:
             tx = RegistryTransaction(runner)
             yield tx
+            if not bump:
+                return
             tx.bump_generation()
             if self.dialect == "postgresql":
                 runner.rows(Q.notify_changes)  # delivered to listeners at COMMIT

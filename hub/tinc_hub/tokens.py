@@ -122,6 +122,7 @@ class IssuedToken:
     bound_name: Optional[str]
     allow_replace: bool
     command: str
+    ephemeral_seconds: Optional[int] = None
 
     @property
     def expires_at_iso(self) -> str:
@@ -135,8 +136,9 @@ class IssuedToken:
 
 def create_token(config: HubConfig, registry: Registry, pin: str, uses: int = 1, ttl: int = 3600,
                  name: Optional[str] = None, allow_replace: bool = False,
-                 now: Optional[float] = None) -> IssuedToken:
-    """Make a token, store only the hash of its secret, and return what to show the admin."""
+                 now: Optional[float] = None, ephemeral_seconds: Optional[int] = None) -> IssuedToken:
+    """Make a token, store only the hash of its secret, and return what to show the admin.
+    ``ephemeral_seconds``: nodes it enrols are removed once offline that long (ephemeral.py)."""
     if uses < 1:
         raise HubError(f"--uses must be at least 1, not {uses}")
     if ttl < 1:
@@ -148,6 +150,11 @@ def create_token(config: HubConfig, registry: Registry, pin: str, uses: int = 1,
         raise HubError(f"{name!r} is the hub's own name")
     if allow_replace and name is None:
         raise HubError("--replace needs --name", "a replace token re-keys only the one node it names")
+    if ephemeral_seconds is not None:
+        from .ephemeral import MAX_DURATION, MIN_DURATION
+
+        if not MIN_DURATION <= ephemeral_seconds <= MAX_DURATION:
+            raise HubError(f"--ephemeral must be {MIN_DURATION} s to {MAX_DURATION} s, not {ephemeral_seconds}")
     created = int(now if now is not None else time.time())
     with registry.exclusive(), registry.transaction() as tx:
         hubs = usable_hubs(tx.list_hubs(), config.network)
@@ -157,7 +164,7 @@ def create_token(config: HubConfig, registry: Registry, pin: str, uses: int = 1,
             secret = new_secret()
             row = TokenRow(secret_sha256=hash_secret(secret), uses_total=uses, uses_left=uses,
                            expires_at=created + ttl, bound_name=name, allow_replace=allow_replace,
-                           created_at=created)
+                           created_at=created, ephemeral_seconds=ephemeral_seconds)
             if not tx.tokens_with_prefix(row.id):
                 break
         else:
@@ -172,7 +179,8 @@ def create_token(config: HubConfig, registry: Registry, pin: str, uses: int = 1,
                            "use shorter public host names for the hubs")
         tx.insert_token(row)
     return IssuedToken(token=token, expires_at=row.expires_at, uses=uses, bound_name=name,
-                       allow_replace=allow_replace, command=join_command(config, pin, token))
+                       allow_replace=allow_replace, command=join_command(config, pin, token),
+                       ephemeral_seconds=ephemeral_seconds)
 
 
 def describe_token(token: TokenRow, now: int, nodes: List[str]) -> Dict[str, Any]:
@@ -180,7 +188,8 @@ def describe_token(token: TokenRow, now: int, nodes: List[str]) -> Dict[str, Any
     return {"id": token.id, "status": token.status(now), "created_at": iso_utc(token.created_at),
             "expires_at": iso_utc(token.expires_at), "uses_left": token.uses_left,
             "uses_total": token.uses_total, "name": token.bound_name, "replace": token.allow_replace,
-            "revoked_at": iso_utc(token.revoked_at), "nodes": nodes}
+            "revoked_at": iso_utc(token.revoked_at), "ephemeral": token.ephemeral_seconds,
+            "nodes": nodes}
 
 
 def list_tokens(registry: Registry, now: Optional[int] = None) -> List[Dict[str, Any]]:
