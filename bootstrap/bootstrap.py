@@ -904,6 +904,33 @@ def public_key_block(text: str) -> Optional[str]:
     return match.group(0) if match else None
 
 
+def only_key_differs(old: Optional[str], new: str) -> bool:
+    """True when two texts of a host file differ in their public key block alone, every other
+    byte equal (a hub rotating its key: `tinc-hub rotate-key`)."""
+    old_key, new_key = public_key_block(old or ""), public_key_block(new)
+    if old is None or not old_key or not new_key or old_key == new_key:
+        return False
+    return old.replace(old_key, "", 1) == new.replace(new_key, "", 1)
+
+
+def write_host_file(path: str, content: str, mode: int = 0o644) -> bool:
+    """write_atomic for a peer's host file. When only its public key changes, the file keeps
+    its old mtime, so tinc 1.0's SIGHUP keeps the connection made with the old key (a rotating
+    hub publishes its new key first and switches later: its restart ends that connection and
+    the next one reads the new key). Any other change gets a fresh mtime (tincd drops the
+    connection at its next SIGHUP, as for every host file)."""
+    real = os.path.realpath(path)
+    try:
+        before = os.stat(real)
+        old = read_text(real)
+    except (OSError, UnicodeDecodeError):
+        before, old = None, None
+    changed = write_atomic(real, content, mode)
+    if changed and before is not None and only_key_differs(old, content):
+        os.utime(real, ns=(before.st_atime_ns, before.st_mtime_ns))
+    return changed
+
+
 def host_file_subnets(text: str) -> List[str]:
     return [m.group(1) for m in re.finditer(r"(?mi)^\s*Subnet\s*=\s*(\S+)", text or "")]
 
@@ -2009,7 +2036,9 @@ def sync_round(tinc_dir: str, net: str) -> Tuple[SyncAnswer, List[str]]:
         text = describe_plan(plan)
         if text:
             REPORT.debug("sync plan:\n" + text)
-        changed = apply_files(plan.files)
+        # a hub's new key alone keeps its file's mtime: the SIGHUP keeps the connection
+        changed = [spec.path for spec in plan.files
+                   if write_host_file(spec.path, spec.content, spec.mode)]
         for cmd in plan.commands:
             run(cmd, check=cmd[0] == "rm", timeout=30)
             changed.append(cmd[-1] if cmd[0] == "rm" else "SIGHUP tincd")
