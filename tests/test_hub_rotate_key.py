@@ -190,3 +190,19 @@ def test_a_staged_key_readable_by_others_is_refused(two_hubs, capsys) -> None:
     assert code == 1 and "0644" in err and "remove it and re-run" in err, err
     assert recorded_key(erebor.registry(), "erebor").strip() == public_of(
         erebor.net_dir / "rsa_key.priv").strip()
+
+
+def test_a_kept_stamp_is_renewed_once_the_hub_has_switched(tmp_path: Path) -> None:
+    """bootstrap.kept_key_stamps: a node's copy of a hub's file whose new key kept the old
+    mtime is due, after the grace, for a fresh mtime (its SIGHUP then ends a connection made
+    before the key, perhaps with the old one); a file written normally never is."""
+    kept, plain = tmp_path / "erebor", tmp_path / "rivendell"
+    for path in (kept, plain):
+        assert bootstrap.write_host_file(str(path), host_file("192.0.2.1", 0))
+    old = 1_000_000_000
+    os.utime(kept, (old, old))
+    assert bootstrap.write_host_file(str(kept), host_file("192.0.2.1", 1))  # the new key
+    assert bootstrap.kept_key_stamps([str(kept), str(plain)], older_than=0) == [str(kept)]
+    assert bootstrap.kept_key_stamps([str(kept)], older_than=3600) == []  # not yet
+    os.utime(kept, None)  # what sync_round does when it is due
+    assert bootstrap.kept_key_stamps([str(kept), str(plain)], older_than=0) == []
