@@ -79,6 +79,12 @@ def test_rotate_key_is_refused_with_one_hub_and_changes_nothing(hub: HubEnv, cap
     assert key_file.read_bytes() == before_key
     assert not (hub.config.net_dir / STAGED_KEY_FILE).exists()
     assert dump_registry(hub.registry) == before_registry
+    # --force goes on, saying what it costs (no tincd runs here: the key is only installed)
+    code = main(["--state-dir", str(hub.state.root), "rotate-key", "--wait", "0", "--force"])
+    out, err = capsys.readouterr()
+    assert code == 0 and "warning" in err and "only active hub" in err, err
+    assert "installed the new key" in out and key_file.read_bytes() != before_key, out
+    assert recorded_key(hub.registry, hub.config.name).strip() == public_of(key_file).strip()
 
 
 # ------------------------------------------------------------------ two hubs on PostgreSQL

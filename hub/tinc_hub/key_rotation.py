@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from bootstrap import bootstrap
 from .errors import HubError
 from .liveness import read_liveness
-from .registry import HubRow, Registry, RegistryConflict, iso_utc
+from .registry import HubRow, Registry, RegistryConflict, RegistryError, iso_utc
 from .roster import usable_hubs
 from .state import HubConfig, StateDir
 
@@ -286,8 +286,13 @@ class HubKeyRotation:
 
     def confirm_hubs(self, restarted_at: float) -> None:
         """Say which other hub connected again after the restart (it holds the new key)."""
-        found = self.read_state()
-        others = {h.name for h in usable_hubs(found.hubs, self.config.network)} - {self.config.name}
+        try:
+            with self.registry.snapshot() as view:
+                hubs = view.list_hubs()
+        except RegistryError as exc:  # the rotation is done: only the confirmation is lost
+            self.warn(f"warning: cannot list the other hubs to confirm their connection: {exc}")
+            return
+        others = {h.name for h in usable_hubs(hubs, self.config.network)} - {self.config.name}
         if not others:
             return
         deadline = self.clock() + RECONNECT_WAIT
