@@ -905,6 +905,54 @@ def public_key_block(text: str) -> Optional[str]:
     return match.group(0) if match else None
 
 
+def only_key_differs(old: Optional[str], new: str) -> bool:
+    """True when two texts of a host file differ in their public key block alone, every other
+    byte equal (a hub rotating its key: `tinc-hub rotate-key`)."""
+    old_key, new_key = public_key_block(old or ""), public_key_block(new)
+    if old is None or not old_key or not new_key or old_key == new_key:
+        return False
+    return old.replace(old_key, "", 1) == new.replace(new_key, "", 1)
+
+
+def write_host_file(path: str, content: str, mode: int = 0o644) -> bool:
+    """write_atomic for a peer's host file. When only its public key changes, the file keeps
+    its old mtime, so tinc 1.0's SIGHUP keeps the connection made with the old key (a rotating
+    hub publishes its new key first and switches later: its restart ends that connection and
+    the next one reads the new key). Any other change gets a fresh mtime (tincd drops the
+    connection at its next SIGHUP, as for every host file)."""
+    real = os.path.realpath(path)
+    try:
+        before = os.stat(real)
+        old = read_text(real)
+    except (OSError, UnicodeDecodeError):
+        before, old = None, None
+    changed = write_atomic(real, content, mode)
+    if changed and before is not None and only_key_differs(old, content):
+        os.utime(real, ns=(before.st_atime_ns, before.st_mtime_ns))
+    return changed
+
+
+KEPT_STAMP_MIN_AGE = 2.0  # s between a host file's mtime and ctime that write_host_file made
+
+
+def kept_key_stamps(paths: Sequence[str], older_than: float,
+                    now: Optional[float] = None) -> List[str]:
+    """The host files whose new key kept the old mtime (write_host_file: the ctime is well
+    after the mtime) at least `older_than` s ago. By then the hub has switched to that key, and
+    a connection made before (perhaps by someone holding the old key) must end: give the file a
+    fresh mtime and SIGHUP tincd, which drops it and connects again at once."""
+    now = time.time() if now is None else now
+    due = []
+    for path in paths:
+        try:
+            info = os.stat(path)
+        except OSError:
+            continue
+        if info.st_ctime - info.st_mtime > KEPT_STAMP_MIN_AGE and now - info.st_ctime >= older_than:
+            due.append(path)
+    return due
+
+
 def host_file_subnets(text: str) -> List[str]:
     return [m.group(1) for m in re.finditer(r"(?mi)^\s*Subnet\s*=\s*(\S+)", text or "")]
 
@@ -2027,10 +2075,22 @@ def sync_round(tinc_dir: str, net: str) -> Tuple[SyncAnswer, List[str]]:
         text = describe_plan(plan)
         if text:
             REPORT.debug("sync plan:\n" + text)
-        changed = apply_files(plan.files)
+        # a hub's new key alone keeps its file's mtime: the SIGHUP keeps the connection
+        changed = [spec.path for spec in plan.files
+                   if write_host_file(spec.path, spec.content, spec.mode)]
         for cmd in plan.commands:
             run(cmd, check=cmd[0] == "rm", timeout=30)
             changed.append(cmd[-1] if cmd[0] == "rm" else "SIGHUP tincd")
+        # a hub's new key learnt 3 intervals ago (more than `tinc-hub rotate-key` waits): the
+        # hub has switched; a connection older than that key ends, tincd reconnects at once
+        renew = kept_key_stamps([os.path.join(base, "hosts", hub.name) for hub in answer.hubs],
+                                3 * answer.interval + 10)
+        for path in renew:
+            os.utime(path, None)
+            changed.append(path + " (a connection made before its new key ends)")
+        if renew and "SIGHUP tincd" not in changed and pid_from_file(net) is not None:
+            run(tincd_base(net, tinc_dir) + ["-kHUP"], check=False, timeout=30)
+            changed.append("SIGHUP tincd")
         if answer.names is not None:
             changed += write_names(net, record.hub_net, answer.names)
     return answer, changed

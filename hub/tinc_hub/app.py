@@ -29,7 +29,8 @@ from .http_timeouts import HANDSHAKE_TIMEOUT, HeaderTimeoutH11Protocol
 from .openapi import openapi_schema
 from .ratelimit import DEFAULT_RATE_LIMIT, RateLimit, RateLimiter, parse_rate_limit, retry_after_header
 from .registry import Registry
-from .registry_follower import RegistryFollower, read_public_key
+from .key_rotation import public_key_to_record
+from .registry_follower import RegistryFollower
 from .roster import hub_row, register_hub
 from .reload import ReloadBatcher, send_sighup
 from .state import HubConfig, StateDir
@@ -356,7 +357,8 @@ def serve(state_dir: StateDir, registry_url: Optional[str] = None,
     registry.ensure_schema()
     log.info("registry: %s", registry.describe())
     # this hub's place in the registry (a hub of an older tinc-hub records itself here)
-    register_hub(registry, hub_row(config, read_public_key(config.net_dir), pin), config.net,
+    # (mid-rotation, the staged key the registry already holds: key_rotation.py)
+    register_hub(registry, hub_row(config, public_key_to_record(config, registry), pin), config.net,
                  config.vpn_subnet)
     follower = RegistryFollower(config, registry, lambda: send_sighup(config.net, config.tinc_dir),
                                 state_root=state_dir.root,

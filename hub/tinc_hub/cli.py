@@ -222,6 +222,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
 def build_parser() -> Parser:
     parser = Parser(prog=PROG, description="Hub of a self-enrolling tinc 1.0 VPN.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -360,6 +367,24 @@ def build_parser() -> Parser:
                                 " name, VPN address and key are never reused. Run it on another hub;"
                                 " then stop the removed machine's tincd and API.")
     p.add_argument("hub", metavar="NAME", help="hub name (see 'tinc-hub hubs')")
+
+    p = add_command(commands, "rotate-key", run=cmd_rotate_key,
+                    help="give this hub a new tinc key (with other hubs: no node<->node outage)",
+                    description="Run as root on the hub whose key changes. Stages a new RSA key (the"
+                                " current size) beside rsa_key.priv, publishes its public key in the"
+                                " registry (the other hubs and the nodes learn it without dropping"
+                                " their connections), waits until every node has synced, then installs"
+                                " it and restarts this hub's tincd. Refuses when no other hub is active"
+                                " and connected (nodes would lose the VPN), unless --force. A re-run"
+                                " after an interruption finishes the rotation.")
+    add_option(p, "--wait", env="TINC_HUB_ROTATE_WAIT", type=non_negative_int, metavar="SECONDS",
+               help="seconds from publishing the new key to switching to it (default: 2 x"
+                    " --sync-interval + 10)")
+    add_option(p, "--sync-interval", type=sync_interval, default=DEFAULT_SYNC_INTERVAL, metavar="SECONDS",
+               help="the nodes' sync interval: what the hubs' 'serve --sync-interval' says")
+    add_flag(p, "--force", env="TINC_HUB_ROTATE_FORCE",
+             help="rotate even with no other hub active and connected: every node loses the VPN"
+                  " while tincd restarts (5 s or more), a node that has not synced until it does")
 
     p = add_command(commands, "registry", help="the registry database (copy to PostgreSQL)")
     registry_cmds = add_actions(p, "registry_command")
@@ -722,6 +747,17 @@ def cmd_hub_remove(args: argparse.Namespace, state: StateDir) -> int:
     print(f"hub {hub.name} ({hub.address}, {hub.public_address}) removed; the other hubs drop it within"
           " seconds, nodes at their next sync")
     print(f"next: stop tincd and the API on {hub.public_address}")
+    return EXIT_OK
+
+
+def cmd_rotate_key(args: argparse.Namespace, state: StateDir) -> int:
+    from .key_rotation import HubKeyRotation
+
+    rotation = HubKeyRotation(state, _registry(state, args), args.sync_interval, wait=args.wait,
+                              force=args.force,
+                              say=lambda line: print(line, flush=True),
+                              warn=lambda line: print(f"{PROG}: {line}", file=sys.stderr, flush=True))
+    rotation.run()
     return EXIT_OK
 
 

@@ -43,7 +43,8 @@ def mirror_registry(config: HubConfig, registry: Registry) -> Dict[str, List[str
         claim = claims_default_route(config.hub_host_file)  # kept as the apply left it
         for name, text in sorted(hub_host_files_for(config.name, hubs, config.network,
                                                     claim=claim).items()):
-            if write_if_changed(config.hosts_dir / name, text):
+            # a hub's new key alone (rotate-key) keeps the mtime: the SIGHUP keeps its connection
+            if bootstrap.write_host_file(str(config.hosts_dir / name), text):
                 written.append(name)
         for hub in hubs:
             if hub.removed and hub.name != config.name and bootstrap.valid_node_name(hub.name) \
