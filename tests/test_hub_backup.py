@@ -388,3 +388,24 @@ def test_a_postgresql_hub_is_backed_up_without_its_registry_or_password(tmp_path
         assert code == 0 and [t["id"] for t in json.loads(out)] == [issued.id]
     finally:
         pg.drop_database(name)
+
+
+def test_a_hostile_hub_json_cannot_write_the_registry_outside_the_state_dir(backed_up, capsys):
+    """hub.json says where the SQLite registry lives, and restore writes the archive's copy
+    there as root: a path outside the state dir (here a new directory, in real life any file
+    of the system) is written only when the admin names it with --registry; else refused in
+    one line with nothing written."""
+    env, file = backed_up["env"], backed_up["file"]
+    planted = env.root / "planted" / "evil"
+    url = f"sqlite:///{planted}"
+    hostile = env.root / "registry-elsewhere.backup"
+    hostile.write_bytes(pack(replaced(good(file), "state/hub.json", edited_hub_json(file, registry=url))))
+    code, out, err = restore(capsys, env, hostile)
+    assert code == 1, out + err
+    assert len(err.strip().splitlines()) == 1 and f"--registry {url}" in err, err
+    assert not planted.parent.exists() and not env.state.root.exists()
+    code, out, err = run(capsys, "--state-dir", str(env.state.root), "--registry", url, "restore",
+                         str(hostile), "--no-start")
+    assert code == 0, out + err
+    assert f"registry: {planted}" in out
+    assert dump_registry(Registry(planted, env.state.lock_file)) == backed_up["before"]["rows"]

@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import sqlite3
 import stat
@@ -707,9 +708,19 @@ def restore_backup(state: StateDir, source: str, force: bool, start: bool = True
         config = check_restored_config(staged)
         key_bits = check_keys(staged, config)
         sqlite = staged.manifest["registry"]["kind"] == "sqlite"
-        if sqlite and registry_url is not None:
-            raise HubError("this backup holds its SQLite registry: --registry is not used by restore",
-                           "leave --registry out")
+        # hub.json (archive data) says where the registry is written, as root: a path outside
+        # the state dir is written only where the admin names it too
+        if sqlite and registry_url != config.registry:
+            if config.registry is None:
+                raise HubError("this backup holds its SQLite registry: --registry is not used by"
+                               " restore", "leave --registry out")
+            if not PRINTABLE_RE.fullmatch(config.registry):
+                raise refuse("state/hub.json: registry is not a short printable string")
+            raise HubError(f"the backup's hub.json puts the SQLite registry at"
+                           f" {config.registry!r}, outside the state dir",
+                           f"if that is right, run restore with --registry {shlex.quote(config.registry)}")
+        if sqlite:
+            registry_url = None  # init reads it from the restored hub.json
         applied: List[str] = []
         if sqlite:
             _revision, applied = prepare_registry(staged, config)
