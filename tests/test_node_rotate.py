@@ -8,6 +8,7 @@ one PostgreSQL registry (labkit.multihub), the other hub following.
 """
 
 import json
+import os
 import re
 import time
 
@@ -45,10 +46,15 @@ def test_rotation_replaces_the_key_in_registry_and_host_file_and_a_replay_change
         hub: HubEnv, caplog) -> None:
     credential = enrolled(hub, "shire", 201)
     caplog.set_level("INFO", logger="tinc_hub.audit")
+    host_file = hub.config.hosts_dir / "shire"
+    os.utime(host_file, (1_000_000_000, 1_000_000_000))  # long before any tincd reload
     new = rsa_public_pem(202, fmt="spki")  # SPKI is accepted and kept as PKCS#1
     status, answer, reload_needed = rotate(hub, {"name": "shire", "credential": credential,
                                                  "public_key": new})
-    assert status == 200 and reload_needed, answer
+    # the key alone changed: the old mtime stays and no SIGHUP, so tinc 1.0 keeps the node's
+    # live connection until the node restarts (a new connection reads the new key)
+    assert status == 200 and not reload_needed, answer
+    assert host_file.stat().st_mtime == 1_000_000_000
     assert answer == {"net": hub.config.net, "name": "shire", "address": "10.77.0.2",
                       "prefix": 24, "rotated": True}
     assert host_key(hub, "shire") == rsa_public_pem(202).strip()
