@@ -856,37 +856,43 @@ def _reply_route_lines(address: str, table: Optional[int], up: bool) -> str:
 
 
 def render_tinc_up(address: str, prefix: int, also: Optional[Sequence[str]] = None,
-                   reply_table: Optional[int] = None) -> str:
+                   reply_table: Optional[int] = None, hold: Optional[str] = None) -> str:
     """tinc-up: the VPN address on the interface; with `reply_table` (nodes), the policy
     routing of _reply_route_lines; with `also` (a node's sync launcher, see
-    sync_script_command), that command too, shell-quoted. The hub passes neither."""
+    sync_script_command), that command too, shell-quoted, skipped while the file `hold`
+    exists (sync_hold_path: rotate-key's restart keeps the loop). The hub passes none."""
     return ("#!/bin/sh\n# Written by tinc-bootstrap: give the VPN interface its address.\n"
             "ip addr replace {}/{} dev \"$INTERFACE\"\n"
             "ip link set \"$INTERFACE\" up\n").format(address, prefix) + _reply_route_lines(
                 address, reply_table, True) + _script_line(
-                also, "keep this node's list of hubs in step (detached from tincd)")
+                also, "keep this node's list of hubs in step (detached from tincd)", hold)
 
 
 def render_tinc_down(address: str, prefix: int, also: Optional[Sequence[str]] = None,
-                     reply_table: Optional[int] = None) -> str:
+                     reply_table: Optional[int] = None, hold: Optional[str] = None) -> str:
     return ("#!/bin/sh\n# Written by tinc-bootstrap.\n"
             "ip addr del {}/{} dev \"$INTERFACE\" 2>/dev/null\n"
             "ip link set \"$INTERFACE\" down\n").format(address, prefix) + _reply_route_lines(
                 address, reply_table, False) + _script_line(
-                also, "stop the sync loop started by tinc-up")
+                also, "stop the sync loop started by tinc-up", hold)
 
 
 SCRIPT_WORD_RE = re.compile(r"[^\x00-\x1f\x7f]{1,4096}")
 
 
-def _script_line(cmd: Optional[Sequence[str]], comment: str) -> str:
+def _script_line(cmd: Optional[Sequence[str]], comment: str, hold: Optional[str] = None) -> str:
     """A comment and cmd as one shell line (every word checked, then single-quoted); tincd
-    goes on whatever the command does (`|| :`)."""
+    goes on whatever the command does (`|| :`). With `hold`, cmd runs only while no file
+    `hold` exists (`[ -e HOLD ] || CMD || :`)."""
     if not cmd:
         return ""
-    if not all(isinstance(word, str) and SCRIPT_WORD_RE.fullmatch(word) for word in cmd):
-        raise ValueError("a control character or an empty word in {!r}".format(list(cmd)))
-    return "# {}\n{} || :\n".format(comment, shell_join(cmd))
+    words = list(cmd) + ([hold] if hold is not None else [])
+    if not all(isinstance(word, str) and SCRIPT_WORD_RE.fullmatch(word) for word in words):
+        raise ValueError("a control character or an empty word in {!r}".format(words))
+    guard = "[ -e {} ] || ".format(shell_join([hold])) if hold is not None else ""
+    if hold is not None:
+        comment += " (not while {} exists: rotate-key's restart keeps the loop)".format(hold)
+    return "# {}\n{}{} || :\n".format(comment, guard, shell_join(cmd))
 
 
 PEM_LABELS = ("RSA PUBLIC KEY", "PUBLIC KEY")  # the public key blocks tinc 1.0 and the hub read
@@ -2140,6 +2146,48 @@ def sync_pid_path(net: str) -> str:
     return os.path.join(run_dir, "tinc-bootstrap-sync.{}.pid".format(check_net_name(net)))
 
 
+def sync_hold_path(net: str) -> str:
+    """While this file exists, tinc-up and tinc-down leave the sync loop alone (no Python
+    start in tincd's restart: rotate-key's ping gap); rotate-key makes it just before its
+    restart and removes it once the VPN is back (SyncHold)."""
+    return sync_pid_path(net)[:-len(".pid")] + ".hold"
+
+
+class SyncHold:
+    """rotate-key's restart of tincd without tinc-down's `sync --stop` and tinc-up's
+    `sync --daemon` (each a Python start, ~0.25 s off the VPN): the loop runs on across the
+    restart. On leaving, the hold file goes, and the loop is made to match tincd again:
+    started if tincd runs and none does, stopped if tincd does not run."""
+
+    def __init__(self, tinc_dir: str, net: str) -> None:
+        self.tinc_dir, self.net, self.path = tinc_dir, net, sync_hold_path(net)
+
+    def __enter__(self) -> "SyncHold":
+        try:
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             0o600))
+        except OSError as exc:  # the restart goes on, with the loop stopped and started
+            REPORT.step("warning: cannot create {} ({}): tincd's restart starts Python "
+                        "twice".format(self.path, exc.strerror))
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        base = net_dir(self.tinc_dir, self.net)
+        # only a tinc-up that skips its launcher while held (one written before holds
+        # existed started the loop itself, or has none)
+        if shell_join([self.path]) not in (read_text(os.path.join(base, "tinc-up")) or ""):
+            return
+        if pid_from_file(self.net) is None:
+            stop_sync_loop(self.net)
+        elif sync_loop_pid(self.net) is None:
+            run(sync_script_command(sync_python(), os.path.join(base, SCRIPT_FILE), self.net,
+                                    self.tinc_dir, "--daemon"), check=False, timeout=60)
+
+
 def acquire_sync_pid_file(net: str) -> Optional[int]:
     """An fd holding the lock of net's sync pid file (our pid written in it), or None when
     another sync loop holds it."""
@@ -2579,9 +2627,9 @@ def plan_joined_files(tinc_dir: str, net: str, name: str, public_pem: str, addre
     files += hub_files.files
     files += [
         FileSpec(os.path.join(base, "tinc-up"), render_tinc_up(address, prefix, sync_script_command(
-            python, script, net, tinc_dir, "--daemon"), reply_table(net)), 0o755),
+            python, script, net, tinc_dir, "--daemon"), reply_table(net), sync_hold_path(net)), 0o755),
         FileSpec(os.path.join(base, "tinc-down"), render_tinc_down(address, prefix, sync_script_command(
-            python, script, net, tinc_dir, "--stop"), reply_table(net)), 0o755),
+            python, script, net, tinc_dir, "--stop"), reply_table(net), sync_hold_path(net)), 0o755),
         FileSpec(os.path.join(base, STATE_FILE), json.dumps(state, indent=2, sort_keys=True) + "\n")]
     if credential:
         files.append(FileSpec(os.path.join(base, CREDENTIAL_FILE), credential + "\n", 0o600))
@@ -3105,6 +3153,7 @@ class NodeRotation:
         self.hub = "<the hub that answers>"
         self.tincd = TincdState()
         self.restarted = False
+        self.hold = None  # type: Optional[SyncHold]
 
     def steps(self) -> List[Step]:
         return [
@@ -3225,23 +3274,41 @@ class NodeRotation:
         if not self.tincd.active and not self.opts.dry_run:
             return Plan(actions=("tincd of {} is not running: it uses the new key when it "
                                  "starts".format(self.net),))
-        return plan_start(self.net, self.start_how(), self.facts,
+        plan = plan_start(self.net, self.start_how(), self.facts,
                           self.tincd._replace(active=True), True, self.opts.tinc_dir)
+        return plan._replace(actions=("create {} first: tinc-down and tinc-up leave the sync "
+                                      "loop running (no Python start while off the VPN); "
+                                      "removed once a hub answers".format(
+                                          sync_hold_path(self.net)),))
 
     def apply_restart(self, plan: Plan) -> None:
         if not plan.commands:
             REPORT.step(plan.actions[0])
             return
+        self.hold = SyncHold(self.opts.tinc_dir, self.net).__enter__()
         apply_start(plan, self.tincd)
         self.restarted = True
         REPORT.step("tincd restarted with the new key")
+
+    def release_hold(self) -> None:
+        """End apply_restart's SyncHold (the loop matches tincd again); idempotent."""
+        hold, self.hold = self.hold, None
+        if hold is not None:
+            hold.__exit__(None, None, None)
 
     def plan_wait(self) -> Plan:
         return Plan(actions=("ping the hubs over the VPN until one answers, at most {:.0f} s"
                              .format(self.opts.timeout),))
 
     def apply_wait(self, plan: Plan) -> None:
-        """Any hub answering means the VPN is up again (the joined one is asked first)."""
+        """Any hub answering means the VPN is up again (the joined one is asked first, and
+        tinc-up has run); then the sync hold ends."""
+        try:
+            self.wait_for_a_hub()
+        finally:
+            self.release_hold()
+
+    def wait_for_a_hub(self) -> None:
         addresses = hub_vpn_addresses(self.opts.tinc_dir, self.net, self.state)
         if not self.restarted or not addresses:
             return
@@ -3274,7 +3341,10 @@ def rotate_key(opts: RotateOptions) -> int:
     remember_secret(record.credential)
     job = NodeRotation(opts, net, record, load_state(opts.tinc_dir, net) or {},
                        detect_system("/"))
-    run_steps(job.steps(), opts.dry_run)
+    try:
+        run_steps(job.steps(), opts.dry_run)
+    finally:
+        job.release_hold()  # the restart failed: the loop must match tincd all the same
     if opts.dry_run:
         REPORT.step("dry run: nothing was changed" + (
             " (a real run logs to {})".format(opts.log) if opts.log else ""))

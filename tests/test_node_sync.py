@@ -484,7 +484,8 @@ def test_join_gets_a_credential_every_hub_file_and_a_running_sync_loop(lab):
     assert node.read_bytes(NETDIR + "/bootstrap.py") == netlab.BOOTSTRAP_PY.read_bytes()
     assert mode(NETDIR + "/bootstrap.py") == 0o755
     up = node.read_file(NETDIR + "/tinc-up").splitlines()[-1]
-    assert shlex.split(up[:-len(" || :")]) == [
+    assert shlex.split(up[:-len(" || :")]) == [  # not while rotate-key's restart holds it
+        "[", "-e", "/run/tinc-bootstrap-sync.%s.hold" % NET, "]", "||",
         "/usr/bin/python3", NETDIR + "/bootstrap.py", "sync", "--net", NET, "--daemon"]
     # started by tinc-up, detached: wait for it (tinc-up returns before the loop locks)
     assert netlab.wait_until(lambda: loop_locked(node) and sync_loop_pids(node), 10), \

@@ -10,6 +10,7 @@ registry again after a crash between a commit and its host file.
 import ipaddress
 import logging
 import os
+import stat
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -29,6 +30,28 @@ def write_if_changed(path: Path, content: str, mode: int = 0o644) -> bool:
     """Atomically replace ``path`` with ``content`` unless it already holds exactly that
     (then it is untouched, mtime kept). The shared ``bootstrap.write_atomic``."""
     return bootstrap.write_atomic(str(path), content, mode)
+
+
+def replace_key_keeping_mtime(path: Path, content: str) -> "tuple[bool, bool]":
+    """write_if_changed for a node's host file whose public key alone changes (node
+    rotate-key): the file keeps its mtime, so tinc 1.0's SIGHUP keeps the connection made with
+    the old key until the node restarts with the new one (tincd reads the file afresh for
+    every new connection: the old key is refused from the write on). A new file, or any other
+    change, gets a fresh mtime. Returns (changed, mtime kept)."""
+    try:
+        before = os.stat(path, follow_symlinks=False)
+        old = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        before, old = None, None
+    changed = write_if_changed(path, content)
+    old_key, new_key = bootstrap.public_key_block(old or ""), bootstrap.public_key_block(content)
+    kept = (changed and before is not None and stat.S_ISREG(before.st_mode)
+            and old is not None and bool(old_key)
+            and bool(new_key) and old_key != new_key
+            and old.replace(old_key, "", 1) == content.replace(new_key, "", 1))
+    if kept:
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns), follow_symlinks=False)
+    return changed, kept
 
 
 def host_file_in_place(path: Path, content: str, mode: int = 0o644) -> bool:

@@ -7,8 +7,9 @@ as an enrolment key (one PEM block, RSA, 2048..16384 bits, kept as PKCS#1). A ke
 other node's or hub's key is refused (409). The same new key again is a replay: 200, nothing
 changed (the answer to the first request may have been lost). Otherwise the registry row gets
 the key (the other hubs follow, as for any change) and this hub writes hosts/NAME from the
-validated parts; the caller SIGHUPs tincd before answering (docs/DESIGN.md, "Node key
-rotation").
+validated parts, keeping its mtime when the key alone changed (tinc 1.0's SIGHUP then keeps
+the node's connection until it restarts); otherwise the caller SIGHUPs tincd before answering
+(docs/DESIGN.md, "Node key rotation").
 """
 
 import logging
@@ -18,7 +19,7 @@ from typing import Any, Dict, NamedTuple, Optional
 from bootstrap import bootstrap
 from .enroll import (CREDENTIAL_RE, MAX_BODY_BYTES, EnrollError, credential_hash,
                      credential_matches, log_value, normalise_public_key, parse_json_object)
-from .hostfiles import host_file_in_place, render_node_host_file, write_if_changed
+from .hostfiles import host_file_in_place, render_node_host_file, replace_key_keeping_mtime
 from .registry import NODE, NodeRow, Registry, RegistryConflict, RegistryUnavailable, RegistryView
 from .state import HubConfig
 
@@ -31,7 +32,7 @@ UNKNOWN_MESSAGE = ("unknown node name or wrong credential (re-run the one-liner 
 class RotateOutcome(NamedTuple):
     status: int
     body: Dict[str, Any]
-    reload_needed: bool  # hosts/NAME changed: SIGHUP tincd before answering
+    reload_needed: bool  # hosts/NAME written with a fresh mtime: SIGHUP tincd before answering
 
 
 def rotate_audit_line(result: str, status: int, name: Any, client: str,
@@ -114,8 +115,10 @@ class RotateKeyHandler:
                         tx.mark_credential_used(name, credential_hash(credential), now)
             except RegistryConflict as exc:  # unreachable under the write lock; a clean 409
                 raise EnrollError(409, f"conflict with an existing key ({exc.message})") from None
-            # written under the lock, from validated parts, as enrolment does; a fresh mtime:
-            # tincd's SIGHUP drops the connection made with the old key
-            changed = write_if_changed(path, render_node_host_file(node.address, public_key))
-        return (RotateOutcome(200, self._answer(node, rotated), changed),
+            # written under the lock, from validated parts, as enrolment does. The key alone
+            # changes: the old mtime stays and no SIGHUP, so the node's live connection lasts
+            # until its restart (new connections read the new key); else fresh mtime + SIGHUP
+            changed, kept = replace_key_keeping_mtime(
+                path, render_node_host_file(node.address, public_key))
+        return (RotateOutcome(200, self._answer(node, rotated), changed and not kept),
                 "rotated" if rotated else "replay")
