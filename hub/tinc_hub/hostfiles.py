@@ -34,21 +34,20 @@ def write_if_changed(path: Path, content: str, mode: int = 0o644) -> bool:
 
 def replace_key_keeping_mtime(path: Path, content: str) -> "tuple[bool, bool]":
     """write_if_changed for a node's host file whose public key alone changes (node
-    rotate-key): the file keeps its mtime, so tinc 1.0's SIGHUP keeps the connection made with
-    the old key until the node restarts with the new one (tincd reads the file afresh for
-    every new connection: the old key is refused from the write on). A new file, or any other
-    change, gets a fresh mtime. Returns (changed, mtime kept)."""
+    rotate-key, on the hub that took the request and on the hubs that follow it): the file
+    keeps its mtime, so tinc 1.0's SIGHUP keeps the connection made with the old key until the
+    node restarts with the new one (tincd reads the file afresh for every new connection: the
+    old key is refused from the write on). A new file, or any other change, gets a fresh mtime.
+    The rule is bootstrap.only_key_differs, as for a hub's key on nodes. Returns (changed,
+    mtime kept)."""
     try:
         before = os.stat(path, follow_symlinks=False)
         old = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         before, old = None, None
     changed = write_if_changed(path, content)
-    old_key, new_key = bootstrap.public_key_block(old or ""), bootstrap.public_key_block(content)
     kept = (changed and before is not None and stat.S_ISREG(before.st_mode)
-            and old is not None and bool(old_key)
-            and bool(new_key) and old_key != new_key
-            and old.replace(old_key, "", 1) == content.replace(new_key, "", 1))
+            and bootstrap.only_key_differs(old, content))
     if kept:
         os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns), follow_symlinks=False)
     return changed, kept
@@ -142,6 +141,6 @@ def reconcile_host_files(config: HubConfig, registry: Registry) -> Dict[str, lis
             if node.revoked:
                 if remove_if_present(path):
                     removed.append(node.name)
-            elif write_if_changed(path, render_node_host_file(node.address, node.public_key)):
+            elif replace_key_keeping_mtime(path, render_node_host_file(node.address, node.public_key))[0]:
                 written.append(node.name)
     return {"written": written, "removed": removed}
