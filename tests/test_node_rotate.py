@@ -15,7 +15,9 @@ import pytest
 
 from hub_fixtures import HubEnv, hub, rsa_public_pem  # noqa: F401 (the hub fixture)
 from support import bootstrap
+from tinc_hub.enroll import credential_hash
 from tinc_hub.node_rotate import RotateKeyHandler
+from tinc_hub.node_sync import SyncHandler
 from tinc_hub.registry_follower import read_public_key
 from tinc_hub.roster import hub_row, register_hub
 from tinc_hub.tls import pin_of_cert_file
@@ -41,13 +43,23 @@ def host_key(hub: HubEnv, name: str) -> str:
     return bootstrap.public_key_block((hub.config.hosts_dir / name).read_text())
 
 
-def test_rotation_replaces_the_key_in_registry_and_host_file_and_a_replay_changes_nothing(
+def sync_status(hub: HubEnv, name: str, credential: str) -> int:
+    body = json.dumps({"name": name, "credential": credential}).encode()
+    return SyncHandler(hub.config, hub.registry).process(body, "192.0.2.9").status
+
+
+def fresh_credential() -> str:
+    return bootstrap.secrets.token_hex(32)  # as the node makes it
+
+
+def test_rotation_replaces_key_and_credential_and_a_retry_with_the_new_ones_changes_nothing(
         hub: HubEnv, caplog) -> None:
-    credential = enrolled(hub, "shire", 201)
+    credential, new_credential = enrolled(hub, "shire", 201), fresh_credential()
     caplog.set_level("INFO", logger="tinc_hub.audit")
     new = rsa_public_pem(202, fmt="spki")  # SPKI is accepted and kept as PKCS#1
     status, answer, reload_needed = rotate(hub, {"name": "shire", "credential": credential,
-                                                 "public_key": new})
+                                                 "public_key": new,
+                                                 "new_credential": new_credential})
     assert status == 200 and reload_needed, answer
     assert answer == {"net": hub.config.net, "name": "shire", "address": "10.77.0.2",
                       "prefix": 24, "rotated": True}
@@ -55,27 +67,62 @@ def test_rotation_replaces_the_key_in_registry_and_host_file_and_a_replay_change
     with hub.registry.snapshot() as view:
         node = view.get_node("shire")
         assert node.public_key == rsa_public_pem(202) and node.address == "10.77.0.2"
+        # only the hash, in the same transaction as the key; shown by the node that made it
+        assert node.credential_sha256 == credential_hash(new_credential)
+        assert node.credential_used_at is not None
     assert "rotate-key result=rotated status=200 name=shire client=192.0.2.9" in caplog.text
     before = hub.snapshot()
-    for key in (new, rsa_public_pem(202)):  # the same key again, in either form
-        status, answer, reload_needed = rotate(hub, {"name": "shire", "credential": credential,
-                                                     "public_key": key})
+    # the lost answer's retry: the old credential is refused, the new one with the new key is
+    # a replay (either form of the key); the whole first request replayed is refused
+    assert rotate(hub, {"name": "shire", "credential": credential, "public_key": new,
+                        "new_credential": new_credential})[0] == 401
+    for key in (new, rsa_public_pem(202)):
+        status, answer, reload_needed = rotate(hub, {"name": "shire", "credential": new_credential,
+                                                     "public_key": key,
+                                                     "new_credential": new_credential})
         assert (status, answer["rotated"], reload_needed) == (200, False, False)
     assert hub.snapshot() == before  # registry rows, host files: bytes and mtimes
     assert "rotate-key result=replay" in caplog.text
-    # the sync credential and the enrolment's token stay the node's
+    assert credential not in caplog.text and new_credential not in caplog.text
+    # sync: the old credential is useless now, the new one works
+    assert (sync_status(hub, "shire", credential), sync_status(hub, "shire", new_credential)) \
+        == (401, 200)
+    # the enrolment's token stays the node's; the old key cannot come back through it
     status, answer = hub.enroll(hub.token().token, "shire", rsa_public_pem(201))
-    assert status == 409  # the old key cannot come back through an enrolment either
+    assert status == 409
 
 
-def test_a_replay_whose_host_file_was_lost_writes_it_again(hub: HubEnv) -> None:
-    credential = enrolled(hub, "shire", 203)
-    body = {"name": "shire", "credential": credential, "public_key": rsa_public_pem(204)}
-    assert rotate(hub, body)[0] == 200
+def test_a_thief_with_the_old_key_and_credential_is_locked_out_after_the_rotation(
+        hub: HubEnv) -> None:
+    """The attacker's review: whoever copied the node's files (key and credential) could
+    rotate again to a key of their own. After the node's rotation both are refused."""
+    stolen, mine = enrolled(hub, "shire", 209), fresh_credential()
+    assert rotate(hub, {"name": "shire", "credential": stolen, "public_key": rsa_public_pem(210),
+                        "new_credential": mine})[0] == 200
+    before = hub.snapshot()
+    for proof in (stolen, fresh_credential()):  # neither the stolen one nor a guess
+        assert rotate(hub, {"name": "shire", "credential": proof,
+                            "public_key": rsa_public_pem(211),
+                            "new_credential": fresh_credential()})[0] == 401
+    assert sync_status(hub, "shire", stolen) == 401
+    assert hub.snapshot() == before
+
+
+def test_a_new_credential_for_the_same_key_and_a_replay_whose_host_file_was_lost(
+        hub: HubEnv) -> None:
+    credential, new_credential = enrolled(hub, "shire", 203), fresh_credential()
+    # the key it has already (a staged key the hub took, then lost): the credential changes
+    status, answer, reload_needed = rotate(hub, {
+        "name": "shire", "credential": credential, "public_key": rsa_public_pem(203),
+        "new_credential": new_credential})
+    assert (status, answer["rotated"], reload_needed) == (200, True, False)
+    assert sync_status(hub, "shire", credential) == 401
+    body = {"name": "shire", "credential": new_credential, "public_key": rsa_public_pem(203),
+            "new_credential": new_credential}
     (hub.config.hosts_dir / "shire").unlink()
     status, answer, reload_needed = rotate(hub, body)
     assert (status, answer["rotated"], reload_needed) == (200, False, True)
-    assert host_key(hub, "shire") == rsa_public_pem(204).strip()
+    assert host_key(hub, "shire") == rsa_public_pem(203).strip()
 
 
 def test_refusals_change_nothing(hub: HubEnv, caplog) -> None:
@@ -88,7 +135,8 @@ def test_refusals_change_nothing(hub: HubEnv, caplog) -> None:
     hub_key = bootstrap.public_key_block(hub.config.hub_host_file.read_text())
     caplog.set_level("INFO", logger="tinc_hub.audit")
     before = hub.snapshot()
-    good = {"name": "shire", "credential": credential, "public_key": rsa_public_pem(207)}
+    good = {"name": "shire", "credential": credential, "public_key": rsa_public_pem(207),
+            "new_credential": fresh_credential()}
     unknown = ("unknown node name or wrong credential (re-run the one-liner with a token to get"
                " a new credential)")
     cases = [
@@ -103,6 +151,11 @@ def test_refusals_change_nothing(hub: HubEnv, caplog) -> None:
         (dict(good, credential=credential.upper()), 400, "64 lowercase hex"),
         (dict(good, name="../shire"), 400, "node name"),
         ({"name": "shire", "credential": credential}, 400, "public_key"),
+        ({k: v for k, v in good.items() if k != "new_credential"}, 400, "new_credential"),
+        (dict(good, new_credential=good["new_credential"].upper()), 400, "new_credential"),
+        (dict(good, new_credential=None), 400, "new_credential"),
+        # a new key must come with a new credential (else the old one would stay valid)
+        (dict(good, new_credential=credential), 400, "must differ"),
         (b"[]", 400, "JSON object"), (b"\xff", 400, "JSON object"),
         (b"{" * 20000, 413, "larger than"),
     ]
