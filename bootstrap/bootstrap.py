@@ -3102,7 +3102,8 @@ def request_rotate_key(record: NodeRecord, public_pem: str, new_credential: str,
         if left <= 0:
             raise BootstrapError("no hub accepted the new key within {:.0f} s ({} rounds): {}".format(
                 timeout, rounds, "; ".join(reasons)), EXIT_UNREACHABLE,
-                "the key stays staged: run rotate-key again later (it sends the same key)")
+                "the key and credential stay staged: run rotate-key again later (it sends the "
+                "same ones)")
         wait = delay * random.uniform(0.8, 1.0)
         if retry_after:
             wait = max(wait, retry_after * random.uniform(1.0, 1.2))
@@ -3227,8 +3228,9 @@ class NodeRotation:
     def plan_request(self) -> Plan:
         return Plan(actions=tuple(
             "POST https://{}:{}/v1/rotate-key name={} (the new public key and credential, "
-            "proven by this node's credential, or by the staged one if that is refused){}".format(hub.host, hub.port, self.record.name,
-                                   "" if i == 0 else ", if the hubs before it do not answer")
+            "proven by this node's credential, or by the staged one if that is refused){}"
+            .format(hub.host, hub.port, self.record.name,
+                    "" if i == 0 else ", if the hubs before it do not answer")
             for i, hub in enumerate(self.record.hubs)))
 
     def apply_request(self, plan: Plan) -> None:
