@@ -35,6 +35,7 @@ import json
 import os
 import random
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -2028,7 +2029,8 @@ def request_sync(record: NodeRecord, timeout: float = 15.0) -> SyncAnswer:
         message = _one_line(str(answer.body.get("error") or "HTTP {}".format(answer.status)))
         if answer.status == 401:
             raise SyncRefused(401, "hub {} does not accept this node's credential: {}".format(
-                hub.name, message), "re-run the one-liner on this node with a token made for it"
+                hub.name, message), "an interrupted rotate-key finishes when run again; else "
+                "re-run the one-liner on this node with a token made for it"
                 " ('tinc-hub token create --name NODE'): it brings a new credential")
         if answer.status == 403:
             raise SyncRefused(403, "hub {} refuses this node: {}".format(hub.name, message),
@@ -3019,6 +3021,7 @@ def leave(tinc_dir: str, net: Optional[str]) -> int:
 
 ROTATE_STAGED_PRIVATE = "rsa_key.priv.new"  # the staged key (0600) until the hub accepted it
 ROTATE_STAGED_PUBLIC = "rsa_key.pub.new"
+ROTATE_STAGED_CREDENTIAL = "credential.new"  # the credential sent with the staged key (0600)
 ROTATE_WORK_DIR = ".rotate-key"  # where `tincd -K` writes before the key is staged (0700)
 
 
@@ -3049,17 +3052,22 @@ def rsa_modulus_bits(pem: str) -> int:
 
 
 class RotateRefused(BootstrapError):
-    """A hub refused the new key (a 4xx other than 429): final, the hubs share one registry."""
+    """A hub refused the new key (a 4xx other than 429): final, the hubs share one registry.
+    `staged_is_live`: the refusal came after the hub accepted the staged credential (it is
+    the node's credential on the hubs: it must not be thrown away)."""
 
-    def __init__(self, status: int, message: str, hint: str) -> None:
+    def __init__(self, status: int, message: str, hint: str, staged_is_live: bool = False) -> None:
         super().__init__(message, EXIT_REFUSED, hint)
         self.status = status
+        self.staged_is_live = staged_is_live
 
 
 def rotate_refusal_hint(status: int, name: str) -> str:
     if status == 401:
-        return ("the hubs do not accept this node's credential: re-run the one-liner with a "
-                "token made for it (tinc-hub token create --name {})".format(name))
+        return ("the hubs accept neither this node's credential nor the staged one (if no "
+                "rotate-key of yours replaced them, whoever copied this node's files did): "
+                "re-run the one-liner with a token made for it (tinc-hub token create --name "
+                "{})".format(name))
     if status == 403:
         return "this node was revoked (tinc-hub revoke)"
     if status == 409:
@@ -3082,17 +3090,30 @@ def validate_rotate_answer(answer: dict, record: NodeRecord) -> bool:
     return rotated
 
 
-def request_rotate_key(record: NodeRecord, public_pem: str, timeout: float,
-                       sleep: Callable[[float], None] = time.sleep) -> Tuple[HubEndpoint, bool]:
-    """POST /v1/rotate-key to the known hubs in order (pinned TLS, as sync) until one accepts
-    the key: (that hub, whether it rotated). A refusal (4xx other than 429) is final (the
-    hubs share one registry); anything else passes to the next hub, and rounds are retried
-    with a back-off until `timeout` s. The same key sent again is harmless (idempotent)."""
+def rotate_request_bodies(record: NodeRecord, public_pem: str,
+                          new_credential: str) -> List[bytes]:
+    """The bodies a hub is asked with, in order: proven by the current credential, then (when
+    that is refused: the hub took this rotation but its answer was lost) by the staged one,
+    which the hub answers as a replay."""
     if record.credential is None:
         raise BootstrapError("this node has no sync credential", EXIT_USAGE,
                              "re-run the one-liner (bootstrap.py with a token) to get one")
-    body = json.dumps({"name": record.name, "credential": record.credential,
-                       "public_key": public_pem}).encode()
+    proofs = [record.credential] + ([new_credential] if new_credential != record.credential
+                                    else [])
+    return [json.dumps({"name": record.name, "credential": proof, "public_key": public_pem,
+                        "new_credential": new_credential}).encode() for proof in proofs]
+
+
+def request_rotate_key(record: NodeRecord, public_pem: str, new_credential: str,
+                       timeout: float, sleep: Callable[[float], None] = time.sleep
+                       ) -> Tuple[HubEndpoint, bool]:
+    """POST /v1/rotate-key to the known hubs in order (pinned TLS, as sync) until one accepts
+    the key and `new_credential`: (that hub, whether it rotated). A 401 with the current
+    credential is asked again with the staged one (rotate_request_bodies). A refusal (4xx
+    other than 429) is final (the hubs share one registry); anything else passes to the next
+    hub, and rounds are retried with a back-off until `timeout` s. The same key and
+    credential sent again are harmless (idempotent)."""
+    bodies = rotate_request_bodies(record, public_pem, new_credential)
     headers = {"Content-Type": "application/json", "User-Agent": "tinc-bootstrap/" + __version__}
     deadline = time.monotonic() + timeout
     delay, rounds = 1.0, 0
@@ -3100,11 +3121,17 @@ def request_rotate_key(record: NodeRecord, public_pem: str, timeout: float,
         rounds += 1
         reasons, retry_after = [], 0.0
         for hub in record.hubs:
-            try:
-                answer = _pinned_request(hub.host, hub.port, hub.pin, "POST", "/v1/rotate-key",
-                                         body, headers)
-            except (Unreachable, BootstrapError) as exc:  # BootstrapError: wrong pin, too large
-                reasons.append("{}: {}".format(hub.name, exc))
+            for proof, body in enumerate(bodies):
+                try:
+                    answer = _pinned_request(hub.host, hub.port, hub.pin, "POST",
+                                             "/v1/rotate-key", body, headers)
+                except (Unreachable, BootstrapError) as exc:  # wrong pin, too large
+                    answer = None
+                    reasons.append("{}: {}".format(hub.name, exc))
+                    break
+                if answer.status != 401:
+                    break
+            if answer is None:
                 continue
             if answer.status == 200:
                 try:
@@ -3115,14 +3142,16 @@ def request_rotate_key(record: NodeRecord, public_pem: str, timeout: float,
             message = _one_line(str(answer.body.get("error") or "HTTP {}".format(answer.status)))
             if answer.status != 429 and answer.status < 500:
                 raise RotateRefused(answer.status, "hub {} refused the new key: {}".format(
-                    hub.name, message), rotate_refusal_hint(answer.status, record.name))
+                    hub.name, message), rotate_refusal_hint(answer.status, record.name),
+                    staged_is_live=proof > 0 and answer.status != 401)
             reasons.append("{}: HTTP {}: {}".format(hub.name, answer.status, message))
             retry_after = max(retry_after, answer.retry_after)
         left = deadline - time.monotonic()
         if left <= 0:
             raise BootstrapError("no hub accepted the new key within {:.0f} s ({} rounds): {}".format(
                 timeout, rounds, "; ".join(reasons)), EXIT_UNREACHABLE,
-                "the key stays staged: run rotate-key again later (it sends the same key)")
+                "the key and credential stay staged: run rotate-key again later (it sends the "
+                "same ones)")
         wait = delay * random.uniform(0.8, 1.0)
         if retry_after:
             wait = max(wait, retry_after * random.uniform(1.0, 1.2))
@@ -3139,6 +3168,21 @@ def staged_public_key(base: str) -> Optional[str]:
     return public_key_block(read_private(os.path.join(base, ROTATE_STAGED_PUBLIC)) or "")
 
 
+def staged_credential(base: str) -> Optional[str]:
+    """The credential staged with the key (valid_credential), else None."""
+    text = (read_private(os.path.join(base, ROTATE_STAGED_CREDENTIAL)) or "").strip()
+    return text if valid_credential(text) else None
+
+
+def stage_new_credential(base: str) -> str:
+    """A new credential of the hub's form (32 random bytes as lowercase hex), staged 0600
+    before any request carries it."""
+    credential = secrets.token_hex(32)
+    remember_secret(credential)
+    write_atomic(os.path.join(base, ROTATE_STAGED_CREDENTIAL), credential + "\n", 0o600)
+    return credential
+
+
 class NodeRotation:
     """rotate-key as a list of steps: stage a new key (or resume with the staged one), have a
     hub accept it, put it in place, restart tincd, wait for a hub over the VPN."""
@@ -3150,6 +3194,7 @@ class NodeRotation:
         self.init = state.get("init") if state.get("init") in INIT_CHOICES else "none"
         self.state = state
         self.public_pem = "<new public key>"
+        self.new_credential = ""  # staged with the key (apply_stage)
         self.hub = "<the hub that answers>"
         self.tincd = TincdState()
         self.restarted = False
@@ -3184,22 +3229,32 @@ class NodeRotation:
 
     def plan_stage(self) -> Plan:
         if staged_public_key(self.base):
-            return Plan(actions=("send the staged key again (a rotation that did not finish)",))
+            return Plan(actions=("send the staged key and credential again (a rotation that "
+                                 "did not finish)",))
         work = self.path(ROTATE_WORK_DIR)
         return Plan(commands=(("tincd", "-c", work, "-K{}".format(self.key_size())),),
-                    actions=("in a fresh {} (0700); then stage its keys as {} and {} (0600)".format(
-                        work, self.path(ROTATE_STAGED_PUBLIC), self.path(ROTATE_STAGED_PRIVATE)),))
+                    actions=("in a fresh {} (0700); then stage its keys as {} and {}, and a new "
+                             "credential as {} (0600)".format(
+                                 work, self.path(ROTATE_STAGED_PUBLIC),
+                                 self.path(ROTATE_STAGED_PRIVATE),
+                                 self.path(ROTATE_STAGED_CREDENTIAL)),))
 
     def apply_stage(self, plan: Plan) -> None:
         with net_lock(self.base):
             staged = staged_public_key(self.base)
             if staged is None:
                 staged = self.make_staged_key(plan)
-        self.public_pem = staged
+            credential = staged_credential(self.base)
+            if credential is None:  # a key staged without one (never sent with one)
+                credential = stage_new_credential(self.base)
+        remember_secret(credential)
+        self.public_pem, self.new_credential = staged, credential
 
     def make_staged_key(self, plan: Plan) -> str:
-        """Run `tincd -K` in the work dir, then stage the public key, then (the commit point)
-        rename the private key to rsa_key.priv.new: a crash leaves no half-staged key."""
+        """Run `tincd -K` in the work dir, then stage the public key and a new credential,
+        then (the commit point) rename the private key to rsa_key.priv.new: a crash leaves no
+        half-staged key, and a staged key always has the credential it may have been sent
+        with."""
         work = self.path(ROTATE_WORK_DIR)
         shutil.rmtree(work, ignore_errors=True)
         os.mkdir(work, 0o700)
@@ -3211,6 +3266,7 @@ class NodeRotation:
             if not pem or not os.path.isfile(private):
                 raise BootstrapError("tincd -K made no key pair in {}".format(work), EXIT_COMMAND)
             write_atomic(self.path(ROTATE_STAGED_PUBLIC), pem + "\n", 0o600)
+            stage_new_credential(self.base)
             os.chmod(private, 0o600)
             os.rename(private, self.path(ROTATE_STAGED_PRIVATE))
             fsync_directory(self.base)
@@ -3220,18 +3276,22 @@ class NodeRotation:
 
     def plan_request(self) -> Plan:
         return Plan(actions=tuple(
-            "POST https://{}:{}/v1/rotate-key name={} (the new public key, this node's "
-            "credential){}".format(hub.host, hub.port, self.record.name,
-                                   "" if i == 0 else ", if the hubs before it do not answer")
+            "POST https://{}:{}/v1/rotate-key name={} (the new public key and credential, "
+            "proven by this node's credential, or by the staged one if that is refused){}"
+            .format(hub.host, hub.port, self.record.name,
+                    "" if i == 0 else ", if the hubs before it do not answer")
             for i, hub in enumerate(self.record.hubs)))
 
     def apply_request(self, plan: Plan) -> None:
         try:
-            hub, rotated = request_rotate_key(self.record, self.public_pem, self.opts.timeout)
+            hub, rotated = request_rotate_key(self.record, self.public_pem, self.new_credential,
+                                              self.opts.timeout)
         except RotateRefused as exc:
-            if exc.status in (400, 409):  # the key itself is refused: the next run makes another
+            # the key itself is refused (and nothing was changed): the next run makes another
+            if exc.status in (400, 409) and not exc.staged_is_live:
                 with net_lock(self.base):
-                    for name in (ROTATE_STAGED_PRIVATE, ROTATE_STAGED_PUBLIC):
+                    for name in (ROTATE_STAGED_PRIVATE, ROTATE_STAGED_PUBLIC,
+                                 ROTATE_STAGED_CREDENTIAL):
                         try:
                             os.unlink(self.path(name))
                         except FileNotFoundError:
@@ -3246,13 +3306,17 @@ class NodeRotation:
                         render_host_file(["Subnet = {}/32".format(self.record.address)],
                                          self.public_pem))
         return Plan(files=(host,), actions=(
+            "replace {} with the staged credential (temp file and rename, 0600)".format(
+                self.path(CREDENTIAL_FILE)),
             "rename {} to {} (atomic)".format(self.path(ROTATE_STAGED_PRIVATE),
                                               self.path("rsa_key.priv")),
-            "remove {}".format(self.path(ROTATE_STAGED_PUBLIC))))
+            "remove {} and {}".format(self.path(ROTATE_STAGED_PUBLIC),
+                                      self.path(ROTATE_STAGED_CREDENTIAL))))
 
     def apply_files(self, plan: Plan) -> None:
-        """The host file first, then the private key: until the rename, a re-run resumes
-        with the staged key; after it, both files hold the new key."""
+        """The host file, then the credential, then the private key (the commit point): until
+        the rename, a re-run resumes with the staged key and credential (the hub answers it
+        as a replay); after it, every file holds the new key and credential."""
         with net_lock(self.base):
             if staged_public_key(self.base) != self.public_pem:  # another run finished it
                 if public_key_block(read_text(plan.files[0].path) or "") != self.public_pem:
@@ -3260,9 +3324,14 @@ class NodeRotation:
                                          "another rotate-key ran at the same time: run it again")
                 return
             apply_files(plan.files)
+            write_atomic(self.path(CREDENTIAL_FILE), self.new_credential + "\n", 0o600)
             os.rename(self.path(ROTATE_STAGED_PRIVATE), self.path("rsa_key.priv"))
             fsync_directory(self.base)
-            os.unlink(self.path(ROTATE_STAGED_PUBLIC))
+            for name in (ROTATE_STAGED_PUBLIC, ROTATE_STAGED_CREDENTIAL):
+                try:
+                    os.unlink(self.path(name))
+                except FileNotFoundError:
+                    pass
 
     def start_how(self) -> str:
         return "systemd" if self.init == "systemd" else "direct"
@@ -3411,10 +3480,12 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                                  "(env TINC_BOOTSTRAP_DRY_RUN)")
         parser.add_argument("--root", default=_env("ROOT", "/"), help=argparse.SUPPRESS)
     if command == "rotate-key":
-        parser.description = ("Give this node a new RSA key: made here (staged next to the "
-                              "current one until a hub accepted it, so a re-run resumes with "
-                              "the same key), sent to the hubs with this node's credential "
-                              "(pinned TLS), then put in place and tincd restarted.")
+        parser.description = ("Give this node a new RSA key and a new sync credential: made "
+                              "here (staged next to the current ones until a hub accepted "
+                              "them, so a re-run resumes with the same ones), sent to the hubs "
+                              "with this node's credential (pinned TLS), then put in place and "
+                              "tincd restarted. The old key and credential are refused from "
+                              "then on.")
         parser.add_argument("--key-size", type=int, default=(
             int(_env("KEY_SIZE")) if _env("KEY_SIZE") else None),
             help="RSA key size (env TINC_BOOTSTRAP_KEY_SIZE; default: the current key's)")

@@ -17,8 +17,10 @@ import pytest
 
 from hub_fixtures import HubEnv, hub, rsa_public_pem  # noqa: F401 (the hub fixture)
 from support import bootstrap
+from tinc_hub.enroll import credential_hash
 from tinc_hub.hostfiles import render_node_host_file, replace_key_keeping_mtime
 from tinc_hub.node_rotate import RotateKeyHandler
+from tinc_hub.node_sync import SyncHandler
 from tinc_hub.registry_follower import read_public_key
 from tinc_hub.roster import hub_row, register_hub
 from tinc_hub.tls import pin_of_cert_file
@@ -44,15 +46,25 @@ def host_key(hub: HubEnv, name: str) -> str:
     return bootstrap.public_key_block((hub.config.hosts_dir / name).read_text())
 
 
-def test_rotation_replaces_the_key_in_registry_and_host_file_and_a_replay_changes_nothing(
+def sync_status(hub: HubEnv, name: str, credential: str) -> int:
+    body = json.dumps({"name": name, "credential": credential}).encode()
+    return SyncHandler(hub.config, hub.registry).process(body, "192.0.2.9").status
+
+
+def fresh_credential() -> str:
+    return bootstrap.secrets.token_hex(32)  # as the node makes it
+
+
+def test_rotation_replaces_key_and_credential_and_a_retry_with_the_new_ones_changes_nothing(
         hub: HubEnv, caplog) -> None:
-    credential = enrolled(hub, "shire", 201)
+    credential, new_credential = enrolled(hub, "shire", 201), fresh_credential()
     caplog.set_level("INFO", logger="tinc_hub.audit")
     host_file = hub.config.hosts_dir / "shire"
     os.utime(host_file, (1_000_000_000, 1_000_000_000))  # long before any tincd reload
     new = rsa_public_pem(202, fmt="spki")  # SPKI is accepted and kept as PKCS#1
     status, answer, reload_needed = rotate(hub, {"name": "shire", "credential": credential,
-                                                 "public_key": new})
+                                                 "public_key": new,
+                                                 "new_credential": new_credential})
     # the key alone changed: the old mtime stays and no SIGHUP, so tinc 1.0 keeps the node's
     # live connection until the node restarts (a new connection reads the new key)
     assert status == 200 and not reload_needed, answer
@@ -63,27 +75,62 @@ def test_rotation_replaces_the_key_in_registry_and_host_file_and_a_replay_change
     with hub.registry.snapshot() as view:
         node = view.get_node("shire")
         assert node.public_key == rsa_public_pem(202) and node.address == "10.77.0.2"
+        # only the hash, in the same transaction as the key; shown by the node that made it
+        assert node.credential_sha256 == credential_hash(new_credential)
+        assert node.credential_used_at is not None
     assert "rotate-key result=rotated status=200 name=shire client=192.0.2.9" in caplog.text
     before = hub.snapshot()
-    for key in (new, rsa_public_pem(202)):  # the same key again, in either form
-        status, answer, reload_needed = rotate(hub, {"name": "shire", "credential": credential,
-                                                     "public_key": key})
+    # the lost answer's retry: the old credential is refused, the new one with the new key is
+    # a replay (either form of the key); the whole first request replayed is refused
+    assert rotate(hub, {"name": "shire", "credential": credential, "public_key": new,
+                        "new_credential": new_credential})[0] == 401
+    for key in (new, rsa_public_pem(202)):
+        status, answer, reload_needed = rotate(hub, {"name": "shire", "credential": new_credential,
+                                                     "public_key": key,
+                                                     "new_credential": new_credential})
         assert (status, answer["rotated"], reload_needed) == (200, False, False)
     assert hub.snapshot() == before  # registry rows, host files: bytes and mtimes
     assert "rotate-key result=replay" in caplog.text
-    # the sync credential and the enrolment's token stay the node's
+    assert credential not in caplog.text and new_credential not in caplog.text
+    # sync: the old credential is useless now, the new one works
+    assert (sync_status(hub, "shire", credential), sync_status(hub, "shire", new_credential)) \
+        == (401, 200)
+    # the enrolment's token stays the node's; the old key cannot come back through it
     status, answer = hub.enroll(hub.token().token, "shire", rsa_public_pem(201))
-    assert status == 409  # the old key cannot come back through an enrolment either
+    assert status == 409
 
 
-def test_a_replay_whose_host_file_was_lost_writes_it_again(hub: HubEnv) -> None:
-    credential = enrolled(hub, "shire", 203)
-    body = {"name": "shire", "credential": credential, "public_key": rsa_public_pem(204)}
-    assert rotate(hub, body)[0] == 200
+def test_a_thief_with_the_old_key_and_credential_is_locked_out_after_the_rotation(
+        hub: HubEnv) -> None:
+    """The attacker's review: whoever copied the node's files (key and credential) could
+    rotate again to a key of their own. After the node's rotation both are refused."""
+    stolen, mine = enrolled(hub, "shire", 209), fresh_credential()
+    assert rotate(hub, {"name": "shire", "credential": stolen, "public_key": rsa_public_pem(210),
+                        "new_credential": mine})[0] == 200
+    before = hub.snapshot()
+    for proof in (stolen, fresh_credential()):  # neither the stolen one nor a guess
+        assert rotate(hub, {"name": "shire", "credential": proof,
+                            "public_key": rsa_public_pem(211),
+                            "new_credential": fresh_credential()})[0] == 401
+    assert sync_status(hub, "shire", stolen) == 401
+    assert hub.snapshot() == before
+
+
+def test_a_new_credential_for_the_same_key_and_a_replay_whose_host_file_was_lost(
+        hub: HubEnv) -> None:
+    credential, new_credential = enrolled(hub, "shire", 203), fresh_credential()
+    # the key it has already (a staged key the hub took, then lost): the credential changes
+    status, answer, reload_needed = rotate(hub, {
+        "name": "shire", "credential": credential, "public_key": rsa_public_pem(203),
+        "new_credential": new_credential})
+    assert (status, answer["rotated"], reload_needed) == (200, True, False)
+    assert sync_status(hub, "shire", credential) == 401
+    body = {"name": "shire", "credential": new_credential, "public_key": rsa_public_pem(203),
+            "new_credential": new_credential}
     (hub.config.hosts_dir / "shire").unlink()
     status, answer, reload_needed = rotate(hub, body)
     assert (status, answer["rotated"], reload_needed) == (200, False, True)
-    assert host_key(hub, "shire") == rsa_public_pem(204).strip()
+    assert host_key(hub, "shire") == rsa_public_pem(203).strip()
 
 
 def test_refusals_change_nothing(hub: HubEnv, caplog) -> None:
@@ -96,7 +143,8 @@ def test_refusals_change_nothing(hub: HubEnv, caplog) -> None:
     hub_key = bootstrap.public_key_block(hub.config.hub_host_file.read_text())
     caplog.set_level("INFO", logger="tinc_hub.audit")
     before = hub.snapshot()
-    good = {"name": "shire", "credential": credential, "public_key": rsa_public_pem(207)}
+    good = {"name": "shire", "credential": credential, "public_key": rsa_public_pem(207),
+            "new_credential": fresh_credential()}
     unknown = ("unknown node name or wrong credential (re-run the one-liner with a token to get"
                " a new credential)")
     cases = [
@@ -111,6 +159,11 @@ def test_refusals_change_nothing(hub: HubEnv, caplog) -> None:
         (dict(good, credential=credential.upper()), 400, "64 lowercase hex"),
         (dict(good, name="../shire"), 400, "node name"),
         ({"name": "shire", "credential": credential}, 400, "public_key"),
+        ({k: v for k, v in good.items() if k != "new_credential"}, 400, "new_credential"),
+        (dict(good, new_credential=good["new_credential"].upper()), 400, "new_credential"),
+        (dict(good, new_credential=None), 400, "new_credential"),
+        # a new key must come with a new credential (else the old one would stay valid)
+        (dict(good, new_credential=credential), 400, "must differ"),
         (b"[]", 400, "JSON object"), (b"\xff", 400, "JSON object"),
         (b"{" * 20000, 413, "larger than"),
     ]
@@ -253,8 +306,31 @@ def hub_public_key(lab, name):
 
 
 def staged(node):
-    return [f for f in ("rsa_key.priv.new", "rsa_key.pub.new", ".rotate-key")
+    return [f for f in ("rsa_key.priv.new", "rsa_key.pub.new", "credential.new", ".rotate-key")
             if node.exists(NETDIR + "/" + f)]
+
+
+def credential(node):
+    return node.read_file(NETDIR + "/credential").strip()
+
+
+SYNC_WITH = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import bootstrap
+record = bootstrap.read_node_record("/etc/tinc", sys.argv[2])._replace(credential=sys.stdin.read())
+try:
+    bootstrap.request_sync(record)
+    print("200")
+except bootstrap.SyncRefused as exc:
+    print(exc.status)
+"""
+
+
+def sync_status_with(node, secret):
+    """The status of a sync from `node` proven by `secret` (on stdin, never in argv)."""
+    return node.run(["/usr/bin/python3", "-c", SYNC_WITH, str(netlab.BOOTSTRAP_PY.parent), NET],
+                    input=secret, timeout=60).stdout.strip()
 
 
 def lost_pings(output):
@@ -296,7 +372,7 @@ def rotate_under_ping(lab):
 @pytest.mark.netlab
 def test_rotation_while_another_node_pings_it(lab):
     node = lab.nodes[ROT]
-    old = private_key(node)
+    old, old_credential = private_key(node), credential(node)
     lab.old_key[ROT] = old
     tincd = netlab.tincd_pid(node, NET)
     loop = sync_loop_pid(node)
@@ -309,7 +385,13 @@ def test_rotation_while_another_node_pings_it(lab):
     assert private_key(node) != old and staged(node) == []
     assert own_public_key(node, ROT) == hub_public_key(lab, ROT)
     assert netlab.tincd_pid(node, NET) != tincd  # restarted: tinc 1.0 reads its key at start
-    assert node.run(["stat", "-c", "%a", NETDIR + "/rsa_key.priv"]).stdout.strip() == "600"
+    for path in ("rsa_key.priv", "credential"):
+        assert node.run(["stat", "-c", "%a", NETDIR + "/" + path]).stdout.strip() == "600"
+    # the credential was replaced with the key: the old one (a thief's copy) is refused
+    assert credential(node) != old_credential and bootstrap.valid_credential(credential(node))
+    assert old_credential not in done.stdout + done.stderr
+    assert credential(node) not in done.stdout + done.stderr
+    assert sync_status_with(node, old_credential) == "401"
     # the sync loop ran on across the restart (tinc-down and tinc-up skipped it while held),
     # and the hold is gone: the next tinc-down stops the loop again
     assert sync_loop_pid(node) == loop and not node.exists(HOLD_FILE)
@@ -363,7 +445,7 @@ def test_a_tincd_with_the_old_key_cannot_connect(lab):
 
 
 STAGE_AND_ASK = """
-import sys
+import os, sys
 sys.path.insert(0, sys.argv[1])
 import bootstrap
 opts = bootstrap.RotateOptions(sys.argv[2], None, 60.0, False, "/etc/tinc")
@@ -372,27 +454,40 @@ job = bootstrap.NodeRotation(opts, sys.argv[2], record, bootstrap.load_state("/e
                              bootstrap.detect_system("/"))
 for step in job.steps()[:2]:  # stage the key, have the hub accept it; then the node "dies"
     step.apply(step.plan())
+if sys.argv[3] == "after-credential":  # ... or dies after replacing its credential file
+    bootstrap.write_atomic(os.path.join(job.base, bootstrap.CREDENTIAL_FILE),
+                           job.new_credential + "\\n", 0o600)
 print(job.public_pem)
 """
 
 
+def die_after(node, point):
+    """Rotate up to `point` in a process that then exits: the new public key."""
+    died = node.run(["/usr/bin/python3", "-c", STAGE_AND_ASK, str(netlab.BOOTSTRAP_PY.parent),
+                     NET, point], check=False, timeout=120)
+    assert died.returncode == 0, died.stderr
+    return died.stdout.strip()
+
+
 @pytest.mark.netlab
 def test_a_lost_answer_is_retried_with_the_staged_key_under_python36(lab):
-    """The hub took the new key, the node died before it used it: the key is still staged,
-    and rotate-key (here under Python 3.6) sends it again (200, nothing changed on the hub),
-    then puts it in place. A replay of the request changes nothing on the hub."""
+    """The hub took the new key and credential, the node died before it used them: both are
+    still staged; rotate-key (here under Python 3.6) is refused with the old credential,
+    asks again with the staged one (200, nothing changed on the hub), then puts both in
+    place. A replay of the request changes nothing on the hub."""
     from test_old_python import FLOOR, oldest_python
 
     python, version = oldest_python()
     assert version == FLOOR, "no Python 3.6 here (%s is %d.%d)" % ((python,) + version)
     node, peer = lab.nodes[ROT], lab.nodes[PEER]
-    old = private_key(node)
-    died = node.run(["/usr/bin/python3", "-c", STAGE_AND_ASK, str(netlab.BOOTSTRAP_PY.parent),
-                     NET], check=False, timeout=120)
-    assert died.returncode == 0, died.stderr
-    new = died.stdout.strip()
+    old, old_credential = private_key(node), credential(node)
+    new = die_after(node, "request")
     assert hub_public_key(lab, ROT) == new != own_public_key(node, ROT)
-    assert private_key(node) == old and staged(node) == ["rsa_key.priv.new", "rsa_key.pub.new"]
+    assert private_key(node) == old and staged(node) == ["rsa_key.priv.new", "rsa_key.pub.new",
+                                                         "credential.new"]
+    new_credential = node.read_file(NETDIR + "/credential.new").strip()
+    assert credential(node) == old_credential != new_credential
+    assert sync_status_with(node, old_credential) == "401"  # the hub has the new one already
     hub_file = lab.hub.host.run(["stat", "-c", "%Y %s", NETDIR + "/hosts/" + ROT]).stdout
     dry = rotate_key(node, "--dry-run", python=python)
     assert dry.returncode == 0 and "POST https://%s:8655/v1/rotate-key" % netlab.HUB_PUBLIC \
@@ -402,16 +497,38 @@ def test_a_lost_answer_is_retried_with_the_staged_key_under_python36(lab):
     assert "resuming with the staged key" in done.stderr, done.stderr
     assert "hub %s had the new key already" % HUB in done.stderr, done.stderr
     assert own_public_key(node, ROT) == new and staged(node) == [] and private_key(node) != old
+    assert credential(node) == new_credential
+    assert new_credential not in done.stdout + done.stderr + dry.stdout + dry.stderr
     assert lab.hub.host.run(["stat", "-c", "%Y %s", NETDIR + "/hosts/" + ROT]).stdout == hub_file
     assert peer.wait_ping(lab.addresses[ROT], 30)
-    # a replay of the whole request (what an on-path observer could resend): nothing changes
+    # a replay of the retry (what an on-path observer could resend): nothing changes
     before = lab.hub.host.snapshot(NETDIR + "/hosts")
     again = node.run(["/usr/bin/python3", "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
                       "import bootstrap as b; r = b.read_node_record('/etc/tinc', sys.argv[2]); "
-                      "print(b.request_rotate_key(r, sys.argv[3], 30)[1])",
+                      "print(b.request_rotate_key(r, sys.argv[3], r.credential, 30)[1])",
                       str(netlab.BOOTSTRAP_PY.parent), NET, new], timeout=60)
     assert again.stdout.strip() == "False"
     assert lab.hub.host.snapshot(NETDIR + "/hosts") == before
+
+
+@pytest.mark.netlab
+def test_a_node_that_died_after_replacing_its_credential_finishes_on_a_rerun(lab):
+    """The crash point between the credential file and the key's rename: the node's
+    credential is the new one, its key the old one; a re-run asks once (a replay) and puts
+    the staged key in place."""
+    node = lab.nodes[ROT]
+    old = private_key(node)
+    refused = "rotate-key result=refused status=401 name=%s" % ROT
+    refusals = lab.hub.serve_proc.output().count(refused)
+    new = die_after(node, "after-credential")
+    new_credential = node.read_file(NETDIR + "/credential.new").strip()
+    assert credential(node) == new_credential and private_key(node) == old
+    done = rotate_key(node)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "hub %s had the new key already" % HUB in done.stderr, done.stderr
+    assert own_public_key(node, ROT) == new == hub_public_key(lab, ROT)
+    assert private_key(node) != old and staged(node) == [] and credential(node) == new_credential
+    assert lab.hub.serve_proc.output().count(refused) == refusals  # asked once, with the new one
 
 
 @pytest.mark.netlab
@@ -424,8 +541,10 @@ def test_refusals_wrong_credential_another_nodes_key_revoked(lab):
         done = rotate_key(node)
         assert done.returncode == bootstrap.EXIT_REFUSED, done.stderr
         assert "credential" in done.stderr and "0" * 64 not in done.stderr, done.stderr
-        # an identity refusal keeps the staged key: the next run sends the same one
-        assert staged(node) == ["rsa_key.priv.new", "rsa_key.pub.new"]
+        # an identity refusal (the current one, then the staged one) keeps the staged key and
+        # credential: the next run sends the same ones
+        assert staged(node) == ["rsa_key.priv.new", "rsa_key.pub.new", "credential.new"]
+        assert node.read_file(NETDIR + "/credential.new").strip() not in done.stderr
     finally:
         node.write_file(NETDIR + "/credential", good, mode=0o600)
     # the staged key replaced by another node's public key (a cloned machine): 409

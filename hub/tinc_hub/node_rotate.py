@@ -1,15 +1,18 @@
-"""``POST /v1/rotate-key``: a node replaces its own tinc key (pure handler, no sockets).
+"""``POST /v1/rotate-key``: a node replaces its own tinc key and credential (pure handler).
 
-The node proves who it is exactly as for ``POST /v1/sync``: its name and the credential it got
-at enrolment (the registry keeps its sha256); no token. An unknown name and a wrong credential
+The node proves who it is exactly as for ``POST /v1/sync``: its name and its current
+credential (the registry keeps its sha256); no token. An unknown name and a wrong credential
 get the same 401; a revoked node gets 403 once its credential matched. The new key is checked
 as an enrolment key (one PEM block, RSA, 2048..16384 bits, kept as PKCS#1). A key that is any
-other node's or hub's key is refused (409). The same new key again is a replay: 200, nothing
-changed (the answer to the first request may have been lost). Otherwise the registry row gets
-the key (the other hubs follow, as for any change) and this hub writes hosts/NAME from the
-validated parts, keeping its mtime when the key alone changed (tinc 1.0's SIGHUP then keeps
-the node's connection until it restarts); otherwise the caller SIGHUPs tincd before answering
-(docs/DESIGN.md, "Node key rotation").
+other node's or hub's key is refused (409). The node made ``new_credential`` itself: the
+registry row gets the key and the new credential's sha256 in one transaction, so the old
+credential (maybe stolen with the old key) is refused from then on. The node retries a lost
+answer with the new credential: the new key and the new credential presented together
+(``new_credential`` == ``credential``) are a replay, 200 with nothing changed. This hub then
+writes hosts/NAME from the validated parts, keeping its mtime when the key alone changed
+(tinc 1.0's SIGHUP then keeps the node's connection until it restarts); otherwise the caller
+SIGHUPs tincd before answering (the other hubs follow through the registry; docs/DESIGN.md,
+"Node key rotation").
 """
 
 import logging
@@ -56,8 +59,8 @@ class RotateKeyHandler:
         try:
             data = parse_json_object(body, MAX_BODY_BYTES)
             name = data.get("name")
-            name, credential, public_key = self._parse(data)
-            outcome, result = self._rotate(name, credential, public_key)
+            name, credential, public_key, new_credential = self._parse(data)
+            outcome, result = self._rotate(name, credential, public_key, new_credential)
         except EnrollError as refusal:
             audit_log.warning("%s", rotate_audit_line("refused", refusal.status, name, client,
                                                       refusal.message))
@@ -70,17 +73,24 @@ class RotateKeyHandler:
         return outcome
 
     @staticmethod
-    def _parse(data: Dict[str, Any]) -> "tuple[str, str, str]":
+    def _parse(data: Dict[str, Any]) -> "tuple[str, str, str, str]":
         name, credential = data.get("name"), data.get("credential")
+        new_credential = data.get("new_credential")
         if not isinstance(name, str) or not bootstrap.valid_node_name(name):
             raise EnrollError(400, "field 'name' must be a node name")
         if not isinstance(credential, str) or not CREDENTIAL_RE.fullmatch(credential):
             raise EnrollError(400, "field 'credential' must be 64 lowercase hex digits")
-        return name, credential, normalise_public_key(data.get("public_key"))
+        public_key = normalise_public_key(data.get("public_key"))
+        if not isinstance(new_credential, str) or not CREDENTIAL_RE.fullmatch(new_credential):
+            raise EnrollError(400, "field 'new_credential' must be 64 lowercase hex digits (a"
+                                   " rotation replaces the credential with the key)")
+        return name, credential, public_key, new_credential
 
     @staticmethod
-    def _decide(view: RegistryView, name: str, credential: str, public_key: str) -> NodeRow:
-        """Every refusal, from what ``view`` reads; the node row when the rotation may go on."""
+    def _decide(view: RegistryView, name: str, credential: str, public_key: str,
+                new_credential: str) -> NodeRow:
+        """Every refusal, from what ``view`` reads; the node row when the rotation may go on
+        (or is a replay: ``is_replay``)."""
         node = view.get_node(name)
         if node is None or node.kind != NODE or not credential_matches(credential, node.credential_sha256):
             raise EnrollError(401, UNKNOWN_MESSAGE)
@@ -90,28 +100,42 @@ class RotateKeyHandler:
         if owner is not None and owner.name != name:
             raise EnrollError(409, "this public key is already the key of another node or hub"
                                    " (generate a new key)")
+        if new_credential == credential and node.public_key != public_key:
+            raise EnrollError(400, "field 'new_credential' must differ from 'credential' (a"
+                                   " new key comes with a new credential)")
         return node
+
+    @staticmethod
+    def is_replay(node: NodeRow, credential: str, public_key: str, new_credential: str) -> bool:
+        """The key and the credential presented are the node's already (after ``_decide``)."""
+        return node.public_key == public_key and new_credential == credential
 
     def _answer(self, node: NodeRow, rotated: bool) -> Dict[str, Any]:
         return {"net": self.config.net, "name": node.name, "address": node.address,
                 "prefix": self.config.prefix, "rotated": rotated}
 
-    def _rotate(self, name: str, credential: str, public_key: str) -> "tuple[RotateOutcome, str]":
+    def _rotate(self, name: str, credential: str, public_key: str,
+                new_credential: str) -> "tuple[RotateOutcome, str]":
         path = self.config.hosts_dir / name
+        asked = (credential, public_key, new_credential)
         with self.registry.snapshot() as view:  # refusals and clean replays take no lock
-            node = self._decide(view, name, credential, public_key)
-        if node.public_key == public_key and node.credential_used_at is not None and \
+            node = self._decide(view, name, *asked)
+        if self.is_replay(node, *asked) and node.credential_used_at is not None and \
                 host_file_in_place(path, render_node_host_file(node.address, public_key)):
             return RotateOutcome(200, self._answer(node, False), False), "replay"
         with self.registry.exclusive():
             try:
                 with self.registry.transaction() as tx:
-                    node = self._decide(tx, name, credential, public_key)
-                    rotated = node.public_key != public_key
+                    node = self._decide(tx, name, *asked)
+                    rotated = not self.is_replay(node, *asked)
                     now = int(self.clock())
-                    if rotated:  # the token of its enrolment stays the node's
+                    if node.public_key != public_key:  # the token of its enrolment stays
                         tx.replace_node_key(name, public_key, node.token_sha256, now)
-                    if node.credential_used_at is None:
+                    if rotated:  # made by the node, which has it: used from now on (a
+                        # replay of its enrolment with a shared token cannot replace it)
+                        tx.set_credential(name, credential_hash(new_credential))
+                        tx.mark_credential_used(name, credential_hash(new_credential), now)
+                    elif node.credential_used_at is None:
                         tx.mark_credential_used(name, credential_hash(credential), now)
             except RegistryConflict as exc:  # unreachable under the write lock; a clean 409
                 raise EnrollError(409, f"conflict with an existing key ({exc.message})") from None

@@ -73,10 +73,14 @@ def openapi_schema() -> Dict[str, Any]:
             },
             "/v1/rotate-key": {
                 "post": {
-                    "summary": "A node replaces its own RSA key (bootstrap.py rotate-key)",
+                    "summary": "A node replaces its own RSA key and credential (bootstrap.py "
+                               "rotate-key)",
                     "description": "The node proves its identity with its sync credential (no "
-                                   "token). Idempotent: the same new key again returns 200 with "
-                                   "rotated=false and changes nothing. The answer is sent after "
+                                   "token); the registry keeps the new key and new_credential's "
+                                   "sha256 in one transaction, and the old credential is refused "
+                                   "from then on. A retry with the new credential as credential "
+                                   "and the new key returns 200 with rotated=false and changes "
+                                   "nothing. The answer is sent after "
                                    "the hub's tincd re-read the node's host file (SIGHUP); the "
                                    "other hubs follow through the registry.",
                     "requestBody": {
@@ -166,13 +170,16 @@ def openapi_schema() -> Dict[str, Any]:
                 },
                 "RotateKeyRequest": {
                     "type": "object",
-                    "required": ["name", "credential", "public_key"],
+                    "required": ["name", "credential", "public_key", "new_credential"],
                     "properties": {
                         "name": {"type": "string", "pattern": "^[A-Za-z0-9_]{1,64}$"},
                         "credential": {"type": "string", "pattern": "^[0-9a-f]{64}$",
                                        "description": "The node's sync credential"},
                         "public_key": {"type": "string",
                                        "description": "The new key, checked as an enrolment key"},
+                        "new_credential": {"type": "string", "pattern": "^[0-9a-f]{64}$",
+                                           "description": "The credential that replaces "
+                                                          "`credential` (made by the node)"},
                     },
                 },
                 "RotateKeyResponse": {
@@ -184,7 +191,8 @@ def openapi_schema() -> Dict[str, Any]:
                         "address": {"type": "string", "format": "ipv4"},
                         "prefix": {"type": "integer", "minimum": 0, "maximum": 32},
                         "rotated": {"type": "boolean",
-                                    "description": "false: the node had this key already"},
+                                    "description": "false: the node had this key and "
+                                                   "credential already"},
                     },
                 },
                 "Error": {
