@@ -3442,6 +3442,16 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def add_timeout_and_dry_run(parser: argparse.ArgumentParser) -> None:
+    """--timeout and --dry-run, as join and rotate-key have them."""
+    parser.add_argument("--timeout", type=float, default=float(_env("TIMEOUT", "300")),
+                        help="seconds to keep retrying the hubs, and to wait for the VPN "
+                             "(env TINC_BOOTSTRAP_TIMEOUT)")
+    parser.add_argument("--dry-run", action="store_true", default=_env_flag("DRY_RUN"),
+                        help="print every file and command; change nothing "
+                             "(env TINC_BOOTSTRAP_DRY_RUN)")
+
+
 def build_parser(command: str) -> argparse.ArgumentParser:
     parser = _Parser(prog="bootstrap.py" + ("" if command == "join" else " " + command),
                      description=__doc__.split("\n\n")[0],
@@ -3472,12 +3482,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                             help="boot registration (env TINC_BOOTSTRAP_INIT)")
         parser.add_argument("--key-size", type=int, default=int(_env("KEY_SIZE", str(DEFAULT_KEY_SIZE))),
                             help="RSA key size (env TINC_BOOTSTRAP_KEY_SIZE)")
-        parser.add_argument("--timeout", type=float, default=float(_env("TIMEOUT", "300")),
-                            help="seconds to keep retrying the hub, and to wait for the VPN "
-                                 "(env TINC_BOOTSTRAP_TIMEOUT)")
-        parser.add_argument("--dry-run", action="store_true", default=_env_flag("DRY_RUN"),
-                            help="print every file and command; change nothing "
-                                 "(env TINC_BOOTSTRAP_DRY_RUN)")
+        add_timeout_and_dry_run(parser)
         parser.add_argument("--root", default=_env("ROOT", "/"), help=argparse.SUPPRESS)
     if command == "rotate-key":
         parser.description = ("Give this node a new RSA key and a new sync credential: made "
@@ -3489,12 +3494,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("--key-size", type=int, default=(
             int(_env("KEY_SIZE")) if _env("KEY_SIZE") else None),
             help="RSA key size (env TINC_BOOTSTRAP_KEY_SIZE; default: the current key's)")
-        parser.add_argument("--timeout", type=float, default=float(_env("TIMEOUT", "300")),
-                            help="seconds to keep retrying the hubs, and to wait for the VPN "
-                                 "(env TINC_BOOTSTRAP_TIMEOUT)")
-        parser.add_argument("--dry-run", action="store_true", default=_env_flag("DRY_RUN"),
-                            help="print every file and command; change nothing "
-                                 "(env TINC_BOOTSTRAP_DRY_RUN)")
+        add_timeout_and_dry_run(parser)
     if command == "status":
         parser.add_argument("--json", action="store_true", default=_env_flag("JSON"),
                             help="machine-readable output (env TINC_BOOTSTRAP_JSON)")

@@ -83,6 +83,25 @@ async def read_capped_body(request: Request, limit: int = MAX_BODY_BYTES,
         raise BodyError(408, f"request body not received within {timeout:.0f} s") from None
 
 
+def over_rate_limit(limiter: Optional[RateLimiter], client: str, what: str,
+                    audit: Callable[[], str]) -> Optional[Response]:
+    """The 429 answer (with Retry-After; the audit line logged) when ``client`` is over
+    ``limiter``; None when it may go on (or there is no limit)."""
+    wait = limiter.acquire(client) if limiter is not None else 0
+    if wait <= 0:
+        return None
+    retry_after = retry_after_header(wait)
+    audit_log.warning("%s", audit())
+    return JSONResponse({"error": f"too many {what} from {client}; retry in {retry_after} s"},
+                        status_code=429, headers={"Retry-After": retry_after, "Connection": "close"})
+
+
+def answer_response(status: int, body: Dict[str, Any]) -> JSONResponse:
+    """A handler's answer; a 503 (registry unreachable) says when to retry."""
+    headers = {"Retry-After": str(REGISTRY_RETRY_AFTER)} if status == 503 else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
 def create_app(config: HubConfig, registry: Registry, batcher: ReloadBatcher,
                bootstrap_source: Optional[bytes] = None,
                rate_limiter: Optional[RateLimiter] = None,
@@ -112,15 +131,10 @@ def create_app(config: HubConfig, registry: Registry, batcher: ReloadBatcher,
 
     async def post_enroll(request: Request) -> Response:
         client = client_address(request.scope, trusted_proxies)
-        if rate_limiter is not None:
-            wait = rate_limiter.acquire(client)
-            if wait > 0:
-                retry_after = retry_after_header(wait)
-                audit_log.warning("%s", audit_line("refused", 429, Attempt(client), "rate limit"))
-                return JSONResponse({"error": f"too many enrolment attempts from {client};"
-                                              f" retry in {retry_after} s"},
-                                    status_code=429,
-                                    headers={"Retry-After": retry_after, "Connection": "close"})
+        refusal = over_rate_limit(rate_limiter, client, "enrolment attempts",
+                                  lambda: audit_line("refused", 429, Attempt(client), "rate limit"))
+        if refusal is not None:
+            return refusal
         try:
             body = await read_capped_body(request)
         except BodyError as exc:
@@ -135,8 +149,7 @@ def create_app(config: HubConfig, registry: Registry, batcher: ReloadBatcher,
             await batcher.reload()  # answer only after the SIGHUP that covers this node
         elif outcome.status == 200:
             await batcher.settled()  # a replay racing its first request's SIGHUP
-        headers = {"Retry-After": str(REGISTRY_RETRY_AFTER)} if outcome.status == 503 else None
-        return JSONResponse(outcome.body, status_code=outcome.status, headers=headers)
+        return answer_response(outcome.status, outcome.body)
 
     async def post_sync(request: Request) -> Response:
         client = client_address(request.scope, trusted_proxies)
@@ -147,20 +160,14 @@ def create_app(config: HubConfig, registry: Registry, batcher: ReloadBatcher,
         except ClientDisconnect:
             return error_response(400, "client disconnected", close=True)
         outcome = await run_in_threadpool(syncer.process, body, client)
-        headers = {"Retry-After": str(REGISTRY_RETRY_AFTER)} if outcome.status == 503 else None
-        return JSONResponse(outcome.body, status_code=outcome.status, headers=headers)
+        return answer_response(outcome.status, outcome.body)
 
     async def post_rotate_key(request: Request) -> Response:
         client = client_address(request.scope, trusted_proxies)
-        if rotate_limiter is not None:
-            wait = rotate_limiter.acquire(client)
-            if wait > 0:
-                retry_after = retry_after_header(wait)
-                audit_log.warning("%s", rotate_audit_line("refused", 429, None, client, "rate limit"))
-                return JSONResponse({"error": f"too many key rotations from {client};"
-                                              f" retry in {retry_after} s"},
-                                    status_code=429,
-                                    headers={"Retry-After": retry_after, "Connection": "close"})
+        refusal = over_rate_limit(rotate_limiter, client, "key rotations",
+                                  lambda: rotate_audit_line("refused", 429, None, client, "rate limit"))
+        if refusal is not None:
+            return refusal
         try:
             body = await read_capped_body(request)
         except BodyError as exc:
@@ -172,8 +179,7 @@ def create_app(config: HubConfig, registry: Registry, batcher: ReloadBatcher,
             await batcher.reload()  # answer only after the SIGHUP that drops the old key
         elif outcome.status == 200:
             await batcher.settled()  # a replay racing its first request's SIGHUP
-        headers = {"Retry-After": str(REGISTRY_RETRY_AFTER)} if outcome.status == 503 else None
-        return JSONResponse(outcome.body, status_code=outcome.status, headers=headers)
+        return answer_response(outcome.status, outcome.body)
 
     async def get_healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok", "net": config.net, "hub": config.name})
