@@ -386,6 +386,7 @@ NET = "syncnet"
 HUB = "erebor"
 SHIRE, BREE = "shire", "bree"  # shire runs bootstrap.py from its file, bree from a pipe
 DALE = "dale"  # joined by the bootstrap.py of before issue 11, then re-runs today's
+ESGAROTH = "esgaroth"  # joined by the previous release's bootstrap.py, then re-runs today's
 NETDIR = "/etc/tinc/" + NET
 PIDFILE = "/run/tinc-bootstrap-sync.%s.pid" % NET
 LOG = "/var/log/tinc-bootstrap.log"
@@ -405,7 +406,7 @@ class Lab:
 def lab():
     if not netlab.TINC_HUB.exists():
         pytest.fail("%s missing: run tests/setup-env" % netlab.TINC_HUB)
-    topo = netlab.build_nat_topology(node_names=[SHIRE, BREE, DALE], hub_name="hub")
+    topo = netlab.build_nat_topology(node_names=[SHIRE, BREE, DALE, ESGAROTH], hub_name="hub")
     try:
         hub = netlab.HubDriver(topo.hub, NET, HUB)
         hub.init(key_size=2048, init="none")
@@ -582,6 +583,44 @@ def test_a_node_joined_before_gets_sync_by_re_running_the_one_liner_with_its_old
     assert netlab.tincd_pid(node, NET) != tincd  # tinc.conf gained the keepalive: restarted
     assert netlab.wait_until(lambda: len(sync_loop_pids(node)) == 1 and loop_locked(node), 10)
     assert sync_once(node).returncode == 0
+
+
+# bootstrap.py of the previous release (commit 6563dec, tinc-hub 0.1.0)
+RELEASE_SCRIPT = os.path.join(os.path.dirname(__file__), "fixtures", "node", "bootstrap-6563dec.py")
+
+
+@pytest.mark.netlab
+def test_a_node_of_the_previous_release_re_runs_todays_script_and_again_changes_nothing(lab):
+    """The node joined with the release's script run from its file (which installs itself);
+    today's hub script, re-run with the same token, takes over its configuration; a second
+    re-run changes no file, no process."""
+    node = lab.nodes[ESGAROTH]
+    token = lab.tokens.setdefault(ESGAROTH, lab.hub.token_create("--name", ESGAROTH)["token"])
+    argv = netlab.bootstrap_argv(name=ESGAROTH, key_size=2048, init="none", timeout=60,
+                                 python="/usr/bin/python3")
+    argv[1] = RELEASE_SCRIPT
+    done = node.run(argv, env={"TINC_BOOTSTRAP_TOKEN": token}, timeout=180, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with open(RELEASE_SCRIPT, "rb") as handle:
+        assert node.read_bytes(NETDIR + "/bootstrap.py") == handle.read()
+    assert netlab.wait_until(lambda: len(sync_loop_pids(node)) == 1 and loop_locked(node), 10), node_story(node)
+    address = netlab.printed_address(done.stdout)
+
+    done = join(lab, ESGAROTH, piped=True)  # today's script, from the hub; the same (spent) token
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert netlab.printed_address(done.stdout) == address
+    assert node.read_bytes(NETDIR + "/bootstrap.py") == netlab.BOOTSTRAP_PY.read_bytes()
+    assert bootstrap.valid_credential(node.read_file(NETDIR + "/credential").strip())
+    assert node.wait_ping(lab.hub.vpn_address(), 30)
+    assert netlab.wait_until(lambda: len(sync_loop_pids(node)) == 1 and loop_locked(node), 10), node_story(node)
+    assert sync_once(node).returncode == 0
+    before, tincd, loops = snapshot(node), netlab.tincd_pid(node, NET), sync_loop_pids(node)
+
+    done = join(lab, ESGAROTH, piped=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert snapshot(node) == before
+    assert (netlab.tincd_pid(node, NET), sync_loop_pids(node)) == (tincd, loops)
+    assert node.wait_ping(lab.hub.vpn_address(), 10)
 
 
 @pytest.mark.netlab

@@ -263,6 +263,54 @@ def test_migration_0003_upgrades_a_0002_registry_in_postgresql(tmp_path: Path, d
     registry.dispose()
 
 
+def test_two_hubs_starting_commands_at_once_migrate_an_older_registry_once(
+        tmp_path: Path, database: str, password_file: Path, pg: postgres.ThrowawayPostgres) -> None:
+    """Two hubs (own state dirs, own lock files) run a command at once on a registry at 0001:
+    real processes. The test holds the write lock (PostgreSQL's advisory lock, as a third hub's
+    writer would) until both wait for it, then lets go: one migrates, the other finds it done."""
+    from alembic import command
+    from alembic.config import Config
+    from tinc_hub import migrations
+    from tinc_hub.registry_contract import WRITE_LOCK_KEY
+
+    registry = pg_registry(database, tmp_path / "lock")
+    with registry.engine.connect() as conn:  # revision 0001, as the first PostgreSQL hubs made it
+        conn.exec_driver_sql("BEGIN")
+        config = Config()
+        config.set_main_option("script_location", str(migrations.HERE))
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0001")
+        conn.exec_driver_sql("COMMIT")
+    registry.dispose()
+    hubs = [init_hub(tmp_path / f"hub{i}", vpn_subnet="10.77.0.0/24", net="pgnet") for i in range(2)]
+    tinc_hub = Path(sys.executable).parent / "tinc-hub"
+    name = database.rsplit("/", 1)[1]
+
+    def waiting(conn) -> int:
+        return conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                            ).fetchone()[0]
+
+    with pg.admin(name) as holder, pg.admin(name) as watcher:
+        holder.execute("SELECT pg_advisory_lock(%s)", (WRITE_LOCK_KEY,))
+        procs = [subprocess.Popen([str(tinc_hub), "--state-dir", str(env.state.root), "--registry", database,
+                                   "--registry-password-file", str(password_file), "nodes", "--json"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                  text=True) for env in hubs]
+        try:
+            from hub_fixtures import wait_until
+
+            assert wait_until(lambda: waiting(watcher) == 2, 30), "both commands should wait for the lock"
+        finally:
+            holder.execute("SELECT pg_advisory_unlock(%s)", (WRITE_LOCK_KEY,))
+        results = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    assert [json.loads(out) for out, _ in results] == [[], []]
+    assert len([err for _, err in results if "upgraded in place from schema 0001 to" in err]) == 1, results
+    registry = pg_registry(database, tmp_path / "lock")
+    assert registry.schema_revision() == SCHEMA_REVISION
+    registry.dispose()
+
+
 # -- the command line ------------------------------------------------------------------------
 
 @pytest.fixture

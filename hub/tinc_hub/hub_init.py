@@ -212,10 +212,13 @@ class HubInit:
         run does not upgrade an older registry (it reads no hubs from it)."""
         if self.registry.dialect == "sqlite" or not self.registry.exists():
             # a SQLite registry serves one hub: nothing to join. Not opened either: opening a
-            # WAL database touches its directory, and a re-run of init changes nothing.
+            # WAL database touches its directory, and a re-run of init changes nothing. Only
+            # its schema version is read, as immutable: a newer one is refused before any step.
+            self.registry.refuse_newer_schema()
             return None, []
         if self.registry.schema_revision() != SCHEMA_REVISION:
             if dry_run:
+                self.registry.refuse_newer_schema()  # an older one: the real run upgrades it
                 return None, []
             self.registry.upgrade_schema()
         with self.registry.snapshot() as view:
@@ -333,6 +336,7 @@ class HubInit:
         if (self.registry.dialect == "sqlite" and not created and not renewed
                 and self.old_config == config):
             return  # a re-run: nothing to record ('serve' records this hub at start too)
+        self.registry.upgrade_schema()  # an older one in place, under the lock; a newer one refused
         row = register_hub(self.registry, hub_row(config, self.public_pem, pin_of_cert_file(state.cert_file)),
                            config.net, config.vpn_subnet, allocate=self.joining)
         if row.address != config.hub_address:

@@ -41,10 +41,11 @@ A token is known by its id: the first TOKEN_ID_CHARS hex digits of the stored sh
 """
 
 import fcntl
+import logging
 import os
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Set
@@ -834,6 +835,37 @@ class Registry:
                 return conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar()
             return "legacy" if inspector.has_table("tokens") else None
 
+    def peek_schema_revision(self) -> Optional[str]:
+        """schema_revision() without touching an existing SQLite file or its directory (read
+        as immutable: no lock, no -wal/-shm made or removed), so that a re-run of ``init``
+        can refuse a newer schema up front and still change nothing. It may miss what a
+        running process has not yet checkpointed: writers check again (upgrade_schema)."""
+        if self.db_path is None:
+            return self.schema_revision()
+        if not self.db_path.exists():
+            return None
+        import sqlite3
+        from urllib.parse import quote
+
+        uri = f"file:{quote(str(self.db_path.resolve()))}?immutable=1"
+        try:
+            with closing(sqlite3.connect(uri, uri=True)) as conn:
+                tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                if VERSION_TABLE in tables:
+                    row = conn.execute(f"SELECT version_num FROM {VERSION_TABLE}").fetchone()
+                    return row[0] if row else None
+                return "legacy" if "tokens" in tables else None
+        except sqlite3.Error as exc:
+            raise RegistryUnavailable(f"cannot read registry {self.describe()}: {exc}",
+                                      "is it a tinc-hub registry (SQLite), readable by this user?") from None
+
+    def refuse_newer_schema(self) -> None:
+        """RegistrySchemaError (one line) when a newer tinc-hub wrote the registry; reads it
+        as peek_schema_revision() does."""
+        from .migrations import refuse_unknown_revision
+
+        refuse_unknown_revision(self.peek_schema_revision(), self.describe())
+
     def upgrade_schema(self) -> List[str]:
         """Migrate a registry made by an older tinc-hub to this code's schema; returns the
         revisions applied. A current registry is only read (nothing written, no lock taken);
@@ -844,8 +876,16 @@ class Registry:
         revision = self.schema_revision()
         if revision == SCHEMA_REVISION:
             return []
-        with self.exclusive():
-            return self._migrate()
+        from .migrations import refuse_unknown_revision
+
+        refuse_unknown_revision(revision, self.describe())  # before waiting for the lock
+        with self.exclusive():  # another command may be migrating: it waits, then finds it done
+            applied = self._migrate()
+        if applied:
+            logging.getLogger("tinc_hub.registry").info(
+                "registry %s upgraded in place from schema %s to %s", self.describe(),
+                revision, applied[-1])
+        return applied
 
     def _migrate(self) -> List[str]:
         from .migrations import upgrade_to_head

@@ -888,6 +888,7 @@ class HubDriver:
         self.tinc_hub = str(tinc_hub or TINC_HUB)
         self.api_port = api_port
         self.serve_proc = None
+        self.sync_interval = None  # serve --sync-interval (tests that wait for nodes' syncs: 10)
 
     def cli(self, *args, timeout=60, check=True, env=None):
         return self.host.run([self.tinc_hub] + [str(a) for a in args], timeout=timeout,
@@ -899,7 +900,10 @@ class HubDriver:
                         "--key-size", key_size, *extra, timeout=120)
 
     def serve(self, timeout=30):
-        self.serve_proc = self.host.popen([self.tinc_hub, "serve"], log="%s.tinc-hub-serve.log"
+        argv = [self.tinc_hub, "serve"]
+        if self.sync_interval is not None:
+            argv += ["--sync-interval", str(self.sync_interval)]
+        self.serve_proc = self.host.popen(argv, log="%s.tinc-hub-serve.log"
                                           % self.host.name, env={"PYTHONUNBUFFERED": "1"})
         self.wait_healthy(timeout)
         return self.serve_proc

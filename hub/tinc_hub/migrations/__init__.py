@@ -27,15 +27,35 @@ def head_revision() -> str:
     return script_directory().get_current_head()
 
 
+def refuse_unknown_revision(revision: Any, where: str) -> None:
+    """Raise RegistrySchemaError when ``revision`` (None: an empty database, "legacy": tables
+    made before Alembic) is not one of this code's: a newer tinc-hub wrote the registry."""
+    from alembic.util import CommandError
+
+    from ..registry_contract import RegistrySchemaError
+
+    if revision in (None, "legacy"):
+        return
+    script = script_directory()
+    try:
+        known = script.get_revision(revision) is not None
+    except CommandError:
+        known = False
+    if not known:
+        raise RegistrySchemaError(
+            f"registry {where} has schema revision {revision!r}, newer than this tinc-hub knows"
+            f" (its newest: {script.get_current_head()!r}); nothing was changed",
+            "upgrade tinc-hub on this machine to the version the other hubs run")
+
+
 def upgrade_to_head(conn: Any, where: str) -> List[str]:
     """Migrate; returns the revisions applied (empty when current)."""
     import sqlalchemy as sa
     from alembic import command
     from alembic.config import Config
     from alembic.runtime.migration import MigrationContext
-    from alembic.util import CommandError
 
-    from ..registry_contract import WRITE_LOCK_KEY, RegistrySchemaError
+    from ..registry_contract import WRITE_LOCK_KEY
 
     script = script_directory()
     head = script.get_current_head()
@@ -44,15 +64,7 @@ def upgrade_to_head(conn: Any, where: str) -> List[str]:
         return MigrationContext.configure(conn).get_current_revision()
 
     def check(revision: Any) -> None:
-        try:
-            known = revision is None or script.get_revision(revision) is not None
-        except CommandError:
-            known = False
-        if not known:
-            raise RegistrySchemaError(
-                f"registry {where} has schema revision {revision!r}, newer than this tinc-hub knows"
-                f" (its newest: {head!r}); nothing was changed",
-                "upgrade tinc-hub on this machine to the version the other hubs run")
+        refuse_unknown_revision(revision, where)
 
     check(current())
     if conn.dialect.name == "sqlite":
