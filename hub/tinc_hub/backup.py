@@ -225,6 +225,10 @@ def make_backup(state: StateDir, target: str, force: bool, registry_url: Optiona
 
     config = state.load_config()
     registry = Registry.for_state(state, registry_url, registry_password_file)
+    # a newer schema refused, as by every command; an older one is copied as it is (a backup
+    # writes nothing to what it copies; restore upgrades it)
+    from .migrations import refuse_unknown_revision
+    refuse_unknown_revision(registry.schema_revision(), registry.describe())
     if target != "-":
         target = os.path.abspath(target)
         if os.path.lexists(target) and not force:
