@@ -137,7 +137,8 @@ def test_other_endpoints(server: Server) -> None:
     assert r.content == Path(BOOTSTRAP_PY).read_bytes() and r.content.startswith(b"#!/usr/bin/env python3")
     doc = requests.get(server.url + "/openapi.json", verify=server.cert, timeout=10).json()
     assert doc["openapi"].startswith("3.")
-    assert set(doc["paths"]) == {"/bootstrap.py", "/v1/enroll", "/healthz", "/openapi.json"}
+    assert set(doc["paths"]) == {"/bootstrap.py", "/v1/enroll", "/v1/rotate-key", "/healthz",
+                                 "/openapi.json"}
     schemas = doc["components"]["schemas"]
     assert {"EnrollRequest", "EnrollResponse", "Error"} <= set(schemas)
     assert set(schemas["EnrollResponse"]["required"]) == {"net", "name", "address", "prefix", "hub"}

@@ -61,7 +61,7 @@ def test_token_round_trip_and_only_hash_stored(hub: HubEnv) -> None:
     rows = dump_registry(hub.registry)
     assert token.secret not in json.dumps(rows)
     assert ("tokens", hashlib.sha256(token.secret.encode()).hexdigest(), 3, 3, issued.expires_at,
-            "web_1", 1, issued.expires_at - 1800, None) in rows
+            "web_1", 1, issued.expires_at - 1800, None, None) in rows  # not revoked, not ephemeral
     assert hash_secret(token.secret) == hashlib.sha256(token.secret.encode()).hexdigest()
     assert abs(issued.expires_at - (time.time() + 1800)) < 5
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", issued.expires_at_iso)
