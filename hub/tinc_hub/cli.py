@@ -211,8 +211,8 @@ def ephemeral_duration(text: str) -> int:
 
     try:
         return parse_duration(text)
-    except HubError as exc:
-        raise InvalidValue(str(exc)) from None
+    except HubError as exc:  # the parser adds its own hint: one is enough
+        raise InvalidValue(f"{exc.message}; {exc.hint}" if exc.hint else exc.message) from None
 
 
 def positive_int(text: str) -> int:
