@@ -10,8 +10,9 @@ import pytest
 
 from hub_fixtures import HubEnv, init_hub, rsa_public_pem
 from tinc_hub.cli import main
-from tinc_hub.ephemeral import (MAX_DURATION, describe_duration, expiry, online_names,
-                                parse_duration, reap_in_transaction, refusal_message, removal_due)
+from tinc_hub.ephemeral import (describe_duration, expiry, online_names, reap_in_transaction,
+                                refusal_message, removal_due)
+from tinc_hub.tokens import MAX_DURATION, parse_duration
 from tinc_hub.errors import HubError
 from tinc_hub.hostfiles import reconcile_host_files
 from tinc_hub.liveness import Seen

@@ -207,7 +207,7 @@ def sync_interval(text: str) -> int:
 
 def ephemeral_duration(text: str) -> int:
     """--ephemeral: a duration from 10 s to 30 days."""
-    from .ephemeral import parse_duration
+    from .tokens import parse_duration
 
     try:
         return parse_duration(text)

@@ -30,7 +30,6 @@ from typing import Callable, Dict, Iterable, List, Optional, Set
 
 from bootstrap import bootstrap
 from .enroll import log_value
-from .errors import HubError
 from .hostfiles import remove_if_present
 from .liveness import Seen, read_liveness, render_host_script
 from .registry import (NodeRow, Registry, RegistryError, RegistryTransaction, Tombstone, iso_utc,
@@ -40,8 +39,6 @@ from .state import HubConfig
 log = logging.getLogger("tinc_hub.ephemeral")
 audit_log = logging.getLogger("tinc_hub.audit")
 
-MIN_DURATION = 10  # s: below it a node's reconnect after a hub restart could look like an absence
-MAX_DURATION = 30 * 86400
 REAP_INTERVAL = 5.0  # s between reaper rounds
 TOMBSTONE_DAYS = 14  # a removed machine that comes back within this is told why
 MAX_REFRESH = 300  # s: a seen node's last_seen_at is rewritten at least this often
@@ -55,20 +52,6 @@ def refresh_due(node: NodeRow, now: int) -> bool:
         return True
     every = min(max(node.ephemeral_seconds // 3, int(REAP_INTERVAL)), MAX_REFRESH)
     return now - node.last_seen_at >= every
-
-
-def parse_duration(text: str) -> int:
-    """``--ephemeral``: 90s, 30m, 2h, 7d, 1w or seconds, MIN_DURATION..MAX_DURATION (HubError)."""
-    from .tokens import parse_ttl
-
-    try:
-        seconds = parse_ttl(text)
-    except HubError:
-        seconds = 0
-    if not MIN_DURATION <= seconds <= MAX_DURATION:
-        raise HubError(f"invalid --ephemeral duration {text!r}",
-                       f"use e.g. 90s, 30m, 2h or 7d, from {MIN_DURATION} s to {MAX_DURATION // 86400} days")
-    return seconds
 
 
 def tincd_started(net: str) -> Optional[float]:

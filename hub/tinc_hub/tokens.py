@@ -28,6 +28,23 @@ def parse_ttl(text: str) -> int:
     return int(match.group(1)) * _TTL_UNITS[match.group(2)]
 
 
+# --ephemeral (the nodes a token enrols are removed once offline that long: ephemeral.py)
+MIN_DURATION = 10  # s: below it a node's reconnect after a hub restart could look like an absence
+MAX_DURATION = 30 * 86400
+
+
+def parse_duration(text: str) -> int:
+    """``--ephemeral``: 90s, 30m, 2h, 7d, 1w or seconds, MIN_DURATION..MAX_DURATION (HubError)."""
+    try:
+        seconds = parse_ttl(text)
+    except HubError:
+        seconds = 0
+    if not MIN_DURATION <= seconds <= MAX_DURATION:
+        raise HubError(f"invalid --ephemeral duration {text!r}",
+                       f"use e.g. 90s, 30m, 2h or 7d, from {MIN_DURATION} s to {MAX_DURATION // 86400} days")
+    return seconds
+
+
 def hash_secret(secret: str) -> str:
     """What the registry stores for a token: sha256 hex of its secret."""
     return hashlib.sha256(secret.encode("utf-8")).hexdigest()
@@ -151,8 +168,6 @@ def create_token(config: HubConfig, registry: Registry, pin: str, uses: int = 1,
     if allow_replace and name is None:
         raise HubError("--replace needs --name", "a replace token re-keys only the one node it names")
     if ephemeral_seconds is not None:
-        from .ephemeral import MAX_DURATION, MIN_DURATION
-
         if not MIN_DURATION <= ephemeral_seconds <= MAX_DURATION:
             raise HubError(f"--ephemeral must be {MIN_DURATION} s to {MAX_DURATION} s, not {ephemeral_seconds}")
     created = int(now if now is not None else time.time())
