@@ -193,10 +193,8 @@ class HubKeyRotation:
         if not others:
             message = (f"hub {self.config.name!r} is the only active hub of net {self.config.net!r}:"
                        " its nodes would lose the VPN until they learn the new key")
-            if not self.force:
-                raise HubError(message, "add a hub first ('tinc-hub init --registry URL' on another"
-                                        " machine), or accept the outage with " + cost)
-            self.warn(f"warning: {message} (--force)")
+            self.refuse_unless_forced(message, "add a hub first ('tinc-hub init --registry URL' on"
+                                               " another machine), or accept the outage with " + cost)
             return
         if self.tincd_pidfile_mtime() is None:
             return  # nothing is connected to this hub: nothing to keep
@@ -204,10 +202,14 @@ class HubKeyRotation:
         if not any(seen.get(name) is not None and seen[name].up for name in others):
             message = (f"no other hub ({', '.join(others)}) is connected to this hub's tincd:"
                        " node<->node traffic through this hub would stop while it restarts")
-            if not self.force:
-                raise HubError(message, "start tincd and 'tinc-hub serve' on the other hub(s), or"
-                                        " accept the outage with " + cost)
-            self.warn(f"warning: {message} (--force)")
+            self.refuse_unless_forced(message, "start tincd and 'tinc-hub serve' on the other hub(s),"
+                                               " or accept the outage with " + cost)
+
+    def refuse_unless_forced(self, message: str, hint: str) -> None:
+        """HubError(message, hint) without --force; with it, a warning line."""
+        if not self.force:
+            raise HubError(message, hint)
+        self.warn(f"warning: {message} (--force)")
 
     def stage(self, bits: int) -> str:
         """A new key beside the current one (0600 from its creation); its public key."""

@@ -8,6 +8,12 @@ from .enroll import MAX_BODY_BYTES
 _ERROR = {"$ref": "#/components/schemas/Error"}
 
 
+def _with_retry_after(response: Dict[str, Any]) -> Dict[str, Any]:
+    """An error response that says in Retry-After when to try again (429, 503)."""
+    return dict(response, headers={"Retry-After": {"description": "Seconds to wait before retrying",
+                                                   "schema": {"type": "integer"}}})
+
+
 def _error_response(description: str) -> Dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": _ERROR}}}
 
@@ -58,16 +64,10 @@ def openapi_schema() -> Dict[str, Any]:
                                                "enrolled under another name, a "
                                                "foreign host file exists, or the VPN subnet is full"),
                         "413": _error_response(f"Body larger than {MAX_BODY_BYTES} bytes"),
-                        "429": dict(_error_response("Too many enrolment attempts from this client"
-                                                    " address (tinc-hub serve --rate-limit)"),
-                                    headers={"Retry-After": {
-                                        "description": "Seconds to wait before retrying",
-                                        "schema": {"type": "integer"}}}),
-                        "503": dict(_error_response("The hub cannot reach its registry (PostgreSQL"
-                                                    " down or unreachable); nothing was changed"),
-                                    headers={"Retry-After": {
-                                        "description": "Seconds to wait before retrying",
-                                        "schema": {"type": "integer"}}}),
+                        "429": _with_retry_after(_error_response("Too many enrolment attempts from this client"
+                                                    " address (tinc-hub serve --rate-limit)")),
+                        "503": _with_retry_after(_error_response("The hub cannot reach its registry (PostgreSQL"
+                                                    " down or unreachable); nothing was changed")),
                     },
                 }
             },
@@ -99,16 +99,10 @@ def openapi_schema() -> Dict[str, Any]:
                         "408": _error_response("Request body not received in time"),
                         "409": _error_response("The key is another node's or hub's key"),
                         "413": _error_response(f"Body larger than {MAX_BODY_BYTES} bytes"),
-                        "429": dict(_error_response("Too many key rotations from this client "
-                                                    "address (tinc-hub serve --rate-limit)"),
-                                    headers={"Retry-After": {
-                                        "description": "Seconds to wait before retrying",
-                                        "schema": {"type": "integer"}}}),
-                        "503": dict(_error_response("The hub cannot reach its registry; nothing "
-                                                    "was changed"),
-                                    headers={"Retry-After": {
-                                        "description": "Seconds to wait before retrying",
-                                        "schema": {"type": "integer"}}}),
+                        "429": _with_retry_after(_error_response("Too many key rotations from this client "
+                                                    "address (tinc-hub serve --rate-limit)")),
+                        "503": _with_retry_after(_error_response("The hub cannot reach its registry; nothing "
+                                                    "was changed")),
                     },
                 }
             },
