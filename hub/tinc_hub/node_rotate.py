@@ -19,18 +19,14 @@ import logging
 import time
 from typing import Any, Dict, NamedTuple, Optional
 
-from bootstrap import bootstrap
 from .enroll import (CREDENTIAL_RE, MAX_BODY_BYTES, EnrollError, credential_hash,
-                     credential_matches, log_value, normalise_public_key, parse_json_object)
+                     credential_matches, normalise_public_key, parse_json_object)
 from .hostfiles import host_file_in_place, render_node_host_file, replace_key_keeping_mtime
+from .node_sync import UNKNOWN_NODE_MESSAGE, node_audit_line, parse_node_identity
 from .registry import NODE, NodeRow, Registry, RegistryConflict, RegistryUnavailable, RegistryView
 from .state import HubConfig
 
 audit_log = logging.getLogger("tinc_hub.audit")
-
-UNKNOWN_MESSAGE = ("unknown node name or wrong credential (re-run the one-liner with a token"
-                   " to get a new credential)")
-
 
 class RotateOutcome(NamedTuple):
     status: int
@@ -41,10 +37,7 @@ class RotateOutcome(NamedTuple):
 def rotate_audit_line(result: str, status: int, name: Any, client: str,
                       reason: Optional[str] = None) -> str:
     """``rotate-key result=rotated|replay|refused|failed status=N name=… client=…[ reason=…]``."""
-    fields = [("result", result), ("status", str(status)), ("name", name), ("client", client)]
-    if reason is not None:
-        fields.append(("reason", reason))
-    return "rotate-key " + " ".join(f"{key}={log_value(value)}" for key, value in fields)
+    return node_audit_line("rotate-key", result, status, name, client, reason)
 
 
 class RotateKeyHandler:
@@ -74,12 +67,8 @@ class RotateKeyHandler:
 
     @staticmethod
     def _parse(data: Dict[str, Any]) -> "tuple[str, str, str, str]":
-        name, credential = data.get("name"), data.get("credential")
+        name, credential = parse_node_identity(data)
         new_credential = data.get("new_credential")
-        if not isinstance(name, str) or not bootstrap.valid_node_name(name):
-            raise EnrollError(400, "field 'name' must be a node name")
-        if not isinstance(credential, str) or not CREDENTIAL_RE.fullmatch(credential):
-            raise EnrollError(400, "field 'credential' must be 64 lowercase hex digits")
         public_key = normalise_public_key(data.get("public_key"))
         if not isinstance(new_credential, str) or not CREDENTIAL_RE.fullmatch(new_credential):
             raise EnrollError(400, "field 'new_credential' must be 64 lowercase hex digits (a"
@@ -93,7 +82,7 @@ class RotateKeyHandler:
         (or is a replay: ``is_replay``)."""
         node = view.get_node(name)
         if node is None or node.kind != NODE or not credential_matches(credential, node.credential_sha256):
-            raise EnrollError(401, UNKNOWN_MESSAGE)
+            raise EnrollError(401, UNKNOWN_NODE_MESSAGE)
         if node.revoked:
             raise EnrollError(403, f"node {name!r} has been revoked")
         owner = view.get_node_by_key(public_key)

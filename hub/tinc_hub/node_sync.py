@@ -32,11 +32,33 @@ class SyncOutcome(NamedTuple):
     body: Dict[str, Any]
 
 
-def sync_audit_line(result: str, status: int, name: Any, client: str, reason: Optional[str] = None) -> str:
+# the one 401 of the endpoints a node proves itself on with its credential (sync, rotate-key)
+UNKNOWN_NODE_MESSAGE = ("unknown node name or wrong credential (re-run the one-liner with a token"
+                        " to get a new credential)")
+
+
+def node_audit_line(action: str, result: str, status: int, name: Any, client: str,
+                    reason: Optional[str] = None) -> str:
+    """``ACTION result=… status=N name=… client=…[ reason=…]``: the audit line of a request a
+    node proves with its credential (``sync``, ``rotate-key``)."""
     fields = [("result", result), ("status", str(status)), ("name", name), ("client", client)]
     if reason is not None:
         fields.append(("reason", reason))
-    return "sync " + " ".join(f"{key}={log_value(value)}" for key, value in fields)
+    return action + " " + " ".join(f"{key}={log_value(value)}" for key, value in fields)
+
+
+def sync_audit_line(result: str, status: int, name: Any, client: str, reason: Optional[str] = None) -> str:
+    return node_audit_line("sync", result, status, name, client, reason)
+
+
+def parse_node_identity(data: Dict[str, Any]) -> "tuple[str, str]":
+    """(name, credential) of a request body, checked (EnrollError 400)."""
+    name, credential = data.get("name"), data.get("credential")
+    if not isinstance(name, str) or not bootstrap.valid_node_name(name):
+        raise EnrollError(400, "field 'name' must be a node name")
+    if not isinstance(credential, str) or not CREDENTIAL_RE.fullmatch(credential):
+        raise EnrollError(400, "field 'credential' must be 64 lowercase hex digits")
+    return name, credential
 
 
 class SyncHandler:
@@ -71,8 +93,7 @@ class SyncHandler:
                 audit_log.warning("%s", sync_audit_line("refused", 410, name, client, "node removed"))
                 return SyncOutcome(410, {"error": removed})
             audit_log.warning("%s", sync_audit_line("refused", 401, name, client, "unknown name or credential"))
-            return SyncOutcome(401, {"error": "unknown node name or wrong credential (re-run the"
-                                              " one-liner with a token to get a new credential)"})
+            return SyncOutcome(401, {"error": UNKNOWN_NODE_MESSAGE})
         if node.revoked:
             audit_log.warning("%s", sync_audit_line("refused", 403, name, client, "node revoked"))
             return SyncOutcome(403, {"error": f"node {name!r} has been revoked"})
@@ -110,11 +131,8 @@ class SyncHandler:
     @staticmethod
     def _parse(body: bytes) -> "tuple[str, str, Optional[str]]":
         data = parse_json_object(body, MAX_SYNC_BODY_BYTES)
-        name, credential, tag = data.get("name"), data.get("credential"), data.get("names_tag")
-        if not isinstance(name, str) or not bootstrap.valid_node_name(name):
-            raise EnrollError(400, "field 'name' must be a node name")
-        if not isinstance(credential, str) or not CREDENTIAL_RE.fullmatch(credential):
-            raise EnrollError(400, "field 'credential' must be 64 lowercase hex digits")
+        name, credential = parse_node_identity(data)
+        tag = data.get("names_tag")
         if tag is not None and (not isinstance(tag, str) or not CREDENTIAL_RE.fullmatch(tag)):
             raise EnrollError(400, "field 'names_tag' must be 64 lowercase hex digits")
         return name, credential, tag
