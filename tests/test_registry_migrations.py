@@ -130,7 +130,7 @@ def test_first_release_registry_gains_revoked_at_and_a_version(tmp_path: Path) -
         conn.execute("INSERT INTO nodes VALUES ('n1', '10.1.0.2', 167837698, 'k', ?, ?, ?, NULL)", (sha, now, now))
     registry = Registry(path, tmp_path / "lock")
     assert registry.schema_revision() == "legacy"
-    assert registry.upgrade_schema() == ["0001", "0002", "0003", "0004"]
+    assert registry.upgrade_schema() == ["0001", "0002", "0003", "0004", "0005"]
     assert registry.upgrade_schema() == []  # current: nothing to do
     with registry.reading() as view:
         token = view.get_token(sha)

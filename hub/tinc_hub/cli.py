@@ -525,8 +525,9 @@ def cmd_token_create(args: argparse.Namespace, state: StateDir) -> int:
 def print_rows(rows: List[Dict[str, Any]], as_json: bool, empty: str, header: Sequence[str],
                cells: Callable[[Dict[str, Any]], Sequence[str]]) -> int:
     """A listing: JSON, or a table of aligned columns (or one line when there is nothing)."""
-    if as_json:
-        print(json.dumps(rows, indent=2))
+    if as_json:  # one row per line: the C encoder (indent= is pure Python: 2 s for 50,000 nodes)
+        encode = json.JSONEncoder().encode
+        sys.stdout.write("[\n" + ",\n".join(encode(row) for row in rows) + "\n]\n" if rows else "[]\n")
         return EXIT_OK
     if not rows:
         print(empty)
@@ -584,7 +585,7 @@ def cmd_nodes(args: argparse.Namespace, state: StateDir) -> int:
     config = state.load_config()
     registry = _registry(state, args)
     with registry.reading() as view:
-        nodes = view.list_nodes()
+        nodes = view.list_nodes(keys=False)
     seen, hub_running, now = read_liveness(state.root), tincd_running(config.net), int(time.time())
     started = tincd_started(config.net)
     online_now = online_names(seen, started)

@@ -38,7 +38,7 @@ from .hostfiles import host_file_in_place, render_node_host_file, write_if_chang
 from .registry import (HUB, HubRow, NodeRow, Registry, RegistryConflict, RegistryTransaction,
                        RegistryUnavailable, RegistryView, TokenRow, token_id)
 from .names import NamesCache
-from .roster import allocate_address, hubs_for_nodes
+from .roster import hubs_for_nodes
 from .state import HubConfig
 from .tokens import hash_secret
 
@@ -431,11 +431,10 @@ class Enroller:
         if twins:  # both would lose NAME.NET (names.py leaves colliding names out)
             raise EnrollError(409, f"node name {name!r} differs only in case from {twins[0]!r}, "
                                    "and NAME.NET would not tell them apart; choose another name")
-        reserved = tx.used_address_ints()
-        reserved.add(self.hub_address_int)
-        address = allocate_address(self.network, reserved)
-        if address is None:
+        found = tx.allocate_address_int(self.network, reserved={self.hub_address_int})
+        if found is None:
             raise EnrollError(409, f"VPN subnet {self.config.vpn_subnet} is full")
+        address = ipaddress.IPv4Address(found)
         if not tx.spend_token_use(token_hash):
             raise EnrollError(401, "token already used")
         token = tx.get_token(token_hash)

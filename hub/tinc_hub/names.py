@@ -15,8 +15,9 @@ import json
 import logging
 import os
 import threading
+import time
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from bootstrap import bootstrap
 from .hostfiles import host_row_problem
@@ -38,12 +39,13 @@ class Names(NamedTuple):
 def vpn_names(config: HubConfig, hubs: Sequence[HubRow], nodes: Sequence[NodeRow]) -> Dict[str, str]:
     """tinc name -> VPN address of every usable hub (this one too, even before it recorded
     itself) and every node not revoked whose row is sound."""
-    names = {hub.name: hub.address for hub in usable_hubs(hubs, config.network)}
+    network = config.network  # a property: built once, not once per node
+    names = {hub.name: hub.address for hub in usable_hubs(hubs, network)}
     names.setdefault(config.name, config.hub_address)
     for node in nodes:
         if node.revoked or node.name in names:
             continue
-        if host_row_problem(node.name, node.address, node.public_key, config.network) is None:
+        if host_row_problem(node.name, node.address, node.public_key, network) is None:
             names[node.name] = node.address
     return names
 
@@ -58,25 +60,50 @@ def sendable(names: Dict[str, str]) -> Names:
     return Names(names, bootstrap.names_tag(names))  # the tag the node computes
 
 
-class NamesCache:
-    """The names of the newest registry generation seen, computed once per generation."""
+TOO_MANY_RECHECK = 1.0  # s a "too many to send" verdict is kept without reading the registry
 
-    def __init__(self, config: HubConfig) -> None:
+
+class NamesCache:
+    """The names of the newest registry generation seen, computed once per generation.
+
+    A registry with more than MAX_NAMES rows that are not revoked has too many names to send:
+    that is decided by counting those rows no further than MAX_NAMES + 1 (the unsound rows
+    vpn_names leaves out count too), never by reading them all, and the verdict is kept
+    TOO_MANY_RECHECK s without even reading the generation. So at fleet size an enrolment
+    or a sync costs the same as in an empty registry; the node gets its names from a sync
+    once they fit again."""
+
+    def __init__(self, config: HubConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
+        self.clock = clock
         self._lock = threading.Lock()
         self._generation: Optional[int] = None
         self._names = Names(None, None)
+        self._too_many_since: Optional[float] = None  # when the registry last had too many
 
     def get(self, view: RegistryView, hubs: Optional[Sequence[HubRow]] = None) -> Names:
         """The names as ``view`` sees them (``hubs``: its list_hubs, when already read)."""
+        with self._lock:
+            if self._too_many_since is not None and \
+                    0 <= self.clock() - self._too_many_since < TOO_MANY_RECHECK:
+                return self._names
         generation = view.generation()
         with self._lock:
             if generation == self._generation:
                 return self._names
-        names = sendable(vpn_names(self.config, view.list_hubs() if hubs is None else hubs,
-                                   view.list_nodes()))
+        checked_at = self.clock()
+        active = view.count_active_up_to(bootstrap.MAX_NAMES + 1)
+        if active > bootstrap.MAX_NAMES:
+            names, too_many_since = Names(None, None), checked_at
+            if self._too_many_since is None:
+                log.warning("the net has more than %d nodes and hubs: too many names to send;"
+                            " nodes keep the names they have", bootstrap.MAX_NAMES)
+        else:
+            names, too_many_since = sendable(vpn_names(
+                self.config, view.list_hubs() if hubs is None else hubs, view.list_nodes())), None
         with self._lock:
             self._generation, self._names = generation, names
+            self._too_many_since = too_many_since
         return names
 
 

@@ -41,6 +41,7 @@ A token is known by its id: the first TOKEN_ID_CHARS hex digits of the stored sh
 """
 
 import fcntl
+import ipaddress
 import logging
 import os
 import threading
@@ -48,7 +49,7 @@ import time
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Set
+from typing import TYPE_CHECKING, AbstractSet, Any, Dict, Iterator, List, Optional, Sequence, Set
 
 import sqlalchemy as sa
 
@@ -64,7 +65,7 @@ TOKEN_ID_CHARS = 10
 MIN_TOKEN_ID_PREFIX = 6
 
 # The Alembic head revision of tinc_hub/migrations (tests/test_registry_migrations.py checks it).
-SCHEMA_REVISION = "0004"
+SCHEMA_REVISION = "0005"
 VERSION_TABLE = "alembic_version"
 
 BUSY_TIMEOUT_MS = 30_000
@@ -74,6 +75,10 @@ BUSY_TIMEOUT_MS = 30_000
 # (default 100); a thread past them waits for one.
 SQLITE_POOL_SIZE = 40
 POSTGRES_POOL_SIZE = 16
+# Address allocation (RegistryTransaction.allocate_address_int): rows read per query of its
+# scan, and the settings key of the lowest address that may be free (see there).
+ADDRESS_SCAN_BATCH = 256
+ADDRESS_FLOOR = "address_floor"
 
 metadata = sa.MetaData()
 _BigInt = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite: today's INTEGER columns
@@ -264,6 +269,9 @@ def iso_utc(timestamp: Optional[int]) -> Optional[str]:
 
 _TOKEN_COLUMNS = [tokens.c[name] for name in TokenRow.__dataclass_fields__]
 _NODE_COLUMNS = [nodes.c[name] for name in NodeRow.__dataclass_fields__]
+_LEFT_OUT_OF_LISTINGS = {"public_key": sa.literal(""), "token_sha256": sa.literal(""),
+                         "credential_sha256": sa.null()}
+_LISTED_NODE_COLUMNS = [_LEFT_OUT_OF_LISTINGS.get(c.name, c) for c in _NODE_COLUMNS]
 _HUB_COLUMNS = [nodes.c.name, nodes.c.address, nodes.c.address_int, nodes.c.public_key,
                 hubs.c.public_address, hubs.c.tinc_port, hubs.c.api_port, hubs.c.tls_pin,
                 hubs.c.joined_at, hubs.c.removed_at]
@@ -294,10 +302,23 @@ class _Statements:
     names_ignoring_case = sa.select(nodes.c.name).where(  # hubs too (NAME.NET is lower case)
         sa.func.lower(nodes.c.name) == sa.func.lower(P("name")))
     nodes_in_order = sa.select(*_NODE_COLUMNS).where(is_node).order_by(nodes.c.address_int)
+    # a listing's rows: the keys and hashes left out (empty), a sixth of the bytes to read
+    nodes_listed = sa.select(*_LISTED_NODE_COLUMNS).where(is_node).order_by(nodes.c.address_int)
     rows_in_order = sa.select(*_NODE_COLUMNS).order_by(nodes.c.address_int)  # hubs too (copy)
     address_ints = sa.select(nodes.c.address_int)  # hubs too: an address is never handed out twice
+    # the allocation's scan: addresses held from P("start") on, on the unique index of address_int
+    held_addresses_from = (sa.select(nodes.c.address_int)
+                           .where(nodes.c.address_int >= P("start"), nodes.c.address_int <= P("last"))
+                           .order_by(nodes.c.address_int).limit(ADDRESS_SCAN_BATCH))
+    address_of = sa.select(nodes.c.address_int).where(nodes.c.name == P("name"))
+    # rows not revoked, counted up to P("limit") (names.py: "too many to send" without reading them)
+    count_active_up_to = sa.select(sa.func.count()).select_from(
+        sa.select(sa.literal_column("1")).select_from(nodes).where(nodes.c.revoked_at.is_(None))
+        .limit(P("limit")).subquery())
     count_nodes = sa.select(sa.func.count()).select_from(nodes).where(is_node)
-    hubs_in_order = (sa.select(*_HUB_COLUMNS).select_from(nodes.join(hubs, nodes.c.name == hubs.c.name))
+    # hubs first: the few hub rows drive the join, where SQLite's planner would scan every node
+    # for an inner join (it never reorders an outer one; list_hubs drops a hub without its node)
+    hubs_in_order = (sa.select(*_HUB_COLUMNS).select_from(hubs.outerjoin(nodes, nodes.c.name == hubs.c.name))
                      .order_by(hubs.c.joined_at, nodes.c.name))
     insert_hub = hubs.insert().values({c.name: sa.bindparam(c.name) for c in hubs.c})
     update_hub = (hubs.update().where(hubs.c.name == P("name"))
@@ -479,8 +500,10 @@ class RegistryView:
         r = self._db.first(Q.node_by_key, key=public_key)
         return _node_row(r) if r else None
 
-    def list_nodes(self) -> List[NodeRow]:
-        return [_node_row(r) for r in self._db.rows(Q.nodes_in_order)]
+    def list_nodes(self, keys: bool = True) -> List[NodeRow]:
+        """Every node (not the hubs) in address order; ``keys=False`` for a listing: their
+        public_key and token_sha256 empty and credential_sha256 None, not read."""
+        return [_node_row(r) for r in self._db.rows(Q.nodes_in_order if keys else Q.nodes_listed)]
 
     def names_ignoring_case(self, name: str) -> List[str]:
         """The names of node and hub rows equal to ``name`` but for case (revoked too)."""
@@ -492,6 +515,35 @@ class RegistryView:
 
     def count_nodes(self) -> int:
         return self._db.rows(Q.count_nodes)[0][0]
+
+    def count_active_up_to(self, limit: int) -> int:
+        """How many rows (nodes and hubs) are not revoked, counting no further than ``limit``
+        (the work is bounded by ``limit``, not by the registry's size)."""
+        return self._db.rows(Q.count_active_up_to, limit=limit)[0][0]
+
+    def address_floor(self, network: "ipaddress.IPv4Network") -> int:
+        """The lowest address of ``network`` that may be free: every host address below it is
+        held by a row (or was passed over as reserved). The recorded floor when it is this
+        network's, else the first host address."""
+        first = int(network.network_address) + 1
+        r = self._db.first(Q.setting, key=ADDRESS_FLOOR)
+        if r:
+            recorded, _, value = r[0].partition(" ")
+            if recorded == str(network) and value.isdigit():
+                return max(first, int(value))
+        return first
+
+    def _first_unheld(self, start: int, last: int) -> int:
+        """The lowest address >= ``start`` that no row holds (``last`` + 1: none up to
+        ``last``), read in batches along the unique index of address_int."""
+        while True:
+            held = [r[0] for r in self._db.rows(Q.held_addresses_from, start=start, last=last)]
+            for address in held:
+                if address != start:
+                    return start
+                start += 1
+            if len(held) < ADDRESS_SCAN_BATCH:
+                return start
 
     def list_rows(self) -> List[NodeRow]:
         """Every row of ``nodes``: the nodes and the hubs (registry copy)."""
@@ -505,7 +557,7 @@ class RegistryView:
     # -- hubs and settings -------------------------------------------------------------
     def list_hubs(self) -> List[HubRow]:
         """Every hub, removed ones too, in the order they joined."""
-        return [HubRow(*r) for r in self._db.rows(Q.hubs_in_order)]
+        return [HubRow(*r) for r in self._db.rows(Q.hubs_in_order) if r[0] is not None]
 
     def settings(self) -> Dict[str, str]:
         """net, vpn_subnet (once a hub recorded them) and generation."""
@@ -573,7 +625,9 @@ class RegistryTransaction(RegistryView):
         self._db.rowcount(Q.mark_revoked, name=name, now=now)
 
     def delete_node(self, name: str) -> None:
-        self._db.rowcount(Q.delete_node, name=name)
+        held = self._db.first(Q.address_of, name=name)
+        if self._db.rowcount(Q.delete_node, name=name) == 1 and held:
+            self._lower_address_floor(held[0])
 
     def mark_seen(self, seen: Dict[str, int], now: Optional[int] = None) -> None:
         """Ephemeral nodes last seen online at the given times (``seen``: name -> time; or a
@@ -591,7 +645,53 @@ class RegistryTransaction(RegistryView):
         if node is None or node.kind != NODE:
             return False
         self._db.rowcount(Q.delete_exposures_of, name=name)
-        return self._db.rowcount(Q.reap_node, name=name, now=now) == 1
+        if self._db.rowcount(Q.reap_node, name=name, now=now) != 1:
+            return False
+        self._lower_address_floor(node.address_int)
+        return True
+
+    # -- addresses ---------------------------------------------------------------------
+    # The lowest free host address of the VPN is handed out; removed rows' addresses are reused,
+    # revoked rows keep theirs. Without reading every address: settings[ADDRESS_FLOOR] records
+    # "NETWORK FLOOR", every host address below FLOOR being held by a row, so the search starts
+    # there and reads the index of address_int only up to the first gap. An allocation raises the
+    # floor to the address it found; every write that frees an address (delete_node, reap_node,
+    # update_hub moving a hub) lowers it. It lives in the registry and changes only under the
+    # write lock, so every hub of a shared registry sees the same one. (A registry written by a
+    # tinc-hub older than revision 0005 has none: the first allocation searches from the start.)
+    def allocate_address_int(self, network: "ipaddress.IPv4Network",
+                             reserved: AbstractSet[int] = frozenset()) -> Optional[int]:
+        """The lowest host address of ``network`` (network and broadcast excluded) that no row
+        holds and ``reserved`` does not name, recorded as the new floor; None when the network
+        is full. The caller inserts the row holding it in this transaction."""
+        last = int(network.broadcast_address) - 1
+        candidate = self.address_floor(network)
+        passed_over: Optional[int] = None  # the lowest reserved address found free
+        while True:
+            candidate = self._first_unheld(candidate, last)
+            if candidate > last or candidate not in reserved:
+                break
+            if passed_over is None:
+                passed_over = candidate
+            candidate += 1
+        found = candidate if candidate <= last else None
+        floor = min(candidate, passed_over if passed_over is not None else candidate)
+        self._put_address_floor(network, floor)
+        return found
+
+    def _put_address_floor(self, network: "ipaddress.IPv4Network", floor: int) -> None:
+        value = f"{network} {floor}"
+        if self._db.rowcount(Q.update_setting, key=ADDRESS_FLOOR, value=value) == 0:
+            self._db.rowcount(Q.insert_setting, key=ADDRESS_FLOOR, value=value)
+
+    def _lower_address_floor(self, freed: int) -> None:
+        """Address ``freed`` is no longer held: the floor goes down to it."""
+        r = self._db.first(Q.setting, key=ADDRESS_FLOOR)
+        if not r:
+            return  # no floor: the search starts at the first address anyway
+        recorded, _, value = r[0].partition(" ")
+        if not value.isdigit() or int(value) > freed:
+            self._db.rowcount(Q.update_setting, key=ADDRESS_FLOOR, value=f"{recorded} {freed}")
 
     def add_tombstone(self, tombstone: Tombstone) -> None:
         self._db.rowcount(Q.insert_tombstone, name=tombstone.name, sha=tombstone.credential_sha256,
@@ -627,6 +727,9 @@ class RegistryTransaction(RegistryView):
         init; the VPN address only while it is alone in a net without nodes)."""
         self._db.rowcount(Q.update_hub, name=hub.name, public_address=hub.public_address,
                           tinc_port=hub.tinc_port, api_port=hub.api_port, tls_pin=hub.tls_pin)
+        held = self._db.first(Q.address_of, name=hub.name)
+        if held and held[0] != hub.address_int:  # the hub moved: its old address is free
+            self._lower_address_floor(held[0])
         self._db.rowcount(Q.update_hub_key, name=hub.name, key=hub.public_key, address=hub.address,
                           address_int=hub.address_int, now=now)
 

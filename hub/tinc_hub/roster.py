@@ -167,7 +167,9 @@ def hub_row(config: HubConfig, public_pem: str, pin: str) -> HubRow:
 
 def allocate_address(network: ipaddress.IPv4Network, reserved: Set[int]) -> Optional[ipaddress.IPv4Address]:
     """Lowest host address of ``network`` not in ``reserved`` (network and broadcast excluded):
-    for nodes (enrolment) and hubs (a hub joining) alike."""
+    what a joining hub's init previews. (Enrolment and a hub joining take theirs under the
+    write lock: RegistryTransaction.allocate_address_int, the same rule without reading every
+    address.)"""
     first = int(network.network_address) + 1
     last = int(network.broadcast_address) - 1
     for candidate in range(first, last + 1):
@@ -229,10 +231,10 @@ def register_hub(registry: Registry, hub: HubRow, net: str, vpn_subnet: str,
                     raise HubError(f"{hub.name!r} is the name of an enrolled node ({row.address})",
                                    "give this hub another --name")
                 if allocate:
-                    address = allocate_address(ipaddress.IPv4Network(vpn_subnet), tx.used_address_ints())
-                    if address is None:
+                    found = tx.allocate_address_int(ipaddress.IPv4Network(vpn_subnet))
+                    if found is None:
                         raise HubError(f"VPN subnet {vpn_subnet} is full: no address for a new hub")
-                    hub = replace(hub, address=str(address), address_int=int(address))
+                    hub = replace(hub, address=str(ipaddress.IPv4Address(found)), address_int=found)
                 hub = replace(hub, joined_at=now, removed_at=None)
                 tx.insert_hub(hub, now)
                 return hub
