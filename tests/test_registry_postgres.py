@@ -220,9 +220,9 @@ def test_migration_0003_upgrades_a_0002_registry_in_postgresql(tmp_path: Path, d
     with pg.admin(database.rsplit("/", 1)[1]) as conn:
         assert conn.execute("SELECT to_regclass('exposures')").fetchone() == (None,)
 
-    assert registry.upgrade_schema() == ["0003", "0004"]
+    assert registry.upgrade_schema() == ["0003", "0004", "0005"]
     assert registry.upgrade_schema() == []  # current: nothing to do
-    assert registry.schema_revision() == SCHEMA_REVISION == "0004"
+    assert registry.schema_revision() == SCHEMA_REVISION == "0005"
     with registry.reading() as view:
         assert view.list_nodes() == [node] and view.list_exposures() == []
 
