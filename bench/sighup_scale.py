@@ -9,7 +9,8 @@ SIGHUP its CPU time (/proc/PID/stat), the wall time until it sleeps again, the r
 longest ping round trip around it) and its RSS after 1, 10 and 50 reloads (tinc 1.0.36 leaks
 one subnet_t per existing Subnet per reload). Each figure with the 10-file baseline and the ratio.
 
-``burst``: the real ``tinc-hub serve`` with the hub's tincd; --bursts (default 3) bursts of
+``burst``: the real ``tinc-hub serve`` with the hub's tincd (and --prefill host files the
+registry does not know, for reload cost); --bursts (default 3) bursts of
 --burst (default 1000) concurrent enrolments: per burst the SIGHUPs tincd got (its log), its
 RSS, the enrolments' wall time; then a node enrolled after the last burst: seconds from its
 answer until it pings the hub.
@@ -18,7 +19,7 @@ answer until it pings the hub.
 does it ping the hub before a SIGHUP, and after?
 
     .venv/bin/python bench/sighup_scale.py [reload|burst|fact] [--files 1000,10000,50000]
-        [--reloads 50] [--burst 1000] [--bursts 3]
+        [--reloads 50] [--burst 1000] [--bursts 3] [--prefill 50000] [--hub-pythonpath DIRS]
 """
 
 import argparse
@@ -26,7 +27,6 @@ import os
 import re
 import signal
 import statistics
-import subprocess
 import sys
 import time
 from typing import Dict, List, Tuple

@@ -126,6 +126,9 @@ def test_enrolment_burst_is_not_a_sighup_storm() -> None:
         lab.hub.serve()
         token = lab.hub.token_create("--uses", str(BURST + 1))["token"]
         wait_idle(lab.pid, 30)
+        os.kill(lab.pid, signal.SIGHUP)  # one reload, timed here: what the hub paces by
+        reload_time = wait_idle(lab.pid, 30)
+        time.sleep(reload_time / BUSY_FRACTION)  # the hub's next SIGHUP would wait this long too
         hups, rss = hup_count(lab.log_text()), rss_kib(lab.pid)
         started = time.monotonic()
         replies = enrol_burst_in(lab.topo.hub, token, ["b%d" % i for i in range(BURST)], keys)
@@ -134,11 +137,12 @@ def test_enrolment_burst_is_not_a_sighup_storm() -> None:
         wait_idle(lab.pid, 30)
         storm = hup_count(lab.log_text()) - hups
         grown = rss_kib(lab.pid) - rss
-        print("burst of %d over %d host files: %.1f s, %d SIGHUPs, tincd RSS +%d KiB"
-              % (BURST, PREFILL, took, storm, grown))
-        # Paced by cost (one reload of 20,000 files: ~0.1-0.5 s, so >= 1 s apart), the burst
-        # shares a few SIGHUPs; at the old fixed 0.3 s it was one per 0.3 s of the burst.
-        assert 1 <= storm <= 2 + took / 1.0, (storm, took)
+        print("burst of %d over %d host files (one reload: %.3f s): %.1f s, %d SIGHUPs, tincd RSS +%d KiB"
+              % (BURST, PREFILL, reload_time, took, storm, grown))
+        # Paced by cost (SIGHUPs reload_time / BUSY_FRACTION apart; half that for the noise of a
+        # loaded machine), the burst shares a few SIGHUPs; at the old fixed 0.3 s it got one per
+        # 0.3 s + reload_time (measured here: 7 in 7.6 s where this allows 6).
+        assert 1 <= storm <= 2 + took / (0.5 * reload_time / BUSY_FRACTION), (storm, took, reload_time)
         # tinc 1.0.36 leaks 64 bytes per known Subnet per reload: bounded by the count above
         assert grown <= (storm + 1) * (PREFILL + BURST) * 100 / 1024 + 4096, grown
 
