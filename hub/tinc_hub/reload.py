@@ -114,7 +114,7 @@ class TincdReloader:
         self.net, self.tinc_dir = net, tinc_dir
         self.busy_fraction, self.min_interval, self.max_interval = busy_fraction, min_interval, max_interval
         self.interval = min_interval
-        self.last_duration: Optional[float] = None  # s, the last reload's (None: not measured)
+        self._logged = min_interval  # the interval last logged        self.last_duration: Optional[float] = None  # s, the last reload's (None: not measured)
         self.last_sent = float("-inf")
         self._lock = threading.Lock()
 
@@ -138,7 +138,8 @@ class TincdReloader:
     def _pace(self, duration: Optional[float]) -> None:
         self.last_duration = duration
         interval = pace_interval(duration, self.busy_fraction, self.min_interval, self.max_interval)
-        if abs(interval - self.interval) >= 1.0:
+        if not self._logged / 2 < interval < self._logged * 2:  # a line per doubling or halving
+            self._logged = interval
             log.info("tincd reloads take %.2f s: at most one SIGHUP every %.1f s", duration or 0.0, interval)
         self.interval = interval
 
