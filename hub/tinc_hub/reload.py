@@ -114,7 +114,8 @@ class TincdReloader:
         self.net, self.tinc_dir = net, tinc_dir
         self.busy_fraction, self.min_interval, self.max_interval = busy_fraction, min_interval, max_interval
         self.interval = min_interval
-        self._logged = min_interval  # the interval last logged        self.last_duration: Optional[float] = None  # s, the last reload's (None: not measured)
+        self._logged = min_interval  # the interval last logged
+        self.last_duration: Optional[float] = None  # s, the last reload's (None: not measured)
         self.last_sent = float("-inf")
         self._lock = threading.Lock()
 
