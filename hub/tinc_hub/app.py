@@ -32,7 +32,7 @@ from .registry import Registry
 from .key_rotation import public_key_to_record
 from .registry_follower import RegistryFollower
 from .roster import hub_row, register_hub
-from .reload import ReloadBatcher, send_sighup
+from .reload import ReloadBatcher, TincdReloader
 from .state import HubConfig, StateDir
 from .tls import pin_of_cert_file
 
@@ -366,17 +366,19 @@ def serve(state_dir: StateDir, registry_url: Optional[str] = None,
     # (mid-rotation, the staged key the registry already holds: key_rotation.py)
     register_hub(registry, hub_row(config, public_key_to_record(config, registry), pin), config.net,
                  config.vpn_subnet)
-    follower = RegistryFollower(config, registry, lambda: send_sighup(config.net, config.tinc_dir),
+    # one pace for every SIGHUP of this process: enrolments, the follower, the reaper
+    reloader = TincdReloader(config.net, config.tinc_dir)
+    follower = RegistryFollower(config, registry, reloader.reload,
                                 state_root=state_dir.root,
                                 exposures_changed=exposures_trigger(state_dir, config, registry))
     follower.catch_up()  # hosts/ and tinc.conf as the registry says, before the first answer
     follower.start()
-    reaper = Reaper(config, registry, state_dir.root, lambda: send_sighup(config.net, config.tinc_dir))
+    reaper = Reaper(config, registry, state_dir.root, reloader.reload)
     reaper.start()
     caps = connection_caps(max_connections, max_connections_per_address, trusted_proxies,
                            raise_open_file_limit())
     sock.caps = caps
-    batcher = ReloadBatcher(lambda: send_sighup(config.net, config.tinc_dir))
+    batcher = ReloadBatcher(reloader.reload, due_in=reloader.due_in)
     app = create_app(config, registry, batcher,
                      rate_limiter=RateLimiter(rate_limit) if rate_limit is not None else None,
                      trusted_proxies=trusted_proxies, sync_interval=sync_interval,
