@@ -34,7 +34,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from bootstrap import bootstrap
-from .hostfiles import host_file_in_place, render_node_host_file, write_if_changed
+from .group_commit import GroupCommit, Pending
+from .hostfiles import host_file_in_place, render_node_host_file, write_host_files
 from .registry import (HUB, HubRow, NodeRow, Registry, RegistryConflict, RegistryTransaction,
                        RegistryUnavailable, RegistryView, TokenRow, token_id)
 from .names import NamesCache
@@ -234,8 +235,38 @@ def credential_to_issue(result: str, node: NodeRow, credential: Optional[str],
             and now < token.expires_at)
 
 
+class _Write(NamedTuple):
+    """What a new enrolment, a re-key or a repairing replay writes (checked again under the
+    write lock)."""
+    token_hash: str
+    name: str
+    public_key: str
+    credential: Optional[str]
+
+
+class _Written(NamedTuple):
+    node: NodeRow
+    result: str  # new, rekeyed, replay
+    issued: Optional[str]  # the credential issued, if any
+    hubs: List[HubRow]
+    changed: bool  # the node's host file changed
+
+
+class _NothingWritten(Exception):
+    """Every write of a batch was refused: its transaction is rolled back."""
+
+
+class _HostFilesFailed(Exception):
+    """The rows were committed but writing the batch's host files failed."""
+
+    def __init__(self, address: str, error: Exception) -> None:
+        super().__init__(str(error))
+        self.address, self.error = address, error
+
+
 class Enroller:
-    """Enrolment logic over a hub config, its registry and its hosts/ directory."""
+    """Enrolment logic over a hub config, its registry and its hosts/ directory. Concurrent
+    enrolments that must write share one transaction and one host-file fsync (group commit)."""
 
     def __init__(self, config: HubConfig, registry: Registry,
                  clock: Callable[[], float] = time.time) -> None:
@@ -245,6 +276,7 @@ class Enroller:
         self.network = config.network
         self.hub_address_int = int(ipaddress.IPv4Address(config.hub_address))
         self.names = NamesCache(config)
+        self._writes: GroupCommit[_Write] = GroupCommit(self._write_batch, registry.exclusive)
 
     def process(self, authorization: Optional[str], body: bytes, client: str = "-") -> EnrollOutcome:
         """Answer one enrolment request from ``client`` (its address, for the audit line)."""
@@ -385,29 +417,86 @@ class Enroller:
                                            render_node_host_file(replay.address, replay.public_key)):
                 return EnrollOutcome(200, self._answer(replay, hubs, None), False), "replay"
 
-        with self.registry.exclusive():
-            try:
-                with self.registry.transaction() as tx:
-                    node, result = self._enrol_in_transaction(tx, token_hash, name, public_key)
-                    issued = None
-                    if credential_to_issue(result, node, credential, tx.get_token(token_hash),
-                                           int(self.clock())):
-                        issued = new_credential()
-                        tx.set_credential(node.name, credential_hash(issued))
-                    elif credential is not None and credential_matches(credential, node.credential_sha256):
-                        tx.mark_credential_used(node.name, credential_hash(credential), int(self.clock()))
-                    hubs = tx.list_hubs()
-            except RegistryConflict as exc:  # unreachable under the write lock; stay a clean 409
-                raise EnrollError(409, f"conflict with an existing enrolment ({exc.message})") from None
-            attempt.address = node.address
-            # Written while still holding the lock, so a later writer of the same name can't be
-            # overtaken; a crash right here is repaired by hostfiles.reconcile_host_files on serve start.
-            path = self.config.hosts_dir / node.name
-            is_new = not path.exists()
-            changed = write_if_changed(path, render_node_host_file(node.address, node.public_key))
-            if changed and is_new:
+        try:
+            written = self._writes.submit(_Write(token_hash, name, public_key, credential))
+        except _HostFilesFailed as exc:  # committed; the host files are repaired at serve start
+            attempt.address = exc.address
+            raise exc.error from None
+        attempt.address = written.node.address
+        return EnrollOutcome(200, self._answer(written.node, written.hubs, written.issued),
+                             written.changed), written.result
+
+    def _write_batch(self, pendings: "List[Pending[_Write]]") -> None:
+        """The writes of concurrent enrolments (group_commit.GroupCommit, under the registry
+        write lock), as if one after another: one transaction, each write in a savepoint (a
+        refusal or a fault undoes its own writes only, never the others'); after the COMMIT
+        their host files, fsync'd together with one directory fsync; then the names of the
+        new generation, computed once for the whole batch. Outcomes are settled only after
+        the COMMIT: a refusal decided on a batch-mate's write is never answered when that write
+        is lost (the COMMIT failed: everyone gets its error). A crash at any point leaves what
+        one write at a time left: committed rows whose host files may be missing or old (never
+        torn), which hostfiles.reconcile_host_files writes at serve start."""
+        done: List[Tuple["Pending[_Write]", NodeRow, str, Optional[str]]] = []
+        refused: List[Tuple["Pending[_Write]", Exception]] = []
+        try:
+            with self.registry.transaction() as tx:
+                for pending in pendings:
+                    try:
+                        with self.registry.url.translate_errors(), tx.savepoint():
+                            node, result, issued = self._write_one(tx, pending.item)
+                    except RegistryConflict as exc:  # unreachable under the write lock; a clean 409
+                        refused.append((pending, EnrollError(409, "conflict with an existing"
+                                                                  f" enrolment ({exc.message})")))
+                    except Exception as exc:  # EnrollError: a refusal; else its own 500/503
+                        refused.append((pending, exc))
+                    else:
+                        done.append((pending, node, result, issued))
+                if not done:
+                    raise _NothingWritten  # rolled back: not even the generation moves
+                hubs = tx.list_hubs()
+        except _NothingWritten:
+            pass
+        for pending, error in refused:
+            pending.fail(error)
+        if not done:
+            return
+        # Written while still holding the lock, so a later writer of the same name can't be
+        # overtaken; a crash here is repaired by hostfiles.reconcile_host_files on serve start.
+        paths = [self.config.hosts_dir / node.name for _, node, _, _ in done]
+        fresh = {path for path in paths if not path.exists()}
+        try:
+            changed = write_host_files([(path, render_node_host_file(node.address, node.public_key))
+                                        for path, (_, node, _, _) in zip(paths, done)])
+            for path in fresh:
                 date_like_tincd_start(path, self.config.net)
-        return EnrollOutcome(200, self._answer(node, hubs, issued), changed), result
+        except Exception as exc:
+            for pending, node, _, _ in done:
+                pending.fail(_HostFilesFailed(node.address, exc))
+            return
+        self._warm_names()
+        for (pending, node, result, issued), path_changed in zip(done, changed):
+            pending.succeed(_Written(node, result, issued, hubs, path_changed))
+
+    def _write_one(self, tx: RegistryTransaction, write: "_Write") -> Tuple[NodeRow, str, Optional[str]]:
+        """One enrolment's writes; the node, new/rekeyed/replay, and the credential issued."""
+        node, result = self._enrol_in_transaction(tx, write.token_hash, write.name, write.public_key)
+        issued = None
+        if credential_to_issue(result, node, write.credential, tx.get_token(write.token_hash),
+                               int(self.clock())):
+            issued = new_credential()
+            tx.set_credential(node.name, credential_hash(issued))
+        elif write.credential is not None and credential_matches(write.credential, node.credential_sha256):
+            tx.mark_credential_used(node.name, credential_hash(write.credential), int(self.clock()))
+        return node, result, issued
+
+    def _warm_names(self) -> None:
+        """The names of the generation just committed, computed here once, so that the batch's
+        answers (_add_names) find them cached instead of each computing them."""
+        try:
+            with self.registry.snapshot() as view:
+                self.names.get(view)
+        except RegistryUnavailable:
+            pass
 
     def _enrol_in_transaction(self, tx: RegistryTransaction, token_hash: str, name: str,
                               public_key: str) -> Tuple[NodeRow, str]:
