@@ -143,8 +143,15 @@ def create_app(config: HubConfig, registry: Registry, batcher: ReloadBatcher,
         except ClientDisconnect:
             audit_log.warning("%s", audit_line("refused", 400, Attempt(client), "client disconnected"))
             return error_response(400, "client disconnected", close=True)
-        outcome = await run_in_threadpool(enroller.process, request.headers.get("authorization"), body,
-                                          client)
+        # Enroller.process, with the wait for the group commit in the event loop, not in a
+        # worker thread: a batch can take more enrolments than there are worker threads.
+        enrolment = await run_in_threadpool(enroller.request, request.headers.get("authorization"),
+                                            body, client)
+        while enrolment.write is not None:
+            written, error = await enroller.writes.outcome_async(enrolment.write)
+            await run_in_threadpool(enrolment.resume, written, error)
+        outcome = enrolment.outcome
+        assert outcome is not None
         if outcome.reload_needed:
             await batcher.reload()  # answer only after the SIGHUP that covers this node
         elif outcome.status == 200:

@@ -27,7 +27,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, Generator, List, NamedTuple, Optional, Tuple
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -49,6 +49,7 @@ MIN_RSA_BITS = 2048
 MAX_RSA_BITS = 16384
 
 audit_log = logging.getLogger("tinc_hub.audit")
+log = logging.getLogger("tinc_hub.enroll")
 
 
 
@@ -276,27 +277,21 @@ class Enroller:
         self.network = config.network
         self.hub_address_int = int(ipaddress.IPv4Address(config.hub_address))
         self.names = NamesCache(config)
-        self._writes: GroupCommit[_Write] = GroupCommit(self._write_batch, registry.exclusive)
+        # the writes of concurrent requests, batched (process; app.py waits in the event loop)
+        self.writes: GroupCommit[_Write] = GroupCommit(self._write_batch, registry.exclusive)
 
     def process(self, authorization: Optional[str], body: bytes, client: str = "-") -> EnrollOutcome:
-        """Answer one enrolment request from ``client`` (its address, for the audit line)."""
-        attempt = Attempt(client=client)
-        try:
-            outcome, result = self._process(authorization, body, attempt)
-        except EnrollError as exc:
-            audit_log.warning("%s", audit_line("refused", exc.status, attempt, exc.message))
-            return EnrollOutcome(exc.status, {"error": exc.message}, False)
-        except RegistryUnavailable as exc:  # PostgreSQL down: the client retries (Retry-After)
-            audit_log.error("%s", audit_line("failed", 503, attempt, str(exc)))
-            return EnrollOutcome(503, {"error": "the hub cannot reach its registry; nothing was"
-                                                " changed, retry later"}, False)
-        except Exception as exc:
-            audit_log.error("%s", audit_line("failed", 500, attempt, type(exc).__name__))
-            raise
-        audit_log.info("%s", audit_line(result, outcome.status, attempt))
-        if outcome.status == 200:
-            self._add_names(outcome.body)
-        return outcome
+        """Answer one enrolment request from ``client`` (its address, for the audit line).
+        Blocking: a write waits for its group commit batch."""
+        request = self.request(authorization, body, client)
+        while request.write is not None:
+            request.resume(*self.writes.outcome(request.write))
+        assert request.outcome is not None
+        return request.outcome
+
+    def request(self, authorization: Optional[str], body: bytes, client: str = "-") -> "EnrolmentRequest":
+        """A request checked up to its write (``.write``; None: ``.outcome`` is its answer)."""
+        return EnrolmentRequest(self, authorization, body, client)
 
     def _add_names(self, answer: Dict[str, Any]) -> None:
         """``names`` of the registry as committed (this node included), so the node resolves
@@ -390,8 +385,9 @@ class Enroller:
         return answer
 
     def _process(self, authorization: Optional[str], body: bytes,
-                 attempt: Attempt) -> Tuple[EnrollOutcome, str]:
-        """The outcome and the audit result word (new, rekeyed, replay)."""
+                 attempt: Attempt) -> Generator["_Write", "_Written", Tuple[EnrollOutcome, str]]:
+        """The outcome and the audit result word (new, rekeyed, replay). A generator: it
+        yields the write it needs (if any) and gets back what the batch wrote."""
         token_hash = self._decode(parse_bearer(authorization))
         attempt.token = token_id(token_hash)
         with self.registry.reading() as view:
@@ -418,7 +414,7 @@ class Enroller:
                 return EnrollOutcome(200, self._answer(replay, hubs, None), False), "replay"
 
         try:
-            written = self._writes.submit(_Write(token_hash, name, public_key, credential))
+            written = yield _Write(token_hash, name, public_key, credential)
         except _HostFilesFailed as exc:  # committed; the host files are repaired at serve start
             attempt.address = exc.address
             raise exc.error from None
@@ -436,6 +432,7 @@ class Enroller:
         is lost (the COMMIT failed: everyone gets its error). A crash at any point leaves what
         one write at a time left: committed rows whose host files may be missing or old (never
         torn), which hostfiles.reconcile_host_files writes at serve start."""
+        started = time.monotonic()
         done: List[Tuple["Pending[_Write]", NodeRow, str, Optional[str]]] = []
         refused: List[Tuple["Pending[_Write]", Exception]] = []
         try:
@@ -462,6 +459,7 @@ class Enroller:
             return
         # Written while still holding the lock, so a later writer of the same name can't be
         # overtaken; a crash here is repaired by hostfiles.reconcile_host_files on serve start.
+        committed = time.monotonic()
         paths = [self.config.hosts_dir / node.name for _, node, _, _ in done]
         fresh = {path for path in paths if not path.exists()}
         try:
@@ -473,7 +471,11 @@ class Enroller:
             for pending, node, _, _ in done:
                 pending.fail(_HostFilesFailed(node.address, exc))
             return
+        written = time.monotonic()
         self._warm_names()
+        log.debug("group commit: %d enrolment(s) (%d refused): transaction %.1f ms, host files"
+                  " %.1f ms, names %.1f ms", len(pendings), len(refused), 1000 * (committed - started),
+                  1000 * (written - committed), 1000 * (time.monotonic() - written))
         for (pending, node, result, issued), path_changed in zip(done, changed):
             pending.succeed(_Written(node, result, issued, hubs, path_changed))
 
@@ -535,6 +537,52 @@ class Enroller:
                        last_seen_at=now if ephemeral is not None else None)
         tx.insert_node(node)
         return node, "new"
+
+
+class EnrolmentRequest:
+    """One request on its way to its answer: ``write`` is the write it waits for (None when
+    there is none: ``outcome`` is the answer). Each answer leaves its audit line."""
+
+    def __init__(self, enroller: Enroller, authorization: Optional[str], body: bytes,
+                 client: str) -> None:
+        self.enroller = enroller
+        self.attempt = Attempt(client=client)
+        self.write: Optional[_Write] = None
+        self.outcome: Optional[EnrollOutcome] = None
+        self._steps = enroller._process(authorization, body, self.attempt)
+        self._advance(lambda: next(self._steps))
+
+    def resume(self, written: object, error: Optional[BaseException] = None) -> None:
+        """Go on with what the batch wrote for ``write`` (or its error)."""
+        self.write = None
+        if error is not None:
+            self._advance(lambda: self._steps.throw(error))
+        else:
+            self._advance(lambda: self._steps.send(written))  # type: ignore[arg-type]
+
+    def _advance(self, step: Callable[[], "_Write"]) -> None:
+        attempt = self.attempt
+        try:
+            self.write = step()
+            return
+        except StopIteration as stop:
+            outcome, result = stop.value
+        except EnrollError as exc:
+            audit_log.warning("%s", audit_line("refused", exc.status, attempt, exc.message))
+            self.outcome = EnrollOutcome(exc.status, {"error": exc.message}, False)
+            return
+        except RegistryUnavailable as exc:  # PostgreSQL down: the client retries (Retry-After)
+            audit_log.error("%s", audit_line("failed", 503, attempt, str(exc)))
+            self.outcome = EnrollOutcome(503, {"error": "the hub cannot reach its registry; nothing"
+                                                        " was changed, retry later"}, False)
+            return
+        except Exception as exc:
+            audit_log.error("%s", audit_line("failed", 500, attempt, type(exc).__name__))
+            raise
+        audit_log.info("%s", audit_line(result, outcome.status, attempt))
+        if outcome.status == 200:
+            self.enroller._add_names(outcome.body)
+        self.outcome = outcome
 
 
 def date_like_tincd_start(path: Path, net: str) -> None:
