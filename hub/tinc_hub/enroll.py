@@ -38,7 +38,7 @@ from .group_commit import GroupCommit, Pending
 from .hostfiles import host_file_in_place, render_node_host_file, write_host_files
 from .registry import (HUB, HubRow, NodeRow, Registry, RegistryConflict, RegistryTransaction,
                        RegistryUnavailable, RegistryView, TokenRow, token_id)
-from .names import NamesCache
+from .names import Names, NamesCache
 from .roster import allocate_address, hubs_for_nodes
 from .state import HubConfig
 from .tokens import hash_secret
@@ -251,6 +251,7 @@ class _Written(NamedTuple):
     issued: Optional[str]  # the credential issued, if any
     hubs: List[HubRow]
     changed: bool  # the node's host file changed
+    names: Optional[Names]  # the names once the batch was committed (None: unreadable)
 
 
 class _NothingWritten(Exception):
@@ -472,12 +473,12 @@ class Enroller:
                 pending.fail(_HostFilesFailed(node.address, exc))
             return
         written = time.monotonic()
-        self._warm_names()
+        names = self._names_now()
         log.debug("group commit: %d enrolment(s) (%d refused): transaction %.1f ms, host files"
                   " %.1f ms, names %.1f ms", len(pendings), len(refused), 1000 * (committed - started),
                   1000 * (written - committed), 1000 * (time.monotonic() - written))
         for (pending, node, result, issued), path_changed in zip(done, changed):
-            pending.succeed(_Written(node, result, issued, hubs, path_changed))
+            pending.succeed(_Written(node, result, issued, hubs, path_changed, names))
 
     def _write_one(self, tx: RegistryTransaction, write: "_Write") -> Tuple[NodeRow, str, Optional[str]]:
         """One enrolment's writes; the node, new/rekeyed/replay, and the credential issued."""
@@ -491,14 +492,14 @@ class Enroller:
             tx.mark_credential_used(node.name, credential_hash(write.credential), int(self.clock()))
         return node, result, issued
 
-    def _warm_names(self) -> None:
-        """The names of the generation just committed, computed here once, so that the batch's
-        answers (_add_names) find them cached instead of each computing them."""
+    def _names_now(self) -> Optional[Names]:
+        """The names of the generation just committed, read once for the whole batch (its
+        answers carry them: no read each); None when the registry cannot be read now."""
         try:
             with self.registry.snapshot() as view:
-                self.names.get(view)
+                return self.names.get(view)
         except RegistryUnavailable:
-            pass
+            return None
 
     def _enrol_in_transaction(self, tx: RegistryTransaction, token_hash: str, name: str,
                               public_key: str) -> Tuple[NodeRow, str]:
@@ -548,6 +549,7 @@ class EnrolmentRequest:
         self.enroller = enroller
         self.attempt = Attempt(client=client)
         self.write: Optional[_Write] = None
+        self.written: Optional[_Written] = None  # what the batch wrote for it
         self.outcome: Optional[EnrollOutcome] = None
         self._steps = enroller._process(authorization, body, self.attempt)
         self._advance(lambda: next(self._steps))
@@ -555,6 +557,8 @@ class EnrolmentRequest:
     def resume(self, written: object, error: Optional[BaseException] = None) -> None:
         """Go on with what the batch wrote for ``write`` (or its error)."""
         self.write = None
+        if isinstance(written, _Written):
+            self.written = written
         if error is not None:
             self._advance(lambda: self._steps.throw(error))
         else:
@@ -581,7 +585,11 @@ class EnrolmentRequest:
             raise
         audit_log.info("%s", audit_line(result, outcome.status, attempt))
         if outcome.status == 200:
-            self.enroller._add_names(outcome.body)
+            if self.written is not None and self.written.names is not None:
+                if self.written.names.names is not None:  # None: too many to send
+                    outcome.body["names"] = self.written.names.names
+            else:
+                self.enroller._add_names(outcome.body)
         self.outcome = outcome
 
 
