@@ -58,6 +58,11 @@ class GroupCommit(Generic[Item]):
         self.batches = 0  # batches run so far
         self.items = 0  # items run so far
 
+    def waiting(self) -> int:
+        """Items queued and not yet taken by a batch."""
+        with self._lock:
+            return len(self._queue)
+
     def outcome(self, item: Item) -> Tuple[object, Optional[BaseException]]:
         """Run ``item`` in a batch, blocking this thread: (result, None) or (None, error)."""
         done = threading.Event()
