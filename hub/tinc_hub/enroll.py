@@ -13,7 +13,9 @@ Anything else (500) is a hub fault, never a reaction to client input.
 
 Every refusal, and every replay whose host file is in place, is decided from one read of the
 registry before the write lock is taken; only a new enrolment or a re-key waits for the lock
-(and is checked again under it). Each answer leaves one audit line (``tinc_hub.audit``).
+(and is checked again under it), and concurrent ones share one transaction, one fsync of their
+host files and one names read (group commit: ``Enroller._write_batch``; docs/DESIGN.md). Each
+answer leaves one audit line (``tinc_hub.audit``).
 """
 
 import hashlib
