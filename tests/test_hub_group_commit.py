@@ -315,3 +315,19 @@ def test_300_concurrent_enrolments_cost_at_most_3x_300_healthz(tmp_path: Path) -
     finally:
         server.stop()
     assert len(assert_hosts_match_registry(env)) == count * len(tried)
+
+
+def test_answer_json_is_what_jsonresponse_renders() -> None:
+    """The enrolment answer with its names encoded once per names dict: the same bytes."""
+    from starlette.responses import JSONResponse
+
+    from tinc_hub.app import AnswerJSON
+
+    answers = AnswerJSON()
+    names = {"hub1": "10.0.0.1", "n_1": "10.0.0.2", "Zed": "10.0.0.3"}
+    for body in ({"net": "t", "name": "n_1", "address": "10.0.0.2", "credential": "ab", "names": names},
+                 {"net": "t", "name": "Zed", "hub": {"name": "hub1", "host_file": "é\n"}, "names": names},
+                 {"net": "t", "names": {"hub1": "10.0.0.1"}},
+                 {"names": names}, {"net": "t", "name": "x"},
+                 {"names": names, "net": "t"}):  # names not last: rendered whole
+        assert answers.render(body) == JSONResponse(body).body, body
