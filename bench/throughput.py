@@ -4,7 +4,7 @@ on 127.0.0.1, keys made before the clock starts. Prints enrolments/s, p50/p99 la
 the hub's RSS idle and at its peak under load. Baseline measured in the same run: the same
 number of plain ``GET /healthz`` requests (TLS connection + HTTP, no enrolment work).
 
-    .venv/bin/python bench/throughput.py [--count 1000] [--runs 3]
+    .venv/bin/python bench/throughput.py [--count 1000] [--runs 3] [--workdir DIR]
 """
 
 import argparse
@@ -103,13 +103,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--workdir", default=None,
+                        help="where the hubs' state and hosts/ go (default: the system temp dir; a"
+                             " /tmp churned by other jobs makes each new file's inode slow to find)")
     args = parser.parse_args()
     t = time.monotonic()
     keys = public_keys(args.count)
     print(f"keys: {args.count} RSA-2048 public keys made in {time.monotonic() - t:.1f} s (not timed)")
     results, baselines = [], []
     for run in range(args.runs):
-        with tempfile.TemporaryDirectory(prefix="bench-tp-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="bench-tp-", dir=args.workdir) as tmp:
             baselines.append(healthz_baseline(args.count, Path(tmp) / "base"))
             r = one_run(args.count, keys, Path(tmp) / "hub")
         results.append(r)

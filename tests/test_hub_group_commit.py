@@ -331,3 +331,36 @@ def test_answer_json_is_what_jsonresponse_renders() -> None:
                  {"names": names}, {"net": "t", "name": "x"},
                  {"names": names, "net": "t"}):  # names not last: rendered whole
         assert answers.render(body) == JSONResponse(body).body, body
+
+
+def test_group_commit_hands_a_failed_batch_to_each_caller_and_goes_on() -> None:
+    """run_batch raising (a COMMIT failed) is every unsettled caller's error, a settled one
+    keeps its own outcome, and the next batch runs (a new writer thread)."""
+    from tinc_hub.group_commit import GroupCommit
+
+    lock = threading.Lock()
+    fail = [True]
+
+    def run_batch(pendings) -> None:
+        for pending in pendings:
+            if pending.item == "refused":
+                pending.fail(ValueError("refused alone"))
+        if fail[0]:
+            raise OSError("commit failed")
+        for pending in pendings:
+            pending.succeed(pending.item.upper())
+
+    group = GroupCommit(run_batch, lambda: lock)
+    outcomes: Dict[str, tuple] = {}
+    with lock:
+        threads = [threading.Thread(target=lambda i=i: outcomes.__setitem__(i, group.outcome(i)))
+                   for i in ("a", "refused", "b")]
+        for thread in threads:
+            thread.start()
+        assert wait_until(lambda: group.waiting() == 3, 30, 0.005)
+    for thread in threads:
+        thread.join(timeout=30)
+    assert group.batches == 1
+    assert [type(outcomes[i][1]).__name__ for i in ("a", "refused", "b")] == ["OSError", "ValueError", "OSError"]
+    fail[0] = False
+    assert group.outcome("c") == ("C", None) and group.batches == 2

@@ -78,7 +78,10 @@ class GroupCommit(Generic[Item]):
         done = loop.create_future()
 
         def wake() -> None:
-            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+            try:
+                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+            except RuntimeError:  # the loop is closed (serve stopping): nobody waits any more
+                pass
 
         pending: Pending[Item] = Pending(item, wake)
         self._enqueue(pending)
@@ -94,12 +97,21 @@ class GroupCommit(Generic[Item]):
 
     def _write_all(self) -> None:
         """The writer thread: batches until the queue is empty."""
-        while True:
-            with self._lock:
-                if not self._queue:
+        try:
+            while True:
+                with self._lock:
+                    if not self._queue:
+                        self._writer = None
+                        return
+                self._write_one_batch()
+        finally:
+            with self._lock:  # never leave a dead writer registered: the next item starts one
+                if self._writer is threading.current_thread():
                     self._writer = None
-                    return
-            self._write_one_batch()
+                    if self._queue:
+                        self._writer = threading.Thread(target=self._write_all, name=self.name,
+                                                        daemon=True)
+                        self._writer.start()
 
     def _write_one_batch(self) -> None:
         batch: List[Pending[Item]] = []
