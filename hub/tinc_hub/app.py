@@ -2,6 +2,7 @@
 
 import asyncio
 import gc
+import json
 import logging
 import resource
 import socket
@@ -102,6 +103,31 @@ def answer_response(status: int, body: Dict[str, Any]) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def json_bytes(value: Any) -> bytes:
+    """``value`` as JSONResponse renders it."""
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, indent=None,
+                      separators=(",", ":")).encode("utf-8")
+
+
+class AnswerJSON:
+    """Enrolment answers rendered as JSONResponse renders them, with their ``names`` (one dict
+    per registry generation, shared by every answer of it and never changed: thousands of
+    entries in a big net) encoded once per dict instead of once per answer."""
+
+    def __init__(self) -> None:
+        self._names: Optional[Dict[str, str]] = None
+        self._encoded = b""
+
+    def render(self, body: Dict[str, Any]) -> bytes:
+        names = body.get("names")
+        if not isinstance(names, dict) or next(reversed(body)) != "names" or len(body) < 2:
+            return json_bytes(body)
+        if names is not self._names:
+            self._names, self._encoded = names, json_bytes(names)
+        head = json_bytes({key: value for key, value in body.items() if key != "names"})
+        return head[:-1] + b',"names":' + self._encoded + b"}"
+
+
 def create_app(config: HubConfig, registry: Registry, batcher: ReloadBatcher,
                bootstrap_source: Optional[bytes] = None,
                rate_limiter: Optional[RateLimiter] = None,
@@ -113,6 +139,7 @@ def create_app(config: HubConfig, registry: Registry, batcher: ReloadBatcher,
     address is the TCP peer, or what a ``trusted_proxies`` peer says in X-Forwarded-For.
     ``synced``: told each ephemeral node whose sync succeeded (the reaper's "seen")."""
     enroller = Enroller(config, registry)
+    answers = AnswerJSON()
     syncer = SyncHandler(config, registry, sync_interval, seen=synced)
     rotator = RotateKeyHandler(config, registry)
     # key rotations per client address: the enrolment limit, in buckets of their own
@@ -143,12 +170,23 @@ def create_app(config: HubConfig, registry: Registry, batcher: ReloadBatcher,
         except ClientDisconnect:
             audit_log.warning("%s", audit_line("refused", 400, Attempt(client), "client disconnected"))
             return error_response(400, "client disconnected", close=True)
-        outcome = await run_in_threadpool(enroller.process, request.headers.get("authorization"), body,
-                                          client)
+        # Enroller.process, with the wait for the group commit in the event loop, not in a
+        # worker thread: a batch can take more enrolments than there are worker threads.
+        # Its answer after the write is made here: no registry read, no file (the batch read
+        # the names), the audit line.
+        enrolment = await run_in_threadpool(enroller.request, request.headers.get("authorization"),
+                                            body, client)
+        while enrolment.write is not None:
+            written, error = await enroller.writes.outcome_async(enrolment.write)
+            enrolment.resume(written, error)
+        outcome = enrolment.outcome
+        assert outcome is not None
         if outcome.reload_needed:
             await batcher.reload()  # answer only after the SIGHUP that covers this node
         elif outcome.status == 200:
             await batcher.settled()  # a replay racing its first request's SIGHUP
+        if outcome.status == 200:
+            return Response(answers.render(outcome.body), media_type="application/json")
         return answer_response(outcome.status, outcome.body)
 
     async def post_sync(request: Request) -> Response:

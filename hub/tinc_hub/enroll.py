@@ -13,7 +13,9 @@ Anything else (500) is a hub fault, never a reaction to client input.
 
 Every refusal, and every replay whose host file is in place, is decided from one read of the
 registry before the write lock is taken; only a new enrolment or a re-key waits for the lock
-(and is checked again under it). Each answer leaves one audit line (``tinc_hub.audit``).
+(and is checked again under it), and concurrent ones share one transaction, one fsync of their
+host files and one names read (group commit: ``Enroller._write_batch``; docs/DESIGN.md). Each
+answer leaves one audit line (``tinc_hub.audit``).
 """
 
 import hashlib
@@ -27,17 +29,18 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, Generator, List, NamedTuple, Optional, Tuple
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from bootstrap import bootstrap
-from .hostfiles import host_file_in_place, render_node_host_file, write_if_changed
+from .group_commit import GroupCommit, Pending
+from .hostfiles import host_file_in_place, render_node_host_file, write_host_files
 from .registry import (HUB, HubRow, NodeRow, Registry, RegistryConflict, RegistryTransaction,
                        RegistryUnavailable, RegistryView, TokenRow, token_id)
-from .names import NamesCache
+from .names import Names, NamesCache
 from .roster import hubs_for_nodes
 from .state import HubConfig
 from .tokens import hash_secret
@@ -48,6 +51,7 @@ MIN_RSA_BITS = 2048
 MAX_RSA_BITS = 16384
 
 audit_log = logging.getLogger("tinc_hub.audit")
+log = logging.getLogger("tinc_hub.enroll")
 
 
 
@@ -234,8 +238,39 @@ def credential_to_issue(result: str, node: NodeRow, credential: Optional[str],
             and now < token.expires_at)
 
 
+class _Write(NamedTuple):
+    """What a new enrolment, a re-key or a repairing replay writes (checked again under the
+    write lock)."""
+    token_hash: str
+    name: str
+    public_key: str
+    credential: Optional[str]
+
+
+class _Written(NamedTuple):
+    node: NodeRow
+    result: str  # new, rekeyed, replay
+    issued: Optional[str]  # the credential issued, if any
+    hubs: List[HubRow]
+    changed: bool  # the node's host file changed
+    names: Optional[Names]  # the names once the batch was committed (None: unreadable)
+
+
+class _NothingWritten(Exception):
+    """Every write of a batch was refused: its transaction is rolled back."""
+
+
+class _HostFilesFailed(Exception):
+    """The rows were committed but writing the batch's host files failed."""
+
+    def __init__(self, address: str, error: Exception) -> None:
+        super().__init__(str(error))
+        self.address, self.error = address, error
+
+
 class Enroller:
-    """Enrolment logic over a hub config, its registry and its hosts/ directory."""
+    """Enrolment logic over a hub config, its registry and its hosts/ directory. Concurrent
+    enrolments that must write share one transaction and one host-file fsync (group commit)."""
 
     def __init__(self, config: HubConfig, registry: Registry,
                  clock: Callable[[], float] = time.time) -> None:
@@ -245,26 +280,21 @@ class Enroller:
         self.network = config.network
         self.hub_address_int = int(ipaddress.IPv4Address(config.hub_address))
         self.names = NamesCache(config)
+        # the writes of concurrent requests, batched (process; app.py waits in the event loop)
+        self.writes: GroupCommit[_Write] = GroupCommit(self._write_batch, registry.exclusive)
 
     def process(self, authorization: Optional[str], body: bytes, client: str = "-") -> EnrollOutcome:
-        """Answer one enrolment request from ``client`` (its address, for the audit line)."""
-        attempt = Attempt(client=client)
-        try:
-            outcome, result = self._process(authorization, body, attempt)
-        except EnrollError as exc:
-            audit_log.warning("%s", audit_line("refused", exc.status, attempt, exc.message))
-            return EnrollOutcome(exc.status, {"error": exc.message}, False)
-        except RegistryUnavailable as exc:  # PostgreSQL down: the client retries (Retry-After)
-            audit_log.error("%s", audit_line("failed", 503, attempt, str(exc)))
-            return EnrollOutcome(503, {"error": "the hub cannot reach its registry; nothing was"
-                                                " changed, retry later"}, False)
-        except Exception as exc:
-            audit_log.error("%s", audit_line("failed", 500, attempt, type(exc).__name__))
-            raise
-        audit_log.info("%s", audit_line(result, outcome.status, attempt))
-        if outcome.status == 200:
-            self._add_names(outcome.body)
-        return outcome
+        """Answer one enrolment request from ``client`` (its address, for the audit line).
+        Blocking: a write waits for its group commit batch."""
+        request = self.request(authorization, body, client)
+        while request.write is not None:
+            request.resume(*self.writes.outcome(request.write))
+        assert request.outcome is not None
+        return request.outcome
+
+    def request(self, authorization: Optional[str], body: bytes, client: str = "-") -> "EnrolmentRequest":
+        """A request checked up to its write (``.write``; None: ``.outcome`` is its answer)."""
+        return EnrolmentRequest(self, authorization, body, client)
 
     def _add_names(self, answer: Dict[str, Any]) -> None:
         """``names`` of the registry as committed (this node included), so the node resolves
@@ -358,8 +388,9 @@ class Enroller:
         return answer
 
     def _process(self, authorization: Optional[str], body: bytes,
-                 attempt: Attempt) -> Tuple[EnrollOutcome, str]:
-        """The outcome and the audit result word (new, rekeyed, replay)."""
+                 attempt: Attempt) -> Generator["_Write", "_Written", Tuple[EnrollOutcome, str]]:
+        """The outcome and the audit result word (new, rekeyed, replay). A generator: it
+        yields the write it needs (if any) and gets back what the batch wrote."""
         token_hash = self._decode(parse_bearer(authorization))
         attempt.token = token_id(token_hash)
         with self.registry.reading() as view:
@@ -385,29 +416,92 @@ class Enroller:
                                            render_node_host_file(replay.address, replay.public_key)):
                 return EnrollOutcome(200, self._answer(replay, hubs, None), False), "replay"
 
-        with self.registry.exclusive():
-            try:
-                with self.registry.transaction() as tx:
-                    node, result = self._enrol_in_transaction(tx, token_hash, name, public_key)
-                    issued = None
-                    if credential_to_issue(result, node, credential, tx.get_token(token_hash),
-                                           int(self.clock())):
-                        issued = new_credential()
-                        tx.set_credential(node.name, credential_hash(issued))
-                    elif credential is not None and credential_matches(credential, node.credential_sha256):
-                        tx.mark_credential_used(node.name, credential_hash(credential), int(self.clock()))
-                    hubs = tx.list_hubs()
-            except RegistryConflict as exc:  # unreachable under the write lock; stay a clean 409
-                raise EnrollError(409, f"conflict with an existing enrolment ({exc.message})") from None
-            attempt.address = node.address
-            # Written while still holding the lock, so a later writer of the same name can't be
-            # overtaken; a crash right here is repaired by hostfiles.reconcile_host_files on serve start.
-            path = self.config.hosts_dir / node.name
-            is_new = not path.exists()
-            changed = write_if_changed(path, render_node_host_file(node.address, node.public_key))
-            if changed and is_new:
+        try:
+            written = yield _Write(token_hash, name, public_key, credential)
+        except _HostFilesFailed as exc:  # committed; the host files are repaired at serve start
+            attempt.address = exc.address
+            raise exc.error from None
+        attempt.address = written.node.address
+        return EnrollOutcome(200, self._answer(written.node, written.hubs, written.issued),
+                             written.changed), written.result
+
+    def _write_batch(self, pendings: "List[Pending[_Write]]") -> None:
+        """The writes of concurrent enrolments (group_commit.GroupCommit, under the registry
+        write lock), as if one after another: one transaction, each write in a savepoint (a
+        refusal or a fault undoes its own writes only, never the others'); after the COMMIT
+        their host files, fsync'd together with one directory fsync; then the names of the
+        new generation, computed once for the whole batch. Outcomes are settled only after
+        the COMMIT: a refusal decided on a batch-mate's write is never answered when that write
+        is lost (the COMMIT failed: everyone gets its error). A crash at any point leaves what
+        one write at a time left: committed rows whose host files may be missing or old (never
+        torn), which hostfiles.reconcile_host_files writes at serve start."""
+        started = time.monotonic()
+        done: List[Tuple["Pending[_Write]", NodeRow, str, Optional[str]]] = []
+        refused: List[Tuple["Pending[_Write]", Exception]] = []
+        try:
+            with self.registry.transaction() as tx:
+                for pending in pendings:
+                    try:
+                        with self.registry.url.translate_errors(), tx.savepoint():
+                            node, result, issued = self._write_one(tx, pending.item)
+                    except RegistryConflict as exc:  # unreachable under the write lock; a clean 409
+                        refused.append((pending, EnrollError(409, "conflict with an existing"
+                                                                  f" enrolment ({exc.message})")))
+                    except Exception as exc:  # EnrollError: a refusal; else its own 500/503
+                        refused.append((pending, exc))
+                    else:
+                        done.append((pending, node, result, issued))
+                if not done:
+                    raise _NothingWritten  # rolled back: not even the generation moves
+                hubs = tx.list_hubs()
+        except _NothingWritten:
+            pass
+        for pending, error in refused:
+            pending.fail(error)
+        if not done:
+            return
+        # Written while still holding the lock, so a later writer of the same name can't be
+        # overtaken; a crash here is repaired by hostfiles.reconcile_host_files on serve start.
+        committed = time.monotonic()
+        paths = [self.config.hosts_dir / node.name for _, node, _, _ in done]
+        fresh = {path for path in paths if not path.exists()}
+        try:
+            changed = write_host_files([(path, render_node_host_file(node.address, node.public_key))
+                                        for path, (_, node, _, _) in zip(paths, done)])
+            for path in fresh:
                 date_like_tincd_start(path, self.config.net)
-        return EnrollOutcome(200, self._answer(node, hubs, issued), changed), result
+        except Exception as exc:
+            for pending, node, _, _ in done:
+                pending.fail(_HostFilesFailed(node.address, exc))
+            return
+        written = time.monotonic()
+        names = self._names_now()
+        log.debug("group commit: %d enrolment(s) (%d refused): transaction %.1f ms, host files"
+                  " %.1f ms, names %.1f ms", len(pendings), len(refused), 1000 * (committed - started),
+                  1000 * (written - committed), 1000 * (time.monotonic() - written))
+        for (pending, node, result, issued), path_changed in zip(done, changed):
+            pending.succeed(_Written(node, result, issued, hubs, path_changed, names))
+
+    def _write_one(self, tx: RegistryTransaction, write: "_Write") -> Tuple[NodeRow, str, Optional[str]]:
+        """One enrolment's writes; the node, new/rekeyed/replay, and the credential issued."""
+        node, result = self._enrol_in_transaction(tx, write.token_hash, write.name, write.public_key)
+        issued = None
+        if credential_to_issue(result, node, write.credential, tx.get_token(write.token_hash),
+                               int(self.clock())):
+            issued = new_credential()
+            tx.set_credential(node.name, credential_hash(issued))
+        elif write.credential is not None and credential_matches(write.credential, node.credential_sha256):
+            tx.mark_credential_used(node.name, credential_hash(write.credential), int(self.clock()))
+        return node, result, issued
+
+    def _names_now(self) -> Optional[Names]:
+        """The names of the generation just committed, read once for the whole batch (its
+        answers carry them: no read each); None when the registry cannot be read now."""
+        try:
+            with self.registry.snapshot() as view:
+                return self.names.get(view)
+        except RegistryUnavailable:
+            return None
 
     def _enrol_in_transaction(self, tx: RegistryTransaction, token_hash: str, name: str,
                               public_key: str) -> Tuple[NodeRow, str]:
@@ -445,6 +539,59 @@ class Enroller:
                        last_seen_at=now if ephemeral is not None else None)
         tx.insert_node(node)
         return node, "new"
+
+
+class EnrolmentRequest:
+    """One request on its way to its answer: ``write`` is the write it waits for (None when
+    there is none: ``outcome`` is the answer). Each answer leaves its audit line."""
+
+    def __init__(self, enroller: Enroller, authorization: Optional[str], body: bytes,
+                 client: str) -> None:
+        self.enroller = enroller
+        self.attempt = Attempt(client=client)
+        self.write: Optional[_Write] = None
+        self.written: Optional[_Written] = None  # what the batch wrote for it
+        self.outcome: Optional[EnrollOutcome] = None
+        self._steps = enroller._process(authorization, body, self.attempt)
+        self._advance(lambda: next(self._steps))
+
+    def resume(self, written: object, error: Optional[BaseException] = None) -> None:
+        """Go on with what the batch wrote for ``write`` (or its error)."""
+        self.write = None
+        if isinstance(written, _Written):
+            self.written = written
+        if error is not None:
+            self._advance(lambda: self._steps.throw(error))
+        else:
+            self._advance(lambda: self._steps.send(written))  # type: ignore[arg-type]
+
+    def _advance(self, step: Callable[[], "_Write"]) -> None:
+        attempt = self.attempt
+        try:
+            self.write = step()
+            return
+        except StopIteration as stop:
+            outcome, result = stop.value
+        except EnrollError as exc:
+            audit_log.warning("%s", audit_line("refused", exc.status, attempt, exc.message))
+            self.outcome = EnrollOutcome(exc.status, {"error": exc.message}, False)
+            return
+        except RegistryUnavailable as exc:  # PostgreSQL down: the client retries (Retry-After)
+            audit_log.error("%s", audit_line("failed", 503, attempt, str(exc)))
+            self.outcome = EnrollOutcome(503, {"error": "the hub cannot reach its registry; nothing"
+                                                        " was changed, retry later"}, False)
+            return
+        except Exception as exc:
+            audit_log.error("%s", audit_line("failed", 500, attempt, type(exc).__name__))
+            raise
+        audit_log.info("%s", audit_line(result, outcome.status, attempt))
+        if outcome.status == 200:
+            if self.written is not None and self.written.names is not None:
+                if self.written.names.names is not None:  # None: too many to send
+                    outcome.body["names"] = self.written.names.names
+            else:
+                self.enroller._add_names(outcome.body)
+        self.outcome = outcome
 
 
 def date_like_tincd_start(path: Path, net: str) -> None:

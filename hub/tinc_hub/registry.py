@@ -592,6 +592,21 @@ class RegistryTransaction(RegistryView):
     """The reads and the writes, inside the write transaction of a :meth:`Registry.transaction`
     block (committed when the block ends without an exception)."""
 
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """A part of the transaction undone alone: an exception in the block rolls back what
+        the block wrote (the transaction goes on) and is raised. Driver errors inside are
+        raw: wrap in ``url.translate_errors()`` for RegistryErrors (group commit, enroll.py)."""
+        driver = self._db.driver
+        driver.execute("SAVEPOINT part")
+        try:
+            yield
+        except BaseException:
+            driver.execute("ROLLBACK TO SAVEPOINT part")
+            driver.execute("RELEASE SAVEPOINT part")
+            raise
+        driver.execute("RELEASE SAVEPOINT part")
+
     # -- tokens ------------------------------------------------------------------------
     def insert_token(self, row: TokenRow) -> None:
         self.insert_tokens([row])
