@@ -235,29 +235,28 @@ class HostFilesFollower:
 
     def _changed(self, rows: List[HostFacts], tombstoned: Set[str], verify: bool) -> Set[str]:
         """The names whose row differs from the map (``verify``: or whose file differs from
-        its row); forgets the names no node row holds now."""
-        known, changed = self.known, set()
-        nodes: Set[str] = set()
-        taken: Set[str] = set()
-        for row in rows:
-            name = row[0]
-            taken.add(name)
-            if row[4] != NODE:
-                continue
-            nodes.add(name)
-            if known.get(name) != row:
-                changed.add(name)
-            elif verify and not host_file_follows(self.config, row):
-                changed.add(name)
-        for name in known.keys() - nodes:
-            del known[name]
-        gone = tombstoned - taken
-        self.absent &= gone
+        its row); forgets the names no node row holds now. (Comprehensions, no per-row call:
+        this runs over every row at every generation.)"""
+        known = self.known
+        get = known.get
+        changed = {row[0] for row in rows if row[4] == NODE and get(row[0]) != row}
         if verify:
-            self.absent = {name for name in self.absent
-                           if not bootstrap.valid_node_name(name)
-                           or not os.path.lexists(self.config.hosts_dir / name)}
-        changed |= gone - self.absent
+            changed.update(row[0] for row in rows if row[4] == NODE and row[0] not in changed
+                           and not host_file_follows(self.config, row))
+        nodes = sum(1 for row in rows if row[4] == NODE)
+        new = sum(1 for name in changed if name not in known)
+        if len(known) != nodes - new:  # some names of the map are no node's now
+            for name in known.keys() - {row[0] for row in rows if row[4] == NODE}:
+                del known[name]
+        if tombstoned or self.absent:
+            taken = {row[0] for row in rows}
+            gone = {name for name in tombstoned if name not in taken}
+            self.absent &= gone
+            if verify:
+                self.absent = {name for name in self.absent
+                               if not bootstrap.valid_node_name(name)
+                               or not os.path.lexists(self.config.hosts_dir / name)}
+            changed |= gone - self.absent
         return changed
 
     def _follow_names(self, names: Set[str]) -> Dict[str, list]:
