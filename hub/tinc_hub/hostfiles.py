@@ -4,7 +4,8 @@ tinc 1.0 drops, on SIGHUP, every connection whose host file mtime changed, so a 
 is rewritten only when its bytes differ. Writes use a unique temporary file in the same
 directory, fsync, rename, then fsync the directory, so concurrent writers and crashes never
 leave a torn file. ``reconcile_host_files`` (``serve`` start) makes the directory match the
-registry again after a crash between a commit and its host file.
+registry again after a crash between a commit and its host file; ``HostFilesFollower`` (the
+follower of ``serve``) then follows only the rows that changed.
 """
 
 import ipaddress
@@ -13,12 +14,13 @@ import os
 import stat
 import tempfile
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from bootstrap import bootstrap
-from .registry import Registry
+from .registry import NODE, Registry
 from .state import HubConfig
 
 log = logging.getLogger("tinc_hub.hostfiles")
@@ -197,32 +199,172 @@ def host_row_problem(name: str, address: str, public_key: str,
     return None
 
 
-def reconcile_host_files(config: HubConfig, registry: Registry) -> Dict[str, list]:
+HostFacts = Tuple[str, str, str, Optional[int], str]  # RegistryView.host_facts: name, address,
+# public_key, revoked_at, kind
+
+
+def follow_host_row(config: HubConfig, row: HostFacts, written: List[str], removed: List[str]) -> None:
+    """Make the host file of one node row say what the row says (the one copy of the rules):
+    a row with a problem is left out (logged), a revoked node's file removed, an active node's
+    written when its bytes differ (a new key alone keeps the mtime: replace_key_keeping_mtime).
+    Appends the name to ``written`` or ``removed`` when the file changed."""
+    name, address, public_key, revoked_at, _ = row
+    problem = host_row_problem(name, address, public_key, config.network)
+    if problem:  # the registry may be shared by several hubs: never trusted blindly
+        log.warning("node %r of the registry is left out of hosts/: %s", str(name)[:80], problem)
+        return
+    path = config.hosts_dir / name
+    if revoked_at is not None:
+        if remove_if_present(path):
+            removed.append(name)
+    elif replace_key_keeping_mtime(path, render_node_host_file(address, public_key))[0]:
+        written.append(name)
+
+
+def host_file_follows(config: HubConfig, row: HostFacts) -> bool:
+    """True when the host file of ``row`` already is what :func:`follow_host_row` would make it
+    (one file read, no write)."""
+    name, address, public_key, revoked_at, _ = row
+    if host_row_problem(name, address, public_key, config.network):
+        return True
+    path = config.hosts_dir / name
+    if revoked_at is not None:
+        return not os.path.lexists(path)
+    return host_file_in_place(path, render_node_host_file(address, public_key))
+
+
+def remove_tombstoned(config: HubConfig, name: str, removed: List[str]) -> None:
+    """Remove the host file of a removed node whose name no row holds now."""
+    if bootstrap.valid_node_name(name) and remove_if_present(config.hosts_dir / name):
+        removed.append(name)
+
+
+def reconcile_host_files(config: HubConfig, registry: Registry,
+                         followed: "Optional[HostFilesFollower]" = None) -> Dict[str, list]:
     """Make hosts/ match the registry: rewrite missing or different host files of active nodes,
     remove those of revoked nodes, of removed nodes (tombstones: an ephemeral node offline too
     long, revoke --release) whose name no row holds now, and temporary files a crash left
-    behind. Host files of names the registry does not know are left alone. Returns
+    behind. Host files of names the registry does not know are left alone. Every row and every
+    file is read under the write lock (``serve`` start, CLI commands). ``followed``: records
+    what is now on disk (its later rounds compare with it). Returns
     {"written": [...], "removed": [...]}.
     """
-    written, removed = [], []
+    written: List[str] = []
+    removed: List[str] = []
     with registry.exclusive():
         removed.extend(remove_stale_temp_files(config.hosts_dir))
         with registry.snapshot() as view:
-            nodes = view.list_nodes()
-            taken = {row.name for row in view.list_rows()}
-            gone = {stone.name for stone in view.list_tombstones()} - taken
+            rows = view.host_facts()
+            gone = view.tombstoned_names() - {row[0] for row in rows}
         for name in sorted(gone):
-            if bootstrap.valid_node_name(name) and remove_if_present(config.hosts_dir / name):
-                removed.append(name)
-        for node in nodes:
-            problem = host_row_problem(node.name, node.address, node.public_key, config.network)
-            if problem:  # the registry may be shared by several hubs: never trusted blindly
-                log.warning("node %r of the registry is left out of hosts/: %s", node.name[:80], problem)
-                continue
-            path = config.hosts_dir / node.name
-            if node.revoked:
-                if remove_if_present(path):
-                    removed.append(node.name)
-            elif replace_key_keeping_mtime(path, render_node_host_file(node.address, node.public_key))[0]:
-                written.append(node.name)
+            remove_tombstoned(config, name, removed)
+        for row in rows:
+            if row[4] == NODE:
+                follow_host_row(config, row, written, removed)
+        if followed is not None:
+            followed.record_all(rows, gone)
     return {"written": written, "removed": removed}
+
+
+FOLLOW_ALL_UNDER_LOCK = 2048  # more rows changed than this: one read of every row under the lock
+VERIFY_INTERVAL = 600.0  # s between rounds that also compare every file (outside the lock)
+
+
+class HostFilesFollower:
+    """The follower's view of hosts/: per node name, the row (:data:`HostFacts`) whose host file
+    it last made or found on disk, and the removed names whose file it removed.
+
+    The first round is :func:`reconcile_host_files` (every row, every file, under the lock).
+    Each later round reads the rows in a snapshot WITHOUT the write lock and compares them with
+    that map in memory (no file read); only the names that differ (new, new key or address,
+    revoked, removed and not taken again) are re-read under the write lock and their files
+    written or removed by the same rules. So a round costs one read of the rows plus the
+    changed rows, however many nodes are unchanged, and an enrolment never waits for it.
+
+    Rounds trust the map: a host file changed behind the hub's back, or a row that changed and
+    changed back between two rounds after this hub's own writer (enrolment, reaper) rewrote the
+    file, is repaired by the next verifying round (every ``verify_interval`` s: every file
+    compared, outside the lock, the differing ones followed) or by ``serve`` start."""
+
+    def __init__(self, config: HubConfig, registry: Registry, verify_interval: float = VERIFY_INTERVAL,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config, self.registry = config, registry
+        self.verify_interval, self.clock = verify_interval, clock
+        self.known: Dict[str, HostFacts] = {}  # node name -> the row its file follows
+        self.absent: Set[str] = set()  # removed names whose file was removed (or never was)
+        self.verified_at: Optional[float] = None  # None: no full reconcile yet
+
+    def record_all(self, rows: List[HostFacts], gone: Set[str]) -> None:
+        """After a full reconcile: every node row and every removed name as now on disk."""
+        self.known = {row[0]: row for row in rows if row[4] == NODE}
+        self.absent = set(gone)
+        self.verified_at = self.clock()
+
+    def follow(self) -> Dict[str, list]:
+        """One round (see the class): {"written": [...], "removed": [...]}."""
+        if self.verified_at is None:
+            return reconcile_host_files(self.config, self.registry, self)
+        verify = not 0 <= self.clock() - self.verified_at < self.verify_interval
+        with self.registry.snapshot() as view:
+            rows = view.host_facts()
+            tombstoned = view.tombstoned_names()
+        changed = self._changed(rows, tombstoned, verify)
+        if verify:
+            self.verified_at = self.clock()
+        if not changed:
+            return {"written": [], "removed": []}
+        return self._follow_names(changed)
+
+    def _changed(self, rows: List[HostFacts], tombstoned: Set[str], verify: bool) -> Set[str]:
+        """The names whose row differs from the map (``verify``: or whose file differs from
+        its row); forgets the names no node row holds now. (Comprehensions, no per-row call:
+        this runs over every row at every generation.)"""
+        known = self.known
+        get = known.get
+        changed = {row[0] for row in rows if row[4] == NODE and get(row[0]) != row}
+        if verify:
+            changed.update(row[0] for row in rows if row[4] == NODE and row[0] not in changed
+                           and not host_file_follows(self.config, row))
+        nodes = sum(1 for row in rows if row[4] == NODE)
+        new = sum(1 for name in changed if name not in known)
+        if len(known) != nodes - new:  # some names of the map are no node's now
+            for name in known.keys() - {row[0] for row in rows if row[4] == NODE}:
+                del known[name]
+        if tombstoned or self.absent:
+            taken = {row[0] for row in rows}
+            gone = {name for name in tombstoned if name not in taken}
+            self.absent &= gone
+            if verify:
+                self.absent = {name for name in self.absent
+                               if not bootstrap.valid_node_name(name)
+                               or not os.path.lexists(self.config.hosts_dir / name)}
+            changed |= gone - self.absent
+        return changed
+
+    def _follow_names(self, names: Set[str]) -> Dict[str, list]:
+        """Under the write lock: re-read the rows of ``names`` and follow them."""
+        written: List[str] = []
+        removed: List[str] = []
+        with self.registry.exclusive():
+            with self.registry.snapshot() as view:
+                if len(names) > FOLLOW_ALL_UNDER_LOCK:
+                    rows = {row[0]: row for row in view.host_facts() if row[0] in names}
+                else:
+                    rows = {name: row for name in names
+                            for row in [view.host_facts_of(name)] if row is not None}
+                tombstoned = view.tombstoned_names() if names - rows.keys() else set()
+            for name in sorted(names):
+                row = rows.get(name)
+                if row is None:  # no row: removed (its file goes) or deleted (left alone)
+                    self.known.pop(name, None)
+                    if name in tombstoned:
+                        remove_tombstoned(self.config, name, removed)
+                        self.absent.add(name)
+                elif row[4] != NODE:  # a hub's file is mirror_registry's
+                    self.known.pop(name, None)
+                    self.absent.discard(name)
+                else:
+                    follow_host_row(self.config, row, written, removed)
+                    self.known[name] = row
+                    self.absent.discard(name)
+        return {"written": written, "removed": removed}

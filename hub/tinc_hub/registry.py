@@ -379,6 +379,13 @@ class _Statements:
                                      removed_nodes.c.removed_at, removed_nodes.c.offline_seconds)
                            .order_by(removed_nodes.c.removed_at, removed_nodes.c.id))
     prune_tombstones = removed_nodes.delete().where(removed_nodes.c.removed_at < P("before"))
+    tombstoned_names = sa.select(removed_nodes.c.name).distinct()
+    # what a node's host file follows, for every row (hubs too: their names are taken); the
+    # hub's follower compares these plain tuples with the ones it last wrote (hostfiles.py)
+    host_facts = sa.select(nodes.c.name, nodes.c.address, nodes.c.public_key, nodes.c.revoked_at,
+                           nodes.c.kind).order_by(nodes.c.address_int)
+    host_facts_of = (sa.select(nodes.c.name, nodes.c.address, nodes.c.public_key,
+                               nodes.c.revoked_at, nodes.c.kind).where(nodes.c.name == P("name")))
     exposures_in_order = (sa.select(exposures.c.id, exposures.c.node_name, exposures.c.node_port,
                                     exposures.c.listen_address, exposures.c.listen_port,
                                     exposures.c.proto, exposures.c.snat, exposures.c.created_at,
@@ -580,6 +587,21 @@ class RegistryView:
     def list_tombstones(self) -> List[Tombstone]:
         """Every recorded removal, oldest first."""
         return [Tombstone(*r) for r in self._db.rows(Q.tombstones_in_order)]
+
+    def tombstoned_names(self) -> Set[str]:
+        """The names of every recorded removal (a name may be held again by a row since)."""
+        return {r[0] for r in self._db.rows(Q.tombstoned_names)}
+
+    # -- host files ----------------------------------------------------------------------
+    def host_facts(self) -> List[tuple]:
+        """(name, address, public_key, revoked_at, kind) of every row (nodes and hubs) in
+        address order: what a host file follows, as the driver's plain tuples (no row objects:
+        the follower compares them at every generation)."""
+        return self._db.rows(Q.host_facts)
+
+    def host_facts_of(self, name: str) -> Optional[tuple]:
+        """:meth:`host_facts` of the row named ``name`` (None: no such row)."""
+        return self._db.first(Q.host_facts_of, name=name)
 
     # -- exposures ---------------------------------------------------------------------
     def list_exposures(self) -> List[ExposureRow]:

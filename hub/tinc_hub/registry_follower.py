@@ -11,16 +11,20 @@ whose file is newer), and the caller SIGHUPs tincd once when anything changed.
 generation (bumped by every write transaction of any hub) moves: at once on a PostgreSQL
 notification (``LISTEN tinc_hub_changes``), else by polling the generation every
 ``POLL_INTERVAL`` s, and once at start, so a hub that was down catches up when it starts.
+The first round reads every row and every host file under the write lock; later rounds read
+the rows without it and touch only the files of rows that changed (hostfiles.HostFilesFollower),
+so a round's cost does not grow with the unchanged nodes and enrolments do not wait for it.
 """
 
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from bootstrap import bootstrap
 from .exposure import claims_default_route
-from .hostfiles import reconcile_host_files, remove_if_present, write_if_changed
+from .hostfiles import HostFilesFollower, reconcile_host_files, remove_if_present, write_if_changed
 from .names import NAMES_SERVICE, NamesCache, hosts_writable, write_hub_names, write_names_file
 from .registry import CHANGES_CHANNEL, Registry, RegistryError
 from .roster import HUB_PEERS_FILE, hub_host_files_for, render_hub_peers_conf, usable_hubs
@@ -30,11 +34,15 @@ log = logging.getLogger("tinc_hub.follow")
 
 POLL_INTERVAL = 1.0  # s between generation reads when no notification comes (SQLite, PG down)
 RETRY_INTERVAL = 5.0  # s before reconnecting the PostgreSQL listener after an error
+ROUND_SHARE = 0.1  # rounds take at most this share of the time: a round of R s is followed by a
+ROUND_PAUSE_MAX = 1.0  # pause of 9 R s, at most this (other hubs follow a change within ~3 s)
 
 
-def mirror_registry(config: HubConfig, registry: Registry) -> Dict[str, List[str]]:
+def mirror_registry(config: HubConfig, registry: Registry,
+                    host_files: Optional[HostFilesFollower] = None) -> Dict[str, List[str]]:
     """Bring hosts/ and conf.d/hubs.conf in line with the registry; returns what was written and
-    removed (tincd needs a SIGHUP when either is not empty)."""
+    removed (tincd needs a SIGHUP when either is not empty). The nodes' files: every one
+    (reconcile_host_files), or ``host_files``' round (only the rows changed since its last)."""
     with registry.snapshot() as view:
         hubs = view.list_hubs()
     written: List[str] = []
@@ -58,7 +66,7 @@ def mirror_registry(config: HubConfig, registry: Registry) -> Dict[str, List[str
                     removed.append(HUB_PEERS_FILE)
             elif path.parent.mkdir(parents=True, exist_ok=True) or write_if_changed(path, peers):
                 written.append(HUB_PEERS_FILE)
-    nodes = reconcile_host_files(config, registry)
+    nodes = host_files.follow() if host_files is not None else reconcile_host_files(config, registry)
     return {"written": written + nodes["written"], "removed": removed + nodes["removed"]}
 
 
@@ -89,6 +97,7 @@ class RegistryFollower:
         self._thread = threading.Thread(target=self._run, name="registry-follower", daemon=True)
         self._listener = None  # a psycopg connection LISTENing, PostgreSQL only
         self.names = NamesCache(config)
+        self.host_files = HostFilesFollower(config, registry)
         self.names_writable = hosts_writable()
         if not self.names_writable:
             log.info("names: %s is read-only to this process (its sandbox): %s writes the hub's"
@@ -107,7 +116,9 @@ class RegistryFollower:
             generation = view.generation()
         if generation == self.generation:
             return False
-        done = mirror_registry(self.config, self.registry)
+        started = time.monotonic()
+        done = mirror_registry(self.config, self.registry, self.host_files)
+        mirrored = time.monotonic()
         if self.exposures_changed is not None:
             exposures = exposures_fingerprint(self.registry, self.config.name)
             if exposures != self.exposures:
@@ -116,6 +127,9 @@ class RegistryFollower:
                 self.exposures = exposures
         self.generation = generation
         self.follow_names()
+        log.debug("round of generation %d: %.3f s (files %.3f s, %d written, %d removed)",
+                  generation, time.monotonic() - started, mirrored - started, len(done["written"]),
+                  len(done["removed"]))
         if done["written"] or done["removed"]:
             log.info("followed the registry (generation %d): wrote %s, removed %s", generation,
                      ", ".join(done["written"]) or "nothing", ", ".join(done["removed"]) or "nothing")
@@ -140,10 +154,14 @@ class RegistryFollower:
         failing = False
         while not self._stop.is_set():
             try:
+                started = time.monotonic()
                 self.catch_up()
                 if failing:
                     log.info("following the registry again")
                 failing = False
+                # the round runs in serve's process: it must not starve the enrolments
+                self._stop.wait(min((time.monotonic() - started) * (1 - ROUND_SHARE) / ROUND_SHARE,
+                                    ROUND_PAUSE_MAX))
                 self._wait_for_change()
             except RegistryError as exc:
                 if not failing:
