@@ -83,10 +83,12 @@ def run_config(lab: fleetlab.Fleet, name: str, timeout: float) -> dict:
     result = {"config": name, "connect": connect, "rss": rss, "recover": None}
     if connect is not None:
         time.sleep(SETTLE_S)
-        since = lab.restart_hub_tincd(hub)
-        started = time.monotonic()
-        took, reached = wait_all(lab, hub, since, timeout)
+        restart = lab.restart_hub_tincd(hub)
+        took, reached = wait_all(lab, hub, restart.since, timeout)
         result["recover"] = took
+        result["stop_s"] = restart.stop_s
+        say("[%s] hub tincd took %.1f s to exit (host-down for each node), %.1f s to listen"
+            % (name, restart.stop_s, restart.start_s))
         say(figure("[%s] back after hub tincd restart" % name, took, bound, timeout, reached,
                    lab.total))
     lab.stop_nodes()
@@ -106,8 +108,8 @@ def two_hubs(lab: fleetlab.Fleet, timeout: float) -> None:
     for hub in lab.hub_names:
         ping = fleetlab.PingLoss(lab.topo[src], dst, interval=0.2)
         time.sleep(2)
-        since = lab.restart_hub_tincd(hub)
-        took, reached = wait_all(lab, hub, since, timeout)
+        restart = lab.restart_hub_tincd(hub)
+        took, reached = wait_all(lab, hub, restart.since, timeout)
         time.sleep(2)
         lost = ping.stop()
         say("[2 hubs] %s tincd restarted: all back in %s; %s -> %s pings lost: %d of %d "
@@ -154,9 +156,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for r in results:
         def fmt(v):
             return "%6.1f s (x%.2f)" % (v, v / bound) if v is not None else "   timeout     "
-        print("  %-8s connect %s   recover %s   hub tincd %.1f MB   serve %.1f MB" % (
-            r["config"], fmt(r["connect"]), fmt(r["recover"]), r["rss"]["tincd"],
-            r["rss"].get("api", float("nan"))))
+        print("  %-8s connect %s   recover %s   hub tincd %.1f MB   serve %.1f MB   "
+              "hub tincd exit %.1f s" % (r["config"], fmt(r["connect"]), fmt(r["recover"]),
+                                         r["rss"]["tincd"], r["rss"].get("api", float("nan")),
+                                         r.get("stop_s", float("nan"))))
     return 0
 
 

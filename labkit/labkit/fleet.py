@@ -33,7 +33,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 from bootstrap import bootstrap
 from tinc_hub.liveness import read_liveness
@@ -178,6 +178,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 # ------------------------------------------------------------------------------ the fleet
+
+class Restart(NamedTuple):
+    """A restart of a hub's tincd: the epoch second from which reconnections count, the
+    seconds the old tincd took to exit and the new one to listen."""
+    since: int
+    stop_s: float
+    start_s: float
+
 
 class FleetNode:
     """One dummy tincd of the fleet."""
@@ -391,14 +399,17 @@ class Fleet:
     def hub_tincd_pid(self, hub: str) -> Optional[int]:
         return self.hubs[hub].tincd_pid()
 
-    def restart_hub_tincd(self, hub: str) -> int:
-        """SIGTERM the hub's tincd, wait for it to exit, start it again (listening); returns
-        the epoch second from which reconnections count."""
+    def restart_hub_tincd(self, hub: str, stop_timeout: float = 600) -> "Restart":
+        """SIGTERM the hub's tincd, wait for it to exit, start it again (listening). A tincd
+        1.0 with N connections takes a while to exit: it runs host-down (and graph()) once
+        per connection."""
         driver = self.hubs[hub]
-        netlab.stop_tincd(driver.host, driver.net, timeout=30)
+        started = time.monotonic()
+        netlab.stop_tincd(driver.host, driver.net, timeout=stop_timeout)
+        stopped = time.monotonic()
         since = int(time.time())
         netlab.start_tincd(driver.host, driver.net, timeout=30)
-        return since
+        return Restart(since, stopped - started, time.monotonic() - stopped)
 
     def hub_rss_mb(self, hub: str) -> Dict[str, float]:
         """RSS (MB) of the hub's tincd and of its `tinc-hub serve`."""
