@@ -17,7 +17,9 @@ Configurations: `900` = tinc's defaults (MaxTimeout 900), `30` = MaxTimeout 30 (
 config before issue 14), `10` = MaxTimeout 10 (a lower cap alone), `product` = what
 bootstrap.py writes now (MinTimeout = MaxTimeout, 5..14 s, spread over the nodes by name). With --hubs 2 (needs
 PostgreSQL's binaries): the nodes connect to both hubs; the tun nodes ping each other every
-0.2 s while each hub's tincd restarts in turn: pings lost (target 0).
+0.2 s while each hub's tincd restarts in turn: pings lost (target 0); then again with the
+hubs' host-down script moved aside (attribution: tincd runs it once per node as it exits,
+and nodes whose connection it has not closed yet still send through it).
 
     .venv/bin/python bench/fleet.py [--nodes 1000] [--tun 4] [--configs 30,product] [--hubs 1]
 """
@@ -105,16 +107,24 @@ def two_hubs(lab: fleetlab.Fleet, timeout: float) -> None:
                    timeout, reached, lab.total))
     time.sleep(SETTLE_S)
     src, dst = lab.tun_names[0], lab.tun_addresses[lab.tun_names[1]]
-    for hub in lab.hub_names:
-        ping = fleetlab.PingLoss(lab.topo[src], dst, interval=0.2)
-        time.sleep(2)
-        restart = lab.restart_hub_tincd(hub)
-        took, reached = wait_all(lab, hub, restart.since, timeout)
-        time.sleep(2)
-        lost = ping.stop()
-        say("[2 hubs] %s tincd restarted: all back in %s; %s -> %s pings lost: %d of %d "
-            "(target 0)" % (hub, "%.1f s" % took if took is not None else "> %.0f s" % timeout,
-                            src, dst, lost, len(ping.replies()) + max(lost, 0)))
+    for host_down in (True, False):
+        for hub in lab.hub_names:
+            lab.set_host_down_script(hub, host_down)
+            ping = fleetlab.PingLoss(lab.topo[src], dst, interval=0.2)
+            time.sleep(2)
+            restart = lab.restart_hub_tincd(hub)
+            took, reached = wait_all(lab, hub, restart.since, timeout)
+            time.sleep(2)
+            lost = ping.stop()
+            say("[2 hubs, host-down %s] %s tincd restarted (exit %.1f s): all back in %s; "
+                "%s -> %s pings lost: %d of %d (target 0)" % (
+                    "on" if host_down else "off", hub, restart.stop_s,
+                    "%.1f s" % took if took is not None else "> %.0f s" % timeout,
+                    src, dst, lost, len(ping.replies()) + max(lost, 0)))
+            if lost:
+                say("    lost (s after the first reply, restart at ~2 s, count): %s"
+                    % ping.gaps())
+            lab.set_host_down_script(hub, True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -411,6 +411,15 @@ class Fleet:
         netlab.start_tincd(driver.host, driver.net, timeout=30)
         return Restart(since, stopped - started, time.monotonic() - stopped)
 
+    def set_host_down_script(self, hub: str, enabled: bool) -> None:
+        """Move the hub's host-down script aside (or back): for attributing a slow tincd exit
+        to it (tincd runs it once per node while it exits). Liveness then records no downs."""
+        driver = self.hubs[hub]
+        path = "/etc/tinc/%s/host-down" % driver.net
+        src, dst = (path + ".off", path) if enabled else (path, path + ".off")
+        if driver.host.exists(src):
+            driver.host.run(["mv", "-f", "--", src, dst])
+
     def hub_rss_mb(self, hub: str) -> Dict[str, float]:
         """RSS (MB) of the hub's tincd and of its `tinc-hub serve`."""
         driver = self.hubs[hub]
@@ -427,6 +436,7 @@ class PingLoss:
 
     def __init__(self, src: netlab.Host, dst: str, interval: float = 0.2,
                  max_seconds: int = 600) -> None:
+        self.interval = interval
         self.proc = src.popen(["ping", "-n", "-i", str(interval), "-W", "1",
                                "-c", str(int(max_seconds / interval)), dst],
                               log="%s.ping-%s.log" % (src.name, dst))
@@ -438,6 +448,12 @@ class PingLoss:
     def lost(self) -> int:
         got = self.replies()
         return (got[-1] - got[0] + 1 - len(got)) if got else -1
+
+    def gaps(self) -> List[tuple]:
+        """(seconds after the first reply, requests lost) of each run of lost requests."""
+        got = self.replies()
+        return [(round((a - got[0] + 1) * self.interval, 1), b - a - 1)
+                for a, b in zip(got, got[1:]) if b - a > 1]
 
     def stop(self) -> int:
         self.proc.stop()
