@@ -15,11 +15,13 @@ for each node configuration (--configs, in one run, on the same fleet and hub):
 
 Configurations: `900` = tinc's defaults (MaxTimeout 900), `30` = MaxTimeout 30 (the node
 config before issue 14), `10` = MaxTimeout 10 (a lower cap alone), `product` = what
-bootstrap.py writes now (MinTimeout = MaxTimeout, 5..14 s, spread over the nodes by name). With --hubs 2 (needs
-PostgreSQL's binaries): the nodes connect to both hubs; the tun nodes ping each other every
-0.2 s while each hub's tincd restarts in turn: pings lost (target 0); then again with the
-hubs' host-down script moved aside (attribution: tincd runs it once per node as it exits,
-and nodes whose connection it has not closed yet still send through it).
+bootstrap.py writes now (MinTimeout = MaxTimeout, 5..14 s, spread over the nodes by
+name).
+
+With --hubs 2 (needs PostgreSQL's binaries): the nodes connect to both hubs; the tun nodes
+ping each other every 0.2 s while each hub's tincd restarts in turn: pings lost (target 0)
+and when; then again with the hubs' host-down script moved aside (attribution: tincd runs it
+once per node as it exits, while nodes it has not disconnected yet still send through it).
 
     .venv/bin/python bench/fleet.py [--nodes 1000] [--tun 4] [--configs 30,product] [--hubs 1]
 """
