@@ -33,7 +33,7 @@ ONLY_HUB = "moria"
 HUBS = ("erebor", "rivendell")
 FLOWING_SPAN_S = 3.0  # traffic counts as back after this long with no reply missing for 1 s
 OUTAGE_BOUND_S = 45.0  # PingInterval 5 + 2 * PingTimeout 3 = 11 s expected for a silent hub
-RECONNECT_BOUND_S = 90.0  # MaxTimeout 30 + PingTimeout 3 expected, with slack
+RECONNECT_BOUND_S = 90.0  # MaxTimeout 5..14 + PingTimeout 3 expected, with slack
 JOIN_BOUND_S = 180.0
 # tinc resets a connection's retry backoff only at its first PONG (pong_h), sent PingInterval
 # 5 s after it connects and checked every PingTimeout 3 s: an event sooner than that after a

@@ -1650,7 +1650,9 @@ HUBS_FILE = "hubs.json"  # the hubs this node knows: API endpoints and pins (060
 CREDENTIAL_FILE = "credential"  # the node's sync credential (0600)
 SCRIPT_FILE = "bootstrap.py"  # this script, installed in the net dir for tinc-up/tinc-down
 CREDENTIAL_RE = re.compile(r"[0-9a-f]{64}")
-NODE_KEEPALIVE = ("PingInterval = 5", "PingTimeout = 3", "MaxTimeout = 30")
+NODE_KEEPALIVE = ("PingInterval = 5", "PingTimeout = 3")
+# A node retries a hub it lost every RETRY_MIN_S..RETRY_MIN_S+RETRY_SPREAD_S-1 s (fixed per node)
+RETRY_MIN_S, RETRY_SPREAD_S = 5, 10
 SYNC_INTERVAL_MIN, SYNC_INTERVAL_MAX = 10, 3600  # the bounds put on the hub's `interval`
 DEFAULT_SYNC_INTERVAL = 30  # what a hub answers unless `tinc-hub serve --sync-interval`
 SYNC_RETRY_MAX = 60.0  # the longest wait between two rounds while no hub answers
@@ -1728,10 +1730,27 @@ def remember_secret(secret: Optional[str]) -> None:
         _SECRETS.append(secret)
 
 
+def node_retry_seconds(name: str) -> int:
+    """The seconds between a node's attempts to reach a hub it lost: fixed for the node
+    (MinTimeout = MaxTimeout) and spread over RETRY_MIN_S + 0..RETRY_SPREAD_S-1 by its name
+    (stable: a re-run writes the same tinc.conf). Why: a hub's tincd 1.0 accepts 10 new meta
+    connections per second and holds the rest in a tarpit, and tinc's own backoff (5, 10,
+    15 ... s, all nodes in step after a hub restart) wastes most seconds of a big fleet's
+    reconnection; fixed, spread retries fill every second (docs/DESIGN.md, Keepalive)."""
+    digest = hashlib.sha256(name.encode("utf-8")).digest()
+    return RETRY_MIN_S + int.from_bytes(digest[:4], "big") % RETRY_SPREAD_S
+
+
+def node_keepalive(name: str) -> Tuple[str, ...]:
+    """A node's keepalive lines: notice a dead hub in seconds, retry it every few seconds."""
+    retry = node_retry_seconds(name)
+    return NODE_KEEPALIVE + ("MinTimeout = {}".format(retry), "MaxTimeout = {}".format(retry))
+
+
 def render_node_tinc_conf(name: str, net: str, hubs: Sequence[str]) -> str:
     """A node's tinc.conf with several hubs: ConnectTo every hub (sorted: the bytes do not
     depend on which hub answered) and the keepalive that notices a dead hub in seconds."""
-    return render_tinc_conf(name, net, sorted(hubs), extra=NODE_KEEPALIVE)
+    return render_tinc_conf(name, net, sorted(hubs), extra=node_keepalive(name))
 
 
 def render_hubs_record(hub_net: str, hubs: Sequence[HubEndpoint]) -> str:

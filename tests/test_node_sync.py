@@ -186,7 +186,8 @@ def test_node_tinc_conf_names_every_hub_sorted_with_keepalive():
     text = conf(["rivendell", "erebor"])
     assert text.splitlines()[1:] == [
         "Name = hobbiton", "AddressFamily = ipv4", "Interface = net", "PingInterval = 5",
-        "PingTimeout = 3", "MaxTimeout = 30", "ConnectTo = erebor", "ConnectTo = rivendell"]
+        "PingTimeout = 3", "MinTimeout = 6", "MaxTimeout = 6", "ConnectTo = erebor",
+        "ConnectTo = rivendell"]  # hobbiton retries a lost hub every 6 s (5..14 by name)
     assert conf(["erebor", "rivendell"]) == text  # the bytes do not depend on who answered
 
 
@@ -480,7 +481,9 @@ def test_join_gets_a_credential_every_hub_file_and_a_running_sync_loop(lab):
     assert hubs[0].host == netlab.HUB_PUBLIC and hubs[0].pin == netlab.decode_token(
         lab.tokens[SHIRE])["k"]
     conf = node.read_file(NETDIR + "/tinc.conf")
-    for line in ("ConnectTo = " + HUB, "PingInterval = 5", "PingTimeout = 3", "MaxTimeout = 30"):
+    retry = bootstrap.node_retry_seconds(SHIRE)
+    for line in ("ConnectTo = " + HUB, "PingInterval = 5", "PingTimeout = 3",
+                 "MinTimeout = %d" % retry, "MaxTimeout = %d" % retry):
         assert line + "\n" in conf, conf
     assert node.read_bytes(NETDIR + "/bootstrap.py") == netlab.BOOTSTRAP_PY.read_bytes()
     assert mode(NETDIR + "/bootstrap.py") == 0o755

@@ -44,7 +44,7 @@ HOBBITON, BREE, DALE, ESGAROTH, FANGORN, GONDOR = (
 NODES = [HOBBITON, BREE, DALE, ESGAROTH, FANGORN, GONDOR]
 
 IN_STEP_S = 5.0  # DESIGN: a change on one hub reaches every hub's hosts/ and tincd within 5 s
-REJOIN_S = 45.0  # nodes rejoin a returned hub within MaxTimeout 30 + PingTimeout 3 (+ slack)
+REJOIN_S = 45.0  # nodes rejoin a returned hub within MaxTimeout 14 + PingTimeout 3 (+ slack)
 NODE_SYNC_S = 120.0  # issue 11: nodes follow a hub change within 2 minutes
 LOOPBACK_NET, LOOPBACK_SUBNET = "lnet", "10.62.0.0/22"  # 500 nodes need more than a /24
 
