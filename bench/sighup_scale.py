@@ -206,7 +206,7 @@ def fact_mode(args) -> int:
         print("  ping probe -> hub before any SIGHUP: %s" % ("answered" if pings else "NO answer"))
         os.kill(lab.pid, signal.SIGHUP)
         t = time.monotonic()
-        ok = netlab.wait_until(lambda: lab.probe_pings_hub(0.5), 60, 0.05, what="ping after SIGHUP")
+        netlab.wait_until(lambda: lab.probe_pings_hub(0.5), 60, 0.05, what="ping after SIGHUP")
         print("  after one SIGHUP: answered %.2f s later" % (time.monotonic() - t))
         print("  hub log:\n    " + "\n    ".join(l for l in lab.log_text().splitlines()
                                              if lab.probe_name in l or "HUP" in l or "Subnet" in l)[-3000:])

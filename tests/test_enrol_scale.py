@@ -156,8 +156,6 @@ def test_an_ephemeral_node_reaped_frees_its_address_lowest_first(small_net: HubE
 
 
 def _make_ephemeral(env: HubEnv, name: str, last_seen: int, seconds: int) -> None:
-    import sqlalchemy as sa
-
     from tinc_hub.registry import nodes
 
     with env.registry._connection() as conn:
