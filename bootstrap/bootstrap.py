@@ -239,26 +239,15 @@ def write_atomic(path: str, content, mode: int = 0o644) -> bool:
     """
     data = content.encode("utf-8") if isinstance(content, str) else bytes(content)
     path = os.path.realpath(path)
+    kept = keep_if_same(path, data, mode)
+    if kept is not None:
+        return kept
+    fd, tmp = stage_temp_file(path, data, mode)
     try:
-        with open(path, "rb") as existing:
-            same = existing.read() == data
-        if same and (os.stat(path).st_mode & 0o7777) == mode:
-            return False
-        if same:
-            os.chmod(path, mode)
-            return True
-    except FileNotFoundError:
-        pass
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.rename(tmp, path)
     except BaseException:
         try:
@@ -266,8 +255,44 @@ def write_atomic(path: str, content, mode: int = 0o644) -> bool:
         except OSError:
             pass
         raise
-    fsync_directory(directory)
+    fsync_directory(os.path.dirname(path))
     return True
+
+
+def keep_if_same(path: str, data: bytes, mode: int) -> Optional[bool]:
+    """When ``path`` already holds ``data``: False (untouched) or True (only its mode was
+    set to ``mode``); None when it must be written (missing or different)."""
+    try:
+        with open(path, "rb") as existing:
+            if existing.read() != data:
+                return None
+        if (os.stat(path).st_mode & 0o7777) == mode:
+            return False
+        os.chmod(path, mode)
+        return True
+    except FileNotFoundError:
+        return None
+
+
+def stage_temp_file(path: str, data: bytes, mode: int) -> Tuple[int, str]:
+    """A temporary file beside ``path`` (same directory, made if missing) holding ``data``
+    with ``mode``, not yet fsync'd: (its open descriptor, its path). Removed on failure."""
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                               dir=directory)
+    try:
+        with os.fdopen(os.dup(fd), "wb") as handle:  # all of it (a short write retried)
+            handle.write(data)
+        os.fchmod(fd, mode)
+    except BaseException:
+        os.close(fd)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return fd, tmp
 
 
 def fsync_directory(directory: str) -> None:

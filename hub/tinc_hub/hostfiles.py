@@ -12,7 +12,6 @@ import ipaddress
 import logging
 import os
 import stat
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -74,27 +73,17 @@ def write_host_files(files: Sequence[Tuple[Path, str]], mode: int = 0o644) -> Li
             if real in planned:
                 same = planned[real] == data
             else:
-                try:
-                    with open(real, "rb") as existing:
-                        same = existing.read() == data
-                    if same and (os.stat(real).st_mode & 0o7777) != mode:
-                        os.chmod(real, mode)
-                        changed.append(True)
-                        continue
-                except FileNotFoundError:
-                    same = False
+                kept = bootstrap.keep_if_same(real, data, mode)
+                if kept is not None:  # the same bytes (its mode perhaps set)
+                    changed.append(kept)
+                    continue
+                same = False
             changed.append(not same)
             if same:
                 continue
-            directory = os.path.dirname(real)
-            os.makedirs(directory, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(real) + ".", suffix=".tmp",
-                                       dir=directory)
+            fd, tmp = bootstrap.stage_temp_file(real, data, mode)
             open_fds.append(fd)
             staged.append((fd, tmp, real))
-            with os.fdopen(os.dup(fd), "wb") as handle:  # all of it (a short write retried)
-                handle.write(data)
-            os.fchmod(fd, mode)
             planned[real] = data
         _fsync_all([fd for fd, _, _ in staged])
         while open_fds:
