@@ -31,7 +31,6 @@ import sys
 import time
 from typing import Dict, List, Tuple
 
-from cryptography.hazmat.primitives import serialization
 
 from labkit import netlab
 from labkit.hub_tincd import (HubTincdLab, derived_public_keys, enrol_burst_in, hup_count,
@@ -178,13 +177,7 @@ def burst_mode(args) -> int:
                       hup_count(lab.log_text()) - hups, rss / 1024, rss_kib(lab.pid) / 1024,
                       len(os.listdir(lab.hosts_dir)), load()), flush=True)
         # the node after the burst: enrol (real key), start its tincd, seconds until it pings
-        pub = probe_key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                  serialization.PublicFormat.PKCS1).decode()
-        t = time.monotonic()
-        answer = enrol_burst_in(lab.topo.hub, token, [lab.probe_name], [pub])[0]
-        answered = time.monotonic() - t
-        assert answer["status"] == 200, answer
-        lab.start_probe(answer["body"]["address"], probe_key, write_hub_side=False)
+        answered = lab.enrol_and_start_probe(token, probe_key)
         t2 = time.monotonic()
         netlab.wait_until(lambda: lab.probe_pings_hub(0.5), 60, 0.05, what="late node pings the hub")
         print("node after the bursts: answered in %.2f s, pings the hub %.2f s after its tincd started"

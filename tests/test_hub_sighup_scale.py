@@ -113,7 +113,6 @@ def test_enrolment_burst_is_not_a_sighup_storm() -> None:
     from labkit.hub_tincd import (HubTincdLab, derived_public_keys, enrol_burst_in, hup_count,
                                   new_private_key, rss_kib, wait_idle, write_host_files)
     from labkit import netlab
-    from cryptography.hazmat.primitives import serialization
 
     if not netlab.TINC_HUB.exists():
         pytest.fail("%s missing: run tests/setup-env" % netlab.TINC_HUB)
@@ -147,13 +146,7 @@ def test_enrolment_burst_is_not_a_sighup_storm() -> None:
         assert grown <= (storm + 1) * (PREFILL + BURST) * 100 / 1024 + 4096, grown
 
         # the node enrolled after the burst connects (real tun) and pings the hub promptly
-        pem = late_key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                 serialization.PublicFormat.PKCS1).decode()
-        asked = time.monotonic()
-        answer = enrol_burst_in(lab.topo.hub, token, [lab.probe_name], [pem])[0]
-        answered = time.monotonic() - asked
-        assert answer["status"] == 200, answer
-        lab.start_probe(answer["body"]["address"], late_key, write_hub_side=False)
+        answered = lab.enrol_and_start_probe(token, late_key)
         joined = time.monotonic()
         assert wait_until(lambda: lab.probe_pings_hub(0.5), 20), "late node never pinged the hub"
         pinged = time.monotonic() - joined

@@ -157,6 +157,19 @@ class HubTincdLab:
         return [str(ipaddress.IPv4Address(first + i)) for i in range(count)]
 
     # -- the probe node: a real tincd with a tun device ------------------------------------------
+    def enrol_and_start_probe(self, token: str, private_key: rsa.RSAPrivateKey) -> float:
+        """Enrol the probe node through the API with ``private_key``'s public key, start its
+        tincd at the address answered; returns the seconds the enrolment took."""
+        pem = private_key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                    serialization.PublicFormat.PKCS1).decode()
+        asked = time.monotonic()
+        answer = enrol_burst_in(self.topo.hub, token, [self.probe_name], [pem])[0]
+        answered = time.monotonic() - asked
+        if answer["status"] != 200:
+            raise RuntimeError("the probe's enrolment failed: %r" % (answer,))
+        self.start_probe(answer["body"]["address"], private_key, write_hub_side=False)
+        return answered
+
     def start_probe(self, address: str, private_key: rsa.RSAPrivateKey,
                     write_hub_side: bool = True) -> "netlab.Proc":
         """The probe's tincd (ConnectTo the hub, real tun) in the foreground; with
