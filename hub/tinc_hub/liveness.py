@@ -10,7 +10,7 @@ tincd could block on. ``tinc-hub nodes`` reads these files.
 import os
 import shlex
 from pathlib import Path
-from typing import Dict, NamedTuple, Optional
+from typing import Dict, NamedTuple, Optional, Set
 
 from bootstrap import bootstrap
 
@@ -73,6 +73,26 @@ def read_liveness(state_root: Path) -> Dict[str, Seen]:
 def tincd_running(net: str) -> bool:
     """True when the pidfile of the hub's tincd names a live tincd."""
     return bootstrap.pid_from_file(net) is not None
+
+
+def tincd_started(net: str) -> Optional[float]:
+    """When the hub's running tincd started (its pidfile's mtime); None when none runs."""
+    if bootstrap.pid_from_file(net) is None:
+        return None
+    for path in bootstrap.pid_file_paths(net):
+        try:
+            return Path(path).stat().st_mtime
+        except OSError:
+            continue
+    return None
+
+
+def online_names(seen: Dict[str, Seen], started: Optional[float]) -> Set[str]:
+    """Nodes the running tincd (started at ``started``) reports reachable: their last record
+    is host-up, written since it started (an older one is another tincd's)."""
+    if started is None:
+        return set()
+    return {name for name, record in seen.items() if record.up and record.at >= int(started)}
 
 
 def node_status(record: Optional[Seen], hub_running: bool, now: int) -> Dict[str, object]:
