@@ -116,6 +116,12 @@ def varied_hub(root: Path) -> HubEnv:
     return env
 
 
+@pytest.fixture(scope="module")
+def shared_varied_hub(tmp_path_factory) -> HubEnv:
+    """One varied_hub for the tests that only read it."""
+    return varied_hub(tmp_path_factory.mktemp("varied"))
+
+
 def registry_nodes(env: HubEnv) -> List[NodeRow]:
     with env.registry.reading() as view:
         return view.list_nodes()
@@ -127,8 +133,8 @@ def run_cli(capsys, env: HubEnv, *argv: str) -> str:
     return capsys.readouterr().out
 
 
-def test_nodes_prints_what_the_per_row_code_printed(tmp_path: Path, capsys) -> None:
-    env = varied_hub(tmp_path)
+def test_nodes_prints_what_the_per_row_code_printed(shared_varied_hub: HubEnv, capsys) -> None:
+    env = shared_varied_hub
     seen = read_liveness(env.state.root)
     assert sorted(seen) == ["fill0", "fill1", "fill3", "fill4", "fill6", "fill8", "ghost"]
     expected = reference_rows(registry_nodes(env), seen, False, None, NOW)  # no hub tincd here
@@ -146,9 +152,9 @@ def test_nodes_prints_what_the_per_row_code_printed(tmp_path: Path, capsys) -> N
 
 @pytest.mark.parametrize("hub_running, started", [(True, NOW - 1000.0), (True, 1749500000.5),
                                                   (True, None), (False, None)])
-def test_node_rows_match_the_reference_with_the_hub_tincd_running(tmp_path: Path, hub_running: bool,
+def test_node_rows_match_the_reference_with_the_hub_tincd_running(shared_varied_hub: HubEnv, hub_running: bool,
                                                                    started: Optional[float]) -> None:
-    env = varied_hub(tmp_path)
+    env = shared_varied_hub
     seen = read_liveness(env.state.root)
     url = RegistryURL.sqlite(env.state.registry_file)
     rows = node_rows(listed_nodes_sqlite(url), seen, hub_running, started, NOW + 10)
@@ -218,15 +224,21 @@ def test_table_listing_aligns_like_ljust() -> None:
 HEAVY = ("sqlalchemy", "alembic", "psycopg", "cryptography", "starlette", "uvicorn", "anyio")
 
 
+@pytest.fixture(scope="module")
+def plain_hub(tmp_path_factory) -> HubEnv:
+    env = init_hub(tmp_path_factory.mktemp("plain"), vpn_subnet=VPN)
+    env.registry.dispose()
+    return env
+
+
 @pytest.mark.parametrize("argv, allowed", [
     (["nodes", "--json"], ()), (["nodes"], ()),  # SQLite: not even SQLAlchemy
     (["token", "list", "--json"], ("sqlalchemy",)), (["hubs"], ("sqlalchemy",)),
     (["expose", "list"], ("sqlalchemy",)),
 ])
-def test_read_only_listings_import_no_web_server_and_no_cryptography(tmp_path: Path, argv: List[str],
+def test_read_only_listings_import_no_web_server_and_no_cryptography(plain_hub: HubEnv, argv: List[str],
                                                                      allowed: tuple) -> None:
-    env = init_hub(tmp_path, vpn_subnet=VPN)
-    env.registry.dispose()
+    env = plain_hub
     script = ("import contextlib, io, json, sys\n"
               "from tinc_hub.cli import main\n"
               "with contextlib.redirect_stdout(io.StringIO()):\n"
