@@ -29,9 +29,8 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Set
 
 from bootstrap import bootstrap
-from .enroll import log_value
-from .hostfiles import remove_if_present
-from .liveness import Seen, read_liveness, render_host_script
+from .listing import expiry_of
+from .liveness import Seen, online_names, read_liveness, render_host_script, tincd_started
 from .registry import (NodeRow, Registry, RegistryError, RegistryTransaction, Tombstone, iso_utc,
                        token_id)
 from .state import HubConfig
@@ -52,26 +51,6 @@ def refresh_due(node: NodeRow, now: int) -> bool:
         return True
     every = min(max(node.ephemeral_seconds // 3, int(REAP_INTERVAL)), MAX_REFRESH)
     return now - node.last_seen_at >= every
-
-
-def tincd_started(net: str) -> Optional[float]:
-    """When the hub's running tincd started (its pidfile's mtime); None when none runs."""
-    if bootstrap.pid_from_file(net) is None:
-        return None
-    for path in bootstrap.pid_file_paths(net):
-        try:
-            return Path(path).stat().st_mtime
-        except OSError:
-            continue
-    return None
-
-
-def online_names(seen: Dict[str, Seen], started: Optional[float]) -> Set[str]:
-    """Nodes the running tincd (started at ``started``) reports reachable: their last record
-    is host-up, written since it started (an older one is another tincd's)."""
-    if started is None:
-        return set()
-    return {name for name, record in seen.items() if record.up and record.at >= int(started)}
 
 
 def seen_here(nodes: Iterable[NodeRow], records: Dict[str, Seen], started: Optional[float],
@@ -118,14 +97,7 @@ def removal_due(node: NodeRow, online: bool, started: Optional[float], now: int)
 def expiry(node: NodeRow, online: bool, started: Optional[float], now: int) -> Optional[str]:
     """What ``tinc-hub nodes`` shows: None (not ephemeral), "online", "paused" (this hub's
     tincd is down: it removes nothing), or the ISO time of the removal."""
-    if node.ephemeral_seconds is None:
-        return None
-    if online:
-        return "online"
-    if started is None:
-        return "paused"
-    last = node.last_seen_at if node.last_seen_at is not None else now
-    return iso_utc(int(max(last, started, 0)) + node.ephemeral_seconds)
+    return expiry_of(node.ephemeral_seconds, node.last_seen_at, online, started, now)
 
 
 def refusal_message(stone: Tombstone) -> str:
@@ -256,6 +228,11 @@ class Reaper:
                     raise _NothingRemoved()
         except _NothingRemoved:
             return []
+        # here, not at the top: 'tinc-hub nodes' imports this module and needs neither (the
+        # enroller imports cryptography: a tenth of a second for every listing)
+        from .enroll import log_value
+        from .hostfiles import remove_if_present
+
         for node in removed:
             remove_if_present(self.config.hosts_dir / node.name)
             audit_log.info("ephemeral result=removed name=%s address=%s offline=%ds duration=%ds token=%s",

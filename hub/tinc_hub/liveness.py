@@ -10,11 +10,12 @@ tincd could block on. ``tinc-hub nodes`` reads these files.
 import os
 import shlex
 from pathlib import Path
-from typing import Dict, NamedTuple, Optional
+from typing import Dict, NamedTuple, Optional, Set
 
 from bootstrap import bootstrap
 
 LIVENESS_DIR_NAME = "liveness"
+MAX_RECORD_BYTES = 4096  # a record is "up|down SECONDS ADDRESS": anything longer is not one
 SCRIPT_MARKER = "# Written by tinc-hub init: node liveness for 'tinc-hub nodes'."
 
 
@@ -47,32 +48,69 @@ def render_host_script(state_root: Path, event: str) -> str:
 
 def parse_record(text: str) -> Optional[Seen]:
     parts = text.split()
-    if len(parts) < 2 or parts[0] not in ("up", "down") or not parts[1].isdigit():
+    if len(parts) < 2 or parts[0] not in ("up", "down") or not (parts[1].isascii() and parts[1].isdigit()):
         return None
     return Seen(parts[0] == "up", int(parts[1]), parts[2] if len(parts) > 2 else "")
 
 
 def read_liveness(state_root: Path) -> Dict[str, Seen]:
-    """Node name -> its last recorded event (unreadable or torn records are skipped)."""
-    directory = liveness_dir(state_root)
+    """Node name -> its last recorded event. Skipped: names that are not node names, and
+    records that are unreadable, torn, not regular files (symlinks are not followed), longer
+    than MAX_RECORD_BYTES or not UTF-8. Each file is opened relative to the directory: a
+    fleet's 50,000 records take a fraction of a second (``tinc-hub nodes`` reads them all)."""
     seen: Dict[str, Seen] = {}
     try:
-        names = os.listdir(directory)
+        directory = os.open(liveness_dir(state_root), os.O_RDONLY | os.O_DIRECTORY)
     except FileNotFoundError:
         return seen
-    for name in names:
-        if name.startswith(".") or not bootstrap.valid_node_name(name):
-            continue
-        text = bootstrap.read_text(str(directory / name))
-        record = parse_record(text) if text is not None else None
-        if record is not None:
-            seen[name] = record
+    try:
+        for name in os.listdir(directory):
+            if name.startswith(".") or not bootstrap.valid_node_name(name):
+                continue
+            try:  # O_NONBLOCK: a FIFO planted here cannot hang the listing
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=directory)
+            except OSError:
+                continue
+            try:
+                data = os.read(fd, MAX_RECORD_BYTES + 1)
+            except OSError:  # a directory, a FIFO without a writer
+                continue
+            finally:
+                os.close(fd)
+            try:
+                record = parse_record(data.decode("utf-8")) if len(data) <= MAX_RECORD_BYTES else None
+            except UnicodeDecodeError:
+                continue
+            if record is not None:
+                seen[name] = record
+    finally:
+        os.close(directory)
     return seen
 
 
 def tincd_running(net: str) -> bool:
     """True when the pidfile of the hub's tincd names a live tincd."""
     return bootstrap.pid_from_file(net) is not None
+
+
+def tincd_started(net: str) -> Optional[float]:
+    """When the hub's running tincd started (its pidfile's mtime); None when none runs."""
+    if bootstrap.pid_from_file(net) is None:
+        return None
+    for path in bootstrap.pid_file_paths(net):
+        try:
+            return Path(path).stat().st_mtime
+        except OSError:
+            continue
+    return None
+
+
+def online_names(seen: Dict[str, Seen], started: Optional[float]) -> Set[str]:
+    """Nodes the running tincd (started at ``started``) reports reachable: their last record
+    is host-up, written since it started (an older one is another tincd's)."""
+    if started is None:
+        return set()
+    return {name for name, record in seen.items() if record.up and record.at >= int(started)}
 
 
 def node_status(record: Optional[Seen], hub_running: bool, now: int) -> Dict[str, object]:

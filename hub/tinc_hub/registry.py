@@ -45,7 +45,6 @@ import ipaddress
 import logging
 import os
 import threading
-import time
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +55,9 @@ import sqlalchemy as sa
 # the errors and the lock key live below this module (callers may import them from here too)
 from .registry_contract import (WRITE_LOCK_KEY, RegistryConflict, RegistryError,  # noqa: F401
                                 RegistrySchemaError, RegistryUnavailable)
+# and what the SQLite read of listings (registry_read.py) shares with it, without SQLAlchemy
+from .registry_contract import (BUSY_TIMEOUT_MS, LISTED_NODE_FIELDS, LISTED_NODES_SQL,  # noqa: F401
+                                SCHEMA_REVISION, VERSION_TABLE, iso_utc)
 
 if TYPE_CHECKING:
     from .registry_url import RegistryURL
@@ -64,11 +66,6 @@ if TYPE_CHECKING:
 TOKEN_ID_CHARS = 10
 MIN_TOKEN_ID_PREFIX = 6
 
-# The Alembic head revision of tinc_hub/migrations (tests/test_registry_migrations.py checks it).
-SCHEMA_REVISION = "0005"
-VERSION_TABLE = "alembic_version"
-
-BUSY_TIMEOUT_MS = 30_000
 # serve: connections kept open (opening costs more than a whole enrolment). SQLite: one per
 # API worker thread (anyio's default limit, 40), so that no writer holding the write lock waits
 # for a connection. PostgreSQL: fewer, as every hub's pool counts against max_connections
@@ -260,18 +257,8 @@ class ExposureRow:
     node_revoked: bool = False
 
 
-def iso_utc(timestamp: Optional[int]) -> Optional[str]:
-    """Unix seconds as ISO 8601 UTC (``2024-01-31T12:00:00Z``); None stays None."""
-    if timestamp is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
-
-
 _TOKEN_COLUMNS = [tokens.c[name] for name in TokenRow.__dataclass_fields__]
 _NODE_COLUMNS = [nodes.c[name] for name in NodeRow.__dataclass_fields__]
-_LEFT_OUT_OF_LISTINGS = {"public_key": sa.literal(""), "token_sha256": sa.literal(""),
-                         "credential_sha256": sa.null()}
-_LISTED_NODE_COLUMNS = [_LEFT_OUT_OF_LISTINGS.get(c.name, c) for c in _NODE_COLUMNS]
 _HUB_COLUMNS = [nodes.c.name, nodes.c.address, nodes.c.address_int, nodes.c.public_key,
                 hubs.c.public_address, hubs.c.tinc_port, hubs.c.api_port, hubs.c.tls_pin,
                 hubs.c.joined_at, hubs.c.removed_at]
@@ -302,8 +289,9 @@ class _Statements:
     names_ignoring_case = sa.select(nodes.c.name).where(  # hubs too (NAME.NET is lower case)
         sa.func.lower(nodes.c.name) == sa.func.lower(P("name")))
     nodes_in_order = sa.select(*_NODE_COLUMNS).where(is_node).order_by(nodes.c.address_int)
-    # a listing's rows: the keys and hashes left out (empty), a sixth of the bytes to read
-    nodes_listed = sa.select(*_LISTED_NODE_COLUMNS).where(is_node).order_by(nodes.c.address_int)
+    # a listing's rows (tinc-hub nodes): only the columns it shows; the SQL registry_read.py
+    # also runs on a SQLite registry without SQLAlchemy
+    nodes_listed = sa.text(LISTED_NODES_SQL)
     rows_in_order = sa.select(*_NODE_COLUMNS).order_by(nodes.c.address_int)  # hubs too (copy)
     address_ints = sa.select(nodes.c.address_int)  # hubs too: an address is never handed out twice
     # the allocation's scan: addresses held from P("start") on, on the unique index of address_int
@@ -507,10 +495,15 @@ class RegistryView:
         r = self._db.first(Q.node_by_key, key=public_key)
         return _node_row(r) if r else None
 
-    def list_nodes(self, keys: bool = True) -> List[NodeRow]:
-        """Every node (not the hubs) in address order; ``keys=False`` for a listing: their
-        public_key and token_sha256 empty and credential_sha256 None, not read."""
-        return [_node_row(r) for r in self._db.rows(Q.nodes_in_order if keys else Q.nodes_listed)]
+    def list_nodes(self) -> List[NodeRow]:
+        """Every node (not the hubs) in address order."""
+        return [_node_row(r) for r in self._db.rows(Q.nodes_in_order)]
+
+    def listed_nodes(self) -> List[tuple]:
+        """Every node (not the hubs) in address order as plain tuples of the
+        :data:`LISTED_NODE_FIELDS` (a listing: 50,000 NodeRow objects cost more than the query).
+        registry_read.listed_nodes_sqlite() is the same on a SQLite file, without SQLAlchemy."""
+        return self._db.rows(Q.nodes_listed)
 
     def names_ignoring_case(self, name: str) -> List[str]:
         """The names of node and hub rows equal to ``name`` but for case (revoked too)."""
@@ -852,15 +845,9 @@ class Registry:
         records, else registry.sqlite3 in the state dir. The password comes from
         ``password_file``, else (with hub.json's registry) the file hub.json names, else libpq's
         own PGPASSWORD / .pgpass / PGPASSFILE."""
-        from .registry_url import RegistryURL, read_password_file
+        from .registry_url import registry_url_of_state
 
-        if url is None and state.exists():
-            config = state.load_config()
-            url, password_file = config.registry, password_file or config.registry_password_file
-        if not url:
-            return cls(state.registry_file, state.lock_file, keep_connections)
-        password = read_password_file(password_file) if password_file else None
-        return cls.open(RegistryURL.parse(url, password), state.lock_file, keep_connections)
+        return cls.open(registry_url_of_state(state, url, password_file), state.lock_file, keep_connections)
 
     def describe(self) -> str:
         """The registry for messages: the file, or the URL without any password."""

@@ -18,9 +18,12 @@ import shlex
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional, Tuple
 
 from .errors import HubError
+
+if TYPE_CHECKING:
+    from .state import StateDir
 
 PG_SCHEMES = ("postgresql", "postgresql+psycopg", "postgres")
 # libpq connection parameters a registry URL may carry (no password, no service file indirection)
@@ -204,3 +207,18 @@ def read_password_file(path: str) -> str:
     if not line:
         raise HubError(f"the registry password file {path} is empty", "write the password on its first line")
     return line
+
+
+def registry_url_of_state(state: "StateDir", url: Optional[str] = None,
+                          password_file: Optional[str] = None) -> RegistryURL:
+    """Where the hub's registry is: ``url`` (--registry / TINC_HUB_REGISTRY), else the one
+    hub.json records, else registry.sqlite3 in the state dir. The password comes from
+    ``password_file``, else (with hub.json's registry) the file hub.json names, else libpq's
+    own PGPASSWORD / .pgpass / PGPASSFILE."""
+    if url is None and state.exists():
+        config = state.load_config()
+        url, password_file = config.registry, password_file or config.registry_password_file
+    if not url:
+        return RegistryURL.sqlite(state.registry_file)
+    password = read_password_file(password_file) if password_file else None
+    return RegistryURL.parse(url, password)

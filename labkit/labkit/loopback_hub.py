@@ -70,6 +70,24 @@ def raise_fd_limit(wanted: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
+def user_like_env(bytecode_dir: Path) -> Dict[str, str]:
+    """The environment for timing a ``tinc-hub`` command as a user runs it: with compiled
+    bytecode (pip compiles it at install time), cached in ``bytecode_dir``, not in the tree."""
+    env = dict(os.environ, PYTHONPYCACHEPREFIX=str(bytecode_dir))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
+def cli_wall_seconds(state_dir: Path, args: Sequence[str], env: Optional[Dict[str, str]] = None,
+                     timeout: float = 300.0) -> float:
+    """Wall time of one fresh ``tinc-hub --state-dir STATE ARGS...`` (stdout discarded)."""
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-m", "tinc_hub.cli", "--state-dir", str(state_dir), *args],
+                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, check=True, timeout=timeout,
+                   env=env)
+    return time.monotonic() - started
+
+
 # ------------------------------------------------------------------------------------- server
 
 def hub_cli(state_dir: Path, *args: str, timeout: float = 120.0) -> str:

@@ -81,3 +81,13 @@ def write_host_files(hosts_dir: Path, rows: List[NodeRow]) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             os.fchmod(handle.fileno(), 0o644)
             handle.write(render_node_host_file(row.address, row.public_key))
+
+
+def write_liveness_records(state_root: Path, rows: List[NodeRow], at: int) -> None:
+    """A host-up/host-down record per row in STATE/liveness, as the hub's scripts leave them
+    for a fleet whose nodes have all connected (every other one gone down again), at ``at``."""
+    directory = Path(state_root) / "liveness"
+    directory.mkdir(exist_ok=True)
+    for index, row in enumerate(rows):
+        event = "down" if index % 2 else "up"
+        (directory / row.name).write_text(f"{event} {at} 192.0.2.{index % 250 + 1}\n")

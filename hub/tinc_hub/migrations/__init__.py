@@ -8,7 +8,7 @@ first revision. A revision this code does not know (a newer tinc-hub wrote it) i
 before anything is written.
 
 A new revision: a new file in versions/ (script.py.mako is its template) whose
-``down_revision`` is the current head; raise ``registry.SCHEMA_REVISION`` to it (a test checks).
+``down_revision`` is the current head; raise ``registry_contract.SCHEMA_REVISION`` to it (a test checks).
 """
 
 from pathlib import Path
