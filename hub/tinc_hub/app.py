@@ -133,12 +133,16 @@ def create_app(config: HubConfig, registry: Registry, batcher: ReloadBatcher,
                rate_limiter: Optional[RateLimiter] = None,
                trusted_proxies: TrustedProxies = NO_PROXY,
                sync_interval: int = SYNC_INTERVAL,
-               synced: Optional[Callable[[str], None]] = None) -> Callable[..., Awaitable[None]]:
+               synced: Optional[Callable[[str], None]] = None,
+               follower: Optional[RegistryFollower] = None) -> Callable[..., Awaitable[None]]:
     """The ASGI app (Starlette routes wrapped in a one-line-per-request access logger).
     ``rate_limiter`` limits POST /v1/enroll per client address (None: no limit); the client
     address is the TCP peer, or what a ``trusted_proxies`` peer says in X-Forwarded-For.
-    ``synced``: told each ephemeral node whose sync succeeded (the reaper's "seen")."""
-    enroller = Enroller(config, registry)
+    ``synced``: told each ephemeral node whose sync succeeded (the reaper's "seen").
+    ``follower``: serve's registry follower, whose names cache the enrolments share and which
+    they tell what host files they wrote."""
+    enroller = Enroller(config, registry, names=follower.names if follower else None,
+                        host_files=follower.host_files if follower else None)
     answers = AnswerJSON()
     syncer = SyncHandler(config, registry, sync_interval, seen=synced)
     rotator = RotateKeyHandler(config, registry)
@@ -420,7 +424,7 @@ def serve(state_dir: StateDir, registry_url: Optional[str] = None,
     app = create_app(config, registry, batcher,
                      rate_limiter=RateLimiter(rate_limit) if rate_limit is not None else None,
                      trusted_proxies=trusted_proxies, sync_interval=sync_interval,
-                     synced=reaper.note_sync)
+                     synced=reaper.note_sync, follower=follower)
     uv_config = uvicorn.Config(
         app,
         host=listen,
