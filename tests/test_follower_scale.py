@@ -234,6 +234,33 @@ def test_a_verifying_round_repairs_a_file_changed_behind_the_hub(small: HubEnv, 
     assert (hosts / "merry").read_text() == expected
 
 
+def test_a_round_skips_the_files_this_hubs_enrolments_wrote(small: HubEnv) -> None:
+    """serve's enrolments tell the follower the rows whose files they wrote: its next round
+    opens none of them, and a row changed after its note is followed all the same."""
+    env, hosts = small, small.config.hosts_dir
+    follower = Follower(env)
+    follower.round()
+    enroller = Enroller(env.config, env.registry, names=follower.follower.names,
+                        host_files=follower.follower.host_files)
+    token = env.token(uses=3).token
+    for index, name in enumerate(("gimli", "legolas")):
+        assert enroller.process("Bearer " + token, _body(name, rsa_public_pem(41 + index))).status == 200
+    opened = opened_during(follower.round)
+    assert not {Path(path).name for path in opened} & {"gimli", "legolas"}, opened
+    assert follower.sighups == 0
+
+    # noted, then re-keyed by another hub before the next round: the round follows the new key
+    assert enroller.process("Bearer " + token, _body("boromir", rsa_public_pem(43))).status == 200
+    with env.registry.reading() as view:
+        boromir = view.get_node("boromir")
+    key = next(distinct_public_keys(1))
+    with env.registry.exclusive(), env.registry.transaction() as tx:
+        tx.replace_node_key("boromir", key, boromir.token_sha256, int(time.time()))
+    follower.round()
+    assert (hosts / "boromir").read_text() == render_node_host_file(boromir.address, key)
+    assert follower.sighups == 1
+
+
 def _body(name: str, key: str) -> bytes:
     import json
 

@@ -37,8 +37,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from bootstrap import bootstrap
 from .group_commit import GroupCommit, Pending
-from .hostfiles import host_file_in_place, render_node_host_file, write_host_files
-from .registry import (HUB, HubRow, NodeRow, Registry, RegistryConflict, RegistryTransaction,
+from .hostfiles import HostFilesFollower, host_file_in_place, render_node_host_file, write_host_files
+from .registry import (HUB, NODE, HubRow, NodeRow, Registry, RegistryConflict, RegistryTransaction,
                        RegistryUnavailable, RegistryView, TokenRow, token_id)
 from .names import Names, NamesCache
 from .roster import hubs_for_nodes
@@ -247,6 +247,13 @@ class _Write(NamedTuple):
     credential: Optional[str]
 
 
+class _Decision(NamedTuple):
+    """What Enroller._decide concluded, with the rows it read."""
+    replay: Optional[NodeRow]  # the node, when the request is a replay (None: a write)
+    token: TokenRow
+    node: Optional[NodeRow]  # the row of the name asked for
+
+
 class _Written(NamedTuple):
     node: NodeRow
     result: str  # new, rekeyed, replay
@@ -273,13 +280,21 @@ class Enroller:
     enrolments that must write share one transaction and one host-file fsync (group commit)."""
 
     def __init__(self, config: HubConfig, registry: Registry,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, names: Optional[NamesCache] = None,
+                 host_files: Optional[HostFilesFollower] = None) -> None:
+        """``names``: the names cache to share (serve's follower computes the same names once
+        per generation); ``host_files``: told each row whose host file a batch wrote, so the
+        follower's next round does not read them again."""
         self.config = config
         self.registry = registry
         self.clock = clock
         self.network = config.network
+        self.prefix = config.prefix
+        self.hosts_dir = config.hosts_dir  # HubConfig's properties build new objects each call
         self.hub_address_int = int(ipaddress.IPv4Address(config.hub_address))
-        self.names = NamesCache(config)
+        self.names = names if names is not None else NamesCache(config)
+        self.host_files = host_files
+        self._listed: Tuple[Tuple[HubRow, ...], List[Dict[str, Any]]] = ((), [])
         # the writes of concurrent requests, batched (process; app.py waits in the event loop)
         self.writes: GroupCommit[_Write] = GroupCommit(self._write_batch, registry.exclusive)
 
@@ -340,12 +355,13 @@ class Enroller:
         if token.bound_name is not None and token.bound_name != name:
             raise EnrollError(403, f"token is bound to node {token.bound_name!r}, not {name!r}")
 
-    def _decide(self, view: RegistryView, token_hash: str, name: str,
-                public_key: str) -> Optional[NodeRow]:
-        """Every refusal this request deserves, from what ``view`` reads; the node when it is
-        a replay (answer it, change nothing), None when a write is needed."""
+    def _decide(self, view: RegistryView, token_hash: str, name: str, public_key: str,
+                token: Optional[TokenRow] = None) -> "_Decision":
+        """Every refusal this request deserves, from what ``view`` reads (``token``: the
+        token's row as ``view`` reads it, when already read): the node when it is a replay
+        (answer it, change nothing), None when a write is needed; and the rows it read."""
         now = int(self.clock())
-        token = self._check_known(view.get_token(token_hash))
+        token = self._check_known(view.get_token(token_hash) if token is None else token)
         node = view.get_node(name)
         if node is not None and node.kind == HUB:
             raise EnrollError(409, f"{name!r} is the name of a hub of this net; choose another name")
@@ -355,7 +371,7 @@ class Enroller:
             if node.token_sha256 != token_hash:
                 # Re-running with another token: it must be valid, but it grants nothing new.
                 self._check_token(token, name, now)
-            return node  # replay: same answer, no use spent
+            return _Decision(node, token, node)  # replay: same answer, no use spent
         self._check_token(token, name, now)
         owner = view.get_node_by_key(public_key)
         if owner is not None and owner.name != name:
@@ -366,11 +382,11 @@ class Enroller:
         if node is not None and not (token.allow_replace and token.bound_name == name):
             raise EnrollError(409, f"node {name!r} is already enrolled with a different key"
                                    f" (ask the hub admin for a token made with --name {name} --replace)")
-        return None
+        return _Decision(None, token, node)
 
     def _answer(self, node: NodeRow, hubs: List[HubRow], credential: Optional[str]) -> Dict[str, Any]:
         """The enrolment answer (docs/DESIGN.md, "API contract for nodes")."""
-        listed = hubs_for_nodes(hubs, self.network, first=self.config.name)
+        listed = self._hubs_listed(hubs)
         if listed and listed[0]["name"] == self.config.name:
             own = listed[0]["host_file"]
         else:  # this hub is not in the registry yet (never served): alone in its net
@@ -379,7 +395,7 @@ class Enroller:
             "net": self.config.net,
             "name": node.name,
             "address": node.address,
-            "prefix": self.config.prefix,
+            "prefix": self.prefix,
             "hub": {"name": self.config.name, "host_file": own},
             "hubs": listed,
         }
@@ -387,32 +403,40 @@ class Enroller:
             answer["credential"] = credential
         return answer
 
+    def _hubs_listed(self, hubs: List[HubRow]) -> List[Dict[str, Any]]:
+        """hubs_for_nodes of ``hubs``, rendered once for as long as the rows stay the same (a
+        new list each call; its dicts are shared and never changed)."""
+        key = tuple(hubs)
+        cached_key, listed = self._listed
+        if key != cached_key:
+            listed = hubs_for_nodes(hubs, self.network, first=self.config.name)
+            self._listed = (key, listed)
+        return list(listed)
+
     def _process(self, authorization: Optional[str], body: bytes,
                  attempt: Attempt) -> Generator["_Write", "_Written", Tuple[EnrollOutcome, str]]:
         """The outcome and the audit result word (new, rekeyed, replay). A generator: it
         yields the write it needs (if any) and gets back what the batch wrote."""
         token_hash = self._decode(parse_bearer(authorization))
         attempt.token = token_id(token_hash)
-        with self.registry.reading() as view:
-            self._check_known(view.get_token(token_hash))
-        data = parse_body(body)
-        attempt.name = data["name"]
-        name = validate_name(data["name"], self.config.name)
-        public_key = normalise_public_key(data["public_key"])
-        credential = parse_credential(data.get("credential"))
-
-        # Pre-check without the write lock: refusals and replays never wait for writers. A
-        # replay that is to carry a new credential (credential_to_issue) is a write.
+        # Pre-check in one snapshot, without the write lock: refusals and replays never wait
+        # for writers. A replay that is to carry a new credential (credential_to_issue) is a
+        # write. An unknown or revoked token is refused before the body is even parsed.
         with self.registry.snapshot() as view:
-            replay = self._decide(view, token_hash, name, public_key)
+            token = self._check_known(view.get_token(token_hash))
+            data = parse_body(body)
+            attempt.name = data["name"]
+            name = validate_name(data["name"], self.config.name)
+            public_key = normalise_public_key(data["public_key"])
+            credential = parse_credential(data.get("credential"))
+            replay, token, _ = self._decide(view, token_hash, name, public_key, token)
             hubs = view.list_hubs()
-            token = view.get_token(token_hash)
         if replay is not None:
             attempt.address = replay.address
             shown_first = credential_matches(credential, replay.credential_sha256) \
                 and replay.credential_used_at is None  # recorded once: a write
             if not credential_to_issue("replay", replay, credential, token, int(self.clock())) \
-                    and not shown_first and host_file_in_place(self.config.hosts_dir / replay.name,
+                    and not shown_first and host_file_in_place(self.hosts_dir / replay.name,
                                            render_node_host_file(replay.address, replay.public_key)):
                 return EnrollOutcome(200, self._answer(replay, hubs, None), False), "replay"
 
@@ -463,7 +487,7 @@ class Enroller:
         # Written while still holding the lock, so a later writer of the same name can't be
         # overtaken; a crash here is repaired by hostfiles.reconcile_host_files on serve start.
         committed = time.monotonic()
-        paths = [self.config.hosts_dir / node.name for _, node, _, _ in done]
+        paths = [self.hosts_dir / node.name for _, node, _, _ in done]
         fresh = {path for path in paths if not path.exists()}
         try:
             changed = write_host_files([(path, render_node_host_file(node.address, node.public_key))
@@ -474,6 +498,9 @@ class Enroller:
             for pending, node, _, _ in done:
                 pending.fail(_HostFilesFailed(node.address, exc))
             return
+        if self.host_files is not None:  # the follower need not read these rows and files again
+            self.host_files.note_written([(node.name, node.address, node.public_key, None, NODE)
+                                          for _, node, _, _ in done])
         written = time.monotonic()
         names = self._names_now()
         log.debug("group commit: %d enrolment(s) (%d refused): transaction %.1f ms, host files"
@@ -484,10 +511,12 @@ class Enroller:
 
     def _write_one(self, tx: RegistryTransaction, write: "_Write") -> Tuple[NodeRow, str, Optional[str]]:
         """One enrolment's writes; the node, new/rekeyed/replay, and the credential issued."""
-        node, result = self._enrol_in_transaction(tx, write.token_hash, write.name, write.public_key)
+        node, result, token = self._enrol_in_transaction(tx, write.token_hash, write.name,
+                                                         write.public_key)
         issued = None
-        if credential_to_issue(result, node, write.credential, tx.get_token(write.token_hash),
-                               int(self.clock())):
+        # the token's row as read before its use was spent (what credential_to_issue reads of
+        # it, bound name, revocation and expiry, is what the transaction holds)
+        if credential_to_issue(result, node, write.credential, token, int(self.clock())):
             issued = new_credential()
             tx.set_credential(node.name, credential_hash(issued))
         elif write.credential is not None and credential_matches(write.credential, node.credential_sha256):
@@ -504,21 +533,21 @@ class Enroller:
             return None
 
     def _enrol_in_transaction(self, tx: RegistryTransaction, token_hash: str, name: str,
-                              public_key: str) -> Tuple[NodeRow, str]:
+                              public_key: str) -> Tuple[NodeRow, str, TokenRow]:
         """Under the write lock: the checks again (the registry may have changed since the
-        pre-check), then the write. Returns the node and new, rekeyed or replay."""
-        replay = self._decide(tx, token_hash, name, public_key)
+        pre-check), then the write. Returns the node, new, rekeyed or replay, and the token's
+        row as the checks read it."""
+        replay, token, node = self._decide(tx, token_hash, name, public_key)
         if replay is not None:
-            return replay, "replay"
+            return replay, "replay", token
         now = int(self.clock())
-        node = tx.get_node(name)
         if node is not None:
             if not tx.spend_token_use(token_hash):
                 raise EnrollError(401, "token already used")
             tx.replace_node_key(name, public_key, token_hash, now)
-            return tx.get_node(name), "rekeyed"  # type: ignore[return-value]
+            return tx.get_node(name), "rekeyed", token  # type: ignore[return-value]
 
-        if (self.config.hosts_dir / name).exists():
+        if (self.hosts_dir / name).exists():
             raise EnrollError(409, f"a host file for {name!r} exists on the hub that tinc-hub did not"
                                    " write; choose another name")
         twins = [other for other in tx.names_ignoring_case(name) if other != name]
@@ -531,14 +560,13 @@ class Enroller:
         address = ipaddress.IPv4Address(found)
         if not tx.spend_token_use(token_hash):
             raise EnrollError(401, "token already used")
-        token = tx.get_token(token_hash)
-        ephemeral = token.ephemeral_seconds if token is not None else None  # copied: kept for good
+        ephemeral = token.ephemeral_seconds  # copied: kept for good
         node = NodeRow(name=name, address=str(address), address_int=int(address),
                        public_key=public_key, token_sha256=token_hash, enrolled_at=now,
                        updated_at=now, revoked_at=None, ephemeral_seconds=ephemeral,
                        last_seen_at=now if ephemeral is not None else None)
         tx.insert_node(node)
-        return node, "new"
+        return node, "new", token
 
 
 class EnrolmentRequest:

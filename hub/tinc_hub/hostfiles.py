@@ -282,6 +282,24 @@ class HostFilesFollower:
         self.known: Dict[str, HostFacts] = {}  # node name -> the row its file follows
         self.absent: Set[str] = set()  # removed names whose file was removed (or never was)
         self.verified_at: Optional[float] = None  # None: no full reconcile yet
+        self._noted: List[HostFacts] = []  # rows whose files another writer made (note_written)
+        self._noted_lock = threading.Lock()
+
+    def note_written(self, rows: List[HostFacts]) -> None:
+        """This process's enrolments wrote the host files of ``rows`` (under the write lock,
+        after their COMMIT): the next round takes them as followed instead of reading each row
+        and file again. Thread-safe; merged at the start of the next round, before it reads
+        the rows: a row changed since is still seen to differ (a stale note can only cost a
+        re-read, never a missed change)."""
+        with self._noted_lock:
+            self._noted.extend(rows)
+
+    def _merge_noted(self) -> None:
+        with self._noted_lock:
+            noted, self._noted = self._noted, []
+        for row in noted:
+            self.known[row[0]] = row
+            self.absent.discard(row[0])
 
     def record_all(self, rows: List[HostFacts], gone: Set[str]) -> None:
         """After a full reconcile: every node row and every removed name as now on disk."""
@@ -293,6 +311,7 @@ class HostFilesFollower:
         """One round (see the class): {"written": [...], "removed": [...]}."""
         if self.verified_at is None:
             return reconcile_host_files(self.config, self.registry, self)
+        self._merge_noted()
         verify = not 0 <= self.clock() - self.verified_at < self.verify_interval
         with self.registry.snapshot() as view:
             rows = view.host_facts()
