@@ -43,7 +43,7 @@ def test_init_writes_the_specified_files(tmp_path: Path, capsys) -> None:
     net_dir = tmp_path / "tinc" / net
     assert (net_dir / "tinc.conf").read_text().splitlines()[1:] == [
         "Name = hub1", "AddressFamily = ipv4", f"Interface = {net[:15]}", "Port = 655",
-        "TunnelServer = yes"]
+        "TunnelServer = yes", "UDPRcvBuf = 8388608"]
     host = (net_dir / "hosts" / "hub1").read_text()
     head, _, key = host.partition("\n\n")
     assert head.splitlines() == ["Address = 127.0.0.1", "Port = 655", "Subnet = 10.66.0.1/32",

@@ -26,9 +26,11 @@ from .liveness import render_host_script
 from .registry import SCHEMA_REVISION, HubRow, Registry
 from .roster import (HUB_CONF_MARKER, HUB_PEERS_FILE, NetSettings, active_hubs, check_settings,
                      allocate_address, hub_host_files_for, hub_row, read_net_settings,
-                     register_hub, render_hub_peers_conf, render_hub_tinc_conf)
+                     register_hub, render_hub_peers_conf, render_hub_tinc_conf,
+                     HUB_UDP_RCVBUF)
 from .state import DEFAULT_TINC_PORT, HubConfig, StateDir
 from .tls import ensure_cert, pin_of_cert_file
+from .udp_buffer import apply_rmem_max, plan_rmem_max, read_rmem_max
 
 log = logging.getLogger("tinc_hub.init")
 
@@ -203,6 +205,7 @@ class HubInit:
         self.changed: List[str] = []
         self.public_pem = "<public key>"  # until the key step (a dry run keeps it)
         self.tinc_changed = True  # a dry run cannot know: it shows the restart
+        self.rmem_raised = False  # tincd sizes its UDP buffer at start: restart it after
         self.tincd_state = bootstrap.TincdState()
         self.tincd = "not started (--no-start)"
         self.api_service: Optional[str] = None
@@ -276,6 +279,9 @@ class HubInit:
                 lambda: f"boot: {config.init}",
                 lambda: bootstrap.read_boot_plan(config.net, config.init, self.facts,
                                                  config.tinc_dir), self.apply_boot))
+        if start and config.init == "systemd":  # a real install: the host's kernel settings
+            steps.append(bootstrap.Step(lambda: "UDP receive buffer cap (net.core.rmem_max)",
+                                        self.plan_udp_buffer, self.apply_udp_buffer))
         if start:
             steps.append(bootstrap.Step(lambda: "tincd", self.plan_start, self.apply_start))
         if start and config.init == "systemd":  # the API too comes back after a reboot
@@ -399,6 +405,12 @@ class HubInit:
     def apply_boot(self, plan: bootstrap.Plan) -> None:
         self.changed += bootstrap.apply_boot(plan)
 
+    def plan_udp_buffer(self) -> bootstrap.Plan:
+        return plan_rmem_max(HUB_UDP_RCVBUF, read_rmem_max())
+
+    def apply_udp_buffer(self, plan: bootstrap.Plan) -> None:
+        self.rmem_raised = apply_rmem_max(plan, HUB_UDP_RCVBUF)
+
     def start_how(self) -> str:
         return "systemd" if self.config.init == "systemd" else "direct"
 
@@ -408,8 +420,9 @@ class HubInit:
         config = self.config
         if not self.dry_run:  # what this run wrote
             no_restart = {spec.path for spec in self.event_scripts()}
-            self.tinc_changed = any(p.startswith(str(config.net_dir) + os.sep)
-                                    and p not in no_restart for p in self.changed)
+            self.tinc_changed = self.rmem_raised or any(
+                p.startswith(str(config.net_dir) + os.sep) and p not in no_restart
+                for p in self.changed)
         self.tincd_state = bootstrap.read_tincd_state(config.net, self.start_how(), self.facts)
         return bootstrap.plan_start(config.net, self.start_how(), self.facts, self.tincd_state,
                                     self.tinc_changed, config.tinc_dir)

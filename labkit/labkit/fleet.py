@@ -420,6 +420,11 @@ class Fleet:
         if driver.host.exists(src):
             driver.host.run(["mv", "-f", "--", src, dst])
 
+    def udp_receive_drops(self, hub: str) -> int:
+        """UDP datagrams the kernel dropped in the hub's namespace for a full socket buffer
+        (RcvbufErrors of /proc/net/snmp; the hub's tincd owns its only UDP socket)."""
+        return udp_rcvbuf_errors(self.hub_host(hub).read_file("/proc/net/snmp"))
+
     def hub_rss_mb(self, hub: str) -> Dict[str, float]:
         """RSS (MB) of the hub's tincd and of its `tinc-hub serve`."""
         driver = self.hubs[hub]
@@ -458,6 +463,14 @@ class PingLoss:
     def stop(self) -> int:
         self.proc.stop()
         return self.lost()
+
+
+def udp_rcvbuf_errors(snmp: str) -> int:
+    """RcvbufErrors of the ``Udp:`` lines (names, then values) of a /proc/net/snmp text."""
+    rows = [line.split()[1:] for line in snmp.splitlines() if line.startswith("Udp:")]
+    if len(rows) != 2 or "RcvbufErrors" not in rows[0] or len(rows[0]) != len(rows[1]):
+        raise ValueError("no Udp: counters in /proc/net/snmp")
+    return int(rows[1][rows[0].index("RcvbufErrors")])
 
 
 def rss_mb(pid: Optional[int]) -> float:
