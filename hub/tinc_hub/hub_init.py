@@ -279,7 +279,7 @@ class HubInit:
                 lambda: f"boot: {config.init}",
                 lambda: bootstrap.read_boot_plan(config.net, config.init, self.facts,
                                                  config.tinc_dir), self.apply_boot))
-        if start and config.init == "systemd":  # a real install: the host's kernel settings
+        if start and config.init != "none":  # a real install: the host's kernel settings
             steps.append(bootstrap.Step(lambda: "UDP receive buffer cap (net.core.rmem_max)",
                                         self.plan_udp_buffer, self.apply_udp_buffer))
         if start:

@@ -3,7 +3,7 @@
 The hub's tinc.conf asks for ``UDPRcvBuf = roster.HUB_UDP_RCVBUF`` (why: roster.py). tinc 1.0
 sets it with SO_RCVBUF, which the kernel silently caps at net.core.rmem_max (212992 on stock
 kernels: then the buffer is only twice the default and a fleet's burst of PMTU probe replies
-still overflows it). ``tinc-hub init`` on a real install (``--init systemd``) raises the cap
+still overflows it). ``tinc-hub init`` on a real install (any ``--init`` but ``none``) raises the cap
 to the buffer it asks for when it is lower: a sysctl.d file for the next boots and the running
 value now, before tincd (re)starts (tincd sizes its socket when it opens it). A larger cap is
 never lowered; where /proc/sys cannot be written (a container) it says so and goes on.
