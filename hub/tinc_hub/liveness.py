@@ -20,6 +20,7 @@ import os
 import re
 import shlex
 import stat
+import threading
 import time
 from pathlib import Path
 from typing import Dict, NamedTuple, Optional, Set, Tuple
@@ -231,7 +232,8 @@ def _write_snapshot(root: int, stamp: Tuple[int, int, int, int], seen: Dict[str,
     data = render_snapshot(stamp, seen).encode("utf-8")
     if len(data) > MAX_SNAPSHOT_BYTES:
         return
-    temp = f".{SNAPSHOT_NAME}.{os.getpid()}{SNAPSHOT_TEMP_SUFFIX}"
+    # one temp file per process and thread (serve's reaper and key rotation both read)
+    temp = f".{SNAPSHOT_NAME}.{os.getpid()}.{threading.get_ident()}{SNAPSHOT_TEMP_SUFFIX}"
     try:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp, dir_fd=root)
