@@ -8,7 +8,7 @@ every record gives, with or without a snapshot.
 - odd snapshot files (symlink, FIFO, directory, oversized, not UTF-8) are ignored, never hang;
 - the margin rule: no snapshot for a directory changed less than SNAPSHOT_MARGIN_NS ago, one
   (with the records' mode) once it settled, used until a record is replaced; none written for a
-  directory another user owns.
+  directory another user owns; serve's refresh_snapshot writes one once, then reads nothing.
 """
 
 import os
@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from tinc_hub.liveness import (MAX_SNAPSHOT_BYTES, SNAPSHOT_MARGIN_NS, SNAPSHOT_NAME, Seen,
                                liveness_dir, parse_snapshot, read_liveness, read_records,
-                               render_host_script, render_snapshot)
+                               refresh_snapshot, render_host_script, render_snapshot)
 
 Stamp = Tuple[int, int, int, int]
 STAMP: Stamp = (2049, 1234567, 1750000000123456789, 1750000000123456789)
@@ -200,12 +200,19 @@ def test_a_snapshot_is_left_only_for_a_settled_directory_and_serves_until_a_reco
     (liveness_dir(others) / "n1").write_text("up 1 192.0.2.1\n")
     if os.geteuid() == 0:
         os.chown(liveness_dir(others), 65534, 65534)
+    served = tmp_path / "served"  # refreshed by serve's refresh_snapshot
+    liveness_dir(served).mkdir(parents=True)
+    (liveness_dir(served) / "n3").write_text("down 7\n")
     truth = read_one_by_one(root)
     assert read_liveness(root) == truth and set(truth) == {"n1", "n2"}
     assert not (root / SNAPSHOT_NAME).exists()  # changed just now: no snapshot
+    assert not refresh_snapshot(served) and not (served / SNAPSHOT_NAME).exists()
 
     stamp = stamp_of(root)
-    wait_until_ns(max(stamp[2], stamp[3], *stamp_of(others)[2:]) + SNAPSHOT_MARGIN_NS)
+    wait_until_ns(max(stamp[2], stamp[3], *stamp_of(others)[2:], *stamp_of(served)[2:]) + SNAPSHOT_MARGIN_NS)
+    assert refresh_snapshot(served)
+    assert (served / SNAPSHOT_NAME).read_text() == render_snapshot(stamp_of(served), {"n3": Seen(False, 7, "")})
+    assert not refresh_snapshot(served)  # up to date: not read again
     assert read_liveness(root) == truth
     snapshot = root / SNAPSHOT_NAME
     assert snapshot.read_text() == render_snapshot(stamp, truth)

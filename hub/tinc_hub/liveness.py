@@ -118,6 +118,39 @@ def read_liveness(state_root: Path) -> Dict[str, Seen]:
         os.close(root)
 
 
+def refresh_snapshot(state_root: Path) -> bool:
+    """Writes the snapshot when the records directory settled since the last one (serve calls
+    it every few seconds, so ``tinc-hub nodes`` finds it ready). Costs a stat and the snapshot's
+    first line when the directory is still changing, or nothing changed since; else a
+    read_liveness. True when it read the records."""
+    try:
+        root = os.open(state_root, OPEN_DIRECTORY_PATH)
+    except FileNotFoundError:
+        return False
+    try:
+        try:
+            st = os.stat(LIVENESS_DIR_NAME, dir_fd=root)
+        except FileNotFoundError:
+            return False
+        stamp = _directory_stamp(st)
+        if st.st_uid != os.geteuid() or max(stamp[2], stamp[3]) > time.time_ns() - SNAPSHOT_MARGIN_NS:
+            return False
+        header = f"{SNAPSHOT_MAGIC} {stamp[0]} {stamp[1]} {stamp[2]} {stamp[3]} ".encode()
+        try:
+            fd = os.open(SNAPSHOT_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=root)
+            try:
+                if os.read(fd, len(header)) == header:
+                    return False
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+    finally:
+        os.close(root)
+    read_liveness(state_root)
+    return True
+
+
 def read_records(directory: int) -> Dict[str, Seen]:
     """Every record in the open records directory ``directory``, read one by one (no
     snapshot); what is skipped: see read_liveness."""
