@@ -30,7 +30,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Set
 
 from bootstrap import bootstrap
 from .listing import expiry_of
-from .liveness import Seen, online_names, read_liveness, render_host_script, tincd_started
+from .liveness import (Seen, online_names, read_liveness, refresh_snapshot, render_host_script,
+                       tincd_started)
 from .registry import (NodeRow, Registry, RegistryError, RegistryTransaction, Tombstone, iso_utc,
                        token_id)
 from .state import HubConfig
@@ -175,6 +176,7 @@ class Reaper:
         while not self._stop.wait(self.interval):
             try:
                 self.round()
+                refresh_snapshot(self.state_root)  # 'tinc-hub nodes' then reads one file
             except RegistryError as exc:
                 log.warning("ephemeral nodes: registry unreachable this round: %s", exc)
             except Exception as exc:  # the thread must outlive any one failure
