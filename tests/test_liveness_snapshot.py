@@ -21,7 +21,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tinc_hub.liveness import (MAX_SNAPSHOT_BYTES, SNAPSHOT_MARGIN_NS, SNAPSHOT_NAME, Seen,
+from tinc_hub.liveness import (MAX_SNAPSHOT_BYTES, SNAPSHOT_MARGIN_NS, SNAPSHOT_NAME,
+                               STALE_TEMP_SECONDS, Seen,
                                liveness_dir, parse_snapshot, read_liveness, read_records,
                                refresh_snapshot, render_host_script, render_snapshot)
 
@@ -231,3 +232,23 @@ def test_a_snapshot_is_left_only_for_a_settled_directory_and_serves_until_a_reco
     assert seen == read_one_by_one(root)
     assert seen["n1"] == Seen(False, 5, "192.0.2.9") and not seen["n2"].up
     assert snapshot.read_text() == render_snapshot(stamp, truth)  # the directory is fresh again
+
+
+def test_a_dead_writers_temp_file_is_removed_by_the_next_write_a_live_ones_is_not(tmp_path: Path) -> None:
+    root = tmp_path / "state"
+    liveness_dir(root).mkdir(parents=True)
+    (liveness_dir(root) / "n1").write_text("up 1 192.0.2.1\n")
+    dead = root / f".{SNAPSHOT_NAME}.4242.77.tmp"  # a writer killed mid-write, long ago
+    live = root / f".{SNAPSHOT_NAME}.4243.78.tmp"  # one being written right now
+    other = root / "keep.tmp"  # not a snapshot temp file
+    for path in (dead, live, other):
+        path.write_text("partial")
+    old = time.time() - STALE_TEMP_SECONDS - 60
+    for path in (dead, other):
+        os.utime(path, (old, old))
+    stamp = stamp_of(root)
+    wait_until_ns(max(stamp[2], stamp[3]) + SNAPSHOT_MARGIN_NS)
+    assert read_liveness(root) == {"n1": Seen(True, 1, "192.0.2.1")}
+    assert (root / SNAPSHOT_NAME).exists()  # a snapshot was written ...
+    assert not dead.exists()  # ... and the dead writer's temp file went with it
+    assert live.read_text() == "partial" and other.read_text() == "partial"

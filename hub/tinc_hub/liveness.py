@@ -40,6 +40,7 @@ SNAPSHOT_MAGIC = "tinc-hub liveness snapshot 1"
 SNAPSHOT_MARGIN_NS = 2_000_000_000
 MAX_SNAPSHOT_BYTES = 64 << 20  # 65,536 records of 64-character names and IPv6 addresses: ~9 MB
 SNAPSHOT_TEMP_SUFFIX = ".tmp"
+STALE_TEMP_SECONDS = 300  # a snapshot temp file untouched this long: its writer died
 # a line of the snapshot: a node name (bootstrap.valid_node_name), the event, the seconds as
 # str(int) writes them, and the address as parse_record takes it (a run of non-whitespace:
 # re's \s is str.isspace), or none
@@ -282,6 +283,30 @@ def _write_snapshot(root: int, stamp: Tuple[int, int, int, int], seen: Dict[str,
     except OSError:
         with contextlib.suppress(OSError):
             os.unlink(temp, dir_fd=root)
+        return
+    _remove_stale_temps(root, temp)
+
+
+def _remove_stale_temps(root: int, ours: str) -> None:
+    """Removes the temp files of snapshots whose writer died mid-write (another process or
+    thread's, older than STALE_TEMP_SECONDS: one being written now is left alone)."""
+    prefix, cutoff = f".{SNAPSHOT_NAME}.", time.time() - STALE_TEMP_SECONDS
+    try:  # root may be an O_PATH descriptor: list through one opened for reading
+        listing = os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=root)
+    except OSError:
+        return
+    try:
+        names = os.listdir(listing)
+    except OSError:
+        return
+    finally:
+        os.close(listing)
+    for name in names:
+        if name == ours or not (name.startswith(prefix) and name.endswith(SNAPSHOT_TEMP_SUFFIX)):
+            continue
+        with contextlib.suppress(OSError):
+            if os.stat(name, dir_fd=root, follow_symlinks=False).st_mtime < cutoff:
+                os.unlink(name, dir_fd=root)
 
 
 def tincd_running(net: str) -> bool:
