@@ -21,7 +21,8 @@ from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from bootstrap.bootstrap import DEFAULT_API_PORT
+from bootstrap.bootstrap import DEFAULT_API_PORT, ETC_HOSTS, update_hosts_block
+from tinc_hub.errors import HubError
 from tinc_hub.state import StateDir
 
 HOST = "127.0.0.1"
@@ -199,14 +200,27 @@ class HubProcess:
         self.proc.wait(timeout=10)
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        """Stop the hub and remove its names from /etc/hosts (serve as root writes its net's
+        block there; left behind, every run's block would make the next hubs' names rounds read
+        and rewrite an ever bigger file)."""
+        if self.proc is None:
             return
-        self.proc.terminate()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.remove_names()
+
+    def remove_names(self) -> None:
+        """Remove this hub's net's block from /etc/hosts (under bootstrap's lock), if any."""
         try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+            net = StateDir(self.state_dir).load_config().net
+            update_hosts_block(net, [], ETC_HOSTS)
+        except (HubError, OSError, ValueError):
+            pass  # no config, no /etc/hosts, no right to write it, damaged markers: nothing to undo
 
     def log_text(self) -> str:
         try:
