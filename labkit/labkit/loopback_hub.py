@@ -10,11 +10,13 @@ import asyncio
 import concurrent.futures
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence
@@ -192,6 +194,13 @@ class HubProcess:
     def open_fds(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
+    def cpu_seconds(self) -> float:
+        """CPU time the hub has used so far, user + system, all its threads."""
+        with open(f"/proc/{self.pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
     def kill(self) -> None:
         """SIGKILL, as a crash would."""
         assert self.proc is not None
@@ -227,6 +236,21 @@ class HubProcess:
             return self.log.read_text(errors="replace")[-5000:]
         except FileNotFoundError:
             return ""
+
+
+def file_creation_us(directory: Path, count: int = 200) -> float:
+    """Microseconds to create one empty file in a new directory under ``directory`` (made
+    and removed here). A hub writes one new host file per enrolment: on an ext4 whose inode
+    groups are crowded by churn this alone can cost a millisecond of kernel CPU per file."""
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = Path(tempfile.mkdtemp(prefix="create-probe-", dir=directory))
+    try:
+        started = time.perf_counter()
+        for i in range(count):
+            os.close(os.open(probe / f"f{i}", os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+        return (time.perf_counter() - started) / count * 1e6
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------- client
