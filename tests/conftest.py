@@ -1,11 +1,13 @@
 """Shared pytest setup: the `netlab` marker (root + /dev/net/tun) and topology fixtures."""
 
 import os
+import re
 import signal
 import threading
 
 import pytest
 
+from bootstrap import bootstrap
 from labkit import netlab
 
 
@@ -70,6 +72,30 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_sep("-", "netlab timings")
         for label, seconds in netlab.TIMINGS:
             terminalreporter.write_line("%-60s %7.2f s" % (label, seconds))
+
+
+def hosts_block_nets() -> set:
+    """The nets that have a managed block in this machine's /etc/hosts."""
+    begin = re.compile(re.escape(bootstrap.HOSTS_BEGIN).replace(r"\{\}", "(.+?)") + "$")
+    try:
+        with open(bootstrap.ETC_HOSTS, encoding="utf-8", errors="surrogateescape") as hosts:
+            return {m.group(1) for m in map(begin.match, hosts.read().splitlines()) if m}
+    except FileNotFoundError:
+        return set()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def etc_hosts_left_as_found():
+    """Hubs run as root (serve, names rounds) write their net's block into the machine's
+    /etc/hosts; at the end of the session, the blocks of nets that were not there at its
+    start are removed (only those lines: bootstrap.update_hosts_block)."""
+    before = hosts_block_nets()
+    yield
+    for net in sorted(hosts_block_nets() - before):
+        try:
+            bootstrap.update_hosts_block(net, [], bootstrap.ETC_HOSTS)
+        except (OSError, ValueError):
+            pass  # not root, or damaged markers: left for a person to look at
 
 
 @pytest.fixture
