@@ -12,7 +12,7 @@ the C encoder. The output is byte for byte what encoding each row alone writes
 import json
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
-from .liveness import Seen
+from .liveness import Seen, seen_status, up_since
 from .registry_contract import iso_utc
 
 ROW_BOUNDARY = "}, {"  # between two rows of json.dumps(rows), never inside a flat row's encoding
@@ -71,10 +71,10 @@ def node_rows(listed: Iterable[tuple], seen: Dict[str, Seen], hub_running: bool,
               started: Optional[float], now: int) -> List[Dict[str, Any]]:
     """The rows of ``tinc-hub nodes`` from RegistryView.listed_nodes(), the liveness records
     (liveness.read_liveness), whether the hub's tincd runs and since when
-    (liveness.tincd_started). Online and last seen: liveness.node_status; expires:
-    :func:`expiry_of` with liveness.online_names. Both inlined (a call and a dict per row, a set
-    of every record: a sixth of the time with 50,000 records); tests/test_listing.py compares."""
-    since = None if started is None else int(started)  # online_names: records since the start
+    (liveness.tincd_started). Online and last seen: liveness.seen_status (node_status without
+    its dict per row); expires: :func:`expiry_of` with liveness.up_since (online_names without
+    its set of every record); tests/test_listing.py compares with the per-row code."""
+    since = None if started is None else int(started)
     iso = _iso_once_per_second()
     get = seen.get
     rows = []
@@ -83,15 +83,15 @@ def node_rows(listed: Iterable[tuple], seen: Dict[str, Seen], hub_running: bool,
         record = get(name)
         if record is None:
             online, last_seen = False, None
-        else:  # node_status(record, hub_running and revoked_at is None, now)
-            online = record.up and hub_running and revoked_at is None
-            last_seen = iso(now if online else record.at)
+        else:
+            online, seen_at = seen_status(record, hub_running and revoked_at is None, now)
+            last_seen = iso(seen_at)
         append({"name": name, "address": address, "enrolled_at": iso(enrolled_at),
                 "revoked": revoked_at is not None,
                 "revoked_at": None if revoked_at is None else iso(revoked_at),
                 "online": online, "last_seen": last_seen, "ephemeral": duration,
                 "expires": None if duration is None else
                 expiry_of(duration, last_seen_at,
-                          record is not None and record.up and since is not None and record.at >= since,
+                          record is not None and since is not None and up_since(record, since),
                           started, now)})
     return rows

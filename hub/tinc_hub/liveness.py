@@ -326,20 +326,32 @@ def tincd_started(net: str) -> Optional[float]:
     return None
 
 
+def up_since(record: Seen, since: int) -> bool:
+    """The running tincd, started at unix second ``since``, reports this node reachable: its
+    last record is host-up, written since the start (an older one is another tincd's)."""
+    return record.up and record.at >= since
+
+
 def online_names(seen: Dict[str, Seen], started: Optional[float]) -> Set[str]:
-    """Nodes the running tincd (started at ``started``) reports reachable: their last record
-    is host-up, written since it started (an older one is another tincd's)."""
+    """Nodes the running tincd (started at ``started``) reports reachable (:func:`up_since`)."""
     if started is None:
         return set()
-    return {name for name, record in seen.items() if record.up and record.at >= int(started)}
+    since = int(started)
+    return {name for name, record in seen.items() if up_since(record, since)}
+
+
+def seen_status(record: Seen, hub_running: bool, now: int) -> Tuple[bool, int]:
+    """(online, last seen in unix seconds) of a node with a record. Online: its last event was
+    host-up and the hub's tincd still runs. Last seen: now when online, else the time of its
+    last event."""
+    online = record.up and hub_running
+    return online, (now if online else record.at)
 
 
 def node_status(record: Optional[Seen], hub_running: bool, now: int) -> Dict[str, object]:
-    """``online`` and ``last_seen`` (unix seconds or None) of one node.
-
-    Online: its last event was host-up and the hub's tincd still runs. Last seen: now when
-    online, else the time of its last event (a node never seen has None)."""
+    """``online`` and ``last_seen`` (unix seconds or None) of one node (:func:`seen_status`; a
+    node never seen is offline and has None)."""
     if record is None:
         return {"online": False, "last_seen": None}
-    online = record.up and hub_running
-    return {"online": online, "last_seen": now if online else record.at}
+    online, last_seen = seen_status(record, hub_running, now)
+    return {"online": online, "last_seen": last_seen}
