@@ -136,7 +136,7 @@ def refresh_snapshot(state_root: Path) -> bool:
         stamp = _directory_stamp(st)
         if st.st_uid != os.geteuid() or max(stamp[2], stamp[3]) > time.time_ns() - SNAPSHOT_MARGIN_NS:
             return False
-        header = f"{SNAPSHOT_MAGIC} {stamp[0]} {stamp[1]} {stamp[2]} {stamp[3]} ".encode()
+        header = _snapshot_header(stamp, "").encode()
         try:
             fd = os.open(SNAPSHOT_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=root)
             try:
@@ -179,6 +179,12 @@ def read_records(directory: int) -> Dict[str, Seen]:
 
 
 # -- the snapshot ----------------------------------------------------------------------------
+
+
+def _snapshot_header(stamp: Tuple[int, int, int, int], count: str) -> str:
+    """The snapshot's first line for ``stamp`` and ``count`` records (without its newline;
+    ``count`` "" gives the prefix every header of that stamp starts with)."""
+    return f"{SNAPSHOT_MAGIC} {stamp[0]} {stamp[1]} {stamp[2]} {stamp[3]} {count}"
 
 
 def _directory_stamp(st: os.stat_result) -> Tuple[int, int, int, int]:
@@ -229,7 +235,7 @@ def parse_snapshot(text: str, stamp: Tuple[int, int, int, int]) -> Optional[Dict
     text (another stamp, torn, a line that is not what render_snapshot writes, a name twice)."""
     header, newline, body = text.partition("\n")
     count = header.rpartition(" ")[2]
-    if header != f"{SNAPSHOT_MAGIC} {stamp[0]} {stamp[1]} {stamp[2]} {stamp[3]} {count}" or not newline:
+    if header != _snapshot_header(stamp, count) or not newline:
         return None
     if body and not body.endswith("\n"):
         return None
@@ -253,7 +259,7 @@ def render_snapshot_line(name: str, record: Seen) -> str:
 
 
 def render_snapshot(stamp: Tuple[int, int, int, int], seen: Dict[str, Seen]) -> str:
-    lines = [f"{SNAPSHOT_MAGIC} {stamp[0]} {stamp[1]} {stamp[2]} {stamp[3]} {len(seen)}"]
+    lines = [_snapshot_header(stamp, str(len(seen)))]
     lines.extend(render_snapshot_line(name, record) for name, record in seen.items())
     return "\n".join(lines) + "\n"
 
