@@ -24,6 +24,7 @@ from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from bootstrap.bootstrap import DEFAULT_API_PORT, ETC_HOSTS, update_hosts_block
+from labkit.traffic import process_cpu_seconds
 from tinc_hub.errors import HubError
 from tinc_hub.state import StateDir
 
@@ -196,9 +197,7 @@ class HubProcess:
 
     def cpu_seconds(self) -> float:
         """CPU time the hub has used so far, user + system, all its threads."""
-        with open(f"/proc/{self.pid}/stat") as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu_seconds(self.pid)
 
 
     def kill(self) -> None:
