@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Set
 
 from bootstrap import bootstrap
+from .background import BackgroundLoop
 from .listing import expiry_of
 from .liveness import (Seen, online_names, read_liveness, refresh_snapshot, render_host_script,
                        tincd_started)
@@ -146,8 +147,10 @@ class _NothingRemoved(Exception):
     """Rolls back a reaper transaction that removed nothing (no generation bump)."""
 
 
-class Reaper:
+class Reaper(BackgroundLoop):
     """The ``serve`` thread that removes ephemeral nodes (see the module doc)."""
+
+    thread_name = "ephemeral-reaper"
 
     def __init__(self, config: HubConfig, registry: Registry, state_root: Path,
                  sighup: Callable[[], bool], interval: float = REAP_INTERVAL,
@@ -156,21 +159,13 @@ class Reaper:
         self.sighup, self.interval, self.clock = sighup, interval, clock
         self._synced: Set[str] = set()
         self._synced_lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="ephemeral-reaper", daemon=True)
+        super().__init__()
         self._paused: Optional[str] = None  # why the last round removed nothing, once logged
 
     def note_sync(self, name: str) -> None:
         """A successful POST /v1/sync of node ``name`` (counts as seen at the next round)."""
         with self._synced_lock:
             self._synced.add(name)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

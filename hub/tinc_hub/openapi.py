@@ -8,6 +8,15 @@ from .enroll import MAX_BODY_BYTES
 _ERROR = {"$ref": "#/components/schemas/Error"}
 
 
+# What the enrolment and the key rotation both answer about the node.
+NODE_ADDRESS_PROPERTIES: Dict[str, Any] = {
+    "net": {"type": "string"},
+    "name": {"type": "string"},
+    "address": {"type": "string", "format": "ipv4", "description": "The node's VPN address (no prefix)"},
+    "prefix": {"type": "integer", "minimum": 0, "maximum": 32, "description": "VPN prefix length"},
+}
+
+
 def _with_retry_after(response: Dict[str, Any]) -> Dict[str, Any]:
     """An error response that says in Retry-After when to try again (429, 503)."""
     return dict(response, headers={"Retry-After": {"description": "Seconds to wait before retrying",
@@ -16,6 +25,20 @@ def _with_retry_after(response: Dict[str, Any]) -> Dict[str, Any]:
 
 def _error_response(description: str) -> Dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": _ERROR}}}
+
+
+def _schema_content(schema: str) -> Dict[str, Any]:
+    return {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}
+
+
+def _json_body(schema: str) -> Dict[str, Any]:
+    """A required JSON request body of the component ``schema``."""
+    return {"required": True, "content": _schema_content(schema)}
+
+
+def _json_answer(description: str, schema: str) -> Dict[str, Any]:
+    """A JSON response of the component ``schema``."""
+    return {"description": description, "content": _schema_content(schema)}
 
 
 def openapi_schema() -> Dict[str, Any]:
@@ -43,15 +66,9 @@ def openapi_schema() -> Dict[str, Any]:
                                    "returns the same answer and spends no token use. The answer "
                                    "is sent after the hub's tincd was told (SIGHUP) about the node.",
                     "security": [{"token": []}],
-                    "requestBody": {
-                        "required": True,
-                        "content": {"application/json": {
-                            "schema": {"$ref": "#/components/schemas/EnrollRequest"}}},
-                    },
+                    "requestBody": _json_body("EnrollRequest"),
                     "responses": {
-                        "200": {"description": "Enrolled",
-                                "content": {"application/json": {
-                                    "schema": {"$ref": "#/components/schemas/EnrollResponse"}}}},
+                        "200": _json_answer("Enrolled", "EnrollResponse"),
                         "400": _error_response("Malformed body, invalid name or public key"),
                         "401": _error_response("Missing, malformed, unknown, expired, spent or revoked "
                                                "token (tinc-hub token revoke); a revoked token is "
@@ -83,15 +100,9 @@ def openapi_schema() -> Dict[str, Any]:
                                    "nothing. The answer is sent after "
                                    "the hub's tincd re-read the node's host file (SIGHUP); the "
                                    "other hubs follow through the registry.",
-                    "requestBody": {
-                        "required": True,
-                        "content": {"application/json": {
-                            "schema": {"$ref": "#/components/schemas/RotateKeyRequest"}}},
-                    },
+                    "requestBody": _json_body("RotateKeyRequest"),
                     "responses": {
-                        "200": {"description": "The node's key is the one sent",
-                                "content": {"application/json": {
-                                    "schema": {"$ref": "#/components/schemas/RotateKeyResponse"}}}},
+                        "200": _json_answer("The node's key is the one sent", "RotateKeyResponse"),
                         "400": _error_response("Malformed body, name, credential or public key"),
                         "401": _error_response("Unknown node name or wrong credential (one answer "
                                                "for both)"),
@@ -109,9 +120,7 @@ def openapi_schema() -> Dict[str, Any]:
             "/healthz": {
                 "get": {
                     "summary": "Liveness",
-                    "responses": {"200": {"description": "The hub is serving",
-                                          "content": {"application/json": {
-                                              "schema": {"$ref": "#/components/schemas/Health"}}}}},
+                    "responses": {"200": _json_answer("The hub is serving", "Health")},
                 }
             },
             "/openapi.json": {
@@ -141,12 +150,7 @@ def openapi_schema() -> Dict[str, Any]:
                     "type": "object",
                     "required": ["net", "name", "address", "prefix", "hub"],
                     "properties": {
-                        "net": {"type": "string"},
-                        "name": {"type": "string"},
-                        "address": {"type": "string", "format": "ipv4",
-                                    "description": "The node's VPN address (no prefix)"},
-                        "prefix": {"type": "integer", "minimum": 0, "maximum": 32,
-                                   "description": "VPN prefix length"},
+                        **NODE_ADDRESS_PROPERTIES,
                         "hub": {
                             "type": "object",
                             "required": ["name", "host_file"],
@@ -180,10 +184,7 @@ def openapi_schema() -> Dict[str, Any]:
                     "type": "object",
                     "required": ["net", "name", "address", "prefix", "rotated"],
                     "properties": {
-                        "net": {"type": "string"},
-                        "name": {"type": "string"},
-                        "address": {"type": "string", "format": "ipv4"},
-                        "prefix": {"type": "integer", "minimum": 0, "maximum": 32},
+                        **NODE_ADDRESS_PROPERTIES,
                         "rotated": {"type": "boolean",
                                     "description": "false: the node had this key and "
                                                    "credential already"},

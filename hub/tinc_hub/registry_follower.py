@@ -17,12 +17,12 @@ so a round's cost does not grow with the unchanged nodes and enrolments do not w
 """
 
 import logging
-import threading
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from bootstrap import bootstrap
+from .background import BackgroundLoop
 from .exposure import claims_default_route
 from .hostfiles import HostFilesFollower, reconcile_host_files, remove_if_present, write_if_changed
 from .names import NAMES_SERVICE, NamesCache, hosts_writable, write_hub_names, write_names_file
@@ -79,10 +79,12 @@ def exposures_fingerprint(registry: Registry, this_hub: str) -> str:
         return repr((view.list_exposures(), source_nat_here(view, this_hub)))
 
 
-class RegistryFollower:
+class RegistryFollower(BackgroundLoop):
     """Runs :func:`mirror_registry` whenever the registry changed, in a daemon thread; and
     ``exposures_changed`` when what the exposures' rules depend on changed (at start too, when
     anything is exposed): the API only asks for the rules, a root process applies them."""
+
+    thread_name = "registry-follower"
 
     def __init__(self, config: HubConfig, registry: Registry, sighup: Callable[[], bool],
                  poll_interval: float = POLL_INTERVAL, state_root: Optional[Path] = None,
@@ -93,8 +95,7 @@ class RegistryFollower:
         self.exposures_changed = exposures_changed
         self.exposures: str = repr(([], False))  # nothing exposed: nothing to ask for at start
         self.generation: Optional[int] = None  # the generation last mirrored
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="registry-follower", daemon=True)
+        super().__init__()
         self._listener = None  # a psycopg connection LISTENing, PostgreSQL only
         self.names = NamesCache(config)
         self.host_files = HostFilesFollower(config, registry)
@@ -102,13 +103,6 @@ class RegistryFollower:
         if not self.names_writable:
             log.info("names: %s is read-only to this process (its sandbox): %s writes the hub's"
                      " names", bootstrap.ETC_HOSTS, NAMES_SERVICE)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
 
     def catch_up(self) -> bool:
         """Mirror when the generation moved; True when files changed."""

@@ -337,6 +337,20 @@ EXPOSE_STAMP = "expose-changed"  # in the state dir: touched by serve's follower
 EXPOSE_APPLY_TIMEOUT = 120  # s: a registry that does not answer never holds the boot longer
 
 
+def apply_unit_tail(wanted_by: str) -> "list[str]":
+    """The lines that end both root oneshots running ``expose apply``: its time limit, what it may
+    not gain, and the [Install] section wanted by ``wanted_by``."""
+    return [
+        f"TimeoutStartSec={EXPOSE_APPLY_TIMEOUT}",
+        "NoNewPrivileges=yes",
+        "PrivateTmp=yes",
+        "UMask=0077",
+        "",
+        "[Install]",
+        f"WantedBy={wanted_by}",
+    ]
+
+
 def render_expose_units(config: HubConfig, executable: str, state_dir: str,
                         tinc_unit: str) -> "dict[str, str]":
     """name -> text of the root oneshot that runs ``tinc-hub expose apply`` (at boot, after
@@ -367,14 +381,7 @@ def render_expose_units(config: HubConfig, executable: str, state_dir: str,
         "Type=oneshot",
         "# root with CAP_NET_ADMIN: nftables, net.ipv4.ip_forward, the hub's own host file",
         "ExecStart=" + exec_line,
-        f"TimeoutStartSec={EXPOSE_APPLY_TIMEOUT}",
-        "NoNewPrivileges=yes",
-        "PrivateTmp=yes",
-        "UMask=0077",
-        "",
-        "[Install]",
-        "WantedBy=multi-user.target",
-    ]) + "\n"
+    ] + apply_unit_tail("multi-user.target")) + "\n"
     path = "\n".join([
         "# Written by tinc-hub init; re-running it rewrites this file.",
         "[Unit]",
@@ -402,14 +409,7 @@ def render_expose_units(config: HubConfig, executable: str, state_dir: str,
         "RemainAfterExit=yes",
         "ExecStart=" + exec_line,
         "ExecReload=" + exec_line,
-        f"TimeoutStartSec={EXPOSE_APPLY_TIMEOUT}",
-        "NoNewPrivileges=yes",
-        "PrivateTmp=yes",
-        "UMask=0077",
-        "",
-        "[Install]",
-        f"WantedBy=multi-user.target {NFTABLES_UNIT}",
-    ]) + "\n"
+    ] + apply_unit_tail(f"multi-user.target {NFTABLES_UNIT}")) + "\n"
     return {EXPOSE_UNIT: service, EXPOSE_PATH_UNIT: path, EXPOSE_NFT_UNIT: nft}
 
 

@@ -42,15 +42,21 @@ def start_iperf_server(host: netlab.Host, port: int = IPERF_PORT) -> netlab.Proc
     return proc
 
 
-def parse_iperf3_json(text: str) -> TcpResult:
-    """The figures of one ``iperf3 -c ... -J`` TCP test; ValueError when it reports an error
-    or lacks them."""
+def json_object(text: str, tool: str) -> dict:
+    """The JSON object ``tool`` printed; ValueError naming the tool when it is none."""
     try:
         data = json.loads(text)
     except ValueError:
-        raise ValueError("iperf3 printed no JSON: %r" % text[:200]) from None
+        raise ValueError("%s printed no JSON: %r" % (tool, text[:200])) from None
     if not isinstance(data, dict):
-        raise ValueError("iperf3 JSON is not an object")
+        raise ValueError("%s printed JSON that is not an object" % tool)
+    return data
+
+
+def parse_iperf3_json(text: str) -> TcpResult:
+    """The figures of one ``iperf3 -c ... -J`` TCP test; ValueError when it reports an error
+    or lacks them."""
+    data = json_object(text, "iperf3")
     if data.get("error"):
         raise ValueError("iperf3: %s" % data["error"])
     try:
@@ -183,12 +189,7 @@ def start_tcp_echo_server(host: netlab.Host, port: int, address: str = "0.0.0.0"
 def parse_echo_probe(text: str) -> EchoResult:
     """The JSON line TCP_ECHO_PROBE prints; ValueError when it failed before any echo, saw
     no IPv4 peer address, or holds anything but a list of non-negative times."""
-    try:
-        data = json.loads(text)
-    except ValueError:
-        raise ValueError("the echo probe printed no JSON: %r" % text[:200]) from None
-    if not isinstance(data, dict):
-        raise ValueError("echo probe JSON is not an object")
+    data = json_object(text, "the echo probe")
     times = data.get("rtt_ms")
     if not isinstance(times, list) or not all(
             isinstance(t, (int, float)) and not isinstance(t, bool) and t >= 0 for t in times):
