@@ -6,6 +6,8 @@ import json
 import shutil
 from typing import Dict, List, Optional, Tuple
 
+import jsonschema_rs
+
 from tinc_hub import app as app_mod
 from tinc_hub.app import create_app
 from tinc_hub.enroll import MAX_BODY_BYTES
@@ -112,3 +114,55 @@ def test_hub_fault_is_json_500_without_details(hub: HubEnv) -> None:
                            {"authorization": "Bearer " + hub.token().token})
     assert status == 500 and set(json.loads(body)) == {"error"}
     assert "hosts" not in json.loads(body)["error"]
+
+
+def _validator(schema: dict, name: str):
+    """A format-checking validator of the document's component ``name`` (OpenAPI 3.0's
+    schemas here use only JSON Schema draft 7 keywords)."""
+    return jsonschema_rs.Draft7Validator(schema["components"]["schemas"][name], validate_formats=True)
+
+
+def _assert_answer_documented(schema: dict, name: str, answer: dict) -> None:
+    """``answer`` is valid against component ``name`` and carries no key the document does not
+    name (an undocumented field would be a silent contract)."""
+    _validator(schema, name).validate(answer)
+    assert set(answer) <= set(schema["components"]["schemas"][name]["properties"]), name
+
+
+def test_every_route_is_documented_and_every_answer_matches_the_document(hub: HubEnv) -> None:
+    """openapi.json names each route and method the app serves, and real answers of enrol,
+    sync, rotate-key, healthz and a refusal validate against their documented schemas."""
+    asgi, _ = make(hub)
+    schema = json.loads(call(asgi, "GET", "/openapi.json", [], {})[2])
+    routed = {(route.path, method) for route in asgi.app.routes for method in route.methods - {"HEAD"}}
+    documented = {(path, method.upper()) for path, ops in schema["paths"].items() for method in ops}
+    assert routed == documented
+
+    raw = json.dumps({"name": "n1", "public_key": rsa_public_pem(1)}).encode()
+    status, _, body = call(asgi, "POST", "/v1/enroll", [raw], {"authorization": "Bearer " + hub.token().token})
+    enrolled = json.loads(body)
+    assert status == 200 and "credential" in enrolled and enrolled["hubs"]
+    _assert_answer_documented(schema, "EnrollResponse", enrolled)
+
+    sync = {"name": "n1", "credential": enrolled["credential"]}
+    status, _, body = call(asgi, "POST", "/v1/sync", [json.dumps(sync).encode()], {})
+    synced = json.loads(body)
+    assert status == 200 and "names" in synced
+    _assert_answer_documented(schema, "SyncResponse", synced)
+    _validator(schema, "SyncRequest").validate(sync)
+
+    new_credential = "ab" * 32
+    rotation = {"name": "n1", "credential": enrolled["credential"], "public_key": rsa_public_pem(2),
+                "new_credential": new_credential}
+    _validator(schema, "RotateKeyRequest").validate(rotation)
+    status, _, body = call(asgi, "POST", "/v1/rotate-key", [json.dumps(rotation).encode()], {})
+    assert status == 200
+    _assert_answer_documented(schema, "RotateKeyResponse", json.loads(body))
+
+    status, _, body = call(asgi, "POST", "/v1/sync", [json.dumps(sync).encode()], {})
+    assert status == 401 and str(status) in schema["paths"]["/v1/sync"]["post"]["responses"]
+    _assert_answer_documented(schema, "Error", json.loads(body))
+    _assert_answer_documented(schema, "Health", json.loads(call(asgi, "GET", "/healthz", [], {})[2]))
+
+    broken = dict(synced, interval="30")  # the validator does reject what the document forbids
+    assert not _validator(schema, "SyncResponse").is_valid(broken)

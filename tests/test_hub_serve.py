@@ -137,11 +137,11 @@ def test_other_endpoints(server: Server) -> None:
     assert r.content == Path(BOOTSTRAP_PY).read_bytes() and r.content.startswith(b"#!/usr/bin/env python3")
     doc = requests.get(server.url + "/openapi.json", verify=server.cert, timeout=10).json()
     assert doc["openapi"].startswith("3.")
-    assert set(doc["paths"]) == {"/bootstrap.py", "/v1/enroll", "/v1/rotate-key", "/healthz",
-                                 "/openapi.json"}
+    assert set(doc["paths"]) == {"/bootstrap.py", "/v1/enroll", "/v1/sync", "/v1/rotate-key",
+                                 "/healthz", "/openapi.json"}
     schemas = doc["components"]["schemas"]
     assert {"EnrollRequest", "EnrollResponse", "Error"} <= set(schemas)
-    assert set(schemas["EnrollResponse"]["required"]) == {"net", "name", "address", "prefix", "hub"}
+    assert set(schemas["EnrollResponse"]["required"]) == {"net", "name", "address", "prefix", "hub", "hubs"}
     assert {"400", "401", "403", "409", "413"} <= set(doc["paths"]["/v1/enroll"]["post"]["responses"])
 
 

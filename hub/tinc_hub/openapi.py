@@ -4,6 +4,7 @@ from typing import Any, Dict
 
 from . import __version__
 from .enroll import MAX_BODY_BYTES
+from .node_sync import MAX_SYNC_BODY_BYTES, SYNC_INTERVAL_MAX, SYNC_INTERVAL_MIN
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 
@@ -15,6 +16,30 @@ NODE_ADDRESS_PROPERTIES: Dict[str, Any] = {
     "address": {"type": "string", "format": "ipv4", "description": "The node's VPN address (no prefix)"},
     "prefix": {"type": "integer", "minimum": 0, "maximum": 32, "description": "VPN prefix length"},
 }
+
+
+# Every active hub, as an enrolment and a sync answer list them (roster.hubs_for_nodes).
+HUBS_PROPERTY: Dict[str, Any] = {
+    "type": "array",
+    "description": "Every active hub, the answering one first",
+    "items": {
+        "type": "object",
+        "required": ["name", "host_file", "api"],
+        "properties": {
+            "name": {"type": "string"},
+            "host_file": {"type": "string", "description": "Full text of the hub's hosts/HUB"},
+            "api": {"type": "object", "required": ["host", "port", "pin"],
+                    "properties": {"host": {"type": "string"}, "port": {"type": "integer"},
+                                   "pin": {"type": "string", "pattern": "^sha256//[A-Za-z0-9+/]{43}=$",
+                                           "description": "curl's --pinnedpubkey form of the "
+                                                          "hub's TLS public key"}}},
+        },
+    },
+}
+NAMES_PROPERTY: Dict[str, Any] = {
+    "type": "object", "additionalProperties": {"type": "string", "format": "ipv4"},
+    "description": "Tinc name -> VPN address of every hub and node not revoked (the node "
+                   "resolves NAME.NET); left out when the node's names_tag shows it has them"}
 
 
 def _with_retry_after(response: Dict[str, Any]) -> Dict[str, Any]:
@@ -88,6 +113,28 @@ def openapi_schema() -> Dict[str, Any]:
                     },
                 }
             },
+            "/v1/sync": {
+                "post": {
+                    "summary": "A node asks which hubs (and names) the net has now (its sync loop)",
+                    "description": "The node proves its identity with the credential it got at "
+                                   "enrolment (no token). An unknown name and a wrong credential "
+                                   "get the same 401. `names` is left out when `names_tag` shows "
+                                   "the node has them already.",
+                    "requestBody": _json_body("SyncRequest"),
+                    "responses": {
+                        "200": _json_answer("The net's hubs as they are now", "SyncResponse"),
+                        "400": _error_response("Malformed body, name, credential or names_tag"),
+                        "401": _error_response("Unknown node name or wrong credential (one answer "
+                                               "for both)"),
+                        "403": _error_response("Node revoked"),
+                        "408": _error_response("Request body not received in time"),
+                        "410": _error_response("The node was removed (ephemeral, offline too long); "
+                                               "sent only to a holder of its old credential"),
+                        "413": _error_response(f"Body larger than {MAX_SYNC_BODY_BYTES} bytes"),
+                        "503": _error_response("The hub cannot reach its registry; retry later"),
+                    },
+                }
+            },
             "/v1/rotate-key": {
                 "post": {
                     "summary": "A node replaces its own RSA key and credential (bootstrap.py "
@@ -148,7 +195,7 @@ def openapi_schema() -> Dict[str, Any]:
                 },
                 "EnrollResponse": {
                     "type": "object",
-                    "required": ["net", "name", "address", "prefix", "hub"],
+                    "required": ["net", "name", "address", "prefix", "hub", "hubs"],
                     "properties": {
                         **NODE_ADDRESS_PROPERTIES,
                         "hub": {
@@ -160,10 +207,34 @@ def openapi_schema() -> Dict[str, Any]:
                                               "description": "Full text of the hub's hosts/HUB"},
                             },
                         },
-                        "names": {"type": "object", "additionalProperties": {"type": "string",
-                                                                             "format": "ipv4"},
-                                  "description": "Tinc name -> VPN address of every hub and "
-                                                 "node not revoked (the node resolves NAME.NET)"},
+                        "hubs": HUBS_PROPERTY,
+                        "credential": {"type": "string", "pattern": "^[0-9a-f]{64}$",
+                                       "description": "The node's sync credential (first enrolment "
+                                                      "only; the hub keeps its sha256)"},
+                        "names": NAMES_PROPERTY,
+                    },
+                },
+                "SyncRequest": {
+                    "type": "object",
+                    "required": ["name", "credential"],
+                    "properties": {
+                        "name": {"type": "string", "pattern": "^[A-Za-z0-9_]{1,64}$"},
+                        "credential": {"type": "string", "pattern": "^[0-9a-f]{64}$",
+                                       "description": "The node's sync credential"},
+                        "names_tag": {"type": "string", "pattern": "^[0-9a-f]{64}$",
+                                      "description": "sha256 of the names the node has (canonical JSON)"},
+                    },
+                },
+                "SyncResponse": {
+                    "type": "object",
+                    "required": ["net", "name", "address", "prefix", "hubs", "interval"],
+                    "properties": {
+                        **NODE_ADDRESS_PROPERTIES,
+                        "hubs": HUBS_PROPERTY,
+                        "interval": {"type": "integer", "minimum": SYNC_INTERVAL_MIN,
+                                     "maximum": SYNC_INTERVAL_MAX,
+                                     "description": "Seconds between the node's syncs"},
+                        "names": NAMES_PROPERTY,
                     },
                 },
                 "RotateKeyRequest": {
