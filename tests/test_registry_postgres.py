@@ -373,6 +373,10 @@ def test_registry_copy_moves_main_registry_to_postgresql(hub: HubEnv, database: 
         tx.insert_exposure_rows([ExposureRow(3, "alpha", 80, None, 8080, "tcp", False, 1700000000),
                                  ExposureRow(7, "gamma", 53, "192.0.2.1", 53, "udp", True, 1700000001)])
         exposures = tx.list_exposures()
+        # tombstones too: an ephemeral node removed after 600 s offline, one released by an admin
+        tx.add_tombstone(Tombstone("delta", "d" * 64, 1700000100, 600))
+        tx.add_tombstone(Tombstone("delta", None, 1700000200, None))
+        tombstones = tx.list_tombstones()
     source.dispose()
     copy = state + ["registry", "copy", "--to", database, "--to-password-file", str(password_file)]
 
@@ -415,6 +419,8 @@ def test_registry_copy_moves_main_registry_to_postgresql(hub: HubEnv, database: 
                                                                  ephemeral_seconds=None, last_seen_at=None)
                                                             for n in MAIN_EXPECTED["nodes"]]
         assert view.list_exposures() == exposures and [e.id for e in exposures] == [3, 7]
+        assert view.list_tombstones() == tombstones and len(tombstones) == 2
+        assert view.tombstone_for("d" * 64) == Tombstone("delta", "d" * 64, 1700000100, 600)
     assert target.schema_revision() == SCHEMA_REVISION
 
     # the active token enrols through the copied registry; the revoked one still is revoked

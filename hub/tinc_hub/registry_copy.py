@@ -1,6 +1,6 @@
 """``tinc-hub registry copy --to postgresql://…``: move a single hub's registry onto PostgreSQL.
 
-Every token, node and hub (revoked and removed ones too) and the settings are copied in one transaction of the target, under this
+Every token, node and hub (revoked and removed ones too), exposure, tombstone and the settings are copied in one transaction of the target, under this
 hub's registry write lock (no local enrolment, token or revocation can land meanwhile), into a
 target that must be empty (no registry tables, or a registry schema without rows). The target
 gets the same schema revision (Alembic, migrated to this code's head like the source). After the
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from .errors import HubError
-from .registry import SCHEMA_REVISION, ExposureRow, HubRow, NodeRow, Registry, TokenRow
+from .registry import SCHEMA_REVISION, ExposureRow, HubRow, NodeRow, Registry, Tombstone, TokenRow
 from .registry_url import RegistryURL, read_password_file
 from .state import StateDir
 
@@ -68,6 +68,7 @@ class Contents:
     hubs: List[HubRow]
     settings: Dict[str, str]  # without the generation counter
     exposures: List[ExposureRow]
+    tombstones: List[Tombstone]  # removed nodes: a returning machine is told why (410)
 
 
 def _read_all(registry: Registry) -> Contents:
@@ -75,7 +76,7 @@ def _read_all(registry: Registry) -> Contents:
         settings = view.settings()
         settings.pop("generation", None)
         return Contents(view.list_tokens(), view.list_rows(), view.list_hubs(), settings,
-                        view.list_exposures())
+                        view.list_exposures(), view.list_tombstones())
 
 
 def write_config_atomically(state: StateDir, text: str) -> None:
@@ -128,6 +129,8 @@ def copy_registry(state: StateDir, source: Registry, to: str, password_file: Opt
                 tx.insert_nodes(nodes)
                 tx.insert_hub_rows(source_contents.hubs)
                 tx.insert_exposure_rows(source_contents.exposures)  # after their nodes
+                for tombstone in source_contents.tombstones:  # in removal order
+                    tx.add_tombstone(tombstone)
                 for key, value in sorted(source_contents.settings.items()):
                     tx.put_setting(key, value)
             copied = _read_all(target)
