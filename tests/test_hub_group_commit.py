@@ -331,6 +331,20 @@ def test_answer_json_is_what_jsonresponse_renders() -> None:
                  {"names": names}, {"net": "t", "name": "x"},
                  {"names": names, "net": "t"}):  # names not last: rendered whole
         assert answers.render(body) == JSONResponse(body).body, body
+    # the shared members (net, prefix, hub, hubs) encoded once, re-encoded when they change
+    hubs = [{"name": "hub1", "host": "h1", "port": 655, "host_file": "Address = h1\n"}]
+    for hub, listed, prefix, name in [
+            ({"name": "hub1", "host_file": "A\n"}, list(hubs), 24, "a"),
+            ({"name": "hub1", "host_file": "A\n"}, list(hubs), 24, "b"),  # equal, new objects
+            ({"name": "hub1", "host_file": "B\n"}, list(hubs), 24, "c"),  # the hub's file changed
+            ({"name": "hub1", "host_file": "B\n"}, hubs + [{"name": "hub2", "port": 1}], 24, "d"),
+            ({"host_file": "B\n", "name": "hub1"}, [], 1, "e"),  # == the last, not the same JSON
+            ({"host_file": "B\n", "name": "hub1"}, [], True, "f"),  # 1 == True, not in JSON
+            ({"host_file": "B\n", "name": "hub1"}, [{"name": "hub2", "port": 1}], 1, "g"),
+            ({"host_file": "B\n", "name": "hub1"}, [{"name": "hub2", "port": True}], 1, "h")]:
+        body = {"net": "t", "name": name, "address": "10.0.0.9", "prefix": prefix, "hub": hub,
+                "hubs": listed, "names": names}
+        assert answers.render(body) == JSONResponse(body).body, body
 
 
 def test_group_commit_hands_a_failed_batch_to_each_caller_and_goes_on() -> None:

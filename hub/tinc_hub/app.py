@@ -7,10 +7,9 @@ import logging
 import resource
 import socket
 import time
-from typing import Any, Awaitable, Callable, Dict, Optional
+from typing import Any, Awaitable, Callable, Dict, Optional, Tuple
 
 from bootstrap import script_source
-import anyio
 import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -29,6 +28,7 @@ from .node_rotate import RotateKeyHandler, rotate_audit_line
 from .node_sync import MAX_SYNC_BODY_BYTES, SYNC_INTERVAL, SyncHandler
 from .http_timeouts import HANDSHAKE_TIMEOUT, HeaderTimeoutH11Protocol
 from .openapi import openapi_schema
+from .prechecks import PrecheckPool, checked_and_written
 from .ratelimit import DEFAULT_RATE_LIMIT, RateLimit, RateLimiter, parse_rate_limit, retry_after_header
 from .registry import POSTGRES_POOL_SIZE, Registry
 from .key_rotation import public_key_to_record
@@ -42,12 +42,14 @@ log = logging.getLogger("tinc_hub.serve")
 access_log = logging.getLogger("tinc_hub.access")
 
 BODY_TIMEOUT = 10.0
-# Enrolment pre-checks (Enroller.request) at once in worker threads. SQLite's reads are local
-# and the checks are CPU under the GIL: more threads than this only contend for it, and each
-# extra one delays the group commit writer and the event loop, whose every system call gives
-# the GIL away (measured, 1000 concurrent enrolments: 40 threads, anyio's default, ~15 % slower
-# than 4). PostgreSQL's reads wait on the network: as many as its pool has connections.
-SQLITE_PRECHECK_THREADS = 4
+# Enrolment pre-checks (Enroller.request) at once: the precheck pool's threads
+# (tinc_hub.prechecks). SQLite's reads are local and the checks are CPU under the GIL: every
+# extra thread is one more contender for it with the group commit writer and the event loop,
+# whose every system call gives it away (measured, 1000 concurrent enrolments: anyio's 40 ~15 %
+# slower than 4; 4 -> 2 pool threads ~0.4 ms less hub CPU per enrolment; 2 rather than 1 so
+# that one slow disk read does not stall every pre-check). PostgreSQL's reads wait on the
+# network: as many as its pool has connections.
+SQLITE_PRECHECK_THREADS = 2
 
 
 def precheck_threads(dialect: str) -> int:
@@ -120,23 +122,61 @@ def json_bytes(value: Any) -> bytes:
                       separators=(",", ":")).encode("utf-8")
 
 
+def same_json(a: Any, b: Any) -> bool:
+    """Do ``a`` and ``b`` encode to the same JSON? Exact for str, int, float, bool, None,
+    lists and dicts (types, dict key order); False for anything else."""
+    if a is b:
+        return True
+    kind = type(a)
+    if kind is not type(b):  # 1 == True, but not in JSON
+        return False
+    if kind in (str, int, float):
+        return a == b  # (nan is never equal: encoded again)
+    if kind is list or kind is tuple:
+        return len(a) == len(b) and all(same_json(x, y) for x, y in zip(a, b))
+    if kind is dict:
+        return len(a) == len(b) and all(ka is kb or (type(ka) is type(kb) and ka == kb)
+                                        for ka, kb in zip(a, b)) \
+            and all(same_json(a[key], b[key]) for key in a)
+    return False
+
+
 class AnswerJSON:
-    """Enrolment answers rendered as JSONResponse renders them, with their ``names`` (one dict
-    per registry generation, shared by every answer of it and never changed: thousands of
-    entries in a big net) encoded once per dict instead of once per answer."""
+    """Enrolment answers rendered as JSONResponse renders them, each member encoded apart and
+    the members every answer of a generation shares encoded once: ``names`` (one dict per
+    registry generation, never changed: thousands of entries in a big net; recognised by
+    identity) and the net, prefix, hub and hubs (the hubs' host files are most of an answer
+    without names; recognised by ``same_json``, cheap: their strings and dicts are shared)."""
+
+    SHARED = frozenset({"net", "prefix", "hub", "hubs"})
 
     def __init__(self) -> None:
         self._names: Optional[Dict[str, str]] = None
-        self._encoded = b""
+        self._names_encoded = b""
+        self._shared: Dict[str, Tuple[Any, bytes]] = {}
+        self._keys: Dict[str, bytes] = {}
 
     def render(self, body: Dict[str, Any]) -> bytes:
-        names = body.get("names")
-        if not isinstance(names, dict) or next(reversed(body)) != "names" or len(body) < 2:
-            return json_bytes(body)
-        if names is not self._names:
-            self._names, self._encoded = names, json_bytes(names)
-        head = json_bytes({key: value for key, value in body.items() if key != "names"})
-        return head[:-1] + b',"names":' + self._encoded + b"}"
+        return b"{" + b",".join(self._member(key, value) for key, value in body.items()) + b"}"
+
+    def _member(self, key: str, value: Any) -> bytes:
+        head = self._keys.get(key)
+        if head is None:
+            head = json_bytes(key) + b":"
+            if len(self._keys) < 64:  # answers have a handful of keys
+                self._keys[key] = head
+        if key == "names" and isinstance(value, dict):
+            if value is not self._names:
+                self._names, self._names_encoded = value, json_bytes(value)
+            return head + self._names_encoded
+        if key in self.SHARED:
+            cached = self._shared.get(key)
+            if cached is not None and same_json(cached[0], value):
+                return head + cached[1]
+            encoded = json_bytes(value)
+            self._shared[key] = (value, encoded)
+            return head + encoded
+        return head + json_bytes(value)
 
 
 def create_app(config: HubConfig, registry: Registry, batcher: ReloadBatcher,
@@ -154,7 +194,7 @@ def create_app(config: HubConfig, registry: Registry, batcher: ReloadBatcher,
     they tell what host files they wrote."""
     enroller = Enroller(config, registry, names=follower.names if follower else None,
                         host_files=follower.host_files if follower else None)
-    prechecks = anyio.CapacityLimiter(precheck_threads(registry.dialect))
+    prechecks = PrecheckPool(precheck_threads(registry.dialect))
     answers = AnswerJSON()
     syncer = SyncHandler(config, registry, sync_interval, seen=synced)
     rotator = RotateKeyHandler(config, registry)
@@ -186,16 +226,12 @@ def create_app(config: HubConfig, registry: Registry, batcher: ReloadBatcher,
         except ClientDisconnect:
             audit_log.warning("%s", audit_line("refused", 400, Attempt(client), "client disconnected"))
             return error_response(400, "client disconnected", close=True)
-        # Enroller.process, with the wait for the group commit in the event loop, not in a
-        # worker thread: a batch can take more enrolments than there are worker threads.
-        # Its answer after the write is made here: no registry read, no file (the batch read
-        # the names), the audit line.
-        enrolment = await anyio.to_thread.run_sync(enroller.request,
-                                                   request.headers.get("authorization"), body,
-                                                   client, limiter=prechecks)
-        while enrolment.write is not None:
-            written, error = await enroller.writes.outcome_async(enrolment.write)
-            enrolment.resume(written, error)
+        # Enroller.process: the pre-check on a precheck thread, which queues the write (if
+        # any) to the group commit; the wait for it in the event loop, not in a worker thread
+        # (a batch can take more enrolments than there are threads). The answer after the
+        # write is made here: no registry read, no file (the batch read the names), the audit line.
+        enrolment = await checked_and_written(enroller, prechecks,
+                                              request.headers.get("authorization"), body, client)
         outcome = enrolment.outcome
         assert outcome is not None
         if outcome.reload_needed:

@@ -1,7 +1,7 @@
 """Group commit: the writes of concurrent callers run together, one batch at a time.
 
 Callers hand :class:`GroupCommit` one item each (``outcome`` blocks a thread;
-``outcome_async`` waits in the event loop without holding a thread). One writer thread,
+``outcome_async`` waits in the event loop without holding a thread; ``submit`` calls back). One writer thread,
 started when an item arrives and gone when the queue is empty, runs batches: it takes the
 lock (the registry write lock), drains the queue (at most ``max_batch`` items) and runs them
 all through ``run_batch``; the items queued meanwhile form the next batch. There is no timer:
@@ -17,6 +17,15 @@ from contextlib import AbstractContextManager
 from typing import Callable, Generic, List, Optional, Tuple, TypeVar
 
 Item = TypeVar("Item")
+
+
+def wake_future(loop: asyncio.AbstractEventLoop, future: "asyncio.Future[object]",
+                value: object) -> None:
+    """From any thread: ``future``'s result is ``value`` (unless it is done: cancelled)."""
+    try:
+        loop.call_soon_threadsafe(lambda: future.done() or future.set_result(value))
+    except RuntimeError:  # the loop is closed (serve stopping): nobody waits any more
+        pass
 
 
 class Pending(Generic[Item]):
@@ -76,17 +85,16 @@ class GroupCommit(Generic[Item]):
         the wait does not take the item back (it is written all the same)."""
         loop = asyncio.get_running_loop()
         done = loop.create_future()
-
-        def wake() -> None:
-            try:
-                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
-            except RuntimeError:  # the loop is closed (serve stopping): nobody waits any more
-                pass
-
-        pending: Pending[Item] = Pending(item, wake)
-        self._enqueue(pending)
+        pending = self.submit(item, lambda _: wake_future(loop, done, None))
         await done
         return pending.result, pending.error
+
+    def submit(self, item: Item, settled: Callable[[Pending[Item]], None]) -> Pending[Item]:
+        """Queue ``item`` without waiting: ``settled(pending)`` is called (in the writer thread,
+        once the batch is done with it) with its ``result``/``error`` set."""
+        pending: Pending[Item] = Pending(item, lambda: settled(pending))
+        self._enqueue(pending)
+        return pending
 
     def _enqueue(self, pending: Pending[Item]) -> None:
         with self._lock:
