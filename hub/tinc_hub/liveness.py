@@ -142,9 +142,9 @@ def read_liveness(state_root: Path) -> Dict[str, Seen]:
         except FileNotFoundError:
             return {}
         try:
-            seen = _read_with_journal(root, directory, rewrite=False)
-            if seen is not None:
-                return seen
+            journal_read = _read_with_journal(root, directory, rewrite=False)
+            if journal_read is not None:
+                return journal_read[0]
             began_ns = time.time_ns()
             stamp = _directory_stamp(os.fstat(directory))
             seen = _read_snapshot(root, stamp)
@@ -473,10 +473,10 @@ def _replay(root: int, fd: int, key: JournalKey, owner: int, base_key: JournalKe
     return part[1]
 
 
-def _read_with_journal(root: int, directory: int, rewrite: bool) -> Optional[Dict[str, Seen]]:
-    """read_liveness with the journal: the snapshot plus the journal's lines since, or every
-    record when no snapshot serves (then a snapshot is written for the next reader when this
-    process owns the records). None: no journal that speaks for the records (missing, not
+def _read_with_journal(root: int, directory: int, rewrite: bool) -> Optional[Tuple[Dict[str, Seen], bool]]:
+    """read_liveness with the journal: (the snapshot plus the journal's lines since, False),
+    or (every record, True) when no snapshot serves (then a snapshot is written for the next
+    reader when this process owns the records). None: no journal that speaks for the records (missing, not
     the records' owner's, or older than the records' last change: scripts that do not write
     it ran since). ``rewrite``: also write the snapshot after adding new lines (serve)."""
     dir_st = os.fstat(directory)
@@ -499,7 +499,7 @@ def _read_with_journal(root: int, directory: int, rewrite: bool) -> Optional[Dic
                 if rewrite and (key, offset) != (base_key, base_offset) and dir_st.st_uid == os.geteuid():
                     _write_snapshot(root, (*dir_key, *key, offset), seen,
                                     stat.S_IMODE(dir_st.st_mode) & 0o666, JOURNAL_SNAPSHOT_MAGIC)
-                return seen
+                return seen, False
         # every record, read after the journal's size was taken: each event whose line lies
         # before that offset had its record replaced before, so the snapshot holds it
         offset = os.fstat(fd).st_size
@@ -507,7 +507,7 @@ def _read_with_journal(root: int, directory: int, rewrite: bool) -> Optional[Dic
         if dir_st.st_uid == os.geteuid():
             _write_snapshot(root, (*dir_key, *key, offset), seen, stat.S_IMODE(dir_st.st_mode) & 0o666,
                             JOURNAL_SNAPSHOT_MAGIC)
-        return seen
+        return seen, True
     finally:
         os.close(fd)
 
@@ -550,10 +550,8 @@ def refresh_journal_snapshot(state_root: Path, compact_bytes: int = JOURNAL_COMP
                     os.close(snap)
             except OSError:
                 pass
-            text = _read_snapshot_text(root)
-            had_base = text is not None and parse_journal_snapshot(text, (dir_st.st_dev, dir_st.st_ino)) is not None
-            _read_with_journal(root, directory, rewrite=True)
-            return not had_base
+            journal_read = _read_with_journal(root, directory, rewrite=True)
+            return None if journal_read is None else journal_read[1]
         finally:
             os.close(directory)
     finally:
