@@ -12,6 +12,12 @@ that wrote it. Records are only ever replaced by rename (the scripts' temp file 
 changes the directory's mtime and ctime: a snapshot whose stamp still matches holds exactly
 what reading the records gives, and the next reader uses it alone. The scripts' write path is
 unchanged; a snapshot is never stale by design (see read_liveness).
+
+The scripts also append the event to ``STATE/liveness.journal`` after replacing the record.
+While that journal speaks for the records (it is newer than their directory's last change),
+the snapshot is "the records as of the journal's first OFFSET bytes" and a reader adds the
+journal's lines since: no system call per record even right after a change (see "the
+journal" below). Without a journal (an earlier init's scripts), the directory stamp above.
 """
 
 import contextlib
@@ -55,6 +61,11 @@ JOURNAL_NAME = "liveness.journal"
 JOURNAL_ASIDE_NAME = "liveness.journal.old"
 JOURNAL_SNAPSHOT_MAGIC = "tinc-hub liveness snapshot 2"
 JOURNAL_COMPACT_BYTES = 2 << 20  # ~45,000 events
+# a record changed by something that does not journal (an admin's rm, an earlier init's scripts)
+# and then hidden by a journaled change: serve reads every record (and sets the journal aside)
+# at its first refresh and at least this often, so such a change is seen within this bound
+JOURNAL_FULL_READ_SECONDS = 600.0
+_last_full_read: Dict[Tuple[int, int], float] = {}  # records directory (dev, ino) -> monotonic
 MAX_JOURNAL_DELTA_BYTES = 8 << 20  # more unread journal than this: read the records instead
 # a journal line exactly as the scripts write it (a name over 64 characters gets none)
 JOURNAL_LINE_RE = re.compile(rb"^([A-Za-z0-9_]{1,64}) (up|down) (0|[1-9][0-9]{0,18}) ([0-9A-Za-z.:%_-]{0,64})$",
@@ -161,7 +172,8 @@ def read_liveness(state_root: Path) -> Dict[str, Seen]:
         os.close(root)
 
 
-def refresh_snapshot(state_root: Path, compact_bytes: int = JOURNAL_COMPACT_BYTES) -> bool:
+def refresh_snapshot(state_root: Path, compact_bytes: int = JOURNAL_COMPACT_BYTES,
+                     full_read_seconds: float = JOURNAL_FULL_READ_SECONDS) -> bool:
     """Writes the snapshot when the records directory settled since the last one (serve calls
     it every few seconds, so ``tinc-hub nodes`` finds it ready). Costs a stat and the snapshot's
     first line when the directory is still changing, or nothing changed since; else a
@@ -170,7 +182,7 @@ def refresh_snapshot(state_root: Path, compact_bytes: int = JOURNAL_COMPACT_BYTE
     With a journal: adds its new lines to the snapshot (no record read), or sets it aside
     when larger than JOURNAL_COMPACT_BYTES and reads every record once (which also repairs
     a line a full disk kept out of it)."""
-    journal_done = refresh_journal_snapshot(state_root, compact_bytes)
+    journal_done = refresh_journal_snapshot(state_root, compact_bytes, full_read_seconds)
     if journal_done is not None:
         return journal_done
     try:
@@ -512,11 +524,13 @@ def _read_with_journal(root: int, directory: int, rewrite: bool) -> Optional[Tup
         os.close(fd)
 
 
-def refresh_journal_snapshot(state_root: Path, compact_bytes: int = JOURNAL_COMPACT_BYTES) -> Optional[bool]:
+def refresh_journal_snapshot(state_root: Path, compact_bytes: int = JOURNAL_COMPACT_BYTES,
+                             full_read_seconds: float = JOURNAL_FULL_READ_SECONDS) -> Optional[bool]:
     """refresh_snapshot with a journal this process owns (else None: the caller goes on
-    without): sets it aside when larger than ``compact_bytes`` (the scripts create the
-    next; serve's is the only renamer) and reads every record once, else adds its new lines
-    to the snapshot. True when it read the records."""
+    without): sets it aside when larger than ``compact_bytes``, at this process's first
+    refresh and ``full_read_seconds`` after its last (the scripts create the next journal;
+    serve's is the only renamer) and reads every record once, else adds its new lines to the
+    snapshot. True when it read the records."""
     try:
         root = os.open(state_root, OPEN_DIRECTORY_PATH)
     except FileNotFoundError:
@@ -537,7 +551,10 @@ def refresh_journal_snapshot(state_root: Path, compact_bytes: int = JOURNAL_COMP
             os.close(fd)
             if journal_st.st_mtime_ns < max(dir_st.st_mtime_ns, dir_st.st_ctime_ns):
                 return None
-            if journal_st.st_size > compact_bytes:
+            dir_key = (dir_st.st_dev, dir_st.st_ino)
+            last = _last_full_read.get(dir_key)
+            if journal_st.st_size > compact_bytes or last is None or time.monotonic() - last >= full_read_seconds:
+                _last_full_read[dir_key] = time.monotonic()
                 return _set_journal_aside(root, directory, dir_st, stat.S_IMODE(journal_st.st_mode))
             header = _snapshot_header((dir_st.st_dev, dir_st.st_ino, journal_st.st_dev, journal_st.st_ino,
                                        journal_st.st_size), "", JOURNAL_SNAPSHOT_MAGIC).encode()
@@ -574,6 +591,7 @@ def _set_journal_aside(root: int, directory: int, dir_st: os.stat_result, mode: 
         journal_st = os.fstat(fd)
         if not stat.S_ISREG(journal_st.st_mode):
             return False
+        os.fchmod(fd, mode)  # the old one's (serve's UMask=0077 would narrow it)
         offset = journal_st.st_size
     finally:
         os.close(fd)
