@@ -591,7 +591,8 @@ def _set_journal_aside(root: int, directory: int, dir_st: os.stat_result, mode: 
         journal_st = os.fstat(fd)
         if not stat.S_ISREG(journal_st.st_mode):
             return False
-        os.fchmod(fd, mode)  # the old one's (serve's UMask=0077 would narrow it)
+        with contextlib.suppress(OSError):  # a script's journal of another owner keeps its mode
+            os.fchmod(fd, mode)  # the old one's (serve's UMask=0077 would narrow it)
         offset = journal_st.st_size
     finally:
         os.close(fd)
