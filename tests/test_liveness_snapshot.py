@@ -56,12 +56,13 @@ def leave_snapshot(root: Path, seen: Dict[str, Seen]) -> None:
     (root / SNAPSHOT_NAME).write_text(render_snapshot(stamp_of(root), seen))
 
 
-def event_scripts(root: Path) -> Dict[str, Path]:
-    """The hub's real host-up and host-down scripts (what init writes) for state dir ``root``."""
+def event_scripts(root: Path, journal: bool = True) -> Dict[str, Path]:
+    """The hub's real host-up and host-down scripts (what init writes) for state dir ``root``
+    (journal=False: an earlier init's, records only)."""
     scripts = {}
     for event in ("up", "down"):
         path = root / f"host-{event}"
-        path.write_text(render_host_script(root / "state", event))
+        path.write_text(render_host_script(root / "state", event, journal))
         path.chmod(0o755)
         scripts[event] = path
     return scripts
@@ -192,7 +193,8 @@ def test_odd_snapshot_files_are_ignored(tmp_path: Path, kind: str) -> None:
 
 def test_a_snapshot_is_left_only_for_a_settled_directory_and_serves_until_a_record_is_replaced(
         tmp_path: Path) -> None:
-    scripts, root = event_scripts(tmp_path), tmp_path / "state"
+    # the margin rule is the path of an earlier init's scripts (no journal: see test_liveness_journal)
+    scripts, root = event_scripts(tmp_path, journal=False), tmp_path / "state"
     others = tmp_path / "others"  # a records directory another user owns
     for node in ("n1", "n2"):
         run_event(scripts["up"], node, "192.0.2.1")

@@ -114,12 +114,11 @@ def refusal_message(stone: Tombstone) -> str:
 
 
 def scripts_are_ours(config: HubConfig, state_root: Path) -> bool:
-    """True when hosts-dir's host-up and host-down are the liveness scripts this code writes."""
-    for event in ("up", "down"):
-        text = bootstrap.read_text(str(config.net_dir / f"host-{event}"))
-        if text != render_host_script(state_root, event):
-            return False
-    return True
+    """True when hosts-dir's host-up and host-down are the liveness scripts this code writes,
+    with the journal or (an init of an earlier version) without: both replace the records."""
+    texts = [bootstrap.read_text(str(config.net_dir / f"host-{event}")) for event in ("up", "down")]
+    return any(texts == [render_host_script(state_root, event, journal) for event in ("up", "down")]
+               for journal in (True, False))
 
 
 def reap_in_transaction(tx: RegistryTransaction, due: Iterable[NodeRow], now: int,

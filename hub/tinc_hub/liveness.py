@@ -12,6 +12,12 @@ that wrote it. Records are only ever replaced by rename (the scripts' temp file 
 changes the directory's mtime and ctime: a snapshot whose stamp still matches holds exactly
 what reading the records gives, and the next reader uses it alone. The scripts' write path is
 unchanged; a snapshot is never stale by design (see read_liveness).
+
+The scripts also append the event to ``STATE/liveness.journal`` after replacing the record.
+While that journal speaks for the records (it is newer than their directory's last change),
+the snapshot is "the records as of the journal's first OFFSET bytes" and a reader adds the
+journal's lines since: no system call per record even right after a change (see "the
+journal" below). Without a journal (an earlier init's scripts), the directory stamp above.
 """
 
 import contextlib
@@ -45,6 +51,27 @@ STALE_TEMP_SECONDS = 300  # a snapshot temp file untouched this long: its writer
 # str(int) writes them, and the address as parse_record takes it (a run of non-whitespace:
 # re's \s is str.isspace), or none
 SNAPSHOT_LINE_RE = re.compile(r"^([A-Za-z0-9_]{1,64}) (up|down) (0|[1-9][0-9]*)(?: (\S+))?\n", re.MULTILINE)
+# STATE/liveness.journal: one line "NAME up|down SECONDS ADDRESS" per event, appended by the
+# scripts after they replaced the record (O_APPEND, one write each). With it, the snapshot is
+# "tinc-hub liveness snapshot 2 DIR_DEV DIR_INO JOURNAL_DEV JOURNAL_INO OFFSET COUNT": the records
+# as of the journal's first OFFSET bytes; a reader adds the journal's complete lines from OFFSET
+# on. serve sets a journal larger than JOURNAL_COMPACT_BYTES aside as liveness.journal.old
+# (rename; the scripts create a new one), and readers of a snapshot of that inode finish it first.
+JOURNAL_NAME = "liveness.journal"
+JOURNAL_ASIDE_NAME = "liveness.journal.old"
+JOURNAL_SNAPSHOT_MAGIC = "tinc-hub liveness snapshot 2"
+JOURNAL_COMPACT_BYTES = 2 << 20  # ~45,000 events
+# a record changed by something that does not journal (an admin's rm, an earlier init's scripts)
+# and then hidden by a journaled change: serve reads every record (and sets the journal aside)
+# at its first refresh and at least this often, so such a change is seen within this bound
+JOURNAL_FULL_READ_SECONDS = 600.0
+_last_full_read: Dict[Tuple[int, int], float] = {}  # records directory (dev, ino) -> monotonic
+MAX_JOURNAL_DELTA_BYTES = 8 << 20  # more unread journal than this: read the records instead
+# a journal line exactly as the scripts write it (a name over 64 characters gets none)
+JOURNAL_LINE_RE = re.compile(rb"^([A-Za-z0-9_]{1,64}) (up|down) (0|[1-9][0-9]{0,18}) ([0-9A-Za-z.:%_-]{0,64})$",
+                             re.MULTILINE)
+JOURNAL_HEADER_RE = re.compile(re.escape(JOURNAL_SNAPSHOT_MAGIC) + r"( (?:0|[1-9][0-9]{0,19})){6}")
+JournalKey = Tuple[int, int]  # (st_dev, st_ino)
 # the state dir needs only x permission (O_PATH), as a path through it did
 OPEN_DIRECTORY_PATH = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY
 
@@ -59,19 +86,42 @@ def liveness_dir(state_root: Path) -> Path:
     return Path(state_root) / LIVENESS_DIR_NAME
 
 
-def render_host_script(state_root: Path, event: str) -> str:
-    """The hub's ``host-up`` (event "up") or ``host-down`` ("down") script."""
+def render_host_script(state_root: Path, event: str, journal: bool = True) -> str:
+    """The hub's ``host-up`` (event "up") or ``host-down`` ("down") script. ``journal``: also
+    append the event to STATE/liveness.journal (journal=False: the scripts of earlier
+    versions, records only; still accepted, see ephemeral.scripts_are_ours)."""
     if event not in ("up", "down"):
         raise ValueError(event)
     directory = shlex.quote(str(liveness_dir(state_root)))
+    if not journal:
+        return "\n".join([
+            "#!/bin/sh",
+            SCRIPT_MARKER,
+            "case \"$NODE\" in ''|*[!A-Za-z0-9_]*) exit 0 ;; esac",
+            f"dir={directory}",
+            "mkdir -p \"$dir\" || exit 0",
+            f"printf '{event} %s %s\\n' \"$(date +%s)\" \"${{REMOTEADDRESS:-}}\" > \"$dir/.$NODE.$$\" &&"
+            " mv -f \"$dir/.$NODE.$$\" \"$dir/$NODE\"",
+            "exit 0",
+        ]) + "\n"
+    journal_path = shlex.quote(str(Path(state_root) / JOURNAL_NAME))
+    # the record first, then the journal line: a reader that sees the line finds the record
+    # at least as new. One printf of < PIPE_BUF bytes to an O_APPEND file is one write(2):
+    # appenders never interleave. Names over 64 characters (no reader takes them) and
+    # addresses that are not plain IP text get no line / no address.
     return "\n".join([
         "#!/bin/sh",
         SCRIPT_MARKER,
         "case \"$NODE\" in ''|*[!A-Za-z0-9_]*) exit 0 ;; esac",
+        "addr=${REMOTEADDRESS:-}",
+        "case \"$addr\" in *[!0-9A-Za-z.:%_-]*) addr= ;; esac",
+        "[ ${#addr} -le 64 ] || addr=",
         f"dir={directory}",
         "mkdir -p \"$dir\" || exit 0",
-        f"printf '{event} %s %s\\n' \"$(date +%s)\" \"${{REMOTEADDRESS:-}}\" > \"$dir/.$NODE.$$\" &&"
-        " mv -f \"$dir/.$NODE.$$\" \"$dir/$NODE\"",
+        "now=$(date +%s)",
+        f"printf '{event} %s %s\\n' \"$now\" \"$addr\" > \"$dir/.$NODE.$$\" &&"
+        " mv -f \"$dir/.$NODE.$$\" \"$dir/$NODE\" || exit 0",
+        f"[ ${{#NODE}} -le 64 ] && printf '%s {event} %s %s\\n' \"$NODE\" \"$now\" \"$addr\" >> {journal_path}",
         "exit 0",
     ]) + "\n"
 
@@ -103,6 +153,9 @@ def read_liveness(state_root: Path) -> Dict[str, Seen]:
         except FileNotFoundError:
             return {}
         try:
+            journal_read = _read_with_journal(root, directory, rewrite=False)
+            if journal_read is not None:
+                return journal_read[0]
             began_ns = time.time_ns()
             stamp = _directory_stamp(os.fstat(directory))
             seen = _read_snapshot(root, stamp)
@@ -119,11 +172,19 @@ def read_liveness(state_root: Path) -> Dict[str, Seen]:
         os.close(root)
 
 
-def refresh_snapshot(state_root: Path) -> bool:
+def refresh_snapshot(state_root: Path, compact_bytes: int = JOURNAL_COMPACT_BYTES,
+                     full_read_seconds: float = JOURNAL_FULL_READ_SECONDS) -> bool:
     """Writes the snapshot when the records directory settled since the last one (serve calls
     it every few seconds, so ``tinc-hub nodes`` finds it ready). Costs a stat and the snapshot's
     first line when the directory is still changing, or nothing changed since; else a
-    read_liveness. True when it read the records."""
+    read_liveness. True when it read the records.
+
+    With a journal: adds its new lines to the snapshot (no record read), or sets it aside
+    when larger than JOURNAL_COMPACT_BYTES and reads every record once (which also repairs
+    a line a full disk kept out of it)."""
+    journal_done = refresh_journal_snapshot(state_root, compact_bytes, full_read_seconds)
+    if journal_done is not None:
+        return journal_done
     try:
         root = os.open(state_root, OPEN_DIRECTORY_PATH)
     except FileNotFoundError:
@@ -181,10 +242,10 @@ def read_records(directory: int) -> Dict[str, Seen]:
 # -- the snapshot ----------------------------------------------------------------------------
 
 
-def _snapshot_header(stamp: Tuple[int, int, int, int], count: str) -> str:
+def _snapshot_header(stamp: Tuple[int, ...], count: str, magic: str = SNAPSHOT_MAGIC) -> str:
     """The snapshot's first line for ``stamp`` and ``count`` records (without its newline;
     ``count`` "" gives the prefix every header of that stamp starts with)."""
-    return f"{SNAPSHOT_MAGIC} {stamp[0]} {stamp[1]} {stamp[2]} {stamp[3]} {count}"
+    return " ".join([magic, *map(str, stamp), count])
 
 
 def _directory_stamp(st: os.stat_result) -> Tuple[int, int, int, int]:
@@ -202,6 +263,13 @@ def _snapshot_worth_writing(after: os.stat_result, stamp: Tuple[int, int, int, i
 def _read_snapshot(root: int, stamp: Tuple[int, int, int, int]) -> Optional[Dict[str, Seen]]:
     """The snapshot's records when its stamp is ``stamp``; None when it is missing, of
     another stamp, or anything but a well-formed regular file no larger than the cap."""
+    text = _read_snapshot_text(root)
+    return None if text is None else parse_snapshot(text, stamp)
+
+
+def _read_snapshot_text(root: int) -> Optional[str]:
+    """The snapshot file's text; None when it is missing, not a regular file, larger than
+    MAX_SNAPSHOT_BYTES or not UTF-8."""
     try:
         fd = os.open(SNAPSHOT_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=root)
     except OSError:
@@ -225,7 +293,7 @@ def _read_snapshot(root: int, stamp: Tuple[int, int, int, int]) -> Optional[Dict
     if size > MAX_SNAPSHOT_BYTES:
         return None
     try:
-        return parse_snapshot(b"".join(chunks).decode("utf-8"), stamp)
+        return b"".join(chunks).decode("utf-8")
     except UnicodeDecodeError:
         return None
 
@@ -237,6 +305,12 @@ def parse_snapshot(text: str, stamp: Tuple[int, int, int, int]) -> Optional[Dict
     count = header.rpartition(" ")[2]
     if header != _snapshot_header(stamp, count) or not newline:
         return None
+    return parse_snapshot_body(body, count)
+
+
+def parse_snapshot_body(body: str, count: str) -> Optional[Dict[str, Seen]]:
+    """The records of a snapshot's lines after its header, which said ``count``; None
+    unless every line is one render_snapshot_line writes, each name once."""
     if body and not body.endswith("\n"):
         return None
     # each match is a whole line (^ only after a newline, "\n" at its end): as many matches
@@ -258,18 +332,18 @@ def render_snapshot_line(name: str, record: Seen) -> str:
     return f"{name} {event} {record.at} {record.remote}" if record.remote else f"{name} {event} {record.at}"
 
 
-def render_snapshot(stamp: Tuple[int, int, int, int], seen: Dict[str, Seen]) -> str:
-    lines = [_snapshot_header(stamp, str(len(seen)))]
+def render_snapshot(stamp: Tuple[int, ...], seen: Dict[str, Seen], magic: str = SNAPSHOT_MAGIC) -> str:
+    lines = [_snapshot_header(stamp, str(len(seen)), magic)]
     lines.extend(render_snapshot_line(name, record) for name, record in seen.items())
     return "\n".join(lines) + "\n"
 
 
-def _write_snapshot(root: int, stamp: Tuple[int, int, int, int], seen: Dict[str, Seen],
-                    mode: int) -> None:
+def _write_snapshot(root: int, stamp: Tuple[int, ...], seen: Dict[str, Seen],
+                    mode: int, magic: str = SNAPSHOT_MAGIC) -> None:
     """Replaces the snapshot atomically (temp file + rename) with ``mode``, the mode of the
     records (the directory's, without x bits); a failure (read-only state dir, full disk)
     leaves the previous snapshot, whose stamp no longer matches."""
-    data = render_snapshot(stamp, seen).encode("utf-8")
+    data = render_snapshot(stamp, seen, magic).encode("utf-8")
     if len(data) > MAX_SNAPSHOT_BYTES:
         return
     # one temp file per process and thread (serve's reaper and key rotation both read)
@@ -313,6 +387,219 @@ def _remove_stale_temps(root: int, ours: str) -> None:
         with contextlib.suppress(OSError):
             if os.stat(name, dir_fd=root, follow_symlinks=False).st_mtime < cutoff:
                 os.unlink(name, dir_fd=root)
+
+
+# -- the journal -----------------------------------------------------------------------------
+
+
+def parse_journal(data: bytes) -> Optional[Dict[str, Seen]]:
+    """The last event of each node in ``data``, complete journal lines (empty, or ending in
+    a newline), in order; None when any line is not one the scripts write (a write a full
+    disk cut short, a hand edit): the caller reads the records instead."""
+    if data and not data.endswith(b"\n"):
+        return None
+    fields = JOURNAL_LINE_RE.findall(data)
+    if len(fields) != data.count(b"\n"):
+        return None
+    return {name.decode(): Seen(event == b"up", int(at), remote.decode()) for name, event, at, remote in fields}
+
+
+def parse_journal_snapshot(text: str, directory: JournalKey
+                           ) -> Optional[Tuple[JournalKey, int, Dict[str, Seen]]]:
+    """(journal key, offset, records) of a journal snapshot's text for the records directory
+    ``directory`` (dev, ino); None for any other text."""
+    header, newline, body = text.partition("\n")
+    if not newline or not JOURNAL_HEADER_RE.fullmatch(header):
+        return None
+    dir_dev, dir_ino, dev, ino, offset, count = map(int, header[len(JOURNAL_SNAPSHOT_MAGIC):].split())
+    if (dir_dev, dir_ino) != directory:
+        return None
+    seen = parse_snapshot_body(body, str(count))
+    return None if seen is None else ((dev, ino), offset, seen)
+
+
+def _open_journal(root: int, name: str, owner: int) -> Optional[Tuple[int, os.stat_result]]:
+    """(descriptor, stat) of journal ``name`` in the state dir when it is a regular file of
+    ``owner`` (the records directory's: the scripts write both); None otherwise. Symlinks are
+    not followed; a FIFO cannot hang the open."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=root)
+    except OSError:
+        return None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != owner:
+        os.close(fd)
+        return None
+    return fd, st
+
+
+def _complete_lines(fd: int, offset: int, budget: int) -> Optional[Tuple[bytes, int]]:
+    """(the complete lines from ``offset`` to the journal's end as of now, the offset after
+    them); an unterminated last line is left for the next read. None when the journal is
+    shorter than ``offset`` (not the one the snapshot saw) or more than ``budget`` bytes
+    are unread."""
+    size = os.fstat(fd).st_size
+    if offset > size or size - offset > budget:
+        return None
+    chunks, position = [], offset
+    while position < size:
+        chunk = os.pread(fd, size - position, position)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        position += len(chunk)
+    data = b"".join(chunks)
+    cut = data.rfind(b"\n") + 1
+    return data[:cut], offset + cut
+
+
+def _replay(root: int, fd: int, key: JournalKey, owner: int, base_key: JournalKey, offset: int,
+            seen: Dict[str, Seen]) -> Optional[int]:
+    """Adds to ``seen`` (a snapshot's records as of ``offset`` in journal ``base_key``) the
+    journal's lines since; returns the offset reached in the journal ``fd`` (``key``). When
+    the snapshot's journal was set aside since, its rest is read first (whatever a script
+    appended to it before the rename). None: records needed (the snapshot's journal is
+    gone, too much unread, a bad line)."""
+    budget = MAX_JOURNAL_DELTA_BYTES
+    if base_key != key:
+        aside = _open_journal(root, JOURNAL_ASIDE_NAME, owner)
+        if aside is None:
+            return None
+        aside_fd, aside_st = aside
+        try:
+            if (aside_st.st_dev, aside_st.st_ino) != base_key:
+                return None
+            part = _complete_lines(aside_fd, offset, budget)
+        finally:
+            os.close(aside_fd)
+        events = None if part is None else parse_journal(part[0])
+        if events is None:
+            return None
+        seen.update(events)
+        budget, offset = budget - len(part[0]), 0
+    part = _complete_lines(fd, offset, budget)
+    events = None if part is None else parse_journal(part[0])
+    if events is None:
+        return None
+    seen.update(events)
+    return part[1]
+
+
+def _read_with_journal(root: int, directory: int, rewrite: bool) -> Optional[Tuple[Dict[str, Seen], bool]]:
+    """read_liveness with the journal: (the snapshot plus the journal's lines since, False),
+    or (every record, True) when no snapshot serves (then a snapshot is written for the next
+    reader when this process owns the records). None: no journal that speaks for the records (missing, not
+    the records' owner's, or older than the records' last change: scripts that do not write
+    it ran since). ``rewrite``: also write the snapshot after adding new lines (serve)."""
+    dir_st = os.fstat(directory)
+    opened = _open_journal(root, JOURNAL_NAME, dir_st.st_uid)
+    if opened is None:
+        return None
+    fd, journal_st = opened
+    try:
+        # the scripts append after they replace the record: a record change later than the
+        # journal's last write was made by something that does not journal
+        if journal_st.st_mtime_ns < max(dir_st.st_mtime_ns, dir_st.st_ctime_ns):
+            return None
+        dir_key, key = (dir_st.st_dev, dir_st.st_ino), (journal_st.st_dev, journal_st.st_ino)
+        text = _read_snapshot_text(root)
+        base = None if text is None else parse_journal_snapshot(text, dir_key)
+        if base is not None:
+            base_key, base_offset, seen = base
+            offset = _replay(root, fd, key, dir_st.st_uid, base_key, base_offset, seen)
+            if offset is not None:
+                if rewrite and (key, offset) != (base_key, base_offset) and dir_st.st_uid == os.geteuid():
+                    _write_snapshot(root, (*dir_key, *key, offset), seen,
+                                    stat.S_IMODE(dir_st.st_mode) & 0o666, JOURNAL_SNAPSHOT_MAGIC)
+                return seen, False
+        # every record, read after the journal's size was taken: each event whose line lies
+        # before that offset had its record replaced before, so the snapshot holds it
+        offset = os.fstat(fd).st_size
+        seen = read_records(directory)
+        if dir_st.st_uid == os.geteuid():
+            _write_snapshot(root, (*dir_key, *key, offset), seen, stat.S_IMODE(dir_st.st_mode) & 0o666,
+                            JOURNAL_SNAPSHOT_MAGIC)
+        return seen, True
+    finally:
+        os.close(fd)
+
+
+def refresh_journal_snapshot(state_root: Path, compact_bytes: int = JOURNAL_COMPACT_BYTES,
+                             full_read_seconds: float = JOURNAL_FULL_READ_SECONDS) -> Optional[bool]:
+    """refresh_snapshot with a journal this process owns (else None: the caller goes on
+    without): sets it aside when larger than ``compact_bytes``, at this process's first
+    refresh and ``full_read_seconds`` after its last (the scripts create the next journal;
+    serve's is the only renamer) and reads every record once, else adds its new lines to the
+    snapshot. True when it read the records."""
+    try:
+        root = os.open(state_root, OPEN_DIRECTORY_PATH)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            directory = os.open(LIVENESS_DIR_NAME, os.O_RDONLY | os.O_DIRECTORY, dir_fd=root)
+        except FileNotFoundError:
+            return None
+        try:
+            dir_st = os.fstat(directory)
+            if dir_st.st_uid != os.geteuid():
+                return None
+            opened = _open_journal(root, JOURNAL_NAME, dir_st.st_uid)
+            if opened is None:
+                return None
+            fd, journal_st = opened
+            os.close(fd)
+            if journal_st.st_mtime_ns < max(dir_st.st_mtime_ns, dir_st.st_ctime_ns):
+                return None
+            dir_key = (dir_st.st_dev, dir_st.st_ino)
+            last = _last_full_read.get(dir_key)
+            if journal_st.st_size > compact_bytes or last is None or time.monotonic() - last >= full_read_seconds:
+                _last_full_read[dir_key] = time.monotonic()
+                return _set_journal_aside(root, directory, dir_st, stat.S_IMODE(journal_st.st_mode))
+            header = _snapshot_header((dir_st.st_dev, dir_st.st_ino, journal_st.st_dev, journal_st.st_ino,
+                                       journal_st.st_size), "", JOURNAL_SNAPSHOT_MAGIC).encode()
+            try:
+                snap = os.open(SNAPSHOT_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=root)
+                try:
+                    if os.read(snap, len(header)) == header:
+                        return False  # nothing appended since
+                finally:
+                    os.close(snap)
+            except OSError:
+                pass
+            journal_read = _read_with_journal(root, directory, rewrite=True)
+            return None if journal_read is None else journal_read[1]
+        finally:
+            os.close(directory)
+    finally:
+        os.close(root)
+
+
+def _set_journal_aside(root: int, directory: int, dir_st: os.stat_result, mode: int) -> bool:
+    """Renames the journal to JOURNAL_ASIDE_NAME, creates the next one (a script may have
+    done so already: then its lines are kept) and snapshots every record as of the new
+    journal's size, read after that size was taken. A script that opened the old path before
+    the rename appends to the old inode: its record was replaced before, so the records read
+    here hold it; readers of an older snapshot finish the old inode before the new one."""
+    try:
+        os.rename(JOURNAL_NAME, JOURNAL_ASIDE_NAME, src_dir_fd=root, dst_dir_fd=root)
+        fd = os.open(JOURNAL_NAME, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     mode, dir_fd=root)
+    except OSError:
+        return False
+    try:
+        journal_st = os.fstat(fd)
+        if not stat.S_ISREG(journal_st.st_mode):
+            return False
+        with contextlib.suppress(OSError):  # a script's journal of another owner keeps its mode
+            os.fchmod(fd, mode)  # the old one's (serve's UMask=0077 would narrow it)
+        offset = journal_st.st_size
+    finally:
+        os.close(fd)
+    seen = read_records(directory)
+    _write_snapshot(root, (dir_st.st_dev, dir_st.st_ino, journal_st.st_dev, journal_st.st_ino, offset), seen,
+                    stat.S_IMODE(dir_st.st_mode) & 0o666, JOURNAL_SNAPSHOT_MAGIC)
+    return True
 
 
 def tincd_running(net: str) -> bool:
