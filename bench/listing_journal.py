@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
-"""The liveness journal against main's records-only code: ``tinc-hub nodes --json`` with --nodes
+"""The liveness journal against the records-only code before it: ``tinc-hub nodes --json`` with --nodes
 nodes (default 50,000) and a liveness record per node, "cold" = --changes records (default 100)
 just replaced by the real host-up/host-down scripts since the last snapshot.
 
-Two copies of the same state dir: one driven by main's code and scripts (records only: a cold
+Two copies of the same state dir: one driven by the records-only code and scripts ("main" below:
+--main-ref, default the last commit before the journal; records only: a cold
 listing reads every record), one by this branch's (records + journal: the snapshot serve left,
 plus the journal's lines since). Each round: serve's refresh of the journal state (timed, in
 this process), the changes through the scripts on both states, then the two cold listings in
-alternating order, then a warm journal listing (no unread line). main's code is run from
-``git archive main`` (--main-ref) via PYTHONPATH, with this venv's interpreter. Finally one
+alternating order, then a warm journal listing (no unread line). The old code is run from
+``git archive MAIN_REF`` via PYTHONPATH, with this venv's interpreter. Finally one
 compaction (the journal set aside, every record read once) is timed.
 
     .venv/bin/python bench/listing_journal.py [--nodes 50000] [--changes 100] [--runs 7]
@@ -33,6 +34,7 @@ from tinc_hub.registry import Registry
 VPN = "10.96.0.0/16"
 ARGV = ["nodes", "--json"]
 REPO = Path(__file__).resolve().parent.parent
+RECORDS_ONLY_REF = "bfcd132"  # main just before the journal was merged
 
 
 def write_scripts(directory: Path, state_root: Path, journal: bool) -> dict:
@@ -78,7 +80,8 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, default=50_000)
     parser.add_argument("--changes", type=int, default=100)
     parser.add_argument("--runs", type=int, default=7)
-    parser.add_argument("--main-ref", default="main")
+    parser.add_argument("--main-ref", default=RECORDS_ONLY_REF,
+                        help="the records-only code to compare with (default: the last commit before the journal)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="listing-journal-") as tmp:
         workdir = Path(tmp)
