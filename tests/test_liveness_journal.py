@@ -9,7 +9,7 @@ the journal's lines since get exactly what reading every record gives.
 - fallbacks to the records: a journal older than the records' last change (an earlier init's
   scripts ran), a bad line, more unread journal than the cap, a symlink or FIFO planted as the
   journal (never followed, never hangs);
-- the scripts: one write(2) per line (strace, when installed), hostile names/addresses.
+- the scripts: one write(2) per line (strace), hostile names/addresses.
 """
 
 import os
@@ -195,8 +195,7 @@ def test_the_scripts_write_one_line_per_event_with_one_write(tmp_path: Path) -> 
     lines = (root / JOURNAL_NAME).read_text().splitlines()
     assert [line.split()[:2] for line in lines] == [["n1", "up"], ["n1", "down"]]
     assert lines[0].endswith(" ") and lines[1].endswith(" 2001:db8::1")
-    if shutil.which("strace") is None:
-        pytest.skip("strace not installed: the one-write check needs it")
+    assert shutil.which("strace"), "strace is needed for the one-write check (tests/setup-env installs it)"
     trace = subprocess.run(["strace", "-f", "-e", "trace=write", "-o", str(tmp_path / "trace"),
                             str(scripts["up"])], env={"PATH": "/usr/bin:/bin", "NODE": "n2",
                                                       "REMOTEADDRESS": "192.0.2.2"}, timeout=10)
