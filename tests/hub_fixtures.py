@@ -4,6 +4,7 @@
 import functools
 import os
 import sqlite3
+import subprocess
 import time
 from contextlib import closing
 from pathlib import Path
@@ -15,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from tinc_hub.enroll import Enroller
 from tinc_hub.hub_init import InitRequest, run_init
+from tinc_hub.liveness import render_host_script
 from tinc_hub.registry import Registry
 from tinc_hub.state import HubConfig, StateDir
 from tinc_hub.tls import pin_of_cert_file
@@ -150,3 +152,21 @@ def install_main_registry(state: StateDir) -> dict:
     for token in expected["tokens"]:
         token["expires_at"] += shift
     return expected
+
+
+def event_scripts(base: Path, journal: bool = True) -> Dict[str, Path]:
+    """The hub's real host-up and host-down scripts (what init writes) for state dir
+    ``base/state``, as files in ``base`` (journal=False: an earlier init's, records only)."""
+    scripts = {}
+    for event in ("up", "down"):
+        path = base / f"host-{event}-{int(journal)}"
+        path.write_text(render_host_script(base / "state", event, journal))
+        path.chmod(0o755)
+        scripts[event] = path
+    return scripts
+
+
+def run_event(script: Path, node: str, remote: str) -> None:
+    """Runs a host-up/host-down script as tincd does (NODE, REMOTEADDRESS in its environment)."""
+    env = {"PATH": "/usr/bin:/bin", "NODE": node, "REMOTEADDRESS": remote}
+    subprocess.run([str(script)], env=env, check=True, timeout=10)

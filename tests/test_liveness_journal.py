@@ -23,10 +23,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hub_fixtures import event_scripts, run_event
 from tinc_hub import liveness
 from tinc_hub.liveness import (JOURNAL_ASIDE_NAME, JOURNAL_NAME, MAX_JOURNAL_DELTA_BYTES, SNAPSHOT_NAME, Seen,
-                               liveness_dir, parse_journal, read_liveness, read_records, refresh_snapshot,
-                               render_host_script)
+                               liveness_dir, parse_journal, read_liveness, read_records, refresh_snapshot)
 
 
 def read_one_by_one(root: Path) -> Dict[str, Seen]:
@@ -35,21 +35,6 @@ def read_one_by_one(root: Path) -> Dict[str, Seen]:
         return read_records(directory)
     finally:
         os.close(directory)
-
-
-def event_scripts(base: Path, journal: bool = True) -> Dict[str, Path]:
-    scripts = {}
-    for event in ("up", "down"):
-        path = base / f"host-{event}-{int(journal)}"
-        path.write_text(render_host_script(base / "state", event, journal))
-        path.chmod(0o755)
-        scripts[event] = path
-    return scripts
-
-
-def run_event(script: Path, node: str, remote: str) -> None:
-    env = {"PATH": "/usr/bin:/bin", "NODE": node, "REMOTEADDRESS": remote}
-    subprocess.run([str(script)], env=env, check=True, timeout=10)
 
 
 def replace_record(root: Path, node: str, text: str) -> None:

@@ -12,7 +12,6 @@ every record gives, with or without a snapshot.
 """
 
 import os
-import subprocess
 import time
 from pathlib import Path
 from typing import Dict, Tuple
@@ -21,10 +20,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hub_fixtures import event_scripts, run_event
 from tinc_hub.liveness import (MAX_SNAPSHOT_BYTES, SNAPSHOT_MARGIN_NS, SNAPSHOT_NAME,
                                STALE_TEMP_SECONDS, Seen,
                                liveness_dir, parse_snapshot, read_liveness, read_records,
-                               refresh_snapshot, render_host_script, render_snapshot)
+                               refresh_snapshot, render_snapshot)
 
 Stamp = Tuple[int, int, int, int]
 STAMP: Stamp = (2049, 1234567, 1750000000123456789, 1750000000123456789)
@@ -54,23 +54,6 @@ def read_one_by_one(root: Path) -> Dict[str, Seen]:
 def leave_snapshot(root: Path, seen: Dict[str, Seen]) -> None:
     """A snapshot of ``seen`` stamped with the directory as it is now, as a reader leaves it."""
     (root / SNAPSHOT_NAME).write_text(render_snapshot(stamp_of(root), seen))
-
-
-def event_scripts(root: Path, journal: bool = True) -> Dict[str, Path]:
-    """The hub's real host-up and host-down scripts (what init writes) for state dir ``root``
-    (journal=False: an earlier init's, records only)."""
-    scripts = {}
-    for event in ("up", "down"):
-        path = root / f"host-{event}"
-        path.write_text(render_host_script(root / "state", event, journal))
-        path.chmod(0o755)
-        scripts[event] = path
-    return scripts
-
-
-def run_event(script: Path, node: str, remote: str) -> None:
-    env = {"PATH": "/usr/bin:/bin", "NODE": node, "REMOTEADDRESS": remote}
-    subprocess.run([str(script)], env=env, check=True, timeout=10)
 
 
 def wait_until_ns(deadline_ns: int) -> None:
