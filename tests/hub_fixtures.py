@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from tinc_hub.enroll import Enroller
 from tinc_hub.hub_init import InitRequest, run_init
-from tinc_hub.liveness import render_host_script
+from tinc_hub.liveness import Seen, liveness_dir, read_records, render_host_script
 from tinc_hub.registry import Registry
 from tinc_hub.state import HubConfig, StateDir
 from tinc_hub.tls import pin_of_cert_file
@@ -170,3 +170,12 @@ def run_event(script: Path, node: str, remote: str) -> None:
     """Runs a host-up/host-down script as tincd does (NODE, REMOTEADDRESS in its environment)."""
     env = {"PATH": "/usr/bin:/bin", "NODE": node, "REMOTEADDRESS": remote}
     subprocess.run([str(script)], env=env, check=True, timeout=10)
+
+
+def read_one_by_one(root: Path) -> Dict[str, Seen]:
+    """What reading every liveness record of state dir ``root`` gives (no snapshot, no journal)."""
+    directory = os.open(liveness_dir(root), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return read_records(directory)
+    finally:
+        os.close(directory)

@@ -23,18 +23,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hub_fixtures import event_scripts, run_event
+from hub_fixtures import event_scripts, read_one_by_one, run_event
 from tinc_hub import liveness
 from tinc_hub.liveness import (JOURNAL_ASIDE_NAME, JOURNAL_NAME, MAX_JOURNAL_DELTA_BYTES, SNAPSHOT_NAME, Seen,
-                               liveness_dir, parse_journal, read_liveness, read_records, refresh_snapshot)
+                               liveness_dir, parse_journal, read_liveness, refresh_snapshot)
 
 
-def read_one_by_one(root: Path) -> Dict[str, Seen]:
-    directory = os.open(liveness_dir(root), os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        return read_records(directory)
-    finally:
-        os.close(directory)
 
 
 def replace_record(root: Path, node: str, text: str) -> None:

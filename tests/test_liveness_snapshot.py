@@ -20,10 +20,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hub_fixtures import event_scripts, run_event
+from hub_fixtures import event_scripts, read_one_by_one, run_event
 from tinc_hub.liveness import (MAX_SNAPSHOT_BYTES, SNAPSHOT_MARGIN_NS, SNAPSHOT_NAME,
                                STALE_TEMP_SECONDS, Seen,
-                               liveness_dir, parse_snapshot, read_liveness, read_records,
+                               liveness_dir, parse_snapshot, read_liveness,
                                refresh_snapshot, render_snapshot)
 
 Stamp = Tuple[int, int, int, int]
@@ -42,13 +42,6 @@ def stamp_of(root: Path) -> Stamp:
     return (st_.st_dev, st_.st_ino, st_.st_mtime_ns, st_.st_ctime_ns)
 
 
-def read_one_by_one(root: Path) -> Dict[str, Seen]:
-    """What reading every record gives (no snapshot)."""
-    directory = os.open(liveness_dir(root), os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        return read_records(directory)
-    finally:
-        os.close(directory)
 
 
 def leave_snapshot(root: Path, seen: Dict[str, Seen]) -> None:
