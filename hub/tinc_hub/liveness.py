@@ -197,16 +197,8 @@ def refresh_snapshot(state_root: Path, compact_bytes: int = JOURNAL_COMPACT_BYTE
         stamp = _directory_stamp(st)
         if st.st_uid != os.geteuid() or max(stamp[2], stamp[3]) > time.time_ns() - SNAPSHOT_MARGIN_NS:
             return False
-        header = _snapshot_header(stamp, "").encode()
-        try:
-            fd = os.open(SNAPSHOT_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=root)
-            try:
-                if os.read(fd, len(header)) == header:
-                    return False
-            finally:
-                os.close(fd)
-        except OSError:
-            pass
+        if _snapshot_starts_with(root, _snapshot_header(stamp, "")):
+            return False
     finally:
         os.close(root)
     read_liveness(state_root)
@@ -246,6 +238,22 @@ def _snapshot_header(stamp: Tuple[int, ...], count: str, magic: str = SNAPSHOT_M
     """The snapshot's first line for ``stamp`` and ``count`` records (without its newline;
     ``count`` "" gives the prefix every header of that stamp starts with)."""
     return " ".join([magic, *map(str, stamp), count])
+
+
+def _snapshot_starts_with(root: int, header: str) -> bool:
+    """Does the snapshot file (not followed if a symlink, never waited on) begin with
+    ``header``? False when it is missing or unreadable."""
+    expected = header.encode()
+    try:
+        fd = os.open(SNAPSHOT_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=root)
+    except OSError:
+        return False
+    try:
+        return os.read(fd, len(expected)) == expected
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _directory_stamp(st: os.stat_result) -> Tuple[int, int, int, int]:
@@ -556,17 +564,10 @@ def refresh_journal_snapshot(state_root: Path, compact_bytes: int = JOURNAL_COMP
             if journal_st.st_size > compact_bytes or last is None or time.monotonic() - last >= full_read_seconds:
                 _last_full_read[dir_key] = time.monotonic()
                 return _set_journal_aside(root, directory, dir_st, stat.S_IMODE(journal_st.st_mode))
-            header = _snapshot_header((dir_st.st_dev, dir_st.st_ino, journal_st.st_dev, journal_st.st_ino,
-                                       journal_st.st_size), "", JOURNAL_SNAPSHOT_MAGIC).encode()
-            try:
-                snap = os.open(SNAPSHOT_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=root)
-                try:
-                    if os.read(snap, len(header)) == header:
-                        return False  # nothing appended since
-                finally:
-                    os.close(snap)
-            except OSError:
-                pass
+            if _snapshot_starts_with(root, _snapshot_header(
+                    (dir_st.st_dev, dir_st.st_ino, journal_st.st_dev, journal_st.st_ino, journal_st.st_size),
+                    "", JOURNAL_SNAPSHOT_MAGIC)):
+                return False  # nothing appended since
             journal_read = _read_with_journal(root, directory, rewrite=True)
             return None if journal_read is None else journal_read[1]
         finally:
