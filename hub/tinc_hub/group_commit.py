@@ -14,16 +14,24 @@ unreachable) is the outcome of every item of the batch it had not settled.
 import asyncio
 import threading
 from contextlib import AbstractContextManager
-from typing import Callable, Generic, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, Generic, List, Optional, Tuple, TypeVar
 
 Item = TypeVar("Item")
 
 
-def wake_future(loop: asyncio.AbstractEventLoop, future: "asyncio.Future[object]",
-                value: object) -> None:
-    """From any thread: ``future``'s result is ``value`` (unless it is done: cancelled)."""
+def wake_future(loop: asyncio.AbstractEventLoop, future: "asyncio.Future[Any]", value: object,
+                error: Optional[BaseException] = None) -> None:
+    """From any thread: ``future``'s result is ``value``, or its exception ``error`` when one
+    is given (unless it is done: cancelled)."""
+    def settle() -> None:
+        if future.done():  # cancelled: nobody waits
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
     try:
-        loop.call_soon_threadsafe(lambda: future.done() or future.set_result(value))
+        loop.call_soon_threadsafe(settle)
     except RuntimeError:  # the loop is closed (serve stopping): nobody waits any more
         pass
 

@@ -9,7 +9,7 @@ import threading
 from typing import Callable, List, Optional, Tuple
 
 from .enroll import Enroller, EnrolmentRequest
-from .group_commit import Pending
+from .group_commit import Pending, wake_future
 
 log = logging.getLogger("tinc_hub.serve")
 
@@ -57,17 +57,7 @@ async def checked_and_written(enroller: Enroller, pool: PrecheckPool,
     done: "asyncio.Future[Checked]" = loop.create_future()
 
     def settle(value: Optional[Checked], error: Optional[BaseException] = None) -> None:
-        def set_it() -> None:
-            if done.done():  # cancelled: nobody waits
-                return
-            if error is not None:
-                done.set_exception(error)
-            else:
-                done.set_result(value)  # type: ignore[arg-type]
-        try:
-            loop.call_soon_threadsafe(set_it)
-        except RuntimeError:  # the loop is closed (serve stopping): nobody waits any more
-            pass
+        wake_future(loop, done, value, error)
 
     def check() -> None:
         try:
