@@ -199,7 +199,6 @@ class HubProcess:
         """CPU time the hub has used so far, user + system, all its threads."""
         return process_cpu_seconds(self.pid)
 
-
     def kill(self) -> None:
         """SIGKILL, as a crash would."""
         assert self.proc is not None
