@@ -8,6 +8,7 @@ on exit.
 
 import asyncio
 import gc
+import ipaddress
 import multiprocessing
 import os
 import socket
@@ -22,7 +23,7 @@ from hypothesis import strategies as st
 
 from tinc_hub import cli
 from tinc_hub.app import FD_RESERVE, connection_caps
-from tinc_hub.client_address import TrustedProxies, client_address, forwarded_chain
+from tinc_hub.client_address import LONGEST_IP_TEXT, TrustedProxies, client_address, forwarded_chain, parse_ip
 from tinc_hub.connection_caps import (DEFAULT_MAX_CONNECTIONS_PER_ADDRESS, REFUSALS_PER_ACCEPT,
                                       CappedListener, ConnectionCaps)
 from hub_fixtures import HubEnv, init_hub, wait_until
@@ -98,6 +99,44 @@ def test_text_left_of_the_proxys_entry_never_matters(prefix: str, client) -> Non
     value = f"{prefix},{client}" if prefix else str(client)
     assert client_address(scope("10.0.0.5", ("X-Forwarded-For", value)), PROXIES) == str(client)
     assert forwarded_chain([(b"x-forwarded-for", value.encode("latin-1"))])[-1] == str(client)
+
+
+def parse_ip_uncached(text: str):
+    """parse_ip's rule without its length cut and its memory, straight from ipaddress."""
+    if "%" in text:
+        return None
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    return getattr(address, "ipv4_mapped", None) or address
+
+
+IP_TEXTS = st.one_of(
+    st.ip_addresses().map(str),
+    st.ip_addresses(v=6).map(lambda a: a.exploded),
+    st.integers(0, 2 ** 32 - 1).map(lambda n: "0000:0000:0000:0000:0000:ffff:" + str(ipaddress.IPv4Address(n))),
+    st.text(alphabet="0123456789abcdefABCDEF:.%/ []", max_size=60),
+    st.from_regex(r"\A(0{0,3}[0-9a-f]{1,4}:){7}0{0,3}[0-9a-f]{1,4}\Z"),
+)
+
+
+@given(IP_TEXTS)
+@settings(max_examples=500, deadline=None)
+def test_parse_ip_remembered_and_cut_agrees_with_ipaddress(text: str) -> None:
+    """The length cut (nothing longer than LONGEST_IP_TEXT is an IP literal) and the memory
+    change no answer: the same text twice, and the straight ipaddress parse, agree."""
+    expected = parse_ip_uncached(text)
+    assert parse_ip(text) == expected
+    assert parse_ip(text) == expected
+    if expected is not None:
+        assert len(text) <= LONGEST_IP_TEXT
+
+
+def test_the_longest_ip_literal_is_longest_ip_text_long() -> None:
+    longest = "0000:0000:0000:0000:0000:ffff:255.255.255.255"
+    assert len(longest) == LONGEST_IP_TEXT and parse_ip(longest) == ipaddress.IPv4Address("255.255.255.255")
+    assert parse_ip("0" + longest) is None and parse_ip_uncached("0" + longest) is None
 
 
 @pytest.mark.parametrize("text,networks", [

@@ -25,12 +25,15 @@ from pathlib import Path
 from typing import Dict, List
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bootstrap import bootstrap
 from hub_fixtures import HubEnv, init_hub, wait_until
 from labkit.loopback_hub import (HOST, Enrolment, HubProcess, enrol_concurrently, free_port,
                                  percentile, public_keys, raise_fd_limit)
 from tinc_hub.enroll import EnrollOutcome
+from tinc_hub import hostfiles
 from tinc_hub.hostfiles import render_node_host_file
 from tinc_hub.tokens import hash_secret
 
@@ -378,3 +381,31 @@ def test_group_commit_hands_a_failed_batch_to_each_caller_and_goes_on() -> None:
     assert [type(outcomes[i][1]).__name__ for i in ("a", "refused", "b")] == ["OSError", "ValueError", "OSError"]
     fail[0] = False
     assert group.outcome("c") == ("C", None) and group.batches == 2
+
+
+@given(st.lists(st.tuples(st.sampled_from(["d", "d/e", "ld", "ld/e", "gone", "."]),
+                          st.sampled_from(["a", "b", "la", "lb", "ldir", "dangling", "loop", ".", ".."])),
+                min_size=1, max_size=12))
+@settings(max_examples=150, deadline=None)
+def test_real_path_resolving_each_directory_once_agrees_with_realpath(paths) -> None:
+    """hostfiles._real_path (a batch resolves each directory once) gives os.path.realpath's
+    answer for files, symlinks to files and directories, dangling and looping links, "." and
+    "..", under real and symlinked directories, asked in any order."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "d" / "e").mkdir(parents=True)
+        (root / "other").mkdir()
+        (root / "ld").symlink_to("other")
+        (root / "other" / "e").mkdir()
+        for directory in (root / "d", root / "d" / "e", root / "other", root / "other" / "e"):
+            (directory / "a").write_text("a")
+            (directory / "la").symlink_to("a")
+            (directory / "lb").symlink_to(root / "d" / "b")
+            (directory / "ldir").symlink_to("..")
+            (directory / "dangling").symlink_to("nowhere/at/all")
+            (directory / "loop").symlink_to("loop")
+        known: Dict[str, str] = {}
+        for directory, name in paths:
+            path = root / directory / name
+            assert hostfiles._real_path(path, known) == os.path.realpath(path), path

@@ -115,3 +115,77 @@ def test_group_commit_submit_calls_back_after_the_outcome() -> None:
         assert group.waiting() == 2 and not seen  # nothing before the batch ran
     assert done.wait(30)
     assert sorted(seen) == [("bad", None, "ValueError", True), ("ok", "OK", "NoneType", True)]
+
+
+class CountingLoop(asyncio.SelectorEventLoop):
+    """A real event loop that counts the wake-ups other threads send it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wakes_from_threads = 0
+
+    def call_soon_threadsafe(self, callback, *args, context=None):
+        if threading.current_thread() is not threading.main_thread():
+            self.wakes_from_threads += 1
+        return super().call_soon_threadsafe(callback, *args, context=context)
+
+
+def test_a_batch_wakes_the_event_loop_once_and_settles_each_future_in_order() -> None:
+    from tinc_hub.group_commit import GroupCommit, wake_future, wakes_together
+
+    lock = threading.Lock()
+    order = []
+
+    def run_batch(pendings) -> None:
+        for pending in pendings:
+            pending.succeed(pending.item * 2)
+
+    group = GroupCommit(run_batch, lambda: lock)
+    loop = CountingLoop()
+    try:
+        async def all_of_them():
+            async def one(item):
+                result = await group.outcome_async(item)
+                order.append(item)
+                return result
+            tasks = [asyncio.ensure_future(one(i)) for i in range(6)]
+            await _until(lambda: group.waiting() == 6)
+            lock.release()  # the writer takes all six in one batch
+            return await asyncio.gather(*tasks)
+
+        lock.acquire()
+        results = loop.run_until_complete(asyncio.wait_for(all_of_them(), 30))
+        assert results == [(2 * i, None) for i in range(6)]
+        assert order == list(range(6))
+        assert group.batches == 1 and loop.wakes_from_threads == 1
+
+        # nested: the outer block sends; a closed loop is no error (serve stopping)
+        futures = [loop.create_future() for _ in range(3)]
+        def from_a_thread() -> None:
+            with wakes_together():
+                wake_future(loop, futures[0], "a")
+                with wakes_together():
+                    wake_future(loop, futures[1], None, ValueError("b"))
+                wake_future(loop, futures[2], "c")
+        thread = threading.Thread(target=from_a_thread)
+        thread.start()
+        thread.join()
+        assert loop.wakes_from_threads == 2
+        loop.run_until_complete(asyncio.wait_for(asyncio.wait(futures), 30))
+        assert futures[0].result() == "a" and futures[2].result() == "c"
+        assert isinstance(futures[1].exception(), ValueError)
+    finally:
+        loop.close()
+    errors = []
+
+    def wake_the_closed_loop() -> None:
+        try:
+            with wakes_together():
+                wake_future(loop, loop.create_future(), 1)
+            wake_future(loop, loop.create_future(), 2)
+        except BaseException as exc:  # noqa: B902 - what the test looks for
+            errors.append(exc)
+    thread = threading.Thread(target=wake_the_closed_loop)
+    thread.start()
+    thread.join()
+    assert errors == []

@@ -568,6 +568,10 @@ def cmd_token_revoke(args: argparse.Namespace, state: StateDir) -> int:
 def cmd_serve(args: argparse.Namespace, state: StateDir) -> int:
     from .app import serve
 
+    # The log format (configure_logging) shows no caller, thread or process: the logging
+    # HOWTO's "Optimization" switches skip finding them for each of the API's log lines
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     return serve(state, registry_url=args.registry, registry_password_file=args.registry_password_file,
                  listen=args.listen, port=args.api_port, rate_limit=args.rate_limit,
                  trusted_proxies=args.trusted_proxy, max_connections=args.max_connections,

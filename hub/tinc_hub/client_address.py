@@ -8,6 +8,7 @@ by that client and proves nothing. ``Forwarded`` (RFC 7239) is never read: one h
 strict parser.
 """
 
+import functools
 import ipaddress
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
@@ -15,10 +16,22 @@ IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 
+LONGEST_IP_TEXT = 45  # 0000:0000:0000:0000:0000:ffff:255.255.255.255
+
+
 def parse_ip(text: str) -> Optional[IPAddress]:
     """An IP literal, IPv4-mapped IPv6 as IPv4; None for anything else (ports, brackets,
     names, ``unknown``, surrounding spaces, an IPv6 ``%zone``, which would let one address be
     written many ways)."""
+    if len(text) > LONGEST_IP_TEXT:  # no IP literal is longer; never remembered
+        return None
+    return _parse_short_ip(text)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_short_ip(text: str) -> Optional[IPAddress]:
+    """parse_ip remembered for the last 4096 texts (at most 45 characters each; the addresses
+    are immutable): a request asks up to four times (connection caps, handler, access log)."""
     if "%" in text:
         return None
     try:

@@ -13,16 +13,20 @@ unreachable) is the outcome of every item of the batch it had not settled.
 
 import asyncio
 import threading
-from contextlib import AbstractContextManager
-from typing import Any, Callable, Generic, List, Optional, Tuple, TypeVar
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, Callable, Dict, Generic, Iterator, List, Optional, Tuple, TypeVar
 
 Item = TypeVar("Item")
+
+
+_held_wakes = threading.local()  # .by_loop: the wakes of an open wakes_together(), per loop
 
 
 def wake_future(loop: asyncio.AbstractEventLoop, future: "asyncio.Future[Any]", value: object,
                 error: Optional[BaseException] = None) -> None:
     """From any thread: ``future``'s result is ``value``, or its exception ``error`` when one
-    is given (unless it is done: cancelled)."""
+    is given (unless it is done: cancelled). Inside :func:`wakes_together`, sent with the
+    others at its end."""
     def settle() -> None:
         if future.done():  # cancelled: nobody waits
             return
@@ -30,8 +34,35 @@ def wake_future(loop: asyncio.AbstractEventLoop, future: "asyncio.Future[Any]", 
             future.set_exception(error)
         else:
             future.set_result(value)
+    held: Optional[Dict[asyncio.AbstractEventLoop, List[Callable[[], None]]]] = \
+        getattr(_held_wakes, "by_loop", None)
+    if held is not None:
+        held.setdefault(loop, []).append(settle)
+        return
+    _send_to_loop(loop, settle)
+
+
+@contextmanager
+def wakes_together() -> Iterator[None]:
+    """The wake_future calls this thread makes inside reach each event loop as one callback
+    at the end, in order: one wake-up of the loop (a write to its self-pipe, which lets go of
+    the GIL and waits to take it back) for a whole batch instead of one per future."""
+    if getattr(_held_wakes, "by_loop", None) is not None:  # nested: the outer one sends
+        yield
+        return
+    held: Dict[asyncio.AbstractEventLoop, List[Callable[[], None]]] = {}
+    _held_wakes.by_loop = held
     try:
-        loop.call_soon_threadsafe(settle)
+        yield
+    finally:
+        _held_wakes.by_loop = None
+        for loop, settles in held.items():
+            _send_to_loop(loop, lambda settles=settles: [settle() for settle in settles])
+
+
+def _send_to_loop(loop: asyncio.AbstractEventLoop, callback: Callable[[], object]) -> None:
+    try:
+        loop.call_soon_threadsafe(callback)
     except RuntimeError:  # the loop is closed (serve stopping): nobody waits any more
         pass
 
@@ -145,6 +176,7 @@ class GroupCommit(Generic[Item]):
             for pending in batch:
                 pending.fail(exc)
         finally:
-            for pending in batch:
-                pending.fail(RuntimeError("group commit left an item without an outcome"))
-                pending._wake()
+            with wakes_together():
+                for pending in batch:
+                    pending.fail(RuntimeError("group commit left an item without an outcome"))
+                    pending._wake()

@@ -55,6 +55,19 @@ def _fsync_all(fds: List[int]) -> None:
     list(_fsync_pool.map(os.fsync, fds))
 
 
+def _real_path(path: Path, real_dirs: Dict[str, str]) -> str:
+    """os.path.realpath(path), each directory resolved once per ``real_dirs`` (a batch writes
+    many files into one hosts/): the same answer, as a file that is not a symlink adds only
+    its name to its directory's real path; a symlink (or "." / "..") takes the full walk."""
+    head, tail = os.path.split(os.fspath(path))
+    if tail in ("", ".", "..") or os.path.islink(path):
+        return os.path.realpath(path)
+    real_dir = real_dirs.get(head)
+    if real_dir is None:
+        real_dir = real_dirs[head] = os.path.realpath(head)
+    return os.path.join(real_dir, tail)
+
+
 def write_host_files(files: Sequence[Tuple[Path, str]], mode: int = 0o644) -> List[bool]:
     """write_if_changed for many files at once, in order (a later entry for the same path
     wins), durable together: each changed file goes to a temporary file beside it, the
@@ -66,10 +79,11 @@ def write_host_files(files: Sequence[Tuple[Path, str]], mode: int = 0o644) -> Li
     staged: List[Tuple[int, str, str]] = []  # (fd, temporary file, real path), in order
     open_fds: List[int] = []
     renamed = 0
+    real_dirs: Dict[str, str] = {}
     try:
         for path, content in files:
             data = content.encode("utf-8")
-            real = os.path.realpath(path)
+            real = _real_path(path, real_dirs)
             if real in planned:
                 same = planned[real] == data
             else:
