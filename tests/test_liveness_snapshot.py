@@ -114,6 +114,12 @@ H1 = "tinc-hub liveness snapshot 3 2049 1234567 1750000000123456789 175000000012
     H1 + '[["a"],[true],[1],[null]]\n',
     H1 + '[["a"],[true],[1],["\\u0078"]]\n',  # "x" escaped: not how render writes it
     H1 + '[["a"], [true], [1], [""]]\n',  # other spacing
+    H1 + '[["a"],[true],[1],[""]]\t\n',
+    H1 + '[["a"],[true],\n[1],[""]]',  # a newline, but not at the end
+    H1 + '[["a"],[true],[1],["x\x7f"]]\n',  # render escapes DEL
+    H1 + '[["a"],[true],[1],["\u00e9"]]\n',  # render escapes non-ASCII
+    H1 + '[["a"],[true],[1],["\\u00E9"]]\n',  # ... in lower case
+    H1 + '[["a"],[true],[1],["\\/"]]\n',
     H1 + '[["a"],[true],[1],[""]]',  # no newline
     H1 + '[["a"],[true],[1],[""]]\n\n',
     H1 + '[["a"],[true],[1],[""],[]]\n',
