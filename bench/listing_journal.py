@@ -12,7 +12,12 @@ alternating order, then a warm journal listing (no unread line). The old code is
 ``git archive MAIN_REF`` via PYTHONPATH, with this venv's interpreter. Finally one
 compaction (the journal set aside, every record read once) is timed.
 
+With --main-journal, the main side runs the journal too (its own scripts with the journal, its
+own serve refresh in a fresh process after each cold listing, then a warm listing of its own):
+this branch's listing against main's, the same state on both sides.
+
     .venv/bin/python bench/listing_journal.py [--nodes 50000] [--changes 100] [--runs 7]
+    .venv/bin/python bench/listing_journal.py --main-ref main --main-journal
 """
 
 import argparse
@@ -82,6 +87,8 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--main-ref", default=RECORDS_ONLY_REF,
                         help="the records-only code to compare with (default: the last commit before the journal)")
+    parser.add_argument("--main-journal", action="store_true",
+                        help="main's side with the journal too (scripts, serve refresh, warm listing)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="listing-journal-") as tmp:
         workdir = Path(tmp)
@@ -98,19 +105,28 @@ def main() -> int:
         write_liveness_records(state.root, rows, int(time.time()))
         roots = {"journal": state.root, "main": workdir / "main" / "state"}
         shutil.copytree(workdir / "journal", workdir / "main", symlinks=True)
-        scripts = {kind: write_scripts(workdir / f"scripts-{kind}", root, kind == "journal")
+        scripts = {kind: write_scripts(workdir / f"scripts-{kind}", root, kind == "journal" or args.main_journal)
                    for kind, root in roots.items()}
         envs = {"journal": user_like_env(workdir / "bytecode-journal"),
                 "main": dict(user_like_env(workdir / "bytecode-main"),
                              PYTHONPATH=f"{main_code / 'hub'}{os.pathsep}{main_code}")}
-        check = "import sys, tinc_hub.liveness as l; sys.exit(hasattr(l, 'JOURNAL_NAME'))"
-        subprocess.run([sys.executable, "-c", check], env=envs["main"], check=True)  # main's code runs
+        if not args.main_journal:
+            check = "import sys, tinc_hub.liveness as l; sys.exit(hasattr(l, 'JOURNAL_NAME'))"
+            subprocess.run([sys.executable, "-c", check], env=envs["main"], check=True)  # main's code runs
+
+        def main_refresh() -> None:  # serve's refresh with main's code (a first one: a full read)
+            code = f"from tinc_hub import liveness; liveness.refresh_snapshot({str(roots['main'])!r})"
+            subprocess.run([sys.executable, "-c", code], env=envs["main"], check=True)
         names = [row.name for row in rows[:: max(1, len(rows) // args.changes)]][: args.changes]
-        run_changes(scripts["journal"], names[:1], 0)  # the first line: the journal exists
+        for kind in roots if args.main_journal else ["journal"]:
+            run_changes(scripts[kind], names[:1], 0)  # the first line: the journal exists
         for kind in roots:  # untimed: bytecode, page cache, and each side's first snapshot
             cli_wall_seconds(roots[kind], ARGV, envs[kind])
         liveness.refresh_snapshot(roots["journal"])  # serve's first refresh: a full read
         times = {"main cold": [], "journal cold": [], "journal warm": [], "serve refresh": []}
+        if args.main_journal:
+            main_refresh()
+            times["main warm"] = []
         for run in range(args.runs):
             for kind in roots:
                 run_changes(scripts[kind], names, run)
@@ -125,7 +141,13 @@ def main() -> int:
             started = time.monotonic()
             assert liveness.refresh_snapshot(roots["journal"]) is False  # serve, every 5 s: lines only
             times["serve refresh"].append(time.monotonic() - started)
-            times["journal warm"].append(cli_wall_seconds(roots["journal"], ARGV, envs["journal"]))
+            if args.main_journal:
+                main_refresh()
+                warm = ["main", "journal"] if run % 2 == 0 else ["journal", "main"]
+            else:
+                warm = ["journal"]
+            for kind in warm:
+                times[f"{kind} warm"].append(cli_wall_seconds(roots[kind], ARGV, envs[kind]))
             print(f"run {run + 1}: " + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in times.items())
                   + f" (load {os.getloadavg()[0]:.2f})", flush=True)
         journal_size = (roots["journal"] / liveness.JOURNAL_NAME).stat().st_size

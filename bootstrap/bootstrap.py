@@ -29,7 +29,6 @@ import base64
 import errno
 import fcntl
 import hashlib
-import http.client
 import ipaddress
 import json
 import os
@@ -40,7 +39,6 @@ import shlex
 import shutil
 import signal
 import socket
-import ssl
 import stat
 import struct
 import subprocess
@@ -1279,6 +1277,9 @@ def _pinned_exchange(host: str, port: int, pin: str, method: str, path: str,
                      timeout: float = 15.0) -> Tuple[int, bytes, float]:
     """(HTTP status, body of at most MAX_ANSWER bytes, Retry-After seconds) of one request to
     host:port, sent only after the TLS key of the peer matched `pin`."""
+    import http.client  # here: with ssl and email, a third of this module's import time,
+    import ssl  # which every tinc-hub command pays (the hub imports this module)
+
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     # The hub's certificate is self-signed: trust comes from the pin checked below,
     # before a single byte (and so before the token) is sent.

@@ -31,7 +31,7 @@ from hub_fixtures import HubEnv, init_hub
 from labkit import postgres
 from labkit.registry_fill import fill_registry
 from tinc_hub.cli import main
-from tinc_hub.listing import json_listing, node_rows, table_listing
+from tinc_hub.listing import json_listing, node_json_listing, node_rows, table_listing
 from tinc_hub.liveness import Seen, node_status, online_names, read_liveness
 from tinc_hub.registry import NodeRow, iso_utc
 from tinc_hub.registry_read import listed_nodes_sqlite
@@ -157,11 +157,37 @@ def test_node_rows_match_the_reference_with_the_hub_tincd_running(shared_varied_
     env = shared_varied_hub
     seen = read_liveness(env.state.root)
     url = RegistryURL.sqlite(env.state.registry_file)
-    rows = node_rows(listed_nodes_sqlite(url), seen, hub_running, started, NOW + 10)
+    listed = listed_nodes_sqlite(url)
+    rows = node_rows(listed, seen, hub_running, started, NOW + 10)
     assert rows == reference_rows(registry_nodes(env), seen, hub_running, started, NOW + 10)
+    assert node_json_listing(listed, seen, hub_running, started, NOW + 10) == reference_json(rows)
     if hub_running and started is not None:
         assert [r["name"] for r in rows if r["online"]] == ["fill0", "fill4", "fill6"]
         assert {r["name"]: r["expires"] for r in rows if r["ephemeral"]}["fill4"] == "online"
+
+
+@pytest.mark.parametrize("odd", [
+    ("n\u00e9\"}, {", "10.0.0.9", NOW, None, None, None),  # a string to escape
+    (7, "10.0.0.9", NOW, None, None, None),  # no str: SQLite keeps any type in any column
+    ("fill0", b"10.0.0.9", NOW, None, None, None),
+    ("fill0", "10.0.0.9", NOW, NOW + 1.5, 60.0, None),
+    ("fill0", "10.0.0.9", NOW, None, True, NOW),
+    ("fill0", "10.0.0.9", None, None, None, None),
+    ("fill0", "10.0.0.9", "yesterday", None, None, None),
+])
+def test_node_json_listing_is_the_rows_encoding_for_any_registry_value(odd: tuple) -> None:
+    """Values of other types than the registry's (a hand-edited SQLite file) print what the
+    rows print, or fail as they do."""
+    listed = [("fill1", "10.0.0.1", NOW, None, 600, NOW - 5), odd, ("fill2", "10.0.0.2", NOW - 1, NOW, None, None)]
+    seen = {"fill0": Seen(True, NOW - 3, "192.0.2.1"), "fill1": Seen(False, NOW - 9, "")}
+    for running, started in ((True, NOW - 100.5), (False, None)):
+        try:
+            expected = json_listing(node_rows(listed, seen, running, started, NOW))
+        except TypeError:
+            with pytest.raises(TypeError):
+                node_json_listing(listed, seen, running, started, NOW)
+            continue
+        assert node_json_listing(iter(listed), seen, running, started, NOW) == expected
 
 
 def test_the_sqlite_read_is_the_registry_read_or_leaves_it_to_the_registry(tmp_path: Path) -> None:

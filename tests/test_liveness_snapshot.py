@@ -86,19 +86,58 @@ def test_only_what_render_writes_is_accepted(seen: Dict[str, Seen], data) -> Non
     assert parsed is None or render_snapshot(STAMP, parsed) == edited
 
 
+H1 = "tinc-hub liveness snapshot 3 2049 1234567 1750000000123456789 1750000000123456789 1\n"
+
+
 @pytest.mark.parametrize("text", [
-    "", "\n", "tinc-hub liveness snapshot 1 2049 1234567 1750000000123456789 1750000000123456789 0",
-    "tinc-hub liveness snapshot 1 2049 1234567 1750000000123456789 1750000000123456789 1\na up 1\na up 1\n",
-    "tinc-hub liveness snapshot 1 2049 1234567 1750000000123456789 1750000000123456789 01\na up 1\n",
-    "tinc-hub liveness snapshot 1 2049 1234567 1750000000123456789 1750000000123456789 1\nbad-name up 1\n",
-    "tinc-hub liveness snapshot 1 2049 1234567 1750000000123456789 1750000000123456789 1\na up 1 x y\n",
-    "tinc-hub liveness snapshot 1 2049 1234567 1750000000123456789 1750000000123456789 1\na up 1 \n",
-    "tinc-hub liveness snapshot 1 2049 1234567 1750000000123456789 1750000000123456789 1\na sideways 1\n",
-    "tinc-hub liveness snapshot 1 2049 1234567 1750000000123456789 1750000000123456789 1\na up \u00b2\n",
-    "tinc-hub liveness snapshot 2 2049 1234567 1750000000123456789 1750000000123456789 0\n",
+    "", "\n", "tinc-hub liveness snapshot 3 2049 1234567 1750000000123456789 1750000000123456789 0",
+    "tinc-hub liveness snapshot 3 2049 1234567 1750000000123456789 1750000000123456789 0\n",
+    "tinc-hub liveness snapshot 3 2049 1234567 1750000000123456789 1750000000123456789 0\n[[],[],[]]\n",
+    "tinc-hub liveness snapshot 3 2049 1234567 1750000000123456789 1750000000123456789 2\n"
+    '[["a","a"],[true,true],[1,1],["",""]]\n',  # a name twice
+    "tinc-hub liveness snapshot 3 2049 1234567 1750000000123456789 1750000000123456789 01\n"
+    '[["a"],[true],[1],[""]]\n',
+    H1 + "a up 1\n",  # the line-per-record format of snapshot 1
+    "tinc-hub liveness snapshot 1 2049 1234567 1750000000123456789 1750000000123456789 1\na up 1\n",
+    H1 + '[["bad-name"],[true],[1],[""]]\n',
+    H1 + '[["a\\nb"],[true],[1],[""]]\n',
+    H1 + '[[1],[true],[1],[""]]\n',
+    H1 + '[["a"],[1],[1],[""]]\n',  # up as 1, not true
+    H1 + '[["a"],[true],[1.0],[""]]\n',
+    H1 + '[["a"],[true],[true],[""]]\n',
+    H1 + '[["a"],[true],[-1],[""]]\n',
+    H1 + '[["a"],[true],[-0],[""]]\n',
+    H1 + '[["a"],[true],[1],["x y"]]\n',
+    H1 + '[["a"],[true],[1],["x\\ny"]]\n',
+    H1 + '[["a"],[true],[1],["x\\u2028"]]\n',  # Unicode whitespace
+    H1 + '[["a"],[true],[1],["\\ud800"]]\n',  # a lone surrogate: no UTF-8 record gives one
+    H1 + '[["a"],[true],[1],[null]]\n',
+    H1 + '[["a"],[true],[1],["\\u0078"]]\n',  # "x" escaped: not how render writes it
+    H1 + '[["a"], [true], [1], [""]]\n',  # other spacing
+    H1 + '[["a"],[true],[1],[""]]\t\n',
+    H1 + '[["a"],[true],\n[1],[""]]',  # a newline, but not at the end
+    H1 + '[["a"],[true],[1],["x\x7f"]]\n',  # render escapes DEL
+    H1 + '[["a"],[true],[1],["\u00e9"]]\n',  # render escapes non-ASCII
+    H1 + '[["a"],[true],[1],["\\u00E9"]]\n',  # ... in lower case
+    H1 + '[["a"],[true],[1],["\\/"]]\n',
+    H1 + '[["a"],[true],[1],[""]]',  # no newline
+    H1 + '[["a"],[true],[1],[""]]\n\n',
+    H1 + '[["a"],[true],[1],[""],[]]\n',
+    H1 + '{"a":[true,1,""]}\n',
+    H1 + "[" * 100000 + "]" * 100000 + "\n",
+    "tinc-hub liveness snapshot 4 2049 1234567 1750000000123456789 1750000000123456789 0\n[[],[],[],[]]\n",
 ])
 def test_odd_snapshot_texts_are_refused(text: str) -> None:
     assert parse_snapshot(text, STAMP) is None
+
+
+def test_the_snapshot_text_is_one_line_of_columns() -> None:
+    seen = {"a": Seen(True, 1, "192.0.2.1"), "b_2": Seen(False, 0, ""), "c": Seen(True, 7, "\u00b2")}
+    text = render_snapshot(STAMP, seen)
+    assert text == (f"{H1[:-2]}3\n" '[["a","b_2","c"],[true,false,true],[1,0,7],["192.0.2.1","","\\u00b2"]]\n')
+    assert parse_snapshot(text, STAMP) == seen
+    assert render_snapshot(STAMP, {}) == f"{H1[:-2]}0\n[[],[],[],[]]\n"
+    assert parse_snapshot(render_snapshot(STAMP, {}), STAMP) == {}
 
 
 # -- against the records, with real script runs ----------------------------------------------------

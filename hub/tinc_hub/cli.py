@@ -594,7 +594,7 @@ def cmd_nodes(args: argparse.Namespace, state: StateDir) -> int:
 
 
 def _list_nodes(args: argparse.Namespace, state: StateDir) -> int:
-    from .listing import node_rows
+    from .listing import node_json_listing, node_rows
     from .liveness import read_liveness, tincd_running, tincd_started
     from .registry_read import listed_nodes_sqlite
     from .registry_url import registry_url_of_state
@@ -607,6 +607,9 @@ def _list_nodes(args: argparse.Namespace, state: StateDir) -> int:
         with _registry(state, args).reading() as view:
             listed = view.listed_nodes()
     seen, hub_running, now = read_liveness(state.root), tincd_running(config.net), int(time.time())
+    if args.json:  # the lines straight from the registry's tuples, no rows (a third of the time)
+        sys.stdout.write(node_json_listing(listed, seen, hub_running, tincd_started(config.net), now))
+        return EXIT_OK
     rows = node_rows(listed, seen, hub_running, tincd_started(config.net), now)
     return print_rows(rows, args.json, "no nodes enrolled",
                       ("NAME", "ADDRESS", "ENROLLED", "REVOKED", "ONLINE", "LAST SEEN", "EPHEMERAL"),

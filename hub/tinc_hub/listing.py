@@ -5,11 +5,14 @@ Built for fleet size: ``nodes --json`` with 50,000 nodes has to stay well under 
 including Python's start. So the rows come from the registry as plain tuples of the shown
 columns (RegistryView.listed_nodes), the derived fields skip the work a never-seen node does not
 need, timestamps are formatted once per distinct second, and the JSON is encoded by one call of
-the C encoder. The output is byte for byte what encoding each row alone writes
+the C encoder. ``nodes --json`` skips the rows altogether: node_json_listing writes each row's
+line straight from the registry's tuple (its strings through the C encoder's own string
+function). The output is byte for byte what encoding each row alone writes
 (tests/test_listing.py keeps the straightforward version to compare with).
 """
 
 import json
+from json.encoder import encode_basestring_ascii
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 from .liveness import Seen, seen_status, up_since
@@ -95,3 +98,66 @@ def node_rows(listed: Iterable[tuple], seen: Dict[str, Seen], hub_running: bool,
                           record is not None and since is not None and up_since(record, since),
                           started, now)})
     return rows
+
+
+class _NotPlain(Exception):
+    """A registry value of a type node_json_listing does not write itself."""
+
+
+def node_json_listing(listed: Iterable[tuple], seen: Dict[str, Seen], hub_running: bool,
+                      started: Optional[float], now: int) -> str:
+    """``json_listing(node_rows(listed, seen, hub_running, started, now))`` without the rows: one
+    formatted line per node, strings quoted by the encoder's own function (json.dumps's default
+    ensure_ascii), the ISO times quoted once per distinct second. A value of any other type than
+    the registry's (a string that is no str, a duration that is no int: only a hand-edited
+    SQLite file has one) goes through the rows and the encoder instead."""
+    listed = listed if isinstance(listed, list) else list(listed)
+    try:
+        return _node_json_lines(listed, seen, hub_running, started, now)
+    except (_NotPlain, TypeError):  # the rows path raises a TypeError of its own again
+        return json_listing(node_rows(listed, seen, hub_running, started, now))
+
+
+def _node_json_lines(listed: List[tuple], seen: Dict[str, Seen], hub_running: bool,
+                     started: Optional[float], now: int) -> str:
+    if not listed:
+        return "[]\n"
+    since = None if started is None else int(started)
+    quote = encode_basestring_ascii  # raises TypeError for anything but a str
+    known: Dict[Any, str] = {}
+
+    def iso(timestamp: Any) -> str:  # the quoted ISO time
+        text = known.get(timestamp)
+        if text is None:
+            text = known[timestamp] = quote(iso_utc(timestamp))
+        return text
+
+    get = seen.get
+    lines = []
+    append = lines.append
+    for name, address, enrolled_at, revoked_at, duration, last_seen_at in listed:
+        record = get(name)
+        if record is None:
+            online, last_seen = False, "null"
+        else:
+            online, seen_at = seen_status(record, hub_running and revoked_at is None, now)
+            last_seen = iso(seen_at)
+        if duration is None:
+            ephemeral = expires = "null"
+        elif type(duration) is int:
+            ephemeral = repr(duration)
+            expires = quote(expiry_of(duration, last_seen_at,
+                                      record is not None and since is not None and up_since(record, since),
+                                      started, now))
+        else:
+            raise _NotPlain(duration)
+        append(f'{{"name": {quote(name)}, "address": {quote(address)}, "enrolled_at": {iso(enrolled_at)},'
+               f' "revoked": {"false" if revoked_at is None else "true"},'
+               f' "revoked_at": {"null" if revoked_at is None else iso(revoked_at)},'
+               f' "online": {"true" if online is True else "false" if online is False else _not_plain(online)},'
+               f' "last_seen": {last_seen}, "ephemeral": {ephemeral}, "expires": {expires}}}')
+    return "[\n" + ",\n".join(lines) + "\n]\n"
+
+
+def _not_plain(value: Any) -> str:
+    raise _NotPlain(value)

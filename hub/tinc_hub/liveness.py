@@ -22,6 +22,7 @@ journal" below). Without a journal (an earlier init's scripts), the directory st
 
 import contextlib
 import itertools
+import json
 import os
 import re
 import shlex
@@ -29,37 +30,43 @@ import stat
 import threading
 import time
 from pathlib import Path
-from typing import Dict, NamedTuple, Optional, Set, Tuple
+from typing import Dict, NamedTuple, Optional, Sequence, Set, Tuple
 
 from bootstrap import bootstrap
 
 LIVENESS_DIR_NAME = "liveness"
 MAX_RECORD_BYTES = 4096  # a record is "up|down SECONDS ADDRESS": anything longer is not one
 SCRIPT_MARKER = "# Written by tinc-hub init: node liveness for 'tinc-hub nodes'."
-# STATE/liveness.snapshot = a header line "tinc-hub liveness snapshot 1 DEV INO MTIME_NS
+# STATE/liveness.snapshot = a header line "tinc-hub liveness snapshot 3 DEV INO MTIME_NS
 # CTIME_NS COUNT" (the stamp: the records directory as stat'ed BEFORE the read that wrote it),
-# then one line "NAME up|down SECONDS[ ADDRESS]" per record, in canonical form. Written only
+# then one line of JSON, the records as four columns [[NAME...], [UP...], [SECONDS...],
+# [ADDRESS...]] (UP true/false, ADDRESS "" for none), exactly as render_snapshot writes it:
+# json.loads parses it in C, and the columns are checked a column at a time (see
+# parse_snapshot_body). Snapshots of the earlier line-per-record formats (1, 2) are simply not
+# used: the next reader reads the records and writes this one. Written only
 # when the directory's last change lies SNAPSHOT_MARGIN_NS before the read began: a change in
 # the same coarse kernel clock tick as the stamp would leave mtime and ctime equal.
 SNAPSHOT_NAME = "liveness.snapshot"  # beside liveness/, so writing it changes nothing inside
-SNAPSHOT_MAGIC = "tinc-hub liveness snapshot 1"
+SNAPSHOT_MAGIC = "tinc-hub liveness snapshot 3"
 SNAPSHOT_MARGIN_NS = 2_000_000_000
 MAX_SNAPSHOT_BYTES = 64 << 20  # 65,536 records of 64-character names and IPv6 addresses: ~9 MB
 SNAPSHOT_TEMP_SUFFIX = ".tmp"
 STALE_TEMP_SECONDS = 300  # a snapshot temp file untouched this long: its writer died
-# a line of the snapshot: a node name (bootstrap.valid_node_name), the event, the seconds as
-# str(int) writes them, and the address as parse_record takes it (a run of non-whitespace:
-# re's \s is str.isspace), or none
-SNAPSHOT_LINE_RE = re.compile(r"^([A-Za-z0-9_]{1,64}) (up|down) (0|[1-9][0-9]*)(?: (\S+))?\n", re.MULTILINE)
+# the snapshot's columns, each joined by newlines: node names (bootstrap.valid_node_name), and
+# addresses as parse_record takes them (a run of non-whitespace: re's \s is str.isspace) or ""
+SNAPSHOT_NAMES_RE = re.compile(r"[A-Za-z0-9_]{1,64}(?:\n[A-Za-z0-9_]{1,64})*")
+SNAPSHOT_ADDRESS_SPACE_RE = re.compile(r"[^\S\n]")
+SNAPSHOT_JSON_SEPARATORS = (",", ":")
 # STATE/liveness.journal: one line "NAME up|down SECONDS ADDRESS" per event, appended by the
 # scripts after they replaced the record (O_APPEND, one write each). With it, the snapshot is
-# "tinc-hub liveness snapshot 2 DIR_DEV DIR_INO JOURNAL_DEV JOURNAL_INO OFFSET COUNT": the records
+# "tinc-hub liveness snapshot 4 DIR_DEV DIR_INO JOURNAL_DEV JOURNAL_INO OFFSET COUNT" (the same
+# columns follow): the records
 # as of the journal's first OFFSET bytes; a reader adds the journal's complete lines from OFFSET
 # on. serve sets a journal larger than JOURNAL_COMPACT_BYTES aside as liveness.journal.old
 # (rename; the scripts create a new one), and readers of a snapshot of that inode finish it first.
 JOURNAL_NAME = "liveness.journal"
 JOURNAL_ASIDE_NAME = "liveness.journal.old"
-JOURNAL_SNAPSHOT_MAGIC = "tinc-hub liveness snapshot 2"
+JOURNAL_SNAPSHOT_MAGIC = "tinc-hub liveness snapshot 4"
 JOURNAL_COMPACT_BYTES = 2 << 20  # ~45,000 events
 # a record changed by something that does not journal (an admin's rm, an earlier init's scripts)
 # and then hidden by a journaled change: serve reads every record (and sets the journal aside)
@@ -317,33 +324,57 @@ def parse_snapshot(text: str, stamp: Tuple[int, int, int, int]) -> Optional[Dict
 
 
 def parse_snapshot_body(body: str, count: str) -> Optional[Dict[str, Seen]]:
-    """The records of a snapshot's lines after its header, which said ``count``; None
-    unless every line is one render_snapshot_line writes, each name once."""
-    if body and not body.endswith("\n"):
+    """The records of a snapshot's text after its header, which said ``count``; None unless it
+    is exactly what render_snapshot writes for records read_records could give (node names,
+    each once; up a bool; seconds an int >= 0; an address of non-whitespace or "")."""
+    try:
+        columns = json.loads(body)
+    except (ValueError, RecursionError):  # not JSON, an int of too many digits, nested too deep
         return None
-    # each match is a whole line (^ only after a newline, "\n" at its end): as many matches
-    # as lines means that every line is one
-    fields = SNAPSHOT_LINE_RE.findall(body)
-    if len(fields) != body.count("\n") or str(len(fields)) != count:
+    if type(columns) is not list or len(columns) != 4 or any(type(column) is not list for column in columns):
         return None
-    if not fields:
-        return {}
-    # Seen(event == "up", int(at), remote) per line, column by column in C (a third of the time)
-    names, events, ats, remotes = zip(*fields)
-    seen = dict(zip(names, map(tuple.__new__, itertools.repeat(Seen),
-                                 zip(map("up".__eq__, events), map(int, ats), remotes))))
-    return seen if len(seen) == len(fields) else None  # a name twice: not what we write
+    names, ups, ats, remotes = columns
+    if str(len(names)) != count or not len(names) == len(ups) == len(ats) == len(remotes):
+        return None
+    if names:
+        try:
+            joined_names, joined_remotes = "\n".join(names), "\n".join(remotes)  # TypeError: not all str
+            joined_remotes.encode("utf-8")  # no lone surrogate (read_records decodes UTF-8)
+        except (TypeError, UnicodeEncodeError):
+            return None
+        # one line per name (none holds a newline), each a node name; as many lines of
+        # addresses, none with other whitespace; types exact (not 1 for true, 1.0 for 1)
+        lines = len(names) - 1
+        if (joined_names.count("\n") != lines or not SNAPSHOT_NAMES_RE.fullmatch(joined_names)
+                or joined_remotes.count("\n") != lines or SNAPSHOT_ADDRESS_SPACE_RE.search(joined_remotes)
+                or not set(map(type, ups)) <= {bool} or not set(map(type, ats)) <= {int} or min(ats) < 0):
+            return None
+    if not _is_rendered(body, names, ups, ats, remotes):  # the JSON as written: no other spacing or escapes
+        return None
+    # Seen(up, at, remote) per record, column by column in C
+    seen = dict(zip(names, map(tuple.__new__, itertools.repeat(Seen), zip(ups, ats, remotes))))
+    return seen if len(seen) == len(names) else None  # a name twice: not what we write
 
 
-def render_snapshot_line(name: str, record: Seen) -> str:
-    event = "up" if record.up else "down"
-    return f"{name} {event} {record.at} {record.remote}" if record.remote else f"{name} {event} {record.at}"
+def _is_rendered(body: str, names: list, ups: list, ats: list, remotes: list) -> bool:
+    """Is ``body``, the JSON text of these columns (checked: strs, bools, ints >= 0), exactly
+    what _render_columns writes for them? JSON text with no whitespace but a final newline,
+    no escape (backslash), minus (-0), DEL or non-ASCII character spells them one way only,
+    render's (its separators have no spaces; it escapes only '"', backslash, the controls, DEL
+    and non-ASCII); any other text is compared with the rendering (a fifth of the parse)."""
+    if body.endswith("\n") and body.count("\n") == 1 and body.isascii() and not any(
+            character in body for character in " \t\r\\-\x7f"):
+        return True
+    return _render_columns(names, ups, ats, remotes) == body
+
+
+def _render_columns(names: Sequence[str], ups: Sequence[bool], ats: Sequence[int], remotes: Sequence[str]) -> str:
+    return json.dumps([names, ups, ats, remotes], separators=SNAPSHOT_JSON_SEPARATORS) + "\n"
 
 
 def render_snapshot(stamp: Tuple[int, ...], seen: Dict[str, Seen], magic: str = SNAPSHOT_MAGIC) -> str:
-    lines = [_snapshot_header(stamp, str(len(seen)), magic)]
-    lines.extend(render_snapshot_line(name, record) for name, record in seen.items())
-    return "\n".join(lines) + "\n"
+    ups, ats, remotes = zip(*seen.values()) if seen else ((), (), ())
+    return _snapshot_header(stamp, str(len(seen)), magic) + "\n" + _render_columns(list(seen), ups, ats, remotes)
 
 
 def _write_snapshot(root: int, stamp: Tuple[int, ...], seen: Dict[str, Seen],
