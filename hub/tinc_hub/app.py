@@ -46,10 +46,11 @@ BODY_TIMEOUT = 10.0
 # (tinc_hub.prechecks). SQLite's reads are local and the checks are CPU under the GIL: every
 # extra thread is one more contender for it with the group commit writer and the event loop,
 # whose every system call gives it away (measured, 1000 concurrent enrolments: anyio's 40 ~15 %
-# slower than 4; 4 -> 2 pool threads ~0.4 ms less hub CPU per enrolment; 2 rather than 1 so
-# that one slow disk read does not stall every pre-check). PostgreSQL's reads wait on the
-# network: as many as its pool has connections.
-SQLITE_PRECHECK_THREADS = 2
+# slower than 4; 4 -> 2 pool threads ~0.4 ms less hub CPU per enrolment; 2 -> 1: 0.92x the
+# wall time, 0.96x the CPU, 8 alternating rounds). One is enough: a pre-check waits on the disk
+# only when the writer (its fsyncs) waits on it too, and no enrolment gets further than the
+# writer. PostgreSQL's reads wait on the network: as many as its pool has connections.
+SQLITE_PRECHECK_THREADS = 1
 
 
 def precheck_threads(dialect: str) -> int:
