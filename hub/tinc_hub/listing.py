@@ -13,7 +13,7 @@ function). The output is byte for byte what encoding each row alone writes
 
 import json
 from json.encoder import encode_basestring_ascii
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from .liveness import Seen, seen_status, up_since
 from .registry_contract import iso_utc
@@ -70,6 +70,22 @@ def expiry_of(duration: Optional[int], last_seen_at: Optional[int], online: bool
     return iso_utc(int(max(last, started, 0)) + duration)
 
 
+def _with_liveness(listed: Iterable[tuple], seen: Dict[str, Seen], hub_running: bool,
+                   started: Optional[float], now: int) -> Iterator[Tuple[tuple, bool, Optional[int], bool]]:
+    """Each row of RegistryView.listed_nodes() with its node's liveness: online, the second it
+    was last seen (None: never), and whether it is up since this hub's tincd started (asked for
+    ephemeral nodes only: expiry_of's ``online``)."""
+    since = None if started is None else int(started)
+    get = seen.get
+    for row in listed:
+        record = get(row[0])
+        if record is None:
+            yield row, False, None, False
+            continue
+        online, seen_at = seen_status(record, hub_running and row[3] is None, now)
+        yield row, online, seen_at, row[4] is not None and since is not None and up_since(record, since)
+
+
 def node_rows(listed: Iterable[tuple], seen: Dict[str, Seen], hub_running: bool,
               started: Optional[float], now: int) -> List[Dict[str, Any]]:
     """The rows of ``tinc-hub nodes`` from RegistryView.listed_nodes(), the liveness records
@@ -77,26 +93,17 @@ def node_rows(listed: Iterable[tuple], seen: Dict[str, Seen], hub_running: bool,
     (liveness.tincd_started). Online and last seen: liveness.seen_status (node_status without
     its dict per row); expires: :func:`expiry_of` with liveness.up_since (online_names without
     its set of every record); tests/test_listing.py compares with the per-row code."""
-    since = None if started is None else int(started)
     iso = _iso_once_per_second()
-    get = seen.get
     rows = []
     append = rows.append
-    for name, address, enrolled_at, revoked_at, duration, last_seen_at in listed:
-        record = get(name)
-        if record is None:
-            online, last_seen = False, None
-        else:
-            online, seen_at = seen_status(record, hub_running and revoked_at is None, now)
-            last_seen = iso(seen_at)
+    for (name, address, enrolled_at, revoked_at, duration, last_seen_at), online, seen_at, up in \
+            _with_liveness(listed, seen, hub_running, started, now):
         append({"name": name, "address": address, "enrolled_at": iso(enrolled_at),
                 "revoked": revoked_at is not None,
                 "revoked_at": None if revoked_at is None else iso(revoked_at),
-                "online": online, "last_seen": last_seen, "ephemeral": duration,
-                "expires": None if duration is None else
-                expiry_of(duration, last_seen_at,
-                          record is not None and since is not None and up_since(record, since),
-                          started, now)})
+                "online": online, "last_seen": None if seen_at is None else iso(seen_at),
+                "ephemeral": duration,
+                "expires": None if duration is None else expiry_of(duration, last_seen_at, up, started, now)})
     return rows
 
 
@@ -122,7 +129,6 @@ def _node_json_lines(listed: List[tuple], seen: Dict[str, Seen], hub_running: bo
                      started: Optional[float], now: int) -> str:
     if not listed:
         return "[]\n"
-    since = None if started is None else int(started)
     quote = encode_basestring_ascii  # raises TypeError for anything but a str
     known: Dict[Any, str] = {}
 
@@ -132,30 +138,23 @@ def _node_json_lines(listed: List[tuple], seen: Dict[str, Seen], hub_running: bo
             text = known[timestamp] = quote(iso_utc(timestamp))
         return text
 
-    get = seen.get
     lines = []
     append = lines.append
-    for name, address, enrolled_at, revoked_at, duration, last_seen_at in listed:
-        record = get(name)
-        if record is None:
-            online, last_seen = False, "null"
-        else:
-            online, seen_at = seen_status(record, hub_running and revoked_at is None, now)
-            last_seen = iso(seen_at)
+    for (name, address, enrolled_at, revoked_at, duration, last_seen_at), online, seen_at, up in \
+            _with_liveness(listed, seen, hub_running, started, now):
         if duration is None:
             ephemeral = expires = "null"
         elif type(duration) is int:
             ephemeral = repr(duration)
-            expires = quote(expiry_of(duration, last_seen_at,
-                                      record is not None and since is not None and up_since(record, since),
-                                      started, now))
+            expires = quote(expiry_of(duration, last_seen_at, up, started, now))
         else:
             raise _NotPlain(duration)
         append(f'{{"name": {quote(name)}, "address": {quote(address)}, "enrolled_at": {iso(enrolled_at)},'
                f' "revoked": {"false" if revoked_at is None else "true"},'
                f' "revoked_at": {"null" if revoked_at is None else iso(revoked_at)},'
                f' "online": {"true" if online is True else "false" if online is False else _not_plain(online)},'
-               f' "last_seen": {last_seen}, "ephemeral": {ephemeral}, "expires": {expires}}}')
+               f' "last_seen": {"null" if seen_at is None else iso(seen_at)}, "ephemeral": {ephemeral},'
+               f' "expires": {expires}}}')
     return "[\n" + ",\n".join(lines) + "\n]\n"
 
 
