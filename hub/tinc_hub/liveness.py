@@ -524,6 +524,21 @@ def _replay(root: int, fd: int, key: JournalKey, owner: int, base_key: JournalKe
     return part[1]
 
 
+def _journal_speaks_for(journal_st: os.stat_result, dir_st: os.stat_result) -> bool:
+    """Is the journal at least as new as the records directory's last change? The scripts
+    append after they replace the record: a record change later than the journal's last
+    write was made by something that does not journal."""
+    return journal_st.st_mtime_ns >= max(dir_st.st_mtime_ns, dir_st.st_ctime_ns)
+
+
+def _write_journal_snapshot(root: int, dir_st: os.stat_result, key: JournalKey, offset: int,
+                            seen: Dict[str, Seen]) -> None:
+    """_write_snapshot of ``seen`` as the records as of ``offset`` in journal ``key``, with
+    the records' mode."""
+    _write_snapshot(root, (dir_st.st_dev, dir_st.st_ino, *key, offset), seen,
+                    stat.S_IMODE(dir_st.st_mode) & 0o666, JOURNAL_SNAPSHOT_MAGIC)
+
+
 def _read_with_journal(root: int, directory: int, rewrite: bool) -> Optional[Tuple[Dict[str, Seen], bool]]:
     """read_liveness with the journal: (the snapshot plus the journal's lines since, False),
     or (every record, True) when no snapshot serves (then a snapshot is written for the next
@@ -536,9 +551,7 @@ def _read_with_journal(root: int, directory: int, rewrite: bool) -> Optional[Tup
         return None
     fd, journal_st = opened
     try:
-        # the scripts append after they replace the record: a record change later than the
-        # journal's last write was made by something that does not journal
-        if journal_st.st_mtime_ns < max(dir_st.st_mtime_ns, dir_st.st_ctime_ns):
+        if not _journal_speaks_for(journal_st, dir_st):
             return None
         dir_key, key = (dir_st.st_dev, dir_st.st_ino), (journal_st.st_dev, journal_st.st_ino)
         text = _read_snapshot_text(root)
@@ -548,16 +561,14 @@ def _read_with_journal(root: int, directory: int, rewrite: bool) -> Optional[Tup
             offset = _replay(root, fd, key, dir_st.st_uid, base_key, base_offset, seen)
             if offset is not None:
                 if rewrite and (key, offset) != (base_key, base_offset) and dir_st.st_uid == os.geteuid():
-                    _write_snapshot(root, (*dir_key, *key, offset), seen,
-                                    stat.S_IMODE(dir_st.st_mode) & 0o666, JOURNAL_SNAPSHOT_MAGIC)
+                    _write_journal_snapshot(root, dir_st, key, offset, seen)
                 return seen, False
         # every record, read after the journal's size was taken: each event whose line lies
         # before that offset had its record replaced before, so the snapshot holds it
         offset = os.fstat(fd).st_size
         seen = read_records(directory)
         if dir_st.st_uid == os.geteuid():
-            _write_snapshot(root, (*dir_key, *key, offset), seen, stat.S_IMODE(dir_st.st_mode) & 0o666,
-                            JOURNAL_SNAPSHOT_MAGIC)
+            _write_journal_snapshot(root, dir_st, key, offset, seen)
         return seen, True
     finally:
         os.close(fd)
@@ -588,7 +599,7 @@ def refresh_journal_snapshot(state_root: Path, compact_bytes: int = JOURNAL_COMP
                 return None
             fd, journal_st = opened
             os.close(fd)
-            if journal_st.st_mtime_ns < max(dir_st.st_mtime_ns, dir_st.st_ctime_ns):
+            if not _journal_speaks_for(journal_st, dir_st):
                 return None
             dir_key = (dir_st.st_dev, dir_st.st_ino)
             last = _last_full_read.get(dir_key)
@@ -629,8 +640,7 @@ def _set_journal_aside(root: int, directory: int, dir_st: os.stat_result, mode: 
     finally:
         os.close(fd)
     seen = read_records(directory)
-    _write_snapshot(root, (dir_st.st_dev, dir_st.st_ino, journal_st.st_dev, journal_st.st_ino, offset), seen,
-                    stat.S_IMODE(dir_st.st_mode) & 0o666, JOURNAL_SNAPSHOT_MAGIC)
+    _write_journal_snapshot(root, dir_st, (journal_st.st_dev, journal_st.st_ino), offset, seen)
     return True
 
 
