@@ -607,10 +607,11 @@ def _list_nodes(args: argparse.Namespace, state: StateDir) -> int:
         with _registry(state, args).reading() as view:
             listed = view.listed_nodes()
     seen, hub_running, now = read_liveness(state.root), tincd_running(config.net), int(time.time())
+    started = tincd_started(config.net)
     if args.json:  # the lines straight from the registry's tuples, no rows (a third of the time)
-        sys.stdout.write(node_json_listing(listed, seen, hub_running, tincd_started(config.net), now))
+        sys.stdout.write(node_json_listing(listed, seen, hub_running, started, now))
         return EXIT_OK
-    rows = node_rows(listed, seen, hub_running, tincd_started(config.net), now)
+    rows = node_rows(listed, seen, hub_running, started, now)
     return print_rows(rows, args.json, "no nodes enrolled",
                       ("NAME", "ADDRESS", "ENROLLED", "REVOKED", "ONLINE", "LAST SEEN", "EPHEMERAL"),
                       lambda r: (r["name"], r["address"], r["enrolled_at"], r["revoked_at"] or "-",
