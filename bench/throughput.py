@@ -54,7 +54,6 @@ def one_run(count: int, keys, workdir: Path) -> dict:
     switches = children_switches()
     hub = HubProcess(state.root, port, state.cert_file, workdir / "serve.log",
                      extra=["--rate-limit", "off"]).start()
-    result: dict = {}
     try:
         time.sleep(1.0)
         idle = hub.rss_mb()
@@ -93,7 +92,6 @@ def healthz_baseline(count: int, workdir: Path) -> dict:
     hub = HubProcess(state.root, port, state.cert_file, workdir / "serve.log",
                      extra=["--rate-limit", "off"]).start()
     context = hub.ssl_context()
-    result: dict = {}
 
     async def get() -> "tuple[bool, float]":
         started = time.monotonic()

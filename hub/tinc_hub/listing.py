@@ -43,15 +43,16 @@ def table_listing(header: Sequence[str], cells: Iterable[Sequence[str]]) -> str:
     return "\n".join([line.format(*row).rstrip() for row in table]) + "\n"
 
 
-def _iso_once_per_second() -> Callable[[int], str]:
-    """iso_utc() remembering its answers (a registry's rows share few distinct seconds)."""
+def _iso_once_per_second(quote: Callable[[str], str] = str) -> Callable[[int], str]:
+    """``quote(iso_utc())`` remembering its answers (a registry's rows share few distinct
+    seconds); ``quote``: none, or the JSON encoder's string function."""
     known: Dict[int, str] = {}
 
     def iso(timestamp: int) -> str:
         text = known.get(timestamp)
         if text is None:
-            text = known[timestamp] = iso_utc(timestamp)  # type: ignore[assignment]
-        return text  # type: ignore[return-value]
+            text = known[timestamp] = quote(iso_utc(timestamp))  # type: ignore[arg-type]
+        return text
     return iso
 
 
@@ -130,14 +131,7 @@ def _node_json_lines(listed: List[tuple], seen: Dict[str, Seen], hub_running: bo
     if not listed:
         return "[]\n"
     quote = encode_basestring_ascii  # raises TypeError for anything but a str
-    known: Dict[Any, str] = {}
-
-    def iso(timestamp: Any) -> str:  # the quoted ISO time
-        text = known.get(timestamp)
-        if text is None:
-            text = known[timestamp] = quote(iso_utc(timestamp))
-        return text
-
+    iso = _iso_once_per_second(quote)  # the quoted ISO time
     lines = []
     append = lines.append
     for (name, address, enrolled_at, revoked_at, duration, last_seen_at), online, seen_at, up in \
